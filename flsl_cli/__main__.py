@@ -1,0 +1,3 @@
+from flsl_cli.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checkpoints: atomic writes committed by a manifest, safe loads, retention."""

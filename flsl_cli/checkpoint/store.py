@@ -1,0 +1,182 @@
+"""Checkpoint files in `RUN_DIR/checkpoints/`.
+
+A checkpoint is `step-NNNNNNNN.pt` (a `torch.save` of tensors and plain data) plus
+`step-NNNNNNNN.json`, its manifest (size and sha256 of the .pt). Both are written to a
+temporary name, flushed to disk and renamed; the manifest is written last and is the commit
+marker: a checkpoint without a manifest, or whose file does not match it, is never loaded.
+Loading uses `torch.load(weights_only=True)`, which refuses pickles that carry code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flsl_cli.errors import CheckpointError
+
+FORMAT = "flsl-checkpoint/1"
+_NAME = re.compile(r"^step-(\d{8,})\.json$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_last: int) -> Path:
+    """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{step:08d}.pt"
+    _write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    manifest_path = path.with_suffix(".json")
+    _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
+    prune(run_dir, keep_last=keep_last)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
+    """Committed checkpoints (those with a manifest), oldest first. Not verified yet."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _NAME.match(entry.name)
+        if not match:
+            continue
+        try:
+            manifest = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(CheckpointRef(step=int(match.group(1)), path=entry.with_suffix(".pt"), manifest=manifest))
+    return sorted(found, key=lambda ref: ref.step)
+
+
+def prune(run_dir: Path, *, keep_last: int) -> None:
+    for ref in list_checkpoints(run_dir)[:-keep_last]:
+        ref.path.with_suffix(".json").unlink(missing_ok=True)
+        ref.path.unlink(missing_ok=True)
+
+
+def verify(ref: CheckpointRef) -> str | None:
+    """None if the file matches its manifest, else the reason it does not."""
+    if not ref.path.exists():
+        return "the checkpoint file is missing"
+    size = ref.path.stat().st_size
+    if size != ref.manifest.get("bytes"):
+        return f"the file is {size} bytes but its manifest says {ref.manifest.get('bytes')} (truncated?)"
+    if _sha256(ref.path) != ref.manifest.get("sha256"):
+        return "the file's sha256 does not match its manifest (damaged or replaced)"
+    return None
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file without unpickling arbitrary objects."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError("the checkpoint does not exist", where=str(path),
+                              fix="Check the path") from None
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a safe checkpoint
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ or "GLOBAL" in str(exc):
+            reason = "it contains pickled Python objects or code that flsl refuses to load"
+        raise CheckpointError(
+            f"refused to load the checkpoint: {reason}", where=str(path),
+            fix="Use a checkpoint written by flsl (or `flsl export`); never load files from untrusted sources",
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError("this is not a flsl checkpoint", where=str(path),
+                              fix="Pass a file from RUN_DIR/checkpoints/ or a run directory")
+    return payload
+
+
+def newest_valid(run_dir: Path, *, on_skip=None) -> tuple[CheckpointRef, dict[str, Any]]:
+    """The newest committed checkpoint that matches its manifest and loads safely.
+
+    A damaged newer checkpoint is reported through `on_skip(ref, reason)` and an older one is
+    used instead; if none is usable a CheckpointError says why.
+    """
+    refs = list_checkpoints(run_dir)
+    if not refs:
+        raise CheckpointError(
+            "no complete checkpoint in this run directory", where=str(run_dir),
+            fix="Start the run again with `flsl pretrain RECIPE --run-dir DIR` (a run only becomes "
+            "resumable after its first checkpoint; see checkpoint.every_steps)",
+        )
+    reasons = []
+    for ref in reversed(refs):
+        problem = verify(ref)
+        if problem is None:
+            try:
+                return ref, load_file(ref.path)
+            except CheckpointError as exc:
+                problem = exc.what
+        reasons.append(f"{ref.path.name}: {problem}")
+        if on_skip:
+            on_skip(ref, problem)
+    raise CheckpointError(
+        "no usable checkpoint: " + "; ".join(reasons), where=str(run_dir),
+        fix="Restore a checkpoint file from a backup, or start the run again",
+    )
+
+
+def newest_step(run_dir: Path) -> int | None:
+    refs = list_checkpoints(run_dir)
+    return refs[-1].step if refs else None

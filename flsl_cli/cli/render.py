@@ -1,0 +1,63 @@
+"""Rendering at the CLI boundary: user errors become one short message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from flsl_cli.errors import FlslError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+F = TypeVar("F", bound=Callable)
+
+
+def handle_errors(fn: F) -> F:
+    """Run a command; render FlslError / Ctrl-C once, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlslError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.message()}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold yellow]interrupted.[/] Checkpoints already written are intact; "
+                              "continue with `flsl resume RUN_DIR`.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def note(message: str) -> None:
+    err_console.print(f"[cyan]flsl:[/] {message}", highlight=False)
+
+
+def demo_progress():
+    """A progress callback (done, total) for demo-data generation, and a function to close it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("generating demo data"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=err_console, transient=False)
+    state = {"task": None}
+
+    def update(done: int, total: int) -> None:
+        if state["task"] is None:
+            progress.start()
+            state["task"] = progress.add_task("demo", total=total)
+        progress.update(state["task"], completed=done)
+        if done >= total:
+            progress.stop()
+
+    return update, progress.stop
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,221 @@
+"""The typed recipe schema: one small model per section, defaults from FLSL-method.md.
+
+Every section forbids unknown keys, so a typo fails before any work starts. Cross-field rules
+(local crop not larger than the global one, ...) live on the section that owns both fields;
+rules that need the process count live in `config.load.check_for_world`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ARCHS: dict[str, dict[str, int]] = {
+    "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "vit_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(Section):
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = Field(
+        "vit_small", description="ViT size: vit_tiny, vit_small, vit_base or vit_large."
+    )
+    patch_size: Literal[8, 14, 16] = Field(16, description="Patch size in pixels.")
+    depth: int | None = Field(
+        None, ge=1, le=48, description="Override the number of blocks (None: the arch's own)."
+    )
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth of the student.")
+    head_out_dim: int = Field(4096, ge=2, description="K: number of prototypes (centroids).")
+    head_hidden_dim: int = Field(2048, ge=8, description="Hidden width of the projection head.")
+    head_bottleneck_dim: int = Field(256, ge=8, description="Bottleneck width before the prototypes.")
+    head_layers: int = Field(3, ge=1, le=8, description="Linear layers before the bottleneck.")
+
+    def dims(self) -> dict[str, int]:
+        dims = dict(ARCHS[self.arch])
+        if self.depth is not None:
+            dims["depth"] = self.depth
+        return dims
+
+
+class DemoDataConfig(Section):
+    images: int = Field(2000, ge=20, description="Number of demo images to generate.")
+    seed: int = Field(0, ge=0, description="Seed of the demo generator.")
+    image_size: int = Field(96, ge=32, le=1024, description="Side of the demo images in pixels.")
+
+
+class DataConfig(Section):
+    train: str = Field(
+        ..., min_length=1,
+        description="Training shards: a directory with index.json, a .tar file, a brace pattern, "
+        "or a list of files separated by commas.",
+    )
+    val: str | None = Field(None, description="Validation shards (same forms as data.train).")
+    num_workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples held in the shuffle buffer.")
+    demo: DemoDataConfig | None = Field(
+        None, description="If set and data.train does not exist, generate the demo data there."
+    )
+
+
+Scale = tuple[float, float]
+
+
+class AugmentConfig(Section):
+    global_size: int = Field(224, ge=16, le=1024, description="Side of teacher and global views.")
+    local_size: int = Field(96, ge=8, le=1024, description="Side of the local student views.")
+    local_crops: int = Field(2, ge=0, le=16, description="Number of local student views.")
+    teacher_scale: Scale = Field((0.8, 1.0), description="Teacher crop area range (of the image).")
+    student_scale: Scale = Field((0.5, 1.0), description="Student global crop area (of the teacher crop).")
+    local_scale: Scale = Field((0.05, 0.4), description="Local crop area range (of the teacher crop).")
+    color_jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    brightness: float = Field(0.4, ge=0.0)
+    contrast: float = Field(0.4, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    hue: float = Field(0.1, ge=0.0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_branch_p: float = Field(0.5, ge=0.0, le=1.0, description="Chance of the blur-only branch.")
+    blur_p: float = Field(0.5, ge=0.0, le=1.0, description="Blur chance in the blur-only branch.")
+    alt_blur_p: float = Field(0.1, ge=0.0, le=1.0, description="Blur chance in the other branch.")
+    solarize_p: float = Field(0.2, ge=0.0, le=1.0, description="Solarize chance in the other branch.")
+    blur_radius: Scale = Field((0.1, 2.0), description="Gaussian blur radius range.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        if self.local_size > self.global_size:
+            raise ValueError(
+                f"local_size ({self.local_size}) is larger than global_size ({self.global_size}); "
+                "local crops must not be larger than the global ones"
+            )
+        for name in ("teacher_scale", "student_scale", "local_scale"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, found {(low, high)}")
+        if self.blur_radius[0] <= 0 or self.blur_radius[0] > self.blur_radius[1]:
+            raise ValueError(f"blur_radius must satisfy 0 < low <= high, found {self.blur_radius}")
+        return self
+
+
+class LossConfig(Section):
+    upsilon: float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
+    eta: float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
+    gamma: float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
+    sa_scale: float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
+    ca_scale: float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
+    student_temp: float = Field(0.1, gt=0.0, description="Student softmax temperature T_s.")
+    teacher_temp: float = Field(0.07, gt=0.0, description="Teacher temperature T_t after warmup.")
+    warmup_teacher_temp: float = Field(0.04, gt=0.0, description="Teacher temperature at step 0.")
+    warmup_teacher_temp_epochs: float = Field(30, ge=0.0, description="Epochs of teacher-temp warmup.")
+    query_window_global: int = Field(3, ge=1, description="Query window w on global views.")
+    query_window_local: int = Field(2, ge=1, description="Query window w on local views.")
+
+
+class OptimConfig(Section):
+    epochs: int = Field(300, ge=1, description="Training epochs.")
+    global_batch_size: int = Field(512, ge=1, description="Images per step over all processes.")
+    base_lr: float = Field(5e-4, gt=0.0, description="Peak learning rate per 256 images.")
+    min_lr: float = Field(1e-6, ge=0.0, description="Final learning rate of the cosine.")
+    warmup_epochs: float = Field(10, ge=0.0, description="Linear learning-rate warmup.")
+    weight_decay: float = Field(0.04, ge=0.0, description="Weight decay at the start.")
+    weight_decay_end: float = Field(0.4, ge=0.0, description="Weight decay at the end.")
+    momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start.")
+    clip_grad: float = Field(3.0, ge=0.0, description="Global gradient-norm clip (0: off).")
+    freeze_last_layer_epochs: float = Field(1, ge=0.0, description="Epochs with the last head layer frozen.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
+    )
+    seed: int = Field(0, ge=0, description="Seed of every random choice in the run.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many steps (schedules still span all epochs)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) is longer than epochs ({self.epochs})"
+            )
+        if self.min_lr > self.base_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is larger than base_lr ({self.base_lr})")
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas must lie in [0, 1), found {self.betas}")
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(500, ge=1, description="Save every N steps (None: off).")
+    every_minutes: float | None = Field(30.0, gt=0.0, description="Save every M minutes (None: off).")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(10, ge=1, description="Write metrics.jsonl every N steps.")
+
+
+class SlurmConfig(Section):
+    """Defaults for `flsl pretrain --nodes`; command-line flags override them."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = Field(None, description="Time limit, D-HH:MM:SS.")
+    constraint: str | None = None
+    mem: str | None = None
+    gpus_per_node: int = Field(8, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    exclusive: bool = False
+    signal_minutes_before_end: float = Field(5.0, gt=0.0)
+    max_requeues: int = Field(20, ge=0)
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> "Recipe":
+        patch = self.model.patch_size
+        for key, size in (("augment.global_size", self.augment.global_size),
+                          ("augment.local_size", self.augment.local_size)):
+            if size % patch:
+                raise ValueError(
+                    f"{key} ({size}) is not a multiple of model.patch_size ({patch})"
+                )
+        for key, size, window in (
+            ("loss.query_window_global", self.augment.global_size, self.loss.query_window_global),
+            ("loss.query_window_local", self.augment.local_size, self.loss.query_window_local),
+        ):
+            if window > size // patch:
+                raise ValueError(
+                    f"{key} ({window}) is larger than the token grid ({size // patch} tokens per side)"
+                )
+        return self
+
+    def beta_sa(self) -> float:
+        return self.loss.sa_scale / math.sqrt(self.model.dims()["embed_dim"])
+
+    def beta_ca(self) -> float:
+        return self.loss.ca_scale / math.sqrt(self.model.dims()["embed_dim"])
+
+
+# Keys whose change alters tensor shapes (or their meaning) in a checkpoint.
+SHAPE_KEYS = (
+    "model.arch", "model.patch_size", "model.depth", "model.head_out_dim",
+    "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
+    "augment.global_size",
+)

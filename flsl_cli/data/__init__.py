@@ -1,0 +1,1 @@
+"""Data: demo-data generation, shard listing and reading, augmentation, the training stream."""

@@ -1,0 +1,202 @@
+"""A small, deterministic writer of webdataset tar shards.
+
+`ShardWriter` appends samples (a key plus a few named byte fields) to tar files named
+`{prefix}-{i:06d}.tar`, starting a new shard every `samples_per_shard` samples, and on a clean
+exit writes an `index.json` that lists the shards, their sample counts, the class names and
+free-form metadata.
+
+Guarantees:
+
+* The same samples, written in the same order, give byte-identical shards: every tar member
+  carries fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o444) and the fields
+  of a sample are written in sorted extension order.
+* A file is never visible under its final name until it is complete: each shard is written to
+  `NAME.tar.tmp` and renamed with `os.replace` once closed; `index.json` is written the same way.
+* If the `with` block raises, the partly written shard is removed and the exception propagates;
+  shards completed before the error are left in place but no `index.json` is written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "flsl-shards/1"
+
+
+class ShardWriter:
+    """Write samples into webdataset tar shards under `out_dir`; use as a context manager.
+
+    Example::
+
+        with ShardWriter(out, prefix="train", samples_per_shard=100, classes=names) as writer:
+            writer.write("train-0000000", {"jpg": jpeg_bytes, "cls": b"3"})
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        prefix: str,
+        samples_per_shard: int,
+        classes: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if not prefix or "/" in prefix or "." in prefix:
+            raise ValueError(f"prefix must be a non-empty name without '/' or '.', got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.classes = list(classes) if classes is not None else []
+        self.meta = dict(meta) if meta is not None else {}
+        self.shards: list[dict[str, Any]] = []
+        self.num_samples = 0
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path: Path | None = None
+        self._in_shard = 0
+        self._keys: set[str] = set()
+        self._closed = False
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> ShardWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            try:
+                self._finish_shard()
+                self._write_index()
+            except BaseException:
+                self._abort()
+                raise
+        else:
+            self._abort()
+        self._closed = True
+
+    # -- public API ------------------------------------------------------------------------
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        """Append one sample: each `fields[ext]` becomes the tar member `{key}.{ext}`."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        _check_key(key)
+        if not fields:
+            raise ValueError(f"sample {key!r} has no fields")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        for ext, data in fields.items():
+            if not ext or "/" in ext:
+                raise ValueError(f"bad field name {ext!r} in sample {key!r}")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"field {ext!r} of sample {key!r} must be bytes, got {type(data).__name__}")
+
+        if self._tar is None:
+            self._start_shard()
+        assert self._tar is not None
+        for ext in sorted(fields):
+            data = bytes(fields[ext])
+            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._keys.add(key)
+        self._in_shard += 1
+        self.num_samples += 1
+        if self._in_shard >= self.samples_per_shard:
+            self._finish_shard()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _shard_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}.tar"
+
+    def _start_shard(self) -> None:
+        name = self._shard_name(len(self.shards))
+        self._tmp_path = self.out_dir / f"{name}.tmp"
+        self._tar = tarfile.open(self._tmp_path, mode="w", format=tarfile.PAX_FORMAT)
+        self._in_shard = 0
+
+    def _finish_shard(self) -> None:
+        """Close the open shard (if any) and move it to its final name."""
+        if self._tar is None or self._tmp_path is None:
+            return
+        name = self._shard_name(len(self.shards))
+        self._tar.close()
+        self._tar = None
+        _fsync_file(self._tmp_path)
+        os.replace(self._tmp_path, self.out_dir / name)
+        self._tmp_path = None
+        self.shards.append({"name": name, "samples": self._in_shard})
+        self._in_shard = 0
+
+    def _write_index(self) -> None:
+        index = {
+            "format": INDEX_FORMAT,
+            "num_samples": self.num_samples,
+            "shards": self.shards,
+            "classes": self.classes,
+            "meta": self.meta,
+        }
+        write_json_atomic(self.out_dir / INDEX_NAME, index)
+
+    def _abort(self) -> None:
+        """Drop the partly written shard and any temporary file."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except Exception:
+                pass
+            self._tar = None
+        for tmp in (self._tmp_path, self.out_dir / f"{INDEX_NAME}.tmp"):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        self._tmp_path = None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` via `path.tmp` and `os.replace`."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o444
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def _check_key(key: str) -> None:
+    # webdataset splits a member name into key and extension at the first '.' of its basename.
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key must be non-empty and contain no '.' or '/', got {key!r}")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,1 @@
+"""Process-group setup and the few collectives the rest of the code needs."""

@@ -1,0 +1,63 @@
+"""User-facing errors: what went wrong, where, and how to fix it.
+
+Every problem a user can cause (a bad recipe, a missing data path, a damaged checkpoint) is
+raised as a `FlslError` and rendered once, at the CLI boundary, as a short message with a
+non-zero exit code and no traceback.
+"""
+
+from __future__ import annotations
+
+
+class FlslError(Exception):
+    """An error the user can fix. `what` says what is wrong, `where` names the file/key/path,
+    `fix` says what to do about it."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        parts = []
+        if self.where:
+            parts.append(f"{self.where}: {self.what}")
+        else:
+            parts.append(self.what)
+        if self.fix:
+            parts.append(self.fix)
+        return " ".join(p.rstrip() if p.rstrip().endswith(".") else p.rstrip() + "." for p in parts)
+
+
+class RecipeError(FlslError):
+    """The recipe (or a --set override) is invalid. Holds every problem found."""
+
+    def __init__(self, problems: list[str], *, source: str) -> None:
+        self.problems = problems
+        self.source = source
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} problem(s) in the recipe:\n{listing}\n",
+            where=source,
+            fix="Edit the recipe or the --set values and run `flsl recipe validate` again",
+        )
+
+
+class DataError(FlslError):
+    """Training or evaluation data is missing, empty or unreadable."""
+
+
+class CheckpointError(FlslError):
+    """A checkpoint is missing, incomplete, damaged or unsafe to load."""
+
+
+class RunDirError(FlslError):
+    """The run directory cannot be used for this run."""
+
+
+class TrainingDiverged(FlslError):
+    """The loss became non-finite."""
+
+    exit_code = 3

@@ -1,0 +1,83 @@
+"""Run a function in N local processes (one per GPU, or N CPU processes with gloo).
+
+Each child gets torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+A user error raised in any child is written to a small file and re-raised here, so the CLI
+renders it once, like in a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from flsl_cli.errors import FlslError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: int, error_dir: str,
+           threads: int) -> None:
+    os.environ.update({
+        "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        fn(**kwargs)
+    except FlslError as exc:
+        Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps({
+            "type": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix,
+            "exit_code": exc.exit_code,
+        }))
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except BaseException:
+        Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps({
+            "type": "crash", "what": traceback.format_exc(), "where": f"process {local_rank}",
+            "fix": None, "exit_code": 1,
+        }))
+        raise
+
+
+def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
+    """Call fn(**kwargs) in `nprocs` spawned processes and wait for all of them."""
+    import torch
+    import torch.multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // nprocs) if not torch.cuda.is_available() else max(1, torch.get_num_threads() // nprocs)
+    with tempfile.TemporaryDirectory(prefix="flsl-ranks-") as error_dir:
+        try:
+            mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir, threads),
+                               nprocs=nprocs, join=True, start_method="spawn")
+        except mp.ProcessRaisedException:
+            _raise_recorded(error_dir, fallback="a training process failed")
+        except mp.ProcessExitedException as exc:
+            if exc.exit_code == 130 or exc.exit_code == -2:
+                raise KeyboardInterrupt from None
+            _raise_recorded(error_dir, fallback=f"a training process exited with code {exc.exit_code}")
+
+
+def _raise_recorded(error_dir: str, *, fallback: str) -> None:
+    records = sorted(Path(error_dir).glob("rank*.json"))
+    for path in records:
+        record = json.loads(path.read_text())
+        if record["type"] != "crash":
+            error = FlslError(record["what"], where=record["where"], fix=record["fix"])
+            error.exit_code = record["exit_code"]
+            raise error
+    if records:
+        record = json.loads(records[0].read_text())
+        raise RuntimeError(f"{record['where']} crashed:\n{record['what']}")
+    raise FlslError(fallback, fix="See the messages above; the run can be continued with `flsl resume RUN_DIR`")

@@ -1,0 +1,1 @@
+"""The FLSL objective (FLSL-method.md), as pure functions of tokens, heads and settings."""

@@ -1,0 +1,1 @@
+"""Networks: the ViT backbone, the projection head, and the student/teacher pair."""

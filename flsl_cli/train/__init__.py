@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, the step, the loop, metrics and progress."""

@@ -1,0 +1,70 @@
+"""What the user sees while training: a rich progress bar on a terminal, plain log lines
+otherwise (CI, SLURM logs), and a summary table at the end. Only rank 0 shows anything."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class TrainProgress:
+    def __init__(self, *, total_steps: int, start_step: int, epochs: int, steps_per_epoch: int,
+                 enabled: bool, log_every: int, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = log_every
+        self.total_steps = total_steps
+        self._live = enabled and self.console.is_terminal
+        self._progress = None
+        if self._live:
+            self._progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f} img/s"),
+                TextColumn("{task.fields[terms]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
+                                                 epoch=start_step // steps_per_epoch + 1, epochs=epochs,
+                                                 rate=0.0, terms="")
+            self._progress.start()
+        self._started = time.monotonic()
+
+    def update(self, *, step: int, values: dict[str, float], images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        terms = (f"loss {values['loss']:.4f}  L1 {values['intra']:.4f}  "
+                 f"L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")
+        epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
+        if self._live:
+            self._progress.update(self._task, completed=step, epoch=epoch, rate=images_per_s, terms=terms)
+        elif step % self.log_every == 0 or step == self.total_steps:
+            self.console.print(f"epoch {epoch}/{self.epochs}  step {step}/{self.total_steps}  "
+                               f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}", highlight=False)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def summary_table(rows: list[tuple[str, str]], *, title: str) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
