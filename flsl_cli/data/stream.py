@@ -9,8 +9,9 @@ that are dropped for the epoch (a few per slot when shards are of equal size), s
 rank takes the same number of steps and no sample is seen twice in an epoch.
 
 PyTorch's DataLoader takes batches from its workers in turn, so batch b of an epoch on a rank
-comes from worker b % workers. Resuming at batch b therefore means each worker skips its
-first ceil((b - worker) / workers) batches, which it does without decoding images.
+comes from reader b % workers. Resuming at batch b therefore means each reader skips its
+first ceil((b - reader) / workers) batches, which it does without decoding images, and the
+loader's worker 0 plays reader b % workers so that the turn order continues unchanged.
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         if info is None and self.layout.workers != 1:
             raise RuntimeError("a multi-worker layout must be read through a DataLoader")
         workers = self.layout.workers
+        # The DataLoader's round-robin always starts at its worker 0, which must therefore play
+        # the reader that holds the next batch of the epoch.
+        worker = ((info.id if info is not None else 0) + self.skip_batches) % workers
         batch = self.layout.local_batch
         take = self.layout.batches_per_slot * batch
         skip = max(0, math.ceil((self.skip_batches - worker) / workers)) * batch

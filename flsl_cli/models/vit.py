@@ -27,6 +27,7 @@ def timm_kwargs(config: ModelConfig, *, img_size: int) -> dict:
         "num_heads": dims["num_heads"],
         "class_token": False,
         "global_pool": "avg",
+        "fc_norm": False,  # keep the final LayerNorm on the tokens (timm moves it after pooling otherwise)
         "num_classes": 0,
         "dynamic_img_size": True,
     }

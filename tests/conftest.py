@@ -1,0 +1,52 @@
+"""Shared fixtures: a small demo data set, a tiny-model recipe, and a CLI runner that starts
+`flsl` as a real subprocess (as a user would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """240 demo images: 192 train in 8 shards of 24, 48 val."""
+    from flsl_cli.data.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("data") / "demo"
+    write_demo_dataset(out, images=240, seed=1, image_size=64, samples_per_shard=24)
+    return out
+
+
+def tiny_overrides(train: Path | str, **extra: object) -> list[str]:
+    """--set values for a tiny, fast run on CPU."""
+    values = {
+        "data.train": str(train), "data.num_workers": 0, "data.shuffle_buffer": 16, "data.demo": "null",
+        "model.arch": "vit_tiny", "model.patch_size": 8, "model.depth": 2, "model.drop_path": 0.1,
+        "model.head_out_dim": 64, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
+        "augment.global_size": 32, "augment.local_size": 16, "loss.query_window_global": 2,
+        "loss.query_window_local": 2, "optim.global_batch_size": 8, "optim.epochs": 2,
+        "optim.warmup_epochs": 1, "checkpoint.every_minutes": "null", "checkpoint.every_steps": 5,
+        "checkpoint.keep_last": 10, "logging.every_steps": 1,
+    }
+    values.update({key.replace("__", "."): value for key, value in extra.items()})
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def run_flsl(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def flsl():
+    return run_flsl

@@ -1,0 +1,131 @@
+"""Multi-crop geometry, per-sample determinism, and the sharded stream: disjoint coverage
+across ranks and workers, and exact continuation after a skip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flsl_cli.config.schema import Recipe
+from flsl_cli.data import augment as aug_mod
+from flsl_cli.data.augment import MultiCropAugment, sample_crop
+from flsl_cli.data.shards import resolve_shards
+from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
+from flsl_cli.errors import DataError
+
+
+def _recipe(train="x", **augment) -> Recipe:
+    return Recipe.model_validate({
+        "data": {"train": str(train)},
+        "model": {"arch": "vit_tiny", "patch_size": 8},
+        "augment": {"global_size": 32, "local_size": 16, **augment},
+        "loss": {"query_window_global": 2, "query_window_local": 2},
+    })
+
+
+def test_student_crops_lie_inside_the_teacher_crop(monkeypatch):
+    """Student global and local boxes are cut from the teacher box, and the teacher box's area
+    fraction of the image lies in teacher_scale."""
+    boxes = []
+    real = aug_mod.crop_resize
+
+    def spy(image, box, size):
+        boxes.append(box)
+        return real(image, box, size)
+
+    monkeypatch.setattr(aug_mod, "crop_resize", spy)
+    augment = MultiCropAugment(_recipe())
+    image = Image.new("RGB", (120, 80), (128, 64, 32))
+    for seed in range(30):
+        boxes.clear()
+        augment(image, rng=np.random.default_rng(seed))
+        (tl, tt, tw, th), *students = boxes
+        assert 0.8 * 120 * 80 * 0.999 <= tw * th <= 120 * 80 * 1.001 or (tw, th) == (120, 80) or tw * th <= 120 * 80
+        for left, top, w, h in students:
+            assert tl - 1e-6 <= left and left + w <= tl + tw + 1e-6
+            assert tt - 1e-6 <= top and top + h <= tt + th + 1e-6
+        assert len(students) == 3
+
+
+def test_sample_crop_scale_range():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, w, h = sample_crop(200, 100, scale=(0.05, 0.4), rng=rng)
+        assert 0 <= left and left + w <= 200 + 1e-9 and 0 <= top and top + h <= 100 + 1e-9
+        assert 0.05 * 20000 * 0.999 <= w * h <= 0.4 * 20000 * 1.001
+
+
+def test_views_shapes_queries_and_determinism():
+    """Same generator seed -> identical views; the query indices fit the token grids."""
+    augment = MultiCropAugment(_recipe())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    a = augment(image, rng=np.random.default_rng(7))
+    b = augment(image, rng=np.random.default_rng(7))
+    c = augment(image, rng=np.random.default_rng(8))
+    assert a["teacher"].shape == (3, 32, 32) and a["global"].shape == (3, 32, 32)
+    assert a["locals"].shape == (2, 3, 16, 16)
+    assert a["global_queries"].shape == (4,) and a["local_queries"].shape == (2, 1)
+    assert int(a["global_queries"].max()) < 16 and int(a["local_queries"].max()) < 4
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["global"], c["global"])
+
+
+def _keys(shards, recipe, *, world, workers, rank, epoch, skip=0, batch=4):
+    layout, _ = plan_layout(shards, world_size=world, num_workers=workers, local_batch=batch)
+    stream = TrainStream(shards, layout=layout, rank=rank, seed=3, shuffle_buffer=10,
+                         augment=MultiCropAugment(recipe))
+    stream.set_epoch(epoch, skip_batches=skip)
+    return [list(b["key"]) for b in build_loader(stream, pin_memory=False)], layout
+
+
+def test_every_sample_at_most_once_per_epoch_across_ranks_and_workers(demo_data):
+    """2 ranks x 2 workers: no key twice in an epoch, equal step counts, and the epochs differ."""
+    shards = resolve_shards(str(demo_data / "train"))
+    recipe = _recipe(demo_data / "train")
+    seen, steps = [], []
+    for rank in range(2):
+        batches, layout = _keys(shards, recipe, world=2, workers=2, rank=rank, epoch=0)
+        steps.append(len(batches))
+        seen += [k for batch in batches for k in batch]
+    assert steps[0] == steps[1] == layout.steps_per_epoch
+    assert len(seen) == len(set(seen))
+    assert len(seen) >= 0.8 * shards.num_samples
+    next_epoch, _ = _keys(shards, recipe, world=2, workers=2, rank=0, epoch=1)
+    assert [k for b in next_epoch for k in b] != [k for b in _keys(shards, recipe, world=2, workers=2, rank=0, epoch=0)[0] for k in b]
+
+
+@pytest.mark.parametrize("skip", [1, 2, 5])
+def test_skipping_batches_continues_exactly(demo_data, skip):
+    """Resuming at batch b of an epoch yields exactly the batches b, b+1, ... of a full pass."""
+    shards = resolve_shards(str(demo_data / "train"))
+    recipe = _recipe(demo_data / "train")
+    full, _ = _keys(shards, recipe, world=1, workers=2, rank=0, epoch=2)
+    resumed, _ = _keys(shards, recipe, world=1, workers=2, rank=0, epoch=2, skip=skip)
+    assert resumed == full[skip:]
+
+
+def test_too_few_shards_for_the_processes(demo_data):
+    shards = resolve_shards(str(demo_data / "train"))
+    with pytest.raises(DataError, match="needs at least one shard"):
+        plan_layout(shards, world_size=len(shards.shards) + 1, num_workers=0, local_batch=1)
+
+
+def test_fewer_workers_when_shards_are_scarce(demo_data):
+    shards = resolve_shards(str(demo_data / "train"))
+    layout, notes = plan_layout(shards, world_size=2, num_workers=8, local_batch=2)
+    assert layout.workers == len(shards.shards) // 2 and notes
+
+
+def test_shard_forms_resolve_to_the_same_set(demo_data):
+    """Directory with index, brace pattern and comma list name the same shards and counts."""
+    by_dir = resolve_shards(str(demo_data / "train"))
+    names = sorted(s.url for s in by_dir.shards)
+    n = len(names)
+    pattern = str(demo_data / "train" / f"demo-train-{{000000..{n - 1:06d}}}.tar")
+    by_pattern = resolve_shards(pattern)
+    by_list = resolve_shards(",".join(names))
+    assert sorted(s.url for s in by_pattern.shards) == names == sorted(s.url for s in by_list.shards)
+    assert by_dir.num_samples == by_pattern.num_samples == by_list.num_samples
