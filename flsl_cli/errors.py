@@ -57,6 +57,18 @@ class RunDirError(FlslError):
     """The run directory cannot be used for this run."""
 
 
+class RunStopped(FlslError):
+    """The run stopped on request (SIGTERM, SLURM's time-limit warning) after saving a checkpoint."""
+
+    exit_code = 75
+
+    def __init__(self, what: str, *, step: int, signal_name: str, where: str | None = None,
+                 fix: str | None = None) -> None:
+        self.step = step
+        self.signal_name = signal_name
+        super().__init__(what, where=where, fix=fix)
+
+
 class TrainingDiverged(FlslError):
     """The loss became non-finite."""
 

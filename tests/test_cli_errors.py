@@ -166,3 +166,13 @@ def test_unknown_key_via_cli(demo_data, tmp_path):
     _fails(run_flsl("pretrain", "recipes/demo.yaml", "--set", "optim.lr=0.1", "--run-dir", tmp_path / "r"),
            "optim.lr: unknown key", "did you mean")
     assert not (tmp_path / "r").exists()
+
+
+def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
+    """A listed shard that cannot be opened as a file (here a directory) is named in the error."""
+    data = tmp_path / "train"
+    data.mkdir()
+    (data / "broken-000000.tar").mkdir()
+    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+           "cannot read the shard", "broken-000000.tar")
+    assert not (tmp_path / "run").exists()

@@ -72,7 +72,7 @@ def test_negative_learning_rate(tmp_path):
 
 def test_local_crop_larger_than_global(tmp_path):
     problems = _problems(tmp_path, {"data": {"train": "x"}, "augment": {"local_size": 256}})
-    assert any("local_size (256) is larger than global_size (224)" in p for p in problems)
+    assert any(p.startswith("augment.local_size: expected at most global_size (224), found 256") for p in problems)
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

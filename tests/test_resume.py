@@ -77,3 +77,29 @@ def test_resume_after_interrupt(demo_data, tmp_path):
     resumed = run_flsl("resume", interrupted)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(straight, interrupted)
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(demo_data, tmp_path):
+    """SIGTERM (what a scheduler sends on preemption) stops at a step boundary, saves that step
+    (nothing lost), exits 75 with a clear message; resume reproduces the uninterrupted run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = tiny_overrides(demo_data / "train", checkpoint__every_steps=1000, optim__epochs=3)
+    assert run_flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", straight).returncode == 0
+    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
+                                "--run-dir", str(stopped)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (stopped / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    while time.time() < deadline and len((stopped / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    step = int(err.split("after step ")[1].split(";")[0])
+    assert _final(stopped)["step"] == step
+    assert _metrics(stopped)[-1]["step"] == step  # every finished step is in the checkpoint
+    resumed = run_flsl("resume", stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(straight, stopped)

@@ -134,8 +134,8 @@ def _describe(err: dict[str, Any]) -> str:
     found = err.get("input")
     if kind == "extra_forbidden":
         known = _field_names(loc[:-1])
-        guess = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-        hint = f"; did you mean {'.'.join(loc[:-1] + [guess[0]])}?" if guess else ""
+        guesses = _suggest(loc[-1], known)
+        hint = f"; did you mean {' or '.join('.'.join(loc[:-1] + [g]) for g in guesses)}?" if guesses else ""
         where = ".".join(loc[:-1]) or "the top level"
         return f"{key}: unknown key{hint} (known keys in {where}: {', '.join(known)})"
     if kind == "missing":
@@ -143,8 +143,20 @@ def _describe(err: dict[str, Any]) -> str:
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
+        field, sep, rest = message.partition(": ")
+        if sep and field in _field_names(loc):
+            return f"{'.'.join(loc + [field])}: {rest}"
         return f"{key}: {message}" if loc else message
     return f"{key}: expected {_expected(message)}, found {found!r}"
+
+
+def _suggest(typed: str, known: list[str]) -> list[str]:
+    """Up to two known keys the user probably meant: close spellings, or keys containing it."""
+    guesses = difflib.get_close_matches(typed, known, n=2, cutoff=0.6)
+    lowered = typed.lower()
+    if len(lowered) >= 2:
+        guesses += [k for k in known if (lowered in k or k in lowered) and k not in guesses]
+    return guesses[:2]
 
 
 def _expected(message: str) -> str:

@@ -91,15 +91,15 @@ class AugmentConfig(Section):
     def _check(self) -> "AugmentConfig":
         if self.local_size > self.global_size:
             raise ValueError(
-                f"local_size ({self.local_size}) is larger than global_size ({self.global_size}); "
+                f"local_size: expected at most global_size ({self.global_size}), found {self.local_size}; "
                 "local crops must not be larger than the global ones"
             )
         for name in ("teacher_scale", "student_scale", "local_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, found {(low, high)}")
+                raise ValueError(f"{name}: expected 0 < low <= high <= 1, found {[low, high]}")
         if self.blur_radius[0] <= 0 or self.blur_radius[0] > self.blur_radius[1]:
-            raise ValueError(f"blur_radius must satisfy 0 < low <= high, found {self.blur_radius}")
+            raise ValueError(f"blur_radius: expected 0 < low <= high, found {list(self.blur_radius)}")
         return self
 
 
@@ -141,13 +141,13 @@ class OptimConfig(Section):
     def _check(self) -> "OptimConfig":
         if self.warmup_epochs > self.epochs:
             raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) is longer than epochs ({self.epochs})"
+                f"warmup_epochs: expected at most epochs ({self.epochs}), found {self.warmup_epochs}"
             )
         if self.min_lr > self.base_lr:
-            raise ValueError(f"min_lr ({self.min_lr}) is larger than base_lr ({self.base_lr})")
+            raise ValueError(f"min_lr: expected at most base_lr ({self.base_lr}), found {self.min_lr}")
         for beta in self.betas:
             if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas must lie in [0, 1), found {self.betas}")
+                raise ValueError(f"betas: expected values in [0, 1), found {list(self.betas)}")
         return self
 
 

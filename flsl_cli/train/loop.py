@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import StreamLayout, TrainStream, build_loader, plan_layout
 from flsl_cli.distributed import env as dist_env
 from flsl_cli.distributed.ops import barrier
-from flsl_cli.errors import DataError, FlslError, TrainingDiverged
+from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train.metrics import MetricsWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import truncate_metrics, update_status
 from flsl_cli.train.schedules import Schedules
+from flsl_cli.train.signals import StopRequest
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
 
 
@@ -37,13 +39,16 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
                  steps_per_epoch: int) -> StepRunner:
     """Networks, optimizer and scaler for a run, with DDP applied from outside when needed."""
     torch.manual_seed(recipe.optim.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (EMA, loss)
+        torch.backends.cudnn.allow_tf32 = True
     student, teacher = build_student_teacher(recipe)
     student.to(device)
     teacher.to(device)
     objective: torch.nn.Module = StudentObjective(student, recipe=recipe)
     if world_size > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(student, config=recipe.optim)
+    optimizer = build_optimizer(student, config=recipe.optim, device=device)
     fp16 = autocast_dtype(recipe.optim.precision, device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     return StepRunner(recipe=recipe, schedules=Schedules(recipe=recipe, steps_per_epoch=steps_per_epoch),
@@ -144,6 +149,7 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
     if env.is_main:
         update_status(run_dir, status="running", world_size=env.world_size)
 
+    runner.stop_request = StopRequest().install([signal.SIGTERM, signal.SIGUSR2])
     step = start_step
     last_saved = start_step if resume else None
     last_save_time = time.monotonic()
@@ -177,6 +183,8 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
                                    **{k: round(v, 8) for k, v in values.items()},
                                    "images_per_s": round(rate, 2)})
                     window_start, window_images = time.monotonic(), 0
+                if runner.stop_agreed:
+                    raise _stopped(step, runner.stop_request, save=save, last_saved=last_saved, run_dir=run_dir)
                 if _due(recipe, step=step, last_save_time=last_save_time) and step < stop_at:
                     save(step)
                 if step >= stop_at or step % layout.steps_per_epoch == 0:
@@ -184,12 +192,19 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
         if last_saved != step:
             save(step)
         barrier()
+    except RunStopped as exc:
+        progress.close()
+        if env.is_main:
+            update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=step,
+                          stop_signal=exc.signal_name)
+        raise
     except BaseException:
         progress.close()
         if env.is_main:
             update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=last_saved)
         raise
     finally:
+        runner.stop_request.uninstall()
         if metrics:
             metrics.close()
     progress.close()
@@ -212,6 +227,18 @@ def _batches(loader):
         if "flsl_cli.errors." in last:
             raise DataError(last.split(": ", 1)[-1]) from None
         raise
+
+
+def _stopped(step: int, request: StopRequest, *, save, last_saved: int | None, run_dir: Path) -> RunStopped:
+    """Save the step every rank has just finished, then report the stop."""
+    if last_saved != step:
+        save(step)
+    barrier()
+    name = request.signal_name or "a stop request on another process"
+    return RunStopped(
+        f"stopped by {name} after step {step}; its checkpoint is saved in {run_dir}/checkpoints",
+        step=step, signal_name=name, fix=f"Continue with `flsl resume {run_dir}`",
+    )
 
 
 def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:

@@ -20,6 +20,7 @@ from flsl_cli.losses.flsl import LossWeights, StudentView, flsl_loss
 from flsl_cli.models.flsl import Network, ema_update
 from flsl_cli.train.optim import set_schedule
 from flsl_cli.train.schedules import Schedules
+from flsl_cli.train.signals import StopRequest
 
 TERMS = ("loss", "intra", "inter", "volume")
 
@@ -79,6 +80,8 @@ class StepRunner:
     scaler: torch.amp.GradScaler
     device: torch.device
     rank: int
+    stop_request: StopRequest | None = None
+    stop_agreed: bool = False  # set when any rank asked to stop; every rank sees it at the same step
 
     def run(self, batch: dict, *, step: int) -> dict[str, float]:
         """Train on one batch as global step `step`; returns the loss terms (averaged over
@@ -96,8 +99,13 @@ class StepRunner:
             terms = self.objective(batch, teacher_tokens_bnd=teacher_tokens, teacher_head=self.teacher.head,
                                    teacher_temp=scheduled["teacher_temp"])
 
-        reduced = (all_reduce_sum(torch.stack([terms[name].detach().float() for name in TERMS]))
-                   / world_size()).tolist()
+        # One collective per step carries the loss terms and any rank's stop request.
+        stop = 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0
+        local = torch.stack([terms[name].detach().float() for name in TERMS]
+                            + [torch.tensor(stop, device=terms["loss"].device)])
+        reduced = all_reduce_sum(local).tolist()
+        self.stop_agreed = reduced[-1] > 0
+        reduced = [value / world_size() for value in reduced[:-1]]
         values = dict(zip(TERMS, reduced))
         if not all(math.isfinite(v) for v in reduced):
             raise NonFiniteLoss(values)
