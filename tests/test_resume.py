@@ -24,6 +24,24 @@ def _final(run):
     return torch.load(newest, weights_only=True)
 
 
+def _signal_mid_run(run, common, *, sig, ready) -> subprocess.CompletedProcess:
+    """Start `flsl pretrain` in the background, send `sig` once `ready(run)` holds, wait for exit."""
+    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
+                                "--run-dir", str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ready(run):
+        time.sleep(0.1)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _logged_steps(run) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def _assert_same_run(a, b):
     ma, mb = _metrics(a), _metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
@@ -63,15 +81,10 @@ def test_resume_after_interrupt(demo_data, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = tiny_overrides(demo_data / "train", checkpoint__every_steps=2, optim__epochs=3)
     assert run_flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", straight).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
-                                "--run-dir", str(interrupted)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((interrupted / "checkpoints").glob("step-*.json")):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    result = _signal_mid_run(interrupted, common, sig=signal.SIGINT,
+                             ready=lambda run: bool(list((run / "checkpoints").glob("step-*.json"))))
+    err = result.stderr
+    assert result.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not list((interrupted / "checkpoints").glob(".*tmp*"))
     resumed = run_flsl("resume", interrupted)
@@ -85,17 +98,9 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(demo_data, tmp_path)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     common = tiny_overrides(demo_data / "train", checkpoint__every_steps=1000, optim__epochs=3)
     assert run_flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", straight).returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
-                                "--run-dir", str(stopped)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (stopped / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    while time.time() < deadline and len((stopped / "metrics.jsonl").read_text().splitlines()) < 3:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 75, err
+    result = _signal_mid_run(stopped, common, sig=signal.SIGTERM, ready=lambda run: _logged_steps(run) >= 3)
+    err = result.stderr
+    assert result.returncode == 75, err
     assert "stopped by SIGTERM after step" in err and "Traceback" not in err
     step = int(err.split("after step ")[1].split(";")[0])
     assert _final(stopped)["step"] == step
