@@ -1,4 +1,5 @@
-"""`flsl pretrain` and `flsl resume`."""
+"""`flsl pretrain` and `flsl resume`: on this machine, or as a SLURM job when any SLURM option
+is given."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from flsl_cli.cli.render import demo_progress, handle_errors, note
+from flsl_cli.cli.render import demo_progress, handle_errors, note, out_console
+
+SLURM_PANEL = "SLURM (any of these submits a job instead of training here)"
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -19,6 +22,66 @@ DevicesOption = Annotated[
     typer.Option("--devices", "-d", min=1,
                  help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1)."),
 ]
+NodesOption = Annotated[Optional[int], typer.Option(
+    "--nodes", "-N", rich_help_panel=SLURM_PANEL,
+    help="Submit one SLURM job on N nodes (default: recipe slurm.nodes).")]
+GpusOption = Annotated[Optional[int], typer.Option(
+    "--gpus-per-node", rich_help_panel=SLURM_PANEL,
+    help="GPUs per node, one process each (default: slurm.gpus_per_node); 0: CPU processes with gloo.")]
+TasksOption = Annotated[Optional[int], typer.Option(
+    "--tasks-per-node", rich_help_panel=SLURM_PANEL,
+    help="CPU processes per node with --gpus-per-node 0 (default: slurm.tasks_per_node, else 1).")]
+PartitionOption = Annotated[Optional[str], typer.Option(
+    "--partition", "-p", rich_help_panel=SLURM_PANEL, help="SLURM partition (default: slurm.partition).")]
+AccountOption = Annotated[Optional[str], typer.Option(
+    "--account", "-A", rich_help_panel=SLURM_PANEL, help="SLURM account to charge (default: slurm.account).")]
+QosOption = Annotated[Optional[str], typer.Option(
+    "--qos", rich_help_panel=SLURM_PANEL, help="SLURM quality of service (default: slurm.qos).")]
+TimeOption = Annotated[Optional[str], typer.Option(
+    "--time", "-t", metavar="D-HH:MM:SS", rich_help_panel=SLURM_PANEL,
+    help="Time limit of each job attempt; the job checkpoints and requeues itself before it "
+         "(default: slurm.time, else the partition's).")]
+ConstraintOption = Annotated[Optional[str], typer.Option(
+    "--constraint", "-C", rich_help_panel=SLURM_PANEL, help="Node features, e.g. a100 (default: slurm.constraint).")]
+MemOption = Annotated[Optional[str], typer.Option(
+    "--mem", rich_help_panel=SLURM_PANEL, help="Memory per node, e.g. 200G (default: slurm.mem).")]
+CpusOption = Annotated[Optional[int], typer.Option(
+    "--cpus-per-task", "-c", rich_help_panel=SLURM_PANEL,
+    help="CPUs per process, for its data workers (default: slurm.cpus_per_task).")]
+ExclusiveOption = Annotated[Optional[bool], typer.Option(
+    "--exclusive/--shared", rich_help_panel=SLURM_PANEL,
+    help="Ask for whole nodes (default: slurm.exclusive).", show_default=False)]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", rich_help_panel=SLURM_PANEL,
+    help="Check the recipe and options, print the sbatch script that would be submitted, and exit.")]
+
+
+def _flags(**values):
+    from flsl_cli.launch.slurm import SlurmFlags
+
+    return SlurmFlags(**values)
+
+
+def _print_submitted(job, *, resumed: bool) -> None:
+    what = "continues" if resumed else "trains"
+    out_console.print(f"submitted SLURM job {job.job_id}: it {what} {job.run_dir}", highlight=False)
+    out_console.print(f"  run dir  {job.run_dir}", highlight=False)
+    out_console.print(f"  logs     {job.stdout}", highlight=False)
+    out_console.print(f"           {job.stderr}", highlight=False)
+    out_console.print(f"  status   flsl status {job.run_dir}", highlight=False)
+
+
+def _print_script(script: str) -> None:
+    typer.echo(script)
+
+
+def _refuse_devices_with_slurm(devices: int | None) -> None:
+    if devices is not None:
+        from flsl_cli.errors import FlslError
+
+        raise FlslError("--devices is for runs on this machine and cannot be combined with SLURM options",
+                        fix="Use --gpus-per-node (or --gpus-per-node 0 --tasks-per-node N for CPU "
+                            "processes) with --nodes, or leave out the SLURM options")
 
 
 @handle_errors
@@ -26,11 +89,39 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/demo.yaml.")],
     *,
     set_: SetOption = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where the run's files go (default: runs/RECIPE-TIME).")] = None,
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="Where the run's files go, a path or a URL such as s3://bucket/runs/x (default: runs/RECIPE-TIME).")] = None,
     devices: DevicesOption = None,
     force: Annotated[bool, typer.Option("--force", help="Start over in a run dir that holds a run with no checkpoint.")] = False,
+    nodes: NodesOption = None,
+    gpus_per_node: GpusOption = None,
+    tasks_per_node: TasksOption = None,
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    qos: QosOption = None,
+    time: TimeOption = None,
+    constraint: ConstraintOption = None,
+    mem: MemOption = None,
+    cpus_per_task: CpusOption = None,
+    exclusive: ExclusiveOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
-    """Pretrain a ViT with FLSL from a recipe."""
+    """Pretrain a ViT with FLSL from a recipe, here or as a SLURM job (--nodes N ...)."""
+    flags = _flags(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
+                   account=account, qos=qos, time=time, constraint=constraint, mem=mem,
+                   cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if flags.given() or dry_run:
+        _refuse_devices_with_slurm(devices)
+        from flsl_cli.train.run import submit_pretrain
+
+        update, close = demo_progress()
+        try:
+            job = submit_pretrain(recipe, overrides=set_ or [], run_dir=run_dir, force=force, flags=flags,
+                                  dry_run=dry_run, on_demo_progress=update, on_note=note, on_script=_print_script)
+        finally:
+            close()
+        if job is not None:
+            _print_submitted(job, resumed=False)
+        return
     from flsl_cli.train.run import start_pretrain
 
     update, close = demo_progress()
@@ -43,12 +134,36 @@ def pretrain(
 
 @handle_errors
 def resume(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `flsl pretrain`.")],
+    run_dir: Annotated[str, typer.Argument(help="Run directory written by `flsl pretrain` (a path or a URL).")],
     *,
     set_: SetOption = None,
     devices: DevicesOption = None,
+    nodes: NodesOption = None,
+    gpus_per_node: GpusOption = None,
+    tasks_per_node: TasksOption = None,
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    qos: QosOption = None,
+    time: TimeOption = None,
+    constraint: ConstraintOption = None,
+    mem: MemOption = None,
+    cpus_per_task: CpusOption = None,
+    exclusive: ExclusiveOption = None,
+    dry_run: DryRunOption = False,
 ) -> None:
-    """Continue a run from its newest complete checkpoint."""
+    """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...)."""
+    flags = _flags(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
+                   account=account, qos=qos, time=time, constraint=constraint, mem=mem,
+                   cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if flags.given() or dry_run:
+        _refuse_devices_with_slurm(devices)
+        from flsl_cli.train.run import submit_resume
+
+        job = submit_resume(run_dir, overrides=set_ or [], flags=flags, dry_run=dry_run, on_note=note,
+                            on_script=_print_script)
+        if job is not None:
+            _print_submitted(job, resumed=True)
+        return
     from flsl_cli.train.run import resume_run
 
     resume_run(run_dir, overrides=set_ or [], devices=devices, on_note=note)

@@ -152,11 +152,11 @@ def _describe(err: dict[str, Any]) -> str:
 
 def _suggest(typed: str, known: list[str]) -> list[str]:
     """Up to two known keys the user probably meant: close spellings, or keys containing it."""
-    guesses = difflib.get_close_matches(typed, known, n=2, cutoff=0.6)
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+    if close:
+        return close
     lowered = typed.lower()
-    if len(lowered) >= 2:
-        guesses += [k for k in known if (lowered in k or k in lowered) and k not in guesses]
-    return guesses[:2]
+    return [k for k in known if len(lowered) >= 2 and (lowered in k or k in lowered)][:2]
 
 
 def _expected(message: str) -> str:

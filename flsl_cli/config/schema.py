@@ -60,6 +60,10 @@ class DataConfig(Section):
     val: str | None = Field(None, description="Validation shards (same forms as data.train).")
     num_workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held in the shuffle buffer.")
+    max_bad_fraction: float = Field(
+        0.001, ge=0.0, le=1.0,
+        description="Stop when more than this fraction of the samples seen were bad (corrupt, missing, unreadable).",
+    )
     demo: DemoDataConfig | None = Field(
         None, description="If set and data.train does not exist, generate the demo data there."
     )
@@ -162,19 +166,87 @@ class LoggingConfig(Section):
 
 
 class SlurmConfig(Section):
-    """Defaults for `flsl pretrain --nodes`; command-line flags override them."""
+    """Defaults for `flsl pretrain --nodes`; command-line flags override them. Nothing
+    cluster-specific is built in: what a cluster needs beyond these goes in `extra_sbatch` and
+    `setup`."""
 
+    nodes: int = Field(1, ge=1, description="Nodes of the job.")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs per node, one process each (0: CPU processes).")
+    tasks_per_node: int | None = Field(
+        None, ge=1, description="Processes per node when gpus_per_node is 0 (default 1); with GPUs it "
+        "must equal gpus_per_node.")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = Field(None, description="Time limit, D-HH:MM:SS.")
+    time: str | None = Field(None, description="Time limit: minutes, HH:MM:SS or D-HH:MM:SS.")
     constraint: str | None = None
-    mem: str | None = None
-    gpus_per_node: int = Field(8, ge=0)
+    mem: str | None = Field(None, description="Memory per node, as sbatch --mem takes it (e.g. 200G).")
     cpus_per_task: int | None = Field(None, ge=1)
     exclusive: bool = False
-    signal_minutes_before_end: float = Field(5.0, gt=0.0)
-    max_requeues: int = Field(20, ge=0)
+    signal_minutes_before_end: float = Field(
+        5.0, gt=0.0, le=1092.0,
+        description="Ask SLURM for SIGUSR2 this long before the time limit, to checkpoint and requeue.")
+    max_requeues: int = Field(20, ge=0, description="Requeues of one job before it stops for good.")
+    extra_sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.")
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run in the job before srun (module load ...).")
+    python: str | None = Field(
+        None, description="Python command on the nodes (default: the interpreter that submits).")
+
+    @staticmethod
+    def time_limit_seconds(text: str) -> int | None:
+        """Seconds in a SLURM time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS);
+        None for UNLIMITED. ValueError when `text` is none of these."""
+        value = str(text).strip()
+        if value.upper() in ("UNLIMITED", "INFINITE"):
+            return None
+        days, dash, rest = value.partition("-")
+        if not dash:
+            days, rest = "0", value
+        parts = rest.split(":")
+        numbers = [days, *parts]
+        if not all(p.isdigit() for p in numbers) or len(parts) > 3:
+            raise ValueError(f"expected a time limit like 2-00:00:00, 12:00:00 or 90 (minutes), found {text!r}")
+        d, p = int(days), [int(x) for x in parts]
+        if dash:  # D-HH, D-HH:MM, D-HH:MM:SS
+            h, m, s = (p + [0, 0])[:3]
+        elif len(p) == 1:  # minutes
+            h, m, s = 0, p[0], 0
+        elif len(p) == 2:  # MM:SS
+            h, m, s = 0, p[0], p[1]
+        else:
+            h, m, s = p
+        seconds = ((d * 24 + h) * 60 + m) * 60 + s
+        if seconds <= 0:
+            raise ValueError(f"expected a time limit above zero, found {text!r}")
+        return seconds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _minutes_as_text(cls, data):
+        """`time: 90` in YAML is an int: SLURM reads it as minutes, so keep it as text."""
+        if isinstance(data, dict) and isinstance(data.get("time"), int) and not isinstance(data["time"], bool):
+            data = {**data, "time": str(data["time"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "SlurmConfig":
+        if self.time is not None:
+            try:
+                limit = self.time_limit_seconds(self.time)
+            except ValueError as exc:
+                raise ValueError(f"time: {exc}") from None
+            if limit is not None and self.signal_minutes_before_end * 60 >= limit:
+                raise ValueError(
+                    f"signal_minutes_before_end: expected less than the time limit ({self.time}), "
+                    f"found {self.signal_minutes_before_end} minutes")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"tasks_per_node: expected {self.gpus_per_node} (one process per GPU) or null with "
+                f"gpus_per_node {self.gpus_per_node}, found {self.tasks_per_node}")
+        return self
 
 
 class Recipe(Section):

@@ -1,15 +1,21 @@
 """Starting and resuming runs: everything that must be checked before any process starts.
 
-Order matters: the recipe, the device count, the data and the run directory are all checked
-before anything is written, so a bad input leaves nothing behind.
+Order matters: the recipe, the device count (or the SLURM request), the data and the run
+directory are all checked before anything is written, so a bad input leaves nothing behind.
+Then the run is launched here (`launch`) or submitted as a SLURM job (`submit_pretrain`,
+`submit_resume`).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from flsl_cli import storage
 from flsl_cli.checkpoint.store import newest_valid
 from flsl_cli.config.load import (
     apply_overrides,
@@ -24,7 +30,11 @@ from flsl_cli.config.schema import SHAPE_KEYS, Recipe
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import plan_layout
 from flsl_cli.errors import FlslError, RecipeError
+from flsl_cli.train import remote
 from flsl_cli.train.rundir import load_recipe_yaml, prepare_new_run, read_run
+
+if TYPE_CHECKING:
+    from flsl_cli.launch.slurm import SlurmFlags, SlurmRequest, SubmittedJob
 
 
 def resolve_devices(requested: int | None) -> tuple[int, bool]:
@@ -67,41 +77,87 @@ def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
 
 
 def launch(*, recipe: Recipe, source: str, run_dir: Path, resume: bool, devices: int, use_cuda: bool) -> None:
+    """Train on this machine: in this process, or in `devices` local processes. The run dir is
+    owned by this process meanwhile (RUN_DIR/owner.json), so no second writer starts."""
     from flsl_cli.train.loop import train_process
+    from flsl_cli.train.rundir import local_owner, release_owner, write_owner
 
     kwargs = {"recipe_data": recipe_to_dict(recipe), "source": source, "run_dir": str(run_dir), "resume": resume}
-    if devices == 1:
-        if not use_cuda:
-            import os
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                os.environ.pop(name, None)
-        train_process(**kwargs)
-        return
-    from flsl_cli.launch.local import run_local_processes
+    owner = local_owner()
+    owned = not remote.is_remote(run_dir)  # owner.json guards shared filesystems
+    if owned:
+        write_owner(run_dir, owner)
+    try:
+        if devices == 1:
+            if not use_cuda:
+                import os
+                for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                    os.environ.pop(name, None)
+            train_process(**kwargs)
+            return
+        from flsl_cli.launch.local import run_local_processes
 
-    run_local_processes(train_process, nprocs=devices, kwargs=kwargs)
+        run_local_processes(train_process, nprocs=devices, kwargs=kwargs)
+    finally:
+        if owned:
+            release_owner(run_dir, owner)
 
 
-def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: Path | None, devices: int | None,
-                   force: bool, on_demo_progress: Callable[[int, int], None] | None = None,
-                   on_note: Callable[[str], None] = lambda _: None) -> Path:
-    recipe = load_recipe(recipe_path, overrides=overrides)
-    nprocs, use_cuda = resolve_devices(devices)
-    check_for_world(recipe, world_size=nprocs, source=str(recipe_path))
+def _refuse_second_writer(run_dir: Path) -> None:
+    from flsl_cli.launch.slurm import job_state
+    from flsl_cli.train.rundir import refuse_if_owned
+
+    refuse_if_owned(run_dir, slurm_state=job_state)
+
+
+def _prepare_new(recipe: Recipe, *, source: str, run_dir: Path, world_size: int, force: bool,
+                 on_demo_progress: Callable[[int, int], None] | None, on_note: Callable[[str], None]) -> None:
+    """Check everything a new run needs for `world_size` processes, then create its run dir."""
+    check_for_world(recipe, world_size=world_size, source=source)
     if ensure_demo_data(recipe, on_progress=on_demo_progress):
         on_note(f"generated the demo data set in {Path(recipe.data.train).expanduser().parent}")
-    for note in check_data(recipe, world_size=nprocs):
+    for note in check_data(recipe, world_size=world_size):
         on_note(note)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe_path)
+    _refuse_second_writer(run_dir)
     prepare_new_run(run_dir, recipe_yaml=recipe_to_yaml(recipe), force=force)
+
+
+def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: str | Path | None, devices: int | None,
+                   force: bool, on_demo_progress: Callable[[int, int], None] | None = None,
+                   on_note: Callable[[str], None] = lambda _: None) -> str | Path:
+    recipe = load_recipe(recipe_path, overrides=overrides)
+    nprocs, use_cuda = resolve_devices(devices)
+    target = str(run_dir) if run_dir else str(default_run_dir(recipe_path))
+    with _staged(target, newest_checkpoint=False) as local:
+        _prepare_new(recipe, source=str(recipe_path), run_dir=local, world_size=nprocs, force=force,
+                     on_demo_progress=on_demo_progress, on_note=on_note)
+    run_dir = storage.normalize(target) if remote.is_remote(target) else Path(target)
     on_note(f"run dir: {run_dir}  ({nprocs} {'GPU' if use_cuda else 'CPU'} process(es))")
     launch(recipe=recipe, source=str(recipe_path), run_dir=run_dir, resume=False, devices=nprocs, use_cuda=use_cuda)
     return run_dir
 
 
-def resume_run(run_dir: Path, *, overrides: list[str], devices: int | None,
-               on_note: Callable[[str], None] = lambda _: None) -> Path:
-    run_dir = Path(run_dir)
+@contextmanager
+def _staged(target: str, *, newest_checkpoint: bool):
+    """The run dir to check and prepare: itself, or for a remote one a local copy that is pushed
+    back when the block succeeds."""
+    if not remote.is_remote(target):
+        yield Path(target)
+        return
+    url = storage.normalize(target)
+    local = remote.staging_dir(url, role="parent")
+    try:
+        remote.pull(url, local, newest_checkpoint=newest_checkpoint)
+        yield local
+        remote.push(local, url)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _check_resume(run_dir: Path, *, overrides: list[str], world_size_of: Callable[[Recipe], int],
+                  on_note: Callable[[str], None]) -> tuple[Recipe, str, int, list[str]]:
+    """Everything `flsl resume` checks before it starts: the run, the changed recipe keys, the
+    process count, a usable checkpoint, the data. Returns (recipe, source, step, changed keys)."""
     recipe_text, _ = read_run(run_dir)
     source = str(run_dir / "recipe.yaml")
     saved = load_recipe_yaml(recipe_text)
@@ -113,18 +169,180 @@ def resume_run(run_dir: Path, *, overrides: list[str], devices: int | None,
             [f"{key}: cannot change on resume (it changes the shapes of the saved tensors)" for key in blocked],
             source=source,
         )
-    nprocs, use_cuda = resolve_devices(devices)
-    check_for_world(recipe, world_size=nprocs, source=source)
+    world_size = world_size_of(recipe)
+    check_for_world(recipe, world_size=world_size, source=source)
+    _refuse_second_writer(run_dir)
     ref, _ = newest_valid(run_dir, on_skip=lambda r, why: on_note(f"skipping damaged checkpoint {r.path.name}: {why}"))
-    check_data(recipe, world_size=nprocs)
+    check_data(recipe, world_size=world_size)
+    return recipe, source, ref.step, changed
+
+
+def _save_changed_recipe(run_dir: Path, recipe: Recipe, changed: list[str], on_note: Callable[[str], None]) -> None:
     if changed:
         from flsl_cli.train.rundir import write_text_atomic
 
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
         on_note(f"recipe changed on resume: {', '.join(changed)}")
-    on_note(f"resuming {run_dir} from step {ref.step}  ({nprocs} {'GPU' if use_cuda else 'CPU'} process(es))")
+
+
+def resume_run(run_dir: str | Path, *, overrides: list[str], devices: int | None,
+               on_note: Callable[[str], None] = lambda _: None) -> str | Path:
+    devices_of: dict[str, tuple[int, bool]] = {}
+
+    def world_size_of(_: Recipe) -> int:
+        devices_of["local"] = resolve_devices(devices)
+        return devices_of["local"][0]
+
+    target = str(run_dir)
+    with _staged(target, newest_checkpoint=True) as local:
+        recipe, source, step, changed = _check_resume(local, overrides=overrides, world_size_of=world_size_of,
+                                                      on_note=on_note)
+        _save_changed_recipe(local, recipe, changed, on_note)
+    run_dir = storage.normalize(target) if remote.is_remote(target) else Path(target)
+    nprocs, use_cuda = devices_of["local"]
+    on_note(f"resuming {run_dir} from step {step}  ({nprocs} {'GPU' if use_cuda else 'CPU'} process(es))")
     launch(recipe=recipe, source=source, run_dir=run_dir, resume=True, devices=nprocs, use_cuda=use_cuda)
     return run_dir
 
 
+# --- SLURM ------------------------------------------------------------------------------------
 
+
+def _refuse_remote_for_slurm(run_dir) -> None:
+    if run_dir is not None and remote.is_remote(str(run_dir)):
+        raise FlslError(
+            "SLURM jobs need their run directory on a filesystem shared by the nodes", where=str(run_dir),
+            fix="Use a path on the cluster's shared filesystem for --run-dir (remote run dirs work for local runs)",
+        )
+
+
+def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: Path | None, force: bool,
+                    flags: SlurmFlags, dry_run: bool = False,
+                    on_demo_progress: Callable[[int, int], None] | None = None,
+                    on_note: Callable[[str], None] = lambda _: None,
+                    on_script: Callable[[str], None] = print) -> SubmittedJob | None:
+    """`flsl pretrain RECIPE --nodes N ...`: check everything, create the run dir, submit one job.
+    With `dry_run`, check what can be checked without writing and hand the sbatch script to
+    `on_script` instead."""
+    from flsl_cli.launch.slurm import require_sbatch, resolve_request, sbatch_script
+
+    source = str(recipe_path)
+    recipe = load_recipe(recipe_path, overrides=overrides)
+    request = resolve_request(recipe.slurm, flags)
+    _refuse_remote_for_slurm(run_dir)
+    run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
+    if dry_run:
+        check_for_world(recipe, world_size=request.world_size, source=source)
+        if recipe.data.demo is None or Path(recipe.data.train).expanduser().exists():
+            try:
+                for note in check_data(recipe, world_size=request.world_size):
+                    on_note(note)
+            except FlslError as exc:  # the data may only exist on the cluster: say so, still show the job
+                on_note(f"warning: a real submission would stop here: {exc.message()}")
+        on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with "
+                f"{request.describe()}")
+        on_script(sbatch_script(request, run_dir=run_dir))
+        return None
+    require_sbatch()
+    existed = run_dir.exists()
+    _prepare_new(recipe, source=source, run_dir=run_dir, world_size=request.world_size, force=force,
+                 on_demo_progress=on_demo_progress, on_note=on_note)
+    try:
+        return _submit(request, run_dir=run_dir)
+    except FlslError:
+        _remove_unsubmitted(run_dir, existed=existed)
+        raise
+
+
+def submit_resume(run_dir: Path, *, overrides: list[str], flags: SlurmFlags, dry_run: bool = False,
+                  on_note: Callable[[str], None] = lambda _: None,
+                  on_script: Callable[[str], None] = print) -> SubmittedJob | None:
+    """`flsl resume RUN_DIR --nodes N ...`: the checks of `flsl resume`, then one job that
+    continues the run."""
+    from flsl_cli.launch.slurm import require_sbatch, resolve_request, sbatch_script
+
+    _refuse_remote_for_slurm(run_dir)
+    run_dir = Path(run_dir).absolute()
+    requests = {}
+
+    def world_size_of(recipe: Recipe) -> int:
+        requests["slurm"] = resolve_request(recipe.slurm, flags)
+        return requests["slurm"].world_size
+
+    if not dry_run:
+        read_run(run_dir)
+        require_sbatch()
+    recipe, _, step, changed = _check_resume(run_dir, overrides=overrides, world_size_of=world_size_of,
+                                             on_note=on_note)
+    request = requests["slurm"]
+    if dry_run:
+        on_note(f"dry run: nothing written, nothing submitted; the job would resume {run_dir} from step "
+                f"{step} with {request.describe()}")
+        on_script(sbatch_script(request, run_dir=run_dir))
+        return None
+    saved_text, _ = read_run(run_dir)
+    _save_changed_recipe(run_dir, recipe, changed, on_note)  # before submitting: the job reads it
+    try:
+        job = _submit(request, run_dir=run_dir)
+    except FlslError:
+        if changed:
+            from flsl_cli.train.rundir import write_text_atomic
+
+            write_text_atomic(run_dir / "recipe.yaml", saved_text)
+        raise
+    on_note(f"the job resumes {run_dir} from step {step}")
+    return job
+
+
+def _submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
+    from flsl_cli.launch.slurm import submit
+    from flsl_cli.train.rundir import slurm_owner, update_status, write_owner
+
+    _, before = read_run(run_dir)
+    update_status(run_dir, scheduler="slurm", slurm=request.record(), status="submitting")
+    try:
+        job = submit(request, run_dir=run_dir)
+    except FlslError:
+        import json
+
+        from flsl_cli.train.rundir import write_text_atomic
+
+        write_text_atomic(run_dir / "run.json", json.dumps(before, indent=1) + "\n")
+        raise
+    write_owner(run_dir, slurm_owner(job.job_id))
+    _, record = read_run(run_dir)
+    job_ids = [str(j) for j in record.get("job_ids", [])]
+    if job.job_id not in job_ids:
+        update_status(run_dir, job_ids=job_ids + [job.job_id])
+    return job
+
+
+def _remove_unsubmitted(run_dir: Path, *, existed: bool) -> None:
+    """Undo `_prepare_new` when SLURM refused the job: a bad input leaves nothing behind."""
+    import shutil
+
+    from flsl_cli.launch.slurm import JOBS_DIR
+    from flsl_cli.train.rundir import OWNER_NAME, RECIPE_NAME, RUN_NAME
+
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (RECIPE_NAME, RUN_NAME, OWNER_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / JOBS_DIR, ignore_errors=True)
+
+
+def prepare_for_job(recipe_path: str | Path, *, overrides: list[str], run_dir: Path,
+                    on_note: Callable[[str], None] = lambda _: None) -> None:
+    """In the batch script of slurm/flsl.sbatch: create the run dir for this job's processes
+    (SLURM_NTASKS), unless it already holds the run (a requeued job runs the script again)."""
+    import os
+
+    if (Path(run_dir) / "recipe.yaml").exists() and (Path(run_dir) / "run.json").exists():
+        on_note(f"{run_dir} already holds the run; the job continues it")
+        return
+    recipe = load_recipe(recipe_path, overrides=overrides)
+    world_size = int(os.environ.get("SLURM_NTASKS") or 1)
+    _prepare_new(recipe, source=str(recipe_path), run_dir=Path(run_dir), world_size=world_size, force=False,
+                 on_demo_progress=None, on_note=on_note)
+    on_note(f"created {run_dir} for {world_size} process(es)")

@@ -112,9 +112,9 @@ def update_status(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
-def truncate_metrics(run_dir: Path, *, after_step: int) -> None:
-    """Drop metrics logged after `after_step` (steps that a resume will run again)."""
-    path = Path(run_dir) / METRICS_NAME
+def truncate_metrics(run_dir: Path, *, after_step: int, name: str = METRICS_NAME) -> None:
+    """Drop log lines written after `after_step` (steps that a resume will run again)."""
+    path = Path(run_dir) / name
     if not path.exists():
         return
     kept = []
@@ -129,3 +129,130 @@ def truncate_metrics(run_dir: Path, *, after_step: int) -> None:
 
 def load_recipe_yaml(text: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
+
+
+# --- Ownership: one writer per run directory --------------------------------------------------
+#
+# RUN_DIR/owner.json names the process or SLURM job that writes the run:
+#   {"kind": "local", "host": ..., "pid": ..., "since": ...}   `flsl pretrain/resume` on a machine
+#   {"kind": "slurm", "job_id": ..., "since": ...}              a SLURM job (and its requeues)
+# A second writer is refused while the owner is alive; a dead owner's file is simply replaced.
+
+OWNER_NAME = "owner.json"
+_FINISHED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
+                        "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
+
+
+def local_owner() -> dict[str, Any]:
+    """The owner record of this process."""
+    import socket
+
+    return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
+            "started": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def slurm_owner(job_id: str) -> dict[str, Any]:
+    return {"kind": "slurm", "job_id": str(job_id), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def read_owner(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads((Path(run_dir) / OWNER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def write_owner(run_dir: Path, owner: dict[str, Any]) -> None:
+    write_text_atomic(Path(run_dir) / OWNER_NAME, json.dumps(owner, indent=1) + "\n")
+
+
+def release_owner(run_dir: Path, owner: dict[str, Any]) -> None:
+    """Remove owner.json if it still names `owner` (a newer writer's record is left alone)."""
+    current = read_owner(run_dir)
+    if current is not None and _same_owner(current, owner):
+        (Path(run_dir) / OWNER_NAME).unlink(missing_ok=True)
+
+
+def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("kind") != b.get("kind"):
+        return False
+    if a.get("kind") == "slurm":
+        return str(a.get("job_id")) == str(b.get("job_id"))
+    return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
+
+
+def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = None) -> None:
+    """Raise RunDirError when another live process or SLURM job writes this run directory.
+
+    `slurm_state(job_id)` returns the job's state as squeue/sacct name it ("" when SLURM no longer
+    knows the job) or None when SLURM cannot be asked. `me` is the caller's own owner record.
+    """
+    import socket
+
+    owner = read_owner(run_dir)
+    if owner is None or (me is not None and _same_owner(owner, me)):
+        return
+    run_dir = Path(run_dir)
+    release = f"if it is not, delete {run_dir / OWNER_NAME}"
+    if owner.get("kind") == "slurm":
+        job_id = str(owner.get("job_id"))
+        state = slurm_state(job_id)
+        if state is None:
+            try:
+                status = json.loads((run_dir / RUN_NAME).read_text()).get("status")
+            except (OSError, ValueError):
+                status = None
+            if status in ("finished", "stopped", "failed"):
+                return
+            raise RunDirError(
+                f"the run directory belongs to SLURM job {job_id}, and SLURM cannot be asked here "
+                "whether that job still runs", where=str(run_dir),
+                fix=f"Check with `squeue -j {job_id}` on the cluster; {release}",
+            )
+        if state and state.split()[0].rstrip("+") not in _FINISHED_JOB_STATES:
+            raise RunDirError(
+                f"the run directory is being written by SLURM job {job_id} ({state}); a second writer "
+                "would corrupt it", where=str(run_dir),
+                fix=f"Wait for the job, or stop it with `scancel {job_id}` (send `scancel --signal=USR2 "
+                f"{job_id}` to checkpoint first), then run the command again",
+            )
+        return
+    host, pid = owner.get("host"), owner.get("pid")
+    if host == socket.gethostname():
+        if isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid)):
+            raise RunDirError(
+                f"the run directory is being written by flsl process {pid} on this machine; a second "
+                "writer would corrupt it", where=str(run_dir),
+                fix=f"Wait for it to finish or stop it (Ctrl-C, or `kill {pid}`); {release}",
+            )
+        return
+    try:
+        status = json.loads((run_dir / RUN_NAME).read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "running":
+        raise RunDirError(
+            f"the run directory is being written by flsl process {pid} on {host} (run.json says "
+            "running)", where=str(run_dir),
+            fix=f"Check whether that process still runs on {host}; {release}",
+        )
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

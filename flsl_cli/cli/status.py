@@ -1,0 +1,73 @@
+"""`flsl status RUN_DIR`: job id(s), state, step reached, newest checkpoint, requeues, last error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flsl_cli.cli.render import handle_errors, out_console
+
+
+@handle_errors
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `flsl pretrain`.")],
+    *,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
+) -> None:
+    """Where a run stands: state, step, newest checkpoint, SLURM jobs and requeues, last error."""
+    from flsl_cli.train.status import read_status
+
+    result = read_status(run_dir)
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"flsl status: {run_dir}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("state", result.status)
+    step = "none yet" if result.step is None else f"{result.step}"
+    if result.epoch is not None:
+        step += f" (epoch {result.epoch:g})"
+    table.add_row("step", step)
+    if result.newest_checkpoint:
+        newest = result.newest_checkpoint
+        age = f", {_ago(newest['age_s'])}" if newest.get("age_s") is not None else ""
+        table.add_row("newest checkpoint", f"step {newest['step']}: {newest['path']}{age} "
+                                           f"({result.checkpoints} kept)")
+    else:
+        table.add_row("newest checkpoint", "none yet")
+    if result.stopped:
+        table.add_row("last stop", f"{result.stopped['signal']} after step {result.stopped['step']}")
+    if result.scheduler == "slurm" or result.job_ids:
+        jobs = []
+        for job_id in result.job_ids:
+            info = result.jobs.get(job_id, {})
+            detail = info.get("state", "")
+            if info.get("reason") and info.get("state", "").startswith("PENDING"):
+                detail += f", {info['reason']}"
+            if info.get("elapsed") and info.get("state", "") in ("RUNNING", "COMPLETING"):
+                detail += f", {info['elapsed']} of {info.get('time_limit', '?')}"
+            jobs.append(f"{job_id} ({detail})" if detail else job_id)
+        answered = "" if result.slurm_answered else "  (squeue/sacct did not answer: state from the run dir)"
+        table.add_row("SLURM jobs", (", ".join(jobs) or "none") + answered)
+        per_job = ", ".join(f"job {job}: {count}" for job, count in result.job_requeues.items())
+        table.add_row("requeues", f"{result.requeues}" + (f" ({per_job})" if per_job else ""))
+    if result.last_error:
+        error = result.last_error
+        where = f"job {error['job_id']}, rank {error.get('rank', '?')}: " if error.get("job_id") else ""
+        table.add_row("last error", f"{where}{error.get('message', '')}")
+    if result.logs:
+        table.add_row("logs", "\n".join(result.logs))
+    out_console.print(table)
+
+
+def _ago(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds / 3600:.1f} h ago"

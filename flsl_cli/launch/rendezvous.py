@@ -1,0 +1,93 @@
+"""Rendezvous for a process started by SLURM (submitit or `srun`): the torchrun-style variables
+that `flsl_cli.distributed.env.setup()` reads, derived from SLURM's own.
+
+    MASTER_ADDR   first host of SLURM_JOB_NODELIST
+    MASTER_PORT   derived from the job id and restart count, so every task of a job (and of
+                  each restart of it) computes the same port without talking to the others
+    RANK, LOCAL_RANK, WORLD_SIZE   from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS
+
+Pure functions of an environment mapping; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+PORT_BASE = 20000
+PORT_SPAN = 20000
+_GROUP = re.compile(r"([^,\[]+)(?:\[([^\]]+)\])?")
+
+
+class NodeListError(ValueError):
+    """SLURM_JOB_NODELIST has a form this parser does not know."""
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """`node[01-03,07],gpu5` -> [node01, node02, node03, node07, gpu5] (what `scontrol show
+    hostnames` prints). Zero padding of ranges is kept."""
+    hosts: list[str] = []
+    pos = 0
+    text = nodelist.strip()
+    while pos < len(text):
+        match = _GROUP.match(text, pos)
+        if not match or match.end() == pos:
+            raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
+        prefix, ranges = match.group(1), match.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+        else:
+            for part in ranges.split(","):
+                first, _, last = part.partition("-")
+                if not first.isdigit() or (last and not last.isdigit()):
+                    raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
+                width = len(first)
+                for number in range(int(first), int(last or first) + 1):
+                    hosts.append(f"{prefix}{number:0{width}d}")
+        pos = match.end()
+        if pos < len(text):
+            if text[pos] != ",":
+                raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
+            pos += 1
+    return hosts
+
+
+def master_port(job_id: str, restart_count: int = 0) -> int:
+    """A port in [20000, 40000) that every task of one job attempt derives alike. A restarted
+    job gets another port, so it never meets a socket its previous attempt left in TIME_WAIT."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return PORT_BASE + (int(digits) * 7 + restart_count) % PORT_SPAN
+
+
+def visible_gpus(environ: Mapping[str, str]) -> int | None:
+    """How many GPUs CUDA_VISIBLE_DEVICES names, or None when it is not set."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return len([item for item in value.split(",") if item.strip()])
+
+
+def in_slurm_job(environ: Mapping[str, str]) -> bool:
+    return "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ
+
+
+def torch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a task of this SLURM job must export before `setup()`; they replace any
+    torchrun-style values inherited from the submitting shell."""
+    if not in_slurm_job(environ):
+        raise KeyError("SLURM_JOB_ID / SLURM_PROCID are not set: this is not a task of a SLURM job step")
+    rank = int(environ["SLURM_PROCID"])
+    local_rank = int(environ.get("SLURM_LOCALID", 0))
+    world_size = int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1)
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    restart = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    # When SLURM binds one GPU to each task, the task's only device is index 0.
+    if visible_gpus(environ) == 1:
+        local_rank = 0
+    return {
+        "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or expand_nodelist(nodelist)[0],
+        "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(environ["SLURM_JOB_ID"], restart)),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+    }
