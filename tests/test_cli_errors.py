@@ -31,7 +31,7 @@ def finished_run(demo_data, tmp_path_factory):
 def test_data_path_missing(tmp_path):
     run = tmp_path / "run"
     _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "nowhere"), "--run-dir", run),
-           "data.train names shards that do not exist", "flsl data demo")
+           "data.train does not exist", "flsl data demo")
     assert not run.exists()
 
 

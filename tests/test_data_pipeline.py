@@ -129,3 +129,58 @@ def test_shard_forms_resolve_to_the_same_set(demo_data):
     by_list = resolve_shards(",".join(names))
     assert sorted(s.url for s in by_pattern.shards) == names == sorted(s.url for s in by_list.shards)
     assert by_dir.num_samples == by_pattern.num_samples == by_list.num_samples
+
+
+def test_jpeg_draft_decoding_only_when_every_view_keeps_its_resolution():
+    """A large JPEG is decoded at reduced size when all crops allow it, and the views stay close
+    to those from full-size decoding; a small one is decoded at full size."""
+    import io
+
+    from flsl_cli.data.augment import CropPlan, decode_for, open_image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    big = Image.fromarray(base).resize((1600, 1200), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    plan = CropPlan(teacher=(0, 0, 1600, 1200), student=(100, 100, 1000, 1000), locals_=((200, 200, 400, 400),))
+    decoded, scale = decode_for(open_image(data), plan, global_size=224, local_size=96)
+    assert scale <= 0.5 and decoded.width == round(1600 * scale)
+    tight = CropPlan(teacher=(0, 0, 1600, 1200), student=(100, 100, 1000, 1000), locals_=((200, 200, 120, 120),))
+    _, full_scale = decode_for(open_image(data), tight, global_size=224, local_size=96)
+    assert full_scale == 1.0
+
+    augment = MultiCropAugment(Recipe.model_validate({"data": {"train": "x"}}))
+    views_draft = augment.render(decoded, plan, scale=scale, rng=np.random.default_rng(1))
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    views_full = augment.render(full, plan, scale=1.0, rng=np.random.default_rng(1))
+    for key in ("teacher", "global", "locals"):
+        assert views_draft[key].shape == views_full[key].shape
+        assert (views_draft[key] - views_full[key]).abs().mean() < 0.1
+
+
+@pytest.mark.parametrize("skip", [3, 4])
+def test_resumed_stream_consumes_the_same_keys_on_two_ranks(demo_data, skip):
+    """2 ranks x 2 workers: the keys consumed by an interrupted + resumed epoch equal those of an
+    uninterrupted one, rank by rank, in order."""
+    shards = resolve_shards(str(demo_data / "train"))
+    recipe = _recipe(demo_data / "train")
+    for rank in range(2):
+        full, _ = _keys(shards, recipe, world=2, workers=2, rank=rank, epoch=1, batch=2)
+        head = full[:skip]
+        tail, _ = _keys(shards, recipe, world=2, workers=2, rank=rank, epoch=1, skip=skip, batch=2)
+        assert head + tail == full
+
+
+def test_no_shuffle_buffer_reads_in_shard_order(demo_data):
+    """data.shuffle_buffer = 0 streams each reader's shards in file order."""
+    shards = resolve_shards(str(demo_data / "train"))
+    recipe = _recipe(demo_data / "train")
+    layout, _ = plan_layout(shards, world_size=1, num_workers=0, local_batch=4)
+    stream = TrainStream(shards, layout=layout, rank=0, seed=0, shuffle_buffer=0, augment=MultiCropAugment(recipe))
+    stream.set_epoch(0)
+    keys = [k for batch in build_loader(stream, pin_memory=False) for k in batch["key"]]
+    first_shard = stream.slot_shards(0, 0)[0]
+    from flsl_cli.data.shards import iter_samples
+    assert keys[:4] == [key for key, _ in list(iter_samples(first_shard))[:4]]

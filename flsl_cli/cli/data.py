@@ -1,13 +1,15 @@
-"""`flsl data demo`: the built-in demo data set."""
+"""`flsl data demo`: the built-in demo data set; `flsl data shards`: webdataset shards from ImageNet."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from flsl_cli.cli.render import demo_progress, handle_errors, out_console
+from flsl_cli.cli.render import demo_progress, err_console, handle_errors, note, out_console
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,3 +36,87 @@ def demo(
                       f"{splits['val']['num_samples']} val images ({splits['train']['num_shards']} + "
                       f"{splits['val']['num_shards']} shards), classes: {', '.join(info['classes'])}",
                       highlight=False)
+
+
+@app.command("shards")
+@handle_errors
+def shards(
+    src: Annotated[Path, typer.Argument(
+        help="An ImageFolder tree (one folder per class, like ImageNet's train/), or a flat directory of images "
+             "with --labels (like ImageNet's val/).")],
+    dest: Annotated[str, typer.Argument(
+        help="Where the shards go: a directory or an fsspec URL (s3://bucket/prefix, gs://..., memory://...).")],
+    *,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="Labels of a flat SRC: LOC_val_solution.csv, or a text file of 'FILENAME SYNSET' "
+                         "(or 'FILENAME LABEL', with --class-names) lines.")] = None,
+    boxes: Annotated[Optional[Path], typer.Option(
+        "--boxes", help="Bounding boxes to store in each sample's json: a directory of PASCAL-VOC XML files "
+                        "(ILSVRC Annotation/) or a LOC_train_solution.csv / LOC_val_solution.csv file.")] = None,
+    class_names: Annotated[Optional[Path], typer.Option(
+        "--class-names", help="Human-readable class names, 'SYNSET NAME' per line (ImageNet's "
+                              "LOC_synset_mapping.txt); for a flat SRC it also fixes the class list.")] = None,
+    shard_size: Annotated[Optional[str], typer.Option(
+        "--shard-size", help="Target size of a shard (1GB, 500MB, 64MiB). Default 1GB unless "
+                             "--samples-per-shard is given.")] = None,
+    samples_per_shard: Annotated[Optional[int], typer.Option(
+        "--samples-per-shard", min=1, help="Cut shards by count instead of size.")] = None,
+    prefix: Annotated[Optional[str], typer.Option(
+        "--prefix", help="Shard names are PREFIX-000000.tar, ... (default: the name of SRC, e.g. 'train').")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", "-w", min=1, help="Processes writing shards (default: the number of CPU cores); "
+                                       "the shards do not depend on it.")] = None,
+) -> None:
+    """Write webdataset tar shards (original image bytes, cls, json with boxes) and an index.json.
+
+    Deterministic and resumable: rerun the same command after an interruption and only the
+    missing shards are written.
+    """
+    from flsl_cli.data.make_shards import make_shards
+
+    update, close = _shard_progress()
+    try:
+        note(f"planning the shards of {escape(str(src))}")
+        try:
+            report = make_shards(src, dest, labels=labels, boxes=boxes, class_names=class_names,
+                                 shard_size=shard_size, samples_per_shard=samples_per_shard, prefix=prefix,
+                                 workers=workers or os.cpu_count() or 1, on_progress=update)
+        finally:
+            close()
+        shard_word = "shard" if report.shards == 1 else "shards"
+        skipped = f"[yellow]{report.skipped} skipped[/] (listed in index.json)" if report.skipped else "0 skipped"
+        totals = f"{report.samples} samples, {report.classes} classes, {skipped}"
+        if report.already_complete:
+            out_console.print(f"[green]complete:[/] {escape(report.dest)} already holds these {report.shards} "
+                              f"{shard_word} ({totals}); nothing to do", highlight=False, soft_wrap=True)
+        else:
+            kept = f", {report.kept} kept from an earlier run" if report.kept else ""
+            out_console.print(f"[green]wrote[/] {report.shards} {shard_word}{kept}: {totals} -> {escape(report.dest)}",
+                              highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        err_console.print("[bold yellow]interrupted.[/] Finished shards are kept; rerun the same command to write "
+                          "the rest.")
+        raise typer.Exit(130) from None
+
+
+def _shard_progress():
+    """A progress callback (stage, done, total) for `make_shards`, and a function to close it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)
+    tasks: dict[str, int] = {}
+    labels = {"annotations": "reading box annotations", "shards": "writing shards (samples)"}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    def close() -> None:
+        if tasks:
+            progress.stop()
+
+    return update, close

@@ -57,9 +57,37 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+def open_image(data: bytes) -> Image.Image:
+    """The image with only its header read: size known, pixels not decoded yet."""
+    return Image.open(io.BytesIO(data))
+
+
 def crop_resize(image: Image.Image, box: Box, size: int) -> Image.Image:
     left, top, w, h = box
     return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where each view is cut from, in the original image's pixels."""
+
+    teacher: Box
+    student: Box
+    locals_: tuple[Box, ...]
+
+
+def decode_for(image: Image.Image, plan: CropPlan, *, global_size: int, local_size: int) -> tuple[Image.Image, float]:
+    """Decode the pixels, at reduced resolution when every view still gets at least as many source
+    pixels as it outputs (JPEG draft mode: scaling in the DCT, 2-8x less decoding work).
+    Returns the RGB image and its scale relative to the original."""
+    width, height = image.size
+    needed = max(size / min(box[2], box[3])
+                 for box, size in [(plan.teacher, global_size), (plan.student, global_size),
+                                   *[(box, local_size) for box in plan.locals_]])
+    if image.format == "JPEG" and needed <= 0.5:
+        image.draft("RGB", (math.ceil(width * needed), math.ceil(height * needed)))
+    rgb = image.convert("RGB")
+    return rgb, rgb.width / width
 
 
 @dataclass(frozen=True)
@@ -69,20 +97,34 @@ class MultiCropAugment:
     recipe: Recipe
 
     def __call__(self, image: Image.Image, *, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        plan = self.plan(image.size, rng=rng)
         aug = self.recipe.augment
-        patch = self.recipe.model.patch_size
-        teacher_box = sample_crop(image.width, image.height, scale=aug.teacher_scale, rng=rng)
+        decoded, scale = decode_for(image, plan, global_size=aug.global_size, local_size=aug.local_size)
+        return self.render(decoded, plan, scale=scale, rng=rng)
+
+    def plan(self, size: tuple[int, int], *, rng: np.random.Generator) -> CropPlan:
+        aug = self.recipe.augment
+        width, height = size
+        teacher = sample_crop(width, height, scale=aug.teacher_scale, rng=rng)
 
         def inside_teacher(scale: tuple[float, float]) -> Box:
-            left, top, w, h = sample_crop(teacher_box[2], teacher_box[3], scale=scale, rng=rng)
-            return teacher_box[0] + left, teacher_box[1] + top, w, h
+            left, top, w, h = sample_crop(teacher[2], teacher[3], scale=scale, rng=rng)
+            return teacher[0] + left, teacher[1] + top, w, h
 
-        student_box = inside_teacher(aug.student_scale)
-        local_boxes = [inside_teacher(aug.local_scale) for _ in range(aug.local_crops)]
+        student = inside_teacher(aug.student_scale)
+        return CropPlan(teacher=teacher, student=student,
+                        locals_=tuple(inside_teacher(aug.local_scale) for _ in range(aug.local_crops)))
 
-        teacher = self._photometric(crop_resize(image, teacher_box, aug.global_size), rng)
-        student = self._photometric(crop_resize(image, student_box, aug.global_size), rng)
-        locals_ = [self._photometric(crop_resize(image, box, aug.local_size), rng) for box in local_boxes]
+    def render(self, image: Image.Image, plan: CropPlan, *, scale: float, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        aug = self.recipe.augment
+        patch = self.recipe.model.patch_size
+
+        def cut(box: Box, size: int) -> Image.Image:
+            return self._photometric(crop_resize(image, tuple(v * scale for v in box), size), rng)
+
+        teacher = cut(plan.teacher, aug.global_size)
+        student = cut(plan.student, aug.global_size)
+        locals_ = [cut(box, aug.local_size) for box in plan.locals_]
 
         views = {
             "teacher": to_tensor(teacher),

@@ -14,6 +14,8 @@ Guarantees:
   `NAME.tar.tmp` and renamed with `os.replace` once closed; `index.json` is written the same way.
 * If the `with` block raises, the partly written shard is removed and the exception propagates;
   shards completed before the error are left in place but no `index.json` is written.
+
+`add_sample` writes one sample into any open tar the same way (`flsl data shards` uses it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -94,23 +97,14 @@ class ShardWriter:
         """Append one sample: each `fields[ext]` becomes the tar member `{key}.{ext}`."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        _check_key(key)
-        if not fields:
-            raise ValueError(f"sample {key!r} has no fields")
+        check_sample(key, fields)
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        for ext, data in fields.items():
-            if not ext or "/" in ext:
-                raise ValueError(f"bad field name {ext!r} in sample {key!r}")
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError(f"field {ext!r} of sample {key!r} must be bytes, got {type(data).__name__}")
 
         if self._tar is None:
             self._start_shard()
         assert self._tar is not None
-        for ext in sorted(fields):
-            data = bytes(fields[ext])
-            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        add_sample(self._tar, key, fields)
         self._keys.add(key)
         self._in_shard += 1
         self.num_samples += 1
@@ -163,6 +157,27 @@ class ShardWriter:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         self._tmp_path = None
+
+
+def check_sample(key: str, fields: Mapping[str, bytes]) -> None:
+    """Raise ValueError/TypeError unless `key` and `fields` make a valid webdataset sample."""
+    _check_key(key)
+    if not fields:
+        raise ValueError(f"sample {key!r} has no fields")
+    for ext, data in fields.items():
+        if not ext or "/" in ext:
+            raise ValueError(f"bad field name {ext!r} in sample {key!r}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"field {ext!r} of sample {key!r} must be bytes, got {type(data).__name__}")
+
+
+def add_sample(tar: tarfile.TarFile, key: str, fields: Mapping[str, bytes]) -> None:
+    """Append one sample to an open tar: a member `{key}.{ext}` per field, in sorted extension
+    order, with the fixed metadata that makes shards byte-reproducible."""
+    check_sample(key, fields)
+    for ext in sorted(fields):
+        data = bytes(fields[ext])
+        tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

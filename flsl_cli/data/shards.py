@@ -1,23 +1,31 @@
-"""Finding webdataset tar shards and reading their samples.
+"""Finding webdataset tar shards on any fsspec storage and reading their samples.
 
-`data.train` may be a directory (with `index.json`, or holding `*.tar`), one `.tar` file, a
-brace pattern (`/data/train-{000000..000127}.tar`) or a comma-separated list. Sample counts
-come from `index.json` beside the shards, else from one pass over the tar headers.
+`data.train` may be a directory (with `index.json`, or holding `*.tar`), the URL of an
+`index.json`, one `.tar`, a brace pattern (`s3://bucket/in1k-train-{000000..001023}.tar`) or a
+comma-separated list of these; local paths and s3://, gs://, http(s)://, memory:// URLs alike.
+Sample counts come from `index.json` beside the shards, else from one pass over the tar headers.
+
+Reading a shard retries transient storage errors, continuing after the last sample delivered;
+a shard that still fails, or a truncated tar, ends with a `BadShard` record (how many samples
+were lost and why) instead of an exception, so training can count it and go on.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import braceexpand
 
+from flsl_cli import storage
 from flsl_cli.errors import DataError
 
 INDEX_NAME = "index.json"
+FIX = "Point it at shards written by `flsl data demo` or `flsl data shards`"
 
 
 @dataclass(frozen=True)
@@ -36,76 +44,140 @@ class ShardSet:
         return sum(shard.samples for shard in self.shards)
 
 
+@dataclass(frozen=True)
+class BadShard:
+    """Part of a shard that could not be read: `samples` samples were lost, after `delivered`."""
+
+    url: str
+    reason: str
+    samples: int
+    delivered: int
+
+
 def resolve_shards(spec: str, *, key: str = "data.train") -> ShardSet:
     """Every shard named by `spec`, with sample counts, or a DataError naming `key`."""
-    spec = spec.strip()
-    fix = "Point it at shards written by `flsl data demo` (or `flsl data shards`)"
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        index = path / INDEX_NAME
-        if index.exists():
-            return _from_index(index, key=key)
-        files = sorted(p for p in path.glob("*.tar"))
-        if not files:
-            raise DataError(f"{key} is a directory with no .tar shards and no {INDEX_NAME}",
-                            where=str(path), fix=fix)
-    else:
-        names = [part for item in spec.split(",") if item.strip() for part in braceexpand.braceexpand(item.strip())]
-        files = [Path(name).expanduser() for name in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if not files or missing:
-            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "") if missing else spec
-            raise DataError(f"{key} names shards that do not exist: {shown}", where=spec, fix=fix)
-    counts = _counts_from_sibling_index(files)
-    shards = tuple(Shard(url=str(f), samples=counts.get(f.name) if f.name in counts else count_samples(f))
-                   for f in files)
-    return _checked(ShardSet(shards=shards), key=key, where=spec)
-
-
-def _from_index(index: Path, *, key: str) -> ShardSet:
-    try:
-        data = json.loads(index.read_text())
-        shards = tuple(Shard(url=str(index.parent / item["name"]), samples=int(item["samples"]))
-                       for item in data["shards"])
-        classes = tuple(data.get("classes", ()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{key}: the shard index is unreadable or malformed ({exc})", where=str(index),
-                        fix="Regenerate the shards, or remove index.json to count samples from the tars") from None
-    missing = [s.url for s in shards if not Path(s.url).exists()]
-    if missing:
-        raise DataError(f"{key}: {len(missing)} shard(s) listed in the index are missing, e.g. {missing[0]}",
-                        where=str(index), fix="Restore the missing files or regenerate the shards")
-    return _checked(ShardSet(shards=shards, classes=classes), key=key, where=str(index))
-
-
-def _counts_from_sibling_index(files: list[Path]) -> dict[str, int]:
-    if not files:
-        return {}
-    index = files[0].parent / INDEX_NAME
-    if not index.exists():
-        return {}
-    try:
-        return {item["name"]: int(item["samples"]) for item in json.loads(index.read_text())["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _checked(shard_set: ShardSet, *, key: str, where: str) -> ShardSet:
+    items = [item.strip() for item in str(spec).split(",") if item.strip()]
+    if not items:
+        raise DataError(f"{key} is empty", where=key, fix=FIX)
+    shards: list[Shard] = []
+    classes: tuple[str, ...] = ()
+    for item in items:
+        found, found_classes = _resolve_one(storage.normalize(item), key=key)
+        shards.extend(found)
+        classes = classes or found_classes
+    shard_set = ShardSet(shards=tuple(shards), classes=classes)
     if shard_set.num_samples == 0:
-        raise DataError(f"{key} holds no samples", where=where,
+        raise DataError(f"{key} holds no samples", where=str(spec),
                         fix="Check that the shards were written completely")
     return shard_set
 
 
-def count_samples(path: Path) -> int:
+def _resolve_one(item: str, *, key: str) -> tuple[list[Shard], tuple[str, ...]]:
+    if storage.basename(item) == INDEX_NAME:
+        return _from_index(item, key=key)
+    if "{" in item:
+        return _from_files(list(braceexpand.braceexpand(item)), key=key, spec=item)
+    if item.endswith((".tar", ".tar.gz", ".tgz")):
+        return _from_files([item], key=key, spec=item)
+    if not _safe(lambda: storage.isdir(item), item, key=key):
+        raise DataError(f"{key} does not exist (no directory, index.json or .tar shard there)", where=item, fix=FIX)
+    names = _safe(lambda: storage.listdir(item), item, key=key)
+    if INDEX_NAME in names:
+        return _from_index(storage.join(item, INDEX_NAME), key=key)
+    tars = [storage.join(item, name) for name in names if name.endswith(".tar")]
+    if not tars:
+        raise DataError(f"{key} is a directory with no .tar shards and no {INDEX_NAME}", where=item, fix=FIX)
+    return _from_files(tars, key=key, spec=item)
+
+
+def _safe(action, url: str, *, key: str):
+    """Run a storage query, turning 'no such bucket/host' and the like into a DataError."""
+    try:
+        return action()
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{key}: the bucket, host or directory does not exist", where=url,
+                        fix="Check the URL (bucket name, prefix) and your credentials") from None
+    except PermissionError:
+        raise DataError(f"{key}: access denied", where=url,
+                        fix="Check that your credentials allow reading this location") from None
+    except Exception as exc:  # noqa: BLE001 - any other storage failure
+        raise DataError(f"{key}: cannot reach the storage ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                        where=url, fix="Check the URL, the network and your credentials") from None
+
+
+def _from_index(index_url: str, *, key: str) -> tuple[list[Shard], tuple[str, ...]]:
+    try:
+        data = json.loads(_safe(lambda: storage.read_bytes(index_url), index_url, key=key))
+        base = storage.parent(index_url)
+        shards = [Shard(url=storage.join(base, item["name"]), samples=int(item["samples"]))
+                  for item in data["shards"]]
+        classes = tuple(data.get("classes", ()))
+    except DataError as exc:
+        if "does not exist" in exc.what:
+            raise DataError(f"{key}: the shard index does not exist", where=index_url, fix=FIX) from None
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{key}: the shard index is malformed ({exc})", where=index_url,
+                        fix="Regenerate the shards, or remove index.json to count samples from the tars") from None
+    if storage.is_local(index_url):
+        missing = [s.url for s in shards if not storage.exists(s.url)]
+        if missing:
+            raise DataError(f"{key}: {len(missing)} shard(s) listed in the index are missing, e.g. {missing[0]}",
+                            where=index_url, fix="Restore the missing files or regenerate the shards")
+    return shards, classes
+
+
+def _from_files(urls: list[str], *, key: str, spec: str) -> tuple[list[Shard], tuple[str, ...]]:
+    urls = [storage.normalize(url) for url in urls]
+    missing = _missing(urls, key=key)
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        what = ("matches no shard" if len(missing) == len(urls) else f"names {len(missing)} shard(s) that do not exist")
+        raise DataError(f"{key} {what}: {shown}", where=spec, fix=FIX)
+    counts: dict[str, int] = {}
+    index_classes: tuple[str, ...] = ()
+    for directory in sorted({storage.parent(url) for url in urls}):
+        sibling = storage.join(directory, INDEX_NAME)
+        try:
+            data = json.loads(storage.read_bytes(sibling))
+            counts.update({storage.join(directory, item["name"]): int(item["samples"]) for item in data["shards"]})
+            index_classes = index_classes or tuple(data.get("classes", ()))
+        except Exception:  # noqa: BLE001 - no (readable) sibling index: count the samples instead
+            continue
+    shards = [Shard(url=url, samples=counts[url] if url in counts else count_samples(url)) for url in urls]
+    return shards, index_classes
+
+
+def _missing(urls: list[str], *, key: str) -> list[str]:
+    if all(storage.is_local(url) for url in urls):
+        return [url for url in urls if not storage.local_path(url).exists()]
+    missing = []
+    for directory in sorted({storage.parent(url) for url in urls}):
+        members = [url for url in urls if storage.parent(url) == directory]
+        try:
+            listed = set(storage.listdir(directory))
+            if not listed and not _safe(lambda d=directory: storage.isdir(d), directory, key=key):
+                raise DataError(f"{key}: the bucket or directory does not exist", where=directory,
+                                fix="Check the URL (bucket name, prefix) and your credentials")
+            missing += [url for url in members if storage.basename(url) not in listed]
+        except DataError:
+            raise
+        except Exception:  # noqa: BLE001 - listing unsupported (plain HTTP servers): ask per file
+            missing += [url for url in members if not _safe(lambda u=url: storage.exists(u), url, key=key)]
+    return missing
+
+
+def count_samples(url: str) -> int:
     keys = set()
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with storage.open_read(url) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for member in tar:
                 if member.isfile():
                     keys.add(_split_name(member.name)[0])
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"cannot read the shard ({exc})", where=str(path),
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"cannot read the shard ({exc})", where=url,
                         fix="Check the file's permissions, or regenerate it") from None
     return len(keys)
 
@@ -116,23 +188,52 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext
 
 
-def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar shard, in file order."""
+def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     current_key, fields = None, {}
-    try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if key != current_key and current_key is not None:
-                    yield current_key, fields
-                    fields = {}
-                current_key = key
-                handle = tar.extractfile(member)
-                fields[ext] = handle.read() if handle else b""
-    except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"cannot read the shard ({exc})", where=url,
-                        fix="Check the file's permissions, or regenerate it") from None
+    with storage.open_read(url, block_size=1 << 22) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_name(member.name)
+            if key != current_key and current_key is not None:
+                yield current_key, fields
+                fields = {}
+            current_key = key
+            content = tar.extractfile(member)
+            fields[ext] = content.read() if content else b""
     if current_key is not None:
         yield current_key, fields
+
+
+def iter_samples(url: str, *, expected: int | None = None,
+                 attempts: int = storage.RETRY_ATTEMPTS) -> Iterator[tuple[str, dict[str, bytes]] | BadShard]:
+    """(key, {extension: bytes}) for each sample of a shard, in file order, then a BadShard
+    record if the shard could not be read to its end."""
+    delivered = 0
+    for attempt in range(1, attempts + 1):
+        try:
+            for index, sample in enumerate(_read_tar(url)):
+                if index >= delivered:
+                    delivered += 1
+                    yield sample
+            return
+        except GeneratorExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: retry, or report the loss
+            if attempt < attempts and storage.is_transient(exc):
+                time.sleep(min(storage.RETRY_MAX_SECONDS, storage.RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+                           * (0.5 + random.random()))
+                continue
+            reason = _describe_failure(exc, delivered=delivered, attempts=attempt)
+            lost = max(1, (expected - delivered) if expected is not None else 1)
+            yield BadShard(url=url, reason=reason, samples=lost, delivered=delivered)
+            return
+
+
+def _describe_failure(exc: BaseException, *, delivered: int, attempts: int) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, (tarfile.TarError, EOFError)):
+        return f"truncated or corrupt tar after {delivered} samples ({text})"
+    if attempts > 1:
+        return f"unreadable after {attempts} attempts, {delivered} samples read ({type(exc).__name__}: {text})"
+    return f"unreadable after {delivered} samples ({type(exc).__name__}: {text})"

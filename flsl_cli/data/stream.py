@@ -16,6 +16,7 @@ loader's worker 0 plays reader b % workers so that the turn order continues unch
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import zlib
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from flsl_cli.data.augment import MultiCropAugment, decode_image
-from flsl_cli.data.shards import ShardSet, iter_samples
+from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
+from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
 from flsl_cli.errors import DataError
 
 
@@ -124,20 +125,44 @@ class TrainStream(IterableDataset):
         take = self.layout.batches_per_slot * batch
         skip = max(0, math.ceil((self.skip_batches - worker) / workers)) * batch
         slot = self.rank * workers + worker
-        raw = self._shuffled(self._raw(self.slot_shards(self.epoch, worker)),
-                             rng=random.Random(f"{self.seed}-{self.epoch}-{slot}"))
-        for position, (key, fields) in enumerate(raw):
-            if position >= take:
-                return
-            if position < skip:
+        lost: list[dict] = []
+        raw = _Peekable(self._shuffled(self._raw(self.slot_shards(self.epoch, worker), lost),
+                                       rng=random.Random(f"{self.seed}-{self.epoch}-{slot}")))
+        recent: collections.deque = collections.deque(maxlen=RECENT_RECORDS)
+        for position in range(take):
+            record = raw.next()
+            reports, lost[:] = list(lost), []
+            if position < skip:  # consumed before the resume point: not decoded, not reported again
+                if record is not None:
+                    recent.append(record)
                 continue
-            yield self._make(key, fields)
+            if record is None:  # the slot ran short because samples were lost
+                sample = self._replacement(f"slot{slot}-position{position}", recent=recent, ahead=raw)
+            else:
+                try:
+                    sample = self._make(record)
+                except BadSample as exc:
+                    reports.append({"kind": "sample", "shard": record.url, "key": record.key,
+                                    "reason": str(exc), "samples": 1})
+                    sample = self._replacement(record.key, recent=recent, ahead=raw)
+                recent.append(record)
+            sample["bad"] = reports
+            yield sample
 
-    def _raw(self, urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def _raw(self, urls: list[str], lost: list[dict]) -> Iterator["RawRecord"]:
+        counts = {shard.url: shard.samples for shard in self.shards.shards}
         for url in urls:
-            yield from iter_samples(url)
+            for item in iter_samples(url, expected=counts.get(url)):
+                if isinstance(item, BadShard):
+                    lost.append({"kind": "shard", "shard": item.url, "key": None, "reason": item.reason,
+                                 "samples": item.samples})
+                else:
+                    yield RawRecord(key=item[0], fields=item[1], url=url)
 
     def _shuffled(self, samples, *, rng: random.Random):
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
         buffer = []
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
@@ -149,14 +174,76 @@ class TrainStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _make(self, key: str, fields: dict[str, bytes]) -> dict:
+    def _make(self, record: "RawRecord", *, rng_key: str | None = None) -> dict:
+        fields = record.fields
         image_bytes = fields.get("jpg") or fields.get("jpeg") or fields.get("png") or fields.get("webp")
         if image_bytes is None:
-            raise DataError(f"sample {key} has no image (jpg/png/webp)", where=key,
-                            fix="Regenerate the shards")
-        views = self.augment(decode_image(image_bytes), rng=sample_rng(self.seed, self.epoch, key))
-        views["key"] = key
+            raise BadSample(f"no image field (found: {', '.join(sorted(fields)) or 'nothing'})")
+        rng = sample_rng(self.seed, self.epoch, rng_key or record.key)
+        aug = self.augment.recipe.augment
+        try:
+            image = open_image(image_bytes)
+            plan = self.augment.plan(image.size, rng=rng)
+            image, scale = decode_for(image, plan, global_size=aug.global_size, local_size=aug.local_size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample bad
+            raise BadSample(f"image does not decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        views = self.augment.render(image, plan, scale=scale, rng=rng)
+        views["key"] = record.key
         return views
+
+    def _replacement(self, name: str, *, recent, ahead: "_Peekable") -> dict:
+        """Stand-in for a bad or missing sample, so every reader keeps its batch count: another
+        sample of this reader (the most recent one that decodes, else the next one), with its
+        own augmentation. Chosen deterministically, so resumed runs make the same choice."""
+        for record in [*reversed(recent), *ahead.peek(RECENT_RECORDS)]:
+            try:
+                return self._make(record, rng_key=f"{name}~{record.key}")
+            except BadSample:
+                continue
+        raise DataError(f"no readable sample near {name}: {len(recent)} recent and the next samples are all bad",
+                        where=self.slot_shards(self.epoch, 0)[0] if self.shards.shards else None,
+                        fix="Check the shards with `tar -tf` and regenerate the damaged ones")
+
+
+RECENT_RECORDS = 16
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    key: str
+    fields: dict
+    url: str
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (no image, or the image does not decode)."""
+
+
+class _Peekable:
+    def __init__(self, iterator) -> None:
+        self._iterator = iter(iterator)
+        self._ahead: list = []
+
+    def next(self):
+        if self._ahead:
+            return self._ahead.pop(0)
+        return next(self._iterator, None)
+
+    def peek(self, count: int) -> list:
+        while len(self._ahead) < count:
+            item = next(self._iterator, None)
+            if item is None:
+                break
+            self._ahead.append(item)
+        return list(self._ahead)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the views; keep sample keys and bad-sample reports as lists."""
+    reports = [report for sample in samples for report in sample.pop("bad", [])]
+    batch = default_collate(samples)
+    batch["bad"] = reports
+    return batch
 
 
 def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
@@ -169,6 +256,7 @@ def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
         persistent_workers=False,
         prefetch_factor=2 if use_workers else None,
         worker_init_fn=_worker_init,
+        collate_fn=collate,
     )
 
 

@@ -33,6 +33,34 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def gather_objects(items: list) -> list:
+    """Every process's list items, concatenated in rank order (pickled between this job's own
+    processes only)."""
+    if not is_distributed():
+        return list(items)
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` concatenated along dim 0, in rank order; row counts may differ.
+
+    The tensor must live where the backend communicates (CUDA for NCCL, CPU for gloo).
+    """
+    if not is_distributed():
+        return tensor
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    rows = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, rows)])

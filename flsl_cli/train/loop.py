@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,17 +17,20 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from flsl_cli import storage
 from flsl_cli.checkpoint.store import newest_valid, save_checkpoint
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
+from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import StreamLayout, TrainStream, build_loader, plan_layout
 from flsl_cli.distributed import env as dist_env
-from flsl_cli.distributed.ops import barrier
+from flsl_cli.distributed.ops import barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
-from flsl_cli.train.metrics import MetricsWriter
+from flsl_cli.train import remote
+from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import truncate_metrics, update_status
@@ -56,7 +60,8 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
                       scaler=scaler, device=device, rank=rank)
 
 
-def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, recipe_yaml: str) -> dict[str, Any]:
+def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, recipe_yaml: str,
+                       health: DataHealth) -> dict[str, Any]:
     return {
         "step": step,
         "epoch": step // layout.steps_per_epoch,
@@ -68,6 +73,7 @@ def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, r
         "layout": {"world_size": layout.world_size, "workers": layout.workers,
                    "local_batch": layout.local_batch, "steps_per_epoch": layout.steps_per_epoch},
         "rng": capture_rng(),
+        "data_health": health.state(),
     }
 
 
@@ -99,15 +105,21 @@ def restore(runner: StepRunner, payload: dict[str, Any]) -> None:
 def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool, show_progress: bool = True) -> None:
     """Train (or continue) the run in `run_dir`; every process of the job calls this."""
     env = dist_env.setup()
+    mirror = None
     try:
+        if remote.is_remote(run_dir):
+            mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
+            remote.pull(mirror, run_dir, newest_checkpoint=resume)
         _train(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir), resume=resume,
-               show_progress=show_progress)
+               show_progress=show_progress, mirror=mirror)
+        if mirror:  # everything is pushed; on failure the staging copy stays for inspection
+            shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         dist_env.teardown()
 
 
 def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
-           show_progress: bool) -> None:
+           show_progress: bool, mirror: str | None = None) -> None:
     recipe = validate_recipe(recipe_data, source=source)
     recipe_yaml = (run_dir / "recipe.yaml").read_text()
     shards = resolve_shards(recipe.data.train)
@@ -120,12 +132,14 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
     stop_at = min(total_steps, recipe.optim.max_steps or total_steps)
 
     progress_notes = list(notes)
+    health = DataHealth(max_bad_fraction=recipe.data.max_bad_fraction)
     start_step = 0
     if resume:
         ref, payload = newest_valid(run_dir, on_skip=lambda r, why: progress_notes.append(
             f"skipping damaged checkpoint {r.path.name}: {why}"))
         restore(runner, payload)
         start_step = int(payload["step"])
+        health.add(**payload.get("data_health", {"seen": 0, "bad": 0}))
         saved = payload.get("layout", {})
         if saved.get("world_size") != layout.world_size or saved.get("workers") != layout.workers:
             progress_notes.append(
@@ -135,6 +149,7 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
         progress_notes.append(f"resumed from {ref.path} (step {start_step})")
         if env.is_main:
             truncate_metrics(run_dir, after_step=start_step)
+            truncate_metrics(run_dir, after_step=start_step, name=BAD_SAMPLES_NAME)
 
     stream = TrainStream(shards, layout=layout, rank=env.rank, seed=recipe.optim.seed,
                          shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
@@ -145,7 +160,8 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
                              log_every=recipe.logging.every_steps)
     for note in progress_notes:
         progress.note(f"[yellow]note:[/] {note}")
-    metrics = MetricsWriter(run_dir) if env.is_main else None
+    metrics = JsonlWriter(run_dir) if env.is_main else None
+    bad_log = JsonlWriter(run_dir, name=BAD_SAMPLES_NAME) if env.is_main else None
     if env.is_main:
         update_status(run_dir, status="running", world_size=env.world_size)
 
@@ -161,19 +177,37 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
         nonlocal last_saved, last_save_time
         if env.is_main:
             save_checkpoint(run_dir, step=at, keep_last=recipe.checkpoint.keep_last,
-                            payload=checkpoint_payload(runner, step=at, layout=layout, recipe_yaml=recipe_yaml))
+                            payload=checkpoint_payload(runner, step=at, layout=layout, recipe_yaml=recipe_yaml,
+                                                       health=health))
+            sync()
         last_saved, last_save_time = at, time.monotonic()
+
+    def sync() -> None:
+        if mirror and env.is_main:
+            for log in (metrics, bad_log):
+                if log:
+                    log.flush()
+            remote.push(run_dir, mirror)
 
     try:
         while step < stop_at:
             epoch, in_epoch = divmod(step, layout.steps_per_epoch)
             stream.set_epoch(epoch, skip_batches=in_epoch)
             for batch in _batches(loader):
+                reports = batch.pop("bad", [])
+                lost = sum(r["samples"] for r in reports if r["kind"] == "shard")
+                counters = {"seen": layout.local_batch + lost, "bad": sum(r["samples"] for r in reports)}
                 try:
-                    values = runner.run(batch, step=step)
+                    values = runner.run(batch, step=step, counters=counters)
                 except NonFiniteLoss as exc:
                     raise _diverged(step, exc.values, last_saved=last_saved, run_dir=run_dir) from None
                 step += 1
+                try:
+                    _account_bad_samples(reports, step=step, totals=runner.totals, health=health, log=bad_log,
+                                         run_dir=run_dir)
+                except DataError:
+                    save(step)  # the step itself trained fine: keep it
+                    raise
                 window_images += recipe.optim.global_batch_size
                 elapsed = time.monotonic() - window_start
                 rate = window_images / elapsed if elapsed > 0 else 0.0
@@ -197,22 +231,34 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
         if env.is_main:
             update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=step,
                           stop_signal=exc.signal_name)
+            sync()
         raise
     except BaseException:
         progress.close()
         if env.is_main:
             update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=last_saved)
+            _try(sync)
         raise
     finally:
         runner.stop_request.uninstall()
-        if metrics:
-            metrics.close()
+        for log in (metrics, bad_log):
+            if log:
+                log.close()
     progress.close()
     if env.is_main:
         update_status(run_dir, status="finished" if step >= total_steps else "stopped", step=step)
+        sync()
         if show_progress:
-            _print_summary(progress, run_dir=run_dir, step=step, total=total_steps, values=values,
-                           seconds=time.monotonic() - started, start_step=start_step)
+            _print_summary(progress, run_dir=run_dir, shown_as=mirror or str(run_dir), step=step, total=total_steps,
+                           values=values, seconds=time.monotonic() - started, start_step=start_step)
+
+
+def _try(action) -> None:
+    """Best effort while another error is already on its way to the user."""
+    try:
+        action()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _batches(loader):
@@ -227,6 +273,25 @@ def _batches(loader):
         if "flsl_cli.errors." in last:
             raise DataError(last.split(": ", 1)[-1]) from None
         raise
+
+
+def _account_bad_samples(reports: list[dict], *, step: int, totals: dict[str, float], health: DataHealth,
+                         log: JsonlWriter | None, run_dir: Path) -> None:
+    """Log every rank's bad samples (rank 0 writes) and stop when there were too many."""
+    health.add(seen=totals["seen"], bad=totals["bad"])
+    if totals["bad"] > 0:
+        everything = gather_objects(reports)
+        if log:
+            for report in everything:
+                log.write({"step": step, **report})
+    if health.exceeded():
+        raise DataError(
+            f"{health.bad} of {health.seen} samples seen so far were bad ({health.fraction:.2%}), more than "
+            f"data.max_bad_fraction ({health.max_bad_fraction:.2%}); see {run_dir}/{BAD_SAMPLES_NAME} "
+            "for each shard, key and reason",
+            where=str(run_dir),
+            fix="Repair or regenerate the listed shards, or raise data.max_bad_fraction, then `flsl resume`",
+        )
 
 
 def _stopped(step: int, request: StopRequest, *, save, last_saved: int | None, run_dir: Path) -> RunStopped:
@@ -260,8 +325,8 @@ def _diverged(step: int, values: dict[str, float], *, last_saved: int | None, ru
     )
 
 
-def _print_summary(progress: TrainProgress, *, run_dir: Path, step: int, total: int, values: dict[str, float],
-                   seconds: float, start_step: int) -> None:
+def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, step: int, total: int,
+                   values: dict[str, float], seconds: float, start_step: int) -> None:
     from flsl_cli.checkpoint.store import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
@@ -273,9 +338,9 @@ def _print_summary(progress: TrainProgress, *, run_dir: Path, step: int, total: 
         rows += [("final loss", f"{values['loss']:.4f}"),
                  ("terms", f"L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")]
     rows += [
-        ("run dir", str(run_dir)),
-        ("metrics", str(run_dir / "metrics.jsonl")),
+        ("run dir", shown_as),
+        ("metrics", storage.join(shown_as, "metrics.jsonl")),
         ("checkpoints", ", ".join(ref.path.name for ref in checkpoints) or "none"),
-        ("newest", str(checkpoints[-1].path) if checkpoints else "none"),
+        ("newest", storage.join(shown_as, "checkpoints", checkpoints[-1].path.name) if checkpoints else "none"),
     ]
     progress.console.print(summary_table(rows, title="flsl pretrain: done" if step >= total else "flsl pretrain: stopped"))

@@ -1,4 +1,6 @@
-"""metrics.jsonl: one JSON object per logged step, appended and flushed as training goes."""
+"""JSON-lines logs of a run: `metrics.jsonl` (one object per logged step) and
+`bad_samples.jsonl` (one object per bad sample or unreadable shard), appended and flushed as
+training goes."""
 
 from __future__ import annotations
 
@@ -8,21 +10,34 @@ from typing import Any
 
 from flsl_cli.train.rundir import METRICS_NAME
 
+BAD_SAMPLES_NAME = "bad_samples.jsonl"
 
-class MetricsWriter:
-    def __init__(self, run_dir: Path) -> None:
-        self._handle = open(Path(run_dir) / METRICS_NAME, "a", encoding="utf-8")
+
+class JsonlWriter:
+    def __init__(self, run_dir: Path, *, name: str = METRICS_NAME) -> None:
+        self._handle = open(Path(run_dir) / name, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
 
+    def flush(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+
     def close(self) -> None:
         self._handle.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_NAME
+MetricsWriter = JsonlWriter
+
+
+def read_jsonl(run_dir: Path, *, name: str = METRICS_NAME) -> list[dict[str, Any]]:
+    path = Path(run_dir) / name
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir)

@@ -82,10 +82,11 @@ class StepRunner:
     rank: int
     stop_request: StopRequest | None = None
     stop_agreed: bool = False  # set when any rank asked to stop; every rank sees it at the same step
+    totals: dict[str, float] | None = None  # the step's counters, summed over ranks
 
-    def run(self, batch: dict, *, step: int) -> dict[str, float]:
+    def run(self, batch: dict, *, step: int, counters: dict[str, float] | None = None) -> dict[str, float]:
         """Train on one batch as global step `step`; returns the loss terms (averaged over
-        ranks) and the scheduled values used."""
+        ranks) and the scheduled values used. `counters` are summed over ranks into `totals`."""
         scheduled = self.schedules.at(step)
         set_schedule(self.optimizer, lr=scheduled["lr"], weight_decay=scheduled["wd"])
         torch.manual_seed(step_seed(self.recipe.optim.seed, step, self.rank))
@@ -99,13 +100,16 @@ class StepRunner:
             terms = self.objective(batch, teacher_tokens_bnd=teacher_tokens, teacher_head=self.teacher.head,
                                    teacher_temp=scheduled["teacher_temp"])
 
-        # One collective per step carries the loss terms and any rank's stop request.
-        stop = 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0
+        # One collective per step carries the loss terms, the counters and any stop request.
+        counters = {**(counters or {}),
+                    "stop": 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0}
+        device = terms["loss"].device
         local = torch.stack([terms[name].detach().float() for name in TERMS]
-                            + [torch.tensor(stop, device=terms["loss"].device)])
+                            + [torch.tensor(float(v), device=device) for v in counters.values()])
         reduced = all_reduce_sum(local).tolist()
-        self.stop_agreed = reduced[-1] > 0
-        reduced = [value / world_size() for value in reduced[:-1]]
+        self.totals = dict(zip(counters, reduced[len(TERMS):]))
+        self.stop_agreed = self.totals["stop"] > 0
+        reduced = [value / world_size() for value in reduced[:len(TERMS)]]
         values = dict(zip(TERMS, reduced))
         if not all(math.isfinite(v) for v in reduced):
             raise NonFiniteLoss(values)

@@ -1,0 +1,112 @@
+"""`flsl bench data`: decode + augmentation throughput of the shard pipeline against an
+ImageFolder read with PIL, measured side by side in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from flsl_cli.cli.render import err_console, handle_errors, note, out_console
+from flsl_cli.cli.train import SetOption
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("data")
+@handle_errors
+def data(
+    url: Annotated[str, typer.Argument(
+        metavar="URL", help="Shards as data.train takes them: a directory with index.json, a .tar, a brace pattern, "
+             "s3://..., http(s)://...")],
+    *,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Data-loader workers of each pipeline.")] = 2,
+    seconds: Annotated[float, typer.Option(
+        "--seconds", min=0.1, help="Measured time per pipeline, after the workers' first batches.")] = 20.0,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", metavar="RECIPE", help="Recipe whose augmentation and batch size to use (default: the paper's pipeline, "
+                         "224 px global / 96 px local views, patch 16, as in recipes/vits16_300ep.yaml).")] = None,
+    set_: SetOption = None,
+    imagefolder: Annotated[Optional[Path], typer.Option(
+        "--imagefolder", metavar="DIR", help="ImageFolder copy of the images for the reference pipeline: reused when DIR holds "
+                              "files, else written there and kept (default: a temporary copy, removed after).")] = None,
+    max_images: Annotated[int, typer.Option(
+        "--max-images", min=1, help="Samples read from the shards (and copied for the reference).")] = 2000,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Images/s of decode + FLSL multi-crop augmentation: flsl's shard stream against torchvision's
+    ImageFolder with PIL's loader (the released FLSL code), same workers, batch and augmentation."""
+    from flsl_cli.bench.data import DataBenchSettings, run_data_bench, write_results
+
+    settings = DataBenchSettings(url=url, workers=workers, seconds=seconds, max_images=max_images,
+                                 imagefolder=imagefolder)
+    update, close = _copy_progress()
+    try:
+        results = run_data_bench(_load_recipe(recipe, url=url, overrides=set_ or []), settings,
+                                 on_extract=update, on_stage=lambda message: (close(), note(escape(message))))
+    except KeyboardInterrupt:
+        err_console.print("[bold yellow]interrupted.[/] No figures were written.")
+        raise typer.Exit(130) from None
+    finally:
+        close()
+    out_console.print(results_table(results))
+    if output is not None:
+        write_results(output, results)
+        out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
+
+
+def _load_recipe(path: Path | None, *, url: str, overrides: list[str]):
+    from flsl_cli.config.load import apply_overrides, load_recipe, validate_recipe
+
+    if path is not None:
+        return load_recipe(path, overrides=overrides)
+    source = "the default recipe (--set)"
+    return validate_recipe(apply_overrides({"data": {"train": url}}, overrides, source=source), source=source)
+
+
+def results_table(results: dict):
+    """Both pipelines, their ratio, and the machine the figures belong to."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    settings, machine = results["settings"], results["machine"]
+    table = Table(title=f"decode + FLSL augmentation ({settings['global_size']} px global, "
+                        f"{settings['local_crops']} x {settings['local_size']} px local, batch "
+                        f"{settings['batch_size']}, {settings['samples']} images)")
+    for column in ("pipeline", "workers", "images/s", "images/s per worker", "flsl / reference"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    labels = {"flsl": "flsl (shards, TrainStream)", "reference": "reference (ImageFolder + PIL)"}
+    for name, figures in results["pipelines"].items():
+        table.add_row(labels[name], str(figures["workers"]), f"{figures['images_per_second']:.1f}",
+                      f"{figures['images_per_second_per_worker']:.1f}",
+                      f"{results['ratio']:.2f}" if name == "flsl" else "1.00")
+    simd = "installed" if machine["pillow_simd"] else "not installed"
+    turbo = ", libjpeg-turbo" if machine["libjpeg_turbo"] else ""
+    footer = Text(f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, load {machine['load_average_1min']}), "
+                  f"Pillow {machine['pillow']}{turbo}, pillow-simd {simd}\n{results['note']}", style="dim")
+    return Group(table, footer)
+
+
+def _copy_progress():
+    """A progress callback (done, total) for the ImageFolder copy, and a function to close it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("copying images for the reference"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=err_console, transient=False)
+    state = {"task": None, "open": False}
+
+    def update(done: int, total: int) -> None:
+        if state["task"] is None:
+            progress.start()
+            state["task"], state["open"] = progress.add_task("copy", total=total), True
+        progress.update(state["task"], completed=done)
+
+    def close() -> None:
+        if state["open"]:
+            progress.stop()
+            state["open"] = False
+
+    return update, close

@@ -1,0 +1,86 @@
+"""Run directories on remote storage (`--run-dir s3://bucket/runs/x`).
+
+A remote run directory is mirrored by a local staging directory: each process pulls what it
+needs (the recipe, the run record, the logs, the checkpoint manifests and, to resume, the newest
+checkpoint that matches its manifest), trains against the local copy, and rank 0 pushes after
+every checkpoint and when it stops. A checkpoint is pushed file first and manifest last, each in
+one upload (atomic per object), so the remote directory never shows a checkpoint that is not
+complete; checkpoints pruned locally lose their manifest remotely before their file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from flsl_cli import storage
+from flsl_cli.checkpoint.store import checkpoint_dir, list_checkpoints, verify
+
+SMALL_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "bad_samples.jsonl", "owner.json")
+
+
+def is_remote(run_dir: str | Path) -> bool:
+    return not storage.is_local(str(run_dir))
+
+
+def staging_dir(url: str, *, role: str) -> Path:
+    """A fresh local directory that mirrors `url` for one process (`role`: parent, rank0, ...)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("FLSL_STAGING_DIR", Path(tempfile.gettempdir()) / "flsl-staging"))
+    path = root / f"{digest}-{role}-{os.getpid()}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def pull(url: str, local: Path, *, newest_checkpoint: bool) -> None:
+    """Copy the run's small files and checkpoint manifests; with `newest_checkpoint`, also the
+    newest checkpoint file whose size and sha256 match its manifest (older ones are tried next)."""
+    names = storage.listdir(url)
+    for name in SMALL_FILES:
+        if name in names:
+            (local / name).write_bytes(storage.read_bytes(storage.join(url, name)))
+    remote_checkpoints = storage.join(url, "checkpoints")
+    manifests = [n for n in storage.listdir(remote_checkpoints) if n.endswith(".json")]
+    if not manifests:
+        return
+    checkpoint_dir(local).mkdir(parents=True, exist_ok=True)
+    for name in manifests:
+        (checkpoint_dir(local) / name).write_bytes(storage.read_bytes(storage.join(remote_checkpoints, name)))
+    if not newest_checkpoint:
+        return
+    for ref in reversed(list_checkpoints(local)):
+        source = storage.download(storage.join(remote_checkpoints, ref.path.name), suffix=".pt")
+        shutil.move(str(source), ref.path)
+        if verify(ref) is None:
+            return
+        ref.path.unlink()
+
+
+def push(local: Path, url: str) -> None:
+    """Bring the remote directory up to date with the local one (rank 0 only)."""
+    storage.makedirs(url)
+    remote_checkpoints = storage.join(url, "checkpoints")
+    local_refs = {ref.path.name: ref for ref in list_checkpoints(local)}
+    remote_names = set(storage.listdir(remote_checkpoints))
+    for name, ref in sorted(local_refs.items()):
+        manifest = ref.path.with_suffix(".json")
+        if manifest.name in remote_names or not ref.path.exists():
+            continue
+        storage.upload_file_atomic(ref.path, storage.join(remote_checkpoints, ref.path.name))
+        storage.write_bytes_atomic(storage.join(remote_checkpoints, manifest.name), manifest.read_bytes())
+    local_manifests = {Path(name).with_suffix(".json").name for name in local_refs}
+    for name in sorted(remote_names):
+        if name.endswith(".json") and name not in local_manifests:
+            storage.remove(storage.join(remote_checkpoints, name))
+            storage.remove(storage.join(remote_checkpoints, Path(name).with_suffix(".pt").name))
+    for name in SMALL_FILES:
+        path = local / name
+        if path.exists():
+            storage.write_bytes_atomic(storage.join(url, name), path.read_bytes())
+        elif name == "owner.json":
+            storage.remove(storage.join(url, name))

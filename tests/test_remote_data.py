@@ -1,0 +1,151 @@
+"""Streaming shards from real endpoints over HTTP: an S3-compatible server (moto, read by
+s3fs) and a plain HTTP file server, including an endpoint that goes away mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from servers import S3_ENV, http_server, moto_server, tcp_proxy
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+def _env(endpoint: str) -> dict:
+    return {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def _flsl(*args, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def s3(demo_data):
+    """moto on a private port behind a killable proxy; the demo shards uploaded to s3://shards/train."""
+    import s3fs
+
+    server = moto_server().start()
+    proxy = tcp_proxy(server.port).start()
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("shards")
+    fs.mkdir("runs")
+    for path in sorted((demo_data / "train").iterdir()):
+        fs.put_file(str(path), f"shards/train/{path.name}")
+    try:
+        yield {"endpoint": endpoint, "fs": fs, "proxy": proxy}
+    finally:
+        proxy.kill()
+        server.kill()
+
+
+def test_train_from_s3_index_and_brace_pattern(s3, tmp_path):
+    """data.train as an s3:// directory with index.json, and as a brace pattern, both train."""
+    env = _env(s3["endpoint"])
+    for spec in ("s3://shards/train", "s3://shards/train/demo-train-{000000..000007}.tar"):
+        run = tmp_path / f"run{len(spec)}"
+        result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(spec, optim__max_steps=3), "--run-dir", run,
+                       env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert "testing" not in result.stderr + result.stdout  # credentials never printed
+
+
+def test_endpoint_outage_mid_epoch(s3, tmp_path):
+    """The S3 endpoint disappears for a few seconds mid-epoch and comes back: the run finishes,
+    nothing is counted as lost, and the result equals an undisturbed run."""
+    env = _env(s3["endpoint"])
+    common = tiny_overrides("s3://shards/train", optim__epochs=2, data__num_workers=2, data__max_bad_fraction=0)
+    calm = tmp_path / "calm"
+    assert _flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", calm, env=env).returncode == 0
+
+    stormy = tmp_path / "stormy"
+    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
+                                "--run-dir", str(stormy)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((stormy / "metrics.jsonl").exists()
+                                          and len((stormy / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    s3["proxy"].kill()
+    time.sleep(4)
+    s3["proxy"].start()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert not (stormy / "bad_samples.jsonl").read_text().strip()
+    calm_metrics = (calm / "metrics.jsonl").read_text().splitlines()
+    stormy_metrics = (stormy / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]  # noqa: E731
+    assert strip(calm_metrics) == strip(stormy_metrics)
+
+
+def test_missing_bucket_and_unmatched_pattern(s3, tmp_path):
+    env = _env(s3["endpoint"])
+    for spec, needle in (("s3://no-such-bucket/train", "does not exist"),
+                         ("s3://shards/train/other-{000000..000003}.tar", "matches no shard")):
+        result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(spec), "--run-dir", tmp_path / "r", env=env)
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_unknown_protocol(tmp_path):
+    result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides("nosuchproto://bucket/train"),
+                   "--run-dir", tmp_path / "r", env=_env("http://127.0.0.1:9"))
+    assert result.returncode == 2 and "nosuchproto://" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_from_http_server(demo_data, tmp_path):
+    """Shards served by a plain HTTP server, named by the URL of their index."""
+    server = http_server(demo_data / "train").start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/index.json"
+        result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(url, optim__max_steps=3),
+                       "--run-dir", tmp_path / "run", env=_env("http://127.0.0.1:9"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.kill()
+
+
+def test_run_dir_on_s3_and_resume_from_it(s3, tmp_path):
+    """--run-dir s3://...: recipe, metrics and committed checkpoints land there; `flsl resume
+    s3://...` continues and ends exactly where an uninterrupted local run ends."""
+    import torch
+
+    env = _env(s3["endpoint"])
+    common = tiny_overrides("s3://shards/train", optim__epochs=2)
+    local = tmp_path / "local"
+    assert _flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", local, env=env).returncode == 0
+
+    url = "s3://runs/exp1"
+    first = _flsl("pretrain", "recipes/demo.yaml", *common, "--set", "optim.max_steps=7", "--run-dir", url, env=env)
+    assert first.returncode == 0, first.stderr
+    fs = s3["fs"]
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("runs/exp1/checkpoints"))
+    assert "step-00000007.json" in names and "step-00000007.pt" in names
+    assert all(name.replace(".pt", ".json") in names for name in names if name.endswith(".pt"))
+    assert {"recipe.yaml", "run.json", "metrics.jsonl"} <= {p.rsplit("/", 1)[-1] for p in fs.ls("runs/exp1")}
+
+    resumed = _flsl("resume", url, "--set", "optim.max_steps=null", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    fs.invalidate_cache()
+    remote_metrics = fs.cat_file("runs/exp1/metrics.jsonl").decode().splitlines()
+    local_metrics = (local / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]  # noqa: E731
+    assert strip(remote_metrics) == strip(local_metrics)
+    newest = sorted(p for p in fs.ls("runs/exp1/checkpoints") if p.endswith(".pt"))[-1]
+    fs.get_file(newest, str(tmp_path / "remote.pt"))
+    remote_final = torch.load(tmp_path / "remote.pt", weights_only=True)
+    local_final = torch.load(sorted((local / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    assert remote_final["step"] == local_final["step"]
+    for key, value in local_final["teacher"].items():
+        assert torch.equal(value, remote_final["teacher"][key]), key
