@@ -1,1 +1,1 @@
-"""Starting training processes: in this process, several local processes, or (later) SLURM."""
+"""Starting training processes: in this process, several local processes, or a SLURM job."""
