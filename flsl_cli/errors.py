@@ -18,9 +18,9 @@ class FlslError(Exception):
         self.what = what
         self.where = where
         self.fix = fix
-        super().__init__(self.message())
+        super().__init__(self.describe())
 
-    def message(self) -> str:
+    def describe(self) -> str:
         parts = []
         if self.where:
             parts.append(f"{self.where}: {self.what}")

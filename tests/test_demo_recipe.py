@@ -11,7 +11,7 @@ from conftest import run_flsl
 def test_demo_recipe_learns(tmp_path):
     data = tmp_path / "demo-cache" / "train"
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", "--set", f"data.train={data}", "--run-dir", run, timeout=900)
+    result = run_flsl("pretrain", "recipes/demo.yaml", "--set", f"data.train={data}", "--run-dir", run, timeout=2400)
     assert result.returncode == 0, result.stderr
     assert "generated the demo data set" in result.stderr
     assert "flsl pretrain: done" in result.stderr

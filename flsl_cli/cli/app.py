@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import typer
 
-from flsl_cli.cli import data, recipe, train
+from flsl_cli.cli import bench, data, eval, export, recipe, train
+from flsl_cli.cli.status import status
 
 app = typer.Typer(
     name="flsl",
@@ -16,8 +17,12 @@ app = typer.Typer(
 )
 app.command("pretrain")(train.pretrain)
 app.command("resume")(train.resume)
+app.command("status")(status)
+app.command("export")(export.export)
+app.command("knn-eval")(eval.knn_eval)
 app.add_typer(recipe.app, name="recipe", help="Show or validate recipes.")
 app.add_typer(data.app, name="data", help="Make data sets.")
+app.add_typer(bench.app, name="bench", help="Measure throughput.")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlslError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message()}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {exc.describe()}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold yellow]interrupted.[/] Checkpoints already written are intact; "

@@ -161,6 +161,34 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk.")
 
 
+class KnnEvalConfig(Section):
+    """The k-NN evaluation run during pretraining (same settings as `flsl knn-eval`)."""
+
+    train: str = Field(..., min_length=1, description="Shards of the memory bank (with boxes for bbox mode).")
+    val: str = Field(..., min_length=1, description="Shards of the evaluated images.")
+    mode: Literal["bbox", "global"] = Field("bbox", description="bbox: the paper's; global: instance k-NN.")
+    k: list[int] = Field([10, 20, 100, 200], min_length=1, description="Neighbour counts.")
+    temperature: float = Field(0.07, gt=0.0)
+    grid: int = Field(3, ge=1, description="Features per box side in bbox mode.")
+    resize: int = Field(256, ge=1, description="Shorter side after resizing.")
+    crop: int = Field(224, ge=1, description="Center crop side.")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=0)
+    max_train_images: int | None = Field(None, ge=1)
+    max_val_images: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Section):
+    every_epochs: int | None = Field(None, ge=1, description="Run the k-NN evaluation every N epochs (None: off).")
+    knn: KnnEvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.every_epochs and self.knn is None:
+            raise ValueError("knn: expected a k-NN section (train, val, ...) when every_epochs is set, found none")
+        return self
+
+
 class LoggingConfig(Section):
     every_steps: int = Field(10, ge=1, description="Write metrics.jsonl every N steps.")
 
@@ -257,6 +285,7 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")

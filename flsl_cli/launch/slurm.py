@@ -526,10 +526,10 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
 
 
 def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
-    print(f"error: {exc.message()}", file=sys.stderr, flush=True)
+    print(f"error: {exc.describe()}", file=sys.stderr, flush=True)
     # run.json lives in the run dir: its record need not name it again.
     shown = FlslError(exc.what, fix=exc.fix) if exc.where == str(task.run_dir) else exc
-    _record_error(task, shown.message(), status=status)
+    _record_error(task, shown.describe(), status=status)
     if task.rank == 0:
         _release(task)
     raise SystemExit(exc.exit_code)
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
     except FlslError as exc:
-        print(f"error: {exc.message()}", file=sys.stderr, flush=True)
+        print(f"error: {exc.describe()}", file=sys.stderr, flush=True)
         return exc.exit_code
     return 0
 

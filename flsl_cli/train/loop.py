@@ -27,7 +27,7 @@ from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import StreamLayout, TrainStream, build_loader, plan_layout
 from flsl_cli.distributed import env as dist_env
 from flsl_cli.distributed.ops import barrier, gather_objects
-from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
+from flsl_cli.errors import DataError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
@@ -219,6 +219,9 @@ def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Pa
                     window_start, window_images = time.monotonic(), 0
                 if runner.stop_agreed:
                     raise _stopped(step, runner.stop_request, save=save, last_saved=last_saved, run_dir=run_dir)
+                if step % layout.steps_per_epoch == 0 and _eval_due(recipe, epoch=step // layout.steps_per_epoch):
+                    _evaluate(runner, recipe=recipe, env=env, step=step, epoch=step / layout.steps_per_epoch,
+                              metrics=metrics, progress=progress)
                 if _due(recipe, step=step, last_save_time=last_save_time) and step < stop_at:
                     save(step)
                 if step >= stop_at or step % layout.steps_per_epoch == 0:
@@ -265,9 +268,7 @@ def _batches(loader):
     """Iterate the loader, turning errors raised in its worker processes back into user errors."""
     try:
         yield from loader
-    except FlslError:
-        raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a worker's error arrives with its traceback as text
         text = str(exc).strip().splitlines()
         last = text[-1] if text else ""
         if "flsl_cli.errors." in last:
@@ -304,6 +305,24 @@ def _stopped(step: int, request: StopRequest, *, save, last_saved: int | None, r
         f"stopped by {name} after step {step}; its checkpoint is saved in {run_dir}/checkpoints",
         step=step, signal_name=name, fix=f"Continue with `flsl resume {run_dir}`",
     )
+
+
+def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
+    every = recipe.eval.every_epochs
+    return bool(every) and recipe.eval.knn is not None and epoch % every == 0
+
+
+def _evaluate(runner: StepRunner, *, recipe: Recipe, env: dist_env.DistEnv, step: int, epoch: float,
+              metrics: JsonlWriter | None, progress: TrainProgress) -> None:
+    """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
+    from flsl_cli.eval.api import evaluate_during_training
+
+    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn.model_dump(),
+                                       device=env.device)
+    if metrics:
+        metrics.write({"step": step, "epoch": epoch, **{k: round(v, 4) for k, v in results.items()}})
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in results.items() if "top1" in k)
+    progress.note(f"[cyan]k-NN at epoch {epoch:.0f}:[/] {shown}")
 
 
 def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:

@@ -238,7 +238,7 @@ def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: P
                 for note in check_data(recipe, world_size=request.world_size):
                     on_note(note)
             except FlslError as exc:  # the data may only exist on the cluster: say so, still show the job
-                on_note(f"warning: a real submission would stop here: {exc.message()}")
+                on_note(f"warning: a real submission would stop here: {exc.describe()}")
         on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with "
                 f"{request.describe()}")
         on_script(sbatch_script(request, run_dir=run_dir))

@@ -1,0 +1,93 @@
+"""`flsl knn-eval`: k-NN accuracy of a pretrained backbone (bounding-box-aligned or global)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from flsl_cli.cli.render import handle_errors, out_console
+
+CheckpointArg = Annotated[Optional[Path], typer.Argument(
+    help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
+         "config.json, or a .safetensors file). Omit it with --model timm:NAME.")]
+ModeOption = Annotated[Literal["bbox", "global"], typer.Option(
+    "--mode", help="bbox: the paper's box-aligned k-NN (grid x grid features per box); "
+                   "global: mean-pooled tokens (DINO's k-NN).")]
+WhichOption = Annotated[Optional[Literal["teacher", "student"]], typer.Option(
+    "--which", help="Network of a flsl checkpoint (default: the teacher).")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="timm:NAME: a timm model with its pretrained weights, or the architecture of a "
+                    ".safetensors CHECKPOINT.")]
+DevicesOption = Annotated[Optional[int], typer.Option(
+    "--devices", "-d", min=1,
+    help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1).")]
+BankOption = Annotated[Literal["auto", "device", "host"], typer.Option(
+    "--bank", help="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")]
+OutputOption = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", help="Results JSON (default: RUN_DIR/eval/knn-MODE-step-N-WHICH.json for a run's "
+                           "checkpoint, else knn-MODE.json).")]
+
+
+@handle_errors
+def knn_eval(
+    checkpoint: CheckpointArg = None,
+    *,
+    train: Annotated[str, typer.Option(
+        "--train", help="Shards of the memory bank (boxes in each json for bbox mode).")],
+    val: Annotated[str, typer.Option("--val", help="Shards of the query images.")],
+    mode: ModeOption = "bbox",
+    k: Annotated[str, typer.Option(
+        "--k", help="Neighbour counts, comma-separated; one search serves all.")] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(similarity / T).")] = 0.07,
+    grid: Annotated[int, typer.Option(
+        "--grid", help="Box cells per side in bbox mode (grid^2 features per image).")] = 3,
+    which: WhichOption = None,
+    model: ModelOption = None,
+    random_init: Annotated[bool, typer.Option(
+        "--random-init", help="Same architecture, random weights (a baseline).")] = False,
+    resize: Annotated[int, typer.Option(
+        "--resize", help="Shorter image side after the bicubic resize, in pixels.")] = 256,
+    crop: Annotated[int, typer.Option("--crop", help="Side of the center crop (a multiple of the patch size).")] = 224,
+    devices: DevicesOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass and process.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loader processes per process.")] = 4,
+    max_train_images: Annotated[Optional[int], typer.Option(
+        "--max-train-images", min=1, help="Use only the first N train samples (a quick check).")] = None,
+    max_val_images: Annotated[Optional[int], typer.Option(
+        "--max-val-images", min=1, help="Use only the first N val samples.")] = None,
+    bank: BankOption = "auto",
+    features_dir: Annotated[Optional[Path], typer.Option(
+        "--features-dir", help="Cache extracted features here; reused while weights, data and settings match.")] = None,
+    output: OutputOption = None,
+) -> None:
+    """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
+    from flsl_cli.eval.api import KnnSettings, parse_ks
+    from flsl_cli.eval.api import knn_eval as evaluate
+    from flsl_cli.eval.backbones import ModelSpec
+    from flsl_cli.eval.report import results_table, write_json
+
+    settings = KnnSettings(
+        train=train, val=val, mode=mode, k=parse_ks(k), temperature=temperature, grid=grid, resize=resize,
+        crop=crop, batch_size=batch_size, workers=workers, max_train_images=max_train_images,
+        max_val_images=max_val_images, bank=bank, features_dir=str(features_dir) if features_dir else None)
+    spec = ModelSpec(checkpoint=str(checkpoint) if checkpoint is not None else None, model=model, which=which,
+                     random_init=random_init)
+    results = evaluate(spec=spec, settings=settings, devices=devices)
+    path = output or default_output(results)
+    write_json(path, results)
+    out_console.print(results_table(results))
+    out_console.print(f"[green]wrote[/] {path}", highlight=False)
+
+
+def default_output(results: dict) -> Path:
+    """Beside the run for a run's checkpoint (RUN_DIR/eval/), else in the current directory."""
+    described = results["model"]
+    mode = results["settings"]["mode"]
+    suffix = "-random" if described.get("random_init") else ""
+    source = Path(described.get("source", ""))
+    if described.get("kind") == "flsl" and source.parent.name == "checkpoints":
+        which = described.get("which", "teacher")
+        return source.parent.parent / "eval" / f"knn-{mode}-step-{described['step']:08d}-{which}{suffix}.json"
+    return Path(f"knn-{mode}{suffix}.json")

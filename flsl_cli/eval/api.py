@@ -1,0 +1,348 @@
+"""Entry points of the k-NN evaluation: `knn_eval` (the CLI's: one or N local processes),
+`run_knn_eval` (one process of a job), and `evaluate_during_training` (called by the training
+loop every N epochs with the live teacher backbone).
+
+Flow of one process: load the model; extract the train features (this rank's shards), gather
+them on every rank (the bank: fp16, on the device when it fits, else in host memory); extract
+and gather the val features; search this rank's share of the val images against the bank once
+for top-max(k); score every k from that one search; sum the counts over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flsl_cli.data.shards import ShardSet, resolve_shards
+from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
+from flsl_cli.errors import DataError, FlslError
+from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model, wrap_module
+from flsl_cli.eval.features import (
+    SplitFeatures,
+    bank_fits_on,
+    cache_key,
+    cache_path,
+    extract_local,
+    gather,
+    load_cache,
+    save_cache,
+)
+from flsl_cli.eval.knn import compute_dtype, count_correct, search_topk
+from flsl_cli.eval.report import Reporter
+from flsl_cli.eval.samples import ReadPlan, SampleSettings
+
+RESULTS_FORMAT = "flsl-knn-eval/1"
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """Everything that defines a k-NN evaluation (besides the model). Option names in messages
+    are the CLI's; the recipe's `eval.knn` section holds the same fields."""
+
+    train: str
+    val: str
+    mode: str = "bbox"  # "bbox" (the paper's, Appendix F) or "global" (DINO's instance k-NN)
+    k: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    grid: int = 3
+    resize: int = 256
+    crop: int = 224
+    batch_size: int = 64
+    workers: int = 4
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    bank: str = "auto"  # "auto", "device" or "host"
+    features_dir: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "KnnSettings":
+        """From a dict such as a recipe section; unknown keys (e.g. every_epochs) are ignored."""
+        names = {f.name for f in fields(cls)}
+        data = {key: value for key, value in values.items() if key in names}
+        if "k" in data:
+            data["k"] = tuple(int(v) for v in data["k"])
+        return cls(**data)
+
+    def check(self) -> None:
+        problems = []
+        if self.mode not in ("bbox", "global"):
+            problems.append(f"--mode must be bbox or global (got {self.mode!r})")
+        if not self.k or any(k < 1 for k in self.k):
+            problems.append(f"--k needs positive integers (got {','.join(map(str, self.k)) or 'nothing'})")
+        if not self.temperature > 0:
+            problems.append(f"--temperature must be positive (got {self.temperature})")
+        if self.grid < 1:
+            problems.append(f"--grid must be at least 1 (got {self.grid})")
+        if self.crop < 1 or self.resize < self.crop:
+            problems.append(f"--resize ({self.resize}) must be at least --crop ({self.crop}), and both positive")
+        if self.batch_size < 1 or self.workers < 0:
+            problems.append("--batch-size must be at least 1 and --workers at least 0")
+        for name, value in (("--max-train-images", self.max_train_images), ("--max-val-images", self.max_val_images)):
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1 (got {value})")
+        if self.bank not in ("auto", "device", "host"):
+            problems.append(f"--bank must be auto, device or host (got {self.bank!r})")
+        if problems:
+            raise FlslError("invalid k-NN settings: " + "; ".join(problems), fix="Change the options")
+
+
+def check_model_fits(model: EvalModel, settings: KnnSettings) -> None:
+    """The options must agree with the model's architecture."""
+    if settings.crop % model.patch_size:
+        raise FlslError(
+            f"--crop {settings.crop} is not a multiple of the model's patch size ({model.patch_size})",
+            where=model.description.get("source"),
+            fix=f"Use a crop that is a multiple of {model.patch_size}, e.g. "
+                f"--crop {settings.crop // model.patch_size * model.patch_size or model.patch_size}")
+
+
+def knn_eval(*, spec: ModelSpec, settings: KnnSettings, devices: int | None,
+             show_progress: bool = True) -> dict[str, Any]:
+    """The whole evaluation in this process or in `devices` local processes (GPUs, or CPU/gloo);
+    returns the results dict (see `run_knn_eval`)."""
+    from flsl_cli.train.run import resolve_devices
+
+    settings.check()
+    nprocs, use_cuda = resolve_devices(devices)
+    if nprocs == 1:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(name, None)
+        return _process_main(spec=spec, settings=settings, use_cuda=use_cuda, show_progress=show_progress)
+    from flsl_cli.launch.local import run_local_processes
+
+    with tempfile.TemporaryDirectory(prefix="flsl-knn-") as tmp:
+        result_path = Path(tmp) / "results.json"
+        run_local_processes(knn_process, nprocs=nprocs, kwargs={
+            "spec": asdict(spec), "settings": asdict(settings), "use_cuda": use_cuda,
+            "show_progress": show_progress, "result_path": str(result_path)})
+        return json.loads(result_path.read_text())
+
+
+def knn_process(*, spec: dict, settings: dict, use_cuda: bool, show_progress: bool, result_path: str) -> None:
+    """What each spawned process of `knn_eval` runs; rank 0 writes the results to `result_path`."""
+    results = _process_main(spec=ModelSpec(**spec), settings=KnnSettings.from_mapping(settings),
+                            use_cuda=use_cuda, show_progress=show_progress)
+    if rank() == 0:
+        Path(result_path).write_text(json.dumps(results))
+
+
+def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, show_progress: bool) -> dict[str, Any]:
+    from flsl_cli.distributed import env as dist_env
+
+    env = dist_env.setup(use_cuda=use_cuda)
+    try:
+        reporter = Reporter(enabled=env.is_main and show_progress)
+        return run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
+    finally:
+        dist_env.teardown()
+
+
+def run_knn_eval(*, spec: ModelSpec, settings: KnnSettings, device: torch.device,
+                 reporter: Reporter | None = None) -> dict[str, Any]:
+    """One process's part of the evaluation (every rank of a job calls it); the results dict,
+    the same on every rank: model, settings, image counts, top-1/top-5 per k."""
+    settings.check()
+    shard_sets = resolve_eval_shards(settings)  # before the (slow) model load
+    model = load_eval_model(spec)
+    check_model_fits(model, settings)
+    model.module.to(device)
+    return evaluate_model(model, settings=settings, device=device, reporter=reporter or Reporter(enabled=False),
+                          shard_sets=shard_sets)
+
+
+def resolve_eval_shards(settings: KnnSettings, *, names: tuple[str, str] = ("--train", "--val")) -> dict[str, ShardSet]:
+    """The train and val shard sets, or a DataError naming the option."""
+    return {split: resolve_shards(spec, key=name)
+            for split, spec, name in (("train", settings.train, names[0]), ("val", settings.val, names[1]))}
+
+
+def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings | Mapping[str, Any],
+                             device: torch.device, show_progress: bool = False) -> dict[str, float]:
+    """k-NN accuracy of a live flsl backbone (the teacher's), for metrics.jsonl.
+
+    Every rank of the training job must call it (features are gathered and counts summed over
+    ranks); it returns the same dict on every rank, e.g. {"knn_bbox_top1_k20": 41.2,
+    "knn_bbox_top5_k20": 80.3, "knn_bbox_images": 48.0}. The backbone's train/eval mode is
+    restored; features are never cached (the weights change).
+    """
+    if not isinstance(settings, KnnSettings):
+        settings = KnnSettings.from_mapping(settings)
+    settings = KnnSettings.from_mapping({**asdict(settings), "features_dir": None})
+    settings.check()
+    from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    was_training = backbone.training
+    requires_grad = [p.requires_grad for p in backbone.parameters()]
+    try:
+        model = wrap_module(backbone, mean=tuple(IMAGENET_MEAN.tolist()), std=tuple(IMAGENET_STD.tolist()),
+                            description={"kind": "flsl", "source": "training"}, identity="")
+        check_model_fits(model, settings)
+        results = evaluate_model(model, settings=settings, device=device,
+                                 reporter=Reporter(enabled=show_progress and rank() == 0),
+                                 names=("eval.knn.train", "eval.knn.val"))
+    finally:
+        backbone.train(was_training)
+        for parameter, flag in zip(backbone.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    mode = settings.mode
+    metrics = {f"knn_{mode}_images": float(results["val"]["images"])}
+    for k, row in results["results"].items():
+        metrics[f"knn_{mode}_top1_k{k}"] = row["top1"]
+        metrics[f"knn_{mode}_top5_k{k}"] = row["top5"]
+    return metrics
+
+
+def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.device, reporter: Reporter,
+                   names: tuple[str, str] = ("--train", "--val"),
+                   shard_sets: dict[str, ShardSet] | None = None) -> dict[str, Any]:
+    """The evaluation of a loaded model (on `device`, eval mode): see `run_knn_eval`."""
+    started = time.monotonic()
+    shard_sets = shard_sets or resolve_eval_shards(settings, names=names)
+    sample_settings = SampleSettings(mode=settings.mode, grid=settings.grid, resize=settings.resize,
+                                     crop=settings.crop, patch_size=model.patch_size, mean=model.mean, std=model.std)
+    g = settings.grid ** 2 if settings.mode == "bbox" else 1
+    limits = {"train": settings.max_train_images, "val": settings.max_val_images}
+    seconds: dict[str, float] = {}
+    splits: dict[str, SplitFeatures] = {}
+    cached: dict[str, bool] = {}
+
+    def place_bank(nbytes: int) -> torch.device:
+        return _bank_device(settings.bank, device=device, bytes_needed=nbytes)
+
+    for split in ("train", "val"):
+        t0 = time.monotonic()
+        plan = ReadPlan.from_shards(shard_sets[split], limit=limits[split])
+        features, cached[split] = _split_features(
+            model, plan, split=split, settings=settings, sample_settings=sample_settings, device=device,
+            reporter=reporter, place=place_bank if split == "train" else _host)
+        _check_split(features, split=split, name=names[split == "val"], mode=settings.mode)
+        if split == "train":
+            bank_rows = features.images * g
+            if max(settings.k) > bank_rows:
+                raise FlslError(
+                    f"--k {max(settings.k)} is larger than the memory bank ({features.images} train images x {g} "
+                    f"= {bank_rows} features)", where=names[0],
+                    fix=f"Use k values of at most {bank_rows}, or a larger train set")
+            if cached[split]:  # extracted features were gathered straight to their place
+                features.features_igd = features.features_igd.to(place_bank(features.features_igd.numel() * 2))
+        splits[split] = features
+        seconds[f"extract_{split}"] = round(time.monotonic() - t0, 3)
+
+    t0 = time.monotonic()
+    train, val = splits["train"], splits["val"]
+    bank_nd = train.features_igd.view(-1, train.features_igd.shape[-1])
+    bank_labels_n = train.labels_i.repeat_interleave(g).to(device)
+    num_classes = int(max(train.labels_i.max(), val.labels_i.max())) + 1
+    mine = torch.arange(rank(), val.images, world_size())  # this rank's share of the val images
+    queries_qd = val.features_igd[mine].reshape(-1, val.features_igd.shape[-1])
+    with reporter.stage("k-NN search", total=1, unit="blocks") as stage:
+        sims_qk, index_qk = search_topk(queries_qd, bank_nd, k=max(settings.k), device=device,
+                                        on_progress=lambda done, total: stage.set(done, total))
+    correct = count_correct(sims_qk, index_qk, bank_labels_n=bank_labels_n, query_labels_i=val.labels_i[mine],
+                            features_per_image=g, ks=sorted(set(settings.k)), temperature=settings.temperature,
+                            num_classes=num_classes)
+    seconds["search"] = round(time.monotonic() - t0, 3)
+    seconds["total"] = round(time.monotonic() - started, 3)
+    results = {}
+    for k, (top1, top5) in correct.items():
+        summed = all_reduce_sum(torch.tensor([top1, top5], device=device)).tolist()
+        results[str(k)] = {"top1": round(100.0 * summed[0] / val.images, 4),
+                           "top5": round(100.0 * summed[1] / val.images, 4),
+                           "correct_top1": int(summed[0]), "correct_top5": int(summed[1])}
+    return {
+        "format": RESULTS_FORMAT,
+        "model": model.description,
+        "settings": {
+            "mode": settings.mode, "k": sorted(set(settings.k)), "temperature": settings.temperature,
+            "grid": settings.grid if settings.mode == "bbox" else None, "features_per_image": g,
+            "resize": settings.resize, "crop": settings.crop, "interpolation": "bicubic",
+            "patch_size": model.patch_size, "mean": list(model.mean), "std": list(model.std),
+            "train": settings.train, "val": settings.val, "max_train_images": settings.max_train_images,
+            "max_val_images": settings.max_val_images, "num_classes": num_classes,
+            "bank": {"placement": "device" if train.features_igd.device.type == "cuda" else "host",
+                     "dtype": "float16", "search_dtype": str(compute_dtype(device)).replace("torch.", "")},
+            "world_size": world_size(), "device": device.type,
+        },
+        "train": _split_summary(train, g=g, cached=cached["train"]),
+        "val": _split_summary(val, g=g, cached=cached["val"]),
+        "results": results,
+        "seconds": seconds,
+    }
+
+
+def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: KnnSettings,
+                    sample_settings: SampleSettings, device: torch.device, reporter: Reporter,
+                    place: Callable[[int], torch.device]) -> tuple[SplitFeatures, bool]:
+    """A split's gathered features from the cache (host memory, memory-mapped) or the model (on
+    the device `place` picks); (features, cached)."""
+    path = None
+    if settings.features_dir:
+        key = cache_key(model=model, plan=plan, settings=sample_settings)
+        path = cache_path(Path(settings.features_dir), split=split, mode=settings.mode, key=key)
+        found = load_cache(path)
+        everyone = int(all_reduce_sum(torch.tensor([int(found is not None)], device=device)).item())
+        if everyone == world_size():
+            reporter.note(f"{split} features: reusing {path}")
+            return found, True
+    expected = plan.expected(slot=rank(), slots=world_size())
+    with reporter.stage(f"{split} features", total=expected, unit="images") as stage:
+        local = extract_local(model, plan, settings=sample_settings, device=device, batch_size=settings.batch_size,
+                              workers=settings.workers, on_progress=stage.advance)
+    features = gather(local, device=device, place=place)
+    del local
+    if path is not None and rank() == 0:
+        save_cache(path, features,
+                   meta={"model": model.description, "split": split, "settings": asdict(sample_settings)})
+        reporter.note(f"{split} features cached in {path}")
+    return features, False
+
+
+def _check_split(features: SplitFeatures, *, split: str, name: str, mode: str) -> None:
+    if features.images:
+        return
+    if mode == "bbox" and features.seen:
+        raise DataError(
+            f"none of the {features.seen} images of the {split} set has a usable box "
+            f"({', '.join(f'{n} {why}' for why, n in features.skipped.items())})", where=name,
+            fix="bbox mode needs boxes in each sample's json, as written by `flsl data demo` or "
+                "`flsl data shards --boxes`; use --mode global for images without boxes")
+    raise DataError(f"the {split} set yielded no images", where=name, fix="Check the shards (and --max-*-images)")
+
+
+def _host(nbytes: int) -> torch.device:
+    return torch.device("cpu")
+
+
+def _bank_device(choice: str, *, device: torch.device, bytes_needed: int) -> torch.device:
+    if choice == "host" or device.type != "cuda":
+        return torch.device("cpu")
+    if choice == "device" or bank_fits_on(device, bytes_needed=bytes_needed):
+        return device
+    return torch.device("cpu")
+
+
+def _split_summary(features: SplitFeatures, *, g: int, cached: bool) -> dict[str, Any]:
+    return {"samples": features.seen, "images": features.images, "features": features.images * g,
+            "skipped": dict(features.skipped), "cached": cached}
+
+
+def parse_ks(text: str | Sequence[int]) -> tuple[int, ...]:
+    """'10,20,100,200' -> (10, 20, 100, 200); a FlslError for anything else."""
+    if not isinstance(text, str):
+        return tuple(int(v) for v in text)
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FlslError(f"--k {text!r} is not a comma-separated list of integers",
+                        fix="Use e.g. --k 10,20,100,200") from None
+    if not values:
+        raise FlslError("--k is empty", fix="Use e.g. --k 10,20,100,200")
+    return values

@@ -1,0 +1,118 @@
+"""What a k-NN evaluation shows and writes: progress bars (rich on a terminal, one plain line per
+stage otherwise), the results table, and the JSON file with every number and setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+
+class Reporter:
+    """Progress of the stages of an evaluation; does nothing when disabled (ranks other than 0)."""
+
+    def __init__(self, *, enabled: bool, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[cyan]flsl:[/] {message}", highlight=False)
+
+    @contextmanager
+    def stage(self, description: str, *, total: int, unit: str) -> Iterator["_Stage"]:
+        """A progress bar for one stage; yields an object whose `advance(n)` / `set(done, total)`
+        move it. Off a terminal a single line is printed when the stage ends."""
+        stage = _Stage()
+        if not self.enabled:
+            yield stage
+            return
+        started = time.monotonic()
+        live = self.console.is_terminal
+        progress = None
+        if live:
+            progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                console=self.console)
+            stage.bind(progress, progress.add_task(description, total=total))
+            progress.start()
+        try:
+            yield stage
+        finally:
+            if progress is not None:
+                progress.stop()
+            else:
+                self.console.print(f"{description}: {stage.done} {unit} in {time.monotonic() - started:.1f} s",
+                                   highlight=False)
+
+
+class _Stage:
+    def __init__(self) -> None:
+        self.done = 0
+        self._progress = None
+        self._task = None
+
+    def bind(self, progress: Progress, task) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done)
+
+    def set(self, done: int, total: int) -> None:
+        self.done = done
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+
+def results_table(results: dict[str, Any]) -> Group:
+    """Top-1 / top-5 per k, between a line with the main settings and one with the image counts."""
+    settings = results["settings"]
+    train, val = results["train"], results["val"]
+    mode = "bounding-box-aligned" if settings["mode"] == "bbox" else "global (mean-pooled)"
+    grid = f", grid {settings['grid']}x{settings['grid']}" if settings["mode"] == "bbox" else ""
+    model = results["model"]
+    step = f" step {model['step']}" if model.get("step") is not None else ""
+    which = f" {model['which']}" if model.get("which") else ""
+    random = " (random init)" if model.get("random_init") else ""
+    header = Text.assemble((f"k-NN, {mode}", "bold"),
+                           f"{grid}, T={settings['temperature']}, resize {settings['resize']} / crop "
+                           f"{settings['crop']} px, patch {settings['patch_size']}\n"
+                           f"{model.get('source', '')}{step}{which}{random}")
+    table = Table(show_header=True)
+    table.add_column("k", justify="right", style="bold")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    for k, row in results["results"].items():
+        table.add_row(str(k), f"{row['top1']:.2f}", f"{row['top5']:.2f}")
+    footer = (f"bank: {train['images']} train images ({train['features']} features); queries: {val['images']} "
+              f"val images{_skipped_text(train, val)}")
+    return Group(header, table, Text(footer))
+
+
+def _skipped_text(train: dict[str, Any], val: dict[str, Any]) -> str:
+    parts = []
+    for name, split in (("train", train), ("val", val)):
+        if split["skipped"]:
+            reasons = ", ".join(f"{n} {why}" for why, n in split["skipped"].items())
+            parts.append(f"{name}: {sum(split['skipped'].values())} skipped ({reasons})")
+    return ("; " + "; ".join(parts)) if parts else ""
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write the results atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)

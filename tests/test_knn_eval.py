@@ -1,0 +1,403 @@
+"""`flsl knn-eval`: the k-NN vote, the any-of-grid rule and top-5 on hand-made features with known
+answers; box geometry on a non-square image; caching, several processes, exports and
+training-time use; whether a briefly pretrained model beats a random one in bbox mode (not yet:
+marked xfail with the numbers); every bad input gives one clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import run_flsl, tiny_overrides
+from flsl_cli.eval.geometry import EvalGeometry, cell_token_indices, largest_mapped_box
+from flsl_cli.eval.knn import count_correct, search_topk, vote_scores
+from flsl_cli.eval.samples import parse_annotation
+
+CPU = torch.device("cpu")
+EVAL_SIZE = ["--resize", "72", "--crop", "64"]  # demo images are 64 px here; patch 8 -> 8 x 8 tokens
+
+
+def _unit(*rows: tuple[float, ...]) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def _at_cosine(cos: float, sign: float = 1.0) -> tuple[float, float]:
+    """A 2-D unit vector at cosine `cos` from (1, 0)."""
+    return cos, sign * math.sqrt(1.0 - cos * cos)
+
+
+# -- the vote ---------------------------------------------------------------------------------
+
+
+def test_vote_weights_are_exp_sim_over_temperature():
+    """Two neighbours of class 0 at cos 0.5 against one of class 1 at cos 0.6: the scores are
+    sums of exp(sim / T), so class 1 wins at T = 0.07 and class 0 at T = 1."""
+    bank = _unit(_at_cosine(0.5), _at_cosine(0.5, -1.0), _at_cosine(0.6))
+    bank_labels = torch.tensor([0, 0, 1])
+    query = _unit((1.0, 0.0))
+    sims, index = search_topk(query, bank, k=3, device=CPU)
+    torch.testing.assert_close(sims, torch.tensor([[0.6, 0.5, 0.5]]))
+    for temperature, winner in ((0.07, 1), (1.0, 0)):
+        scores = vote_scores(sims, bank_labels[index], k=3, temperature=temperature, num_classes=2)
+        expected = torch.tensor([[2 * math.exp(0.5 / temperature), math.exp(0.6 / temperature)]])
+        torch.testing.assert_close(scores, expected)
+        correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([winner]),
+                                features_per_image=1, ks=[3], temperature=temperature, num_classes=2)
+        assert correct == {3: (1, 1)}
+    # k = 1 sees only the nearest neighbour, whatever T
+    one = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([1]),
+                        features_per_image=1, ks=[1], temperature=1.0, num_classes=2)
+    assert one == {1: (1, 1)}
+
+
+def test_an_image_is_correct_if_any_of_its_grid_features_is():
+    """Three features per image: one feature near its class suffices for top-1; none, and it is wrong."""
+    bank = _unit((1.0, 0.0), (0.0, 1.0))
+    bank_labels = torch.tensor([0, 1])
+    one_right = _unit((0.1, 1.0), (0.2, 1.0), (1.0, 0.1))  # two vote for class 1, one for class 0
+    all_wrong = _unit((0.1, 1.0), (0.2, 1.0), (0.3, 1.0))
+    queries = torch.cat([one_right, all_wrong])
+    sims, index = search_topk(queries, bank, k=1, device=CPU)
+    correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([0, 0]),
+                            features_per_image=3, ks=[1], temperature=0.07, num_classes=2)
+    assert correct == {1: (1, 1)}  # the first image counts, the second does not (2 classes: top-5 = top-2)
+
+
+def test_top5_holds_the_five_best_voted_classes():
+    """Six neighbours of six classes with falling similarity: the 5th class is a top-5 hit but not
+    top-1, the 6th is neither, and a class that got no vote is never a guess."""
+    sims = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    index = torch.arange(6)[None]
+    bank_labels = torch.arange(6)
+    outcomes = {}
+    for label in (0, 4, 5, 6):
+        outcomes[label] = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([label]),
+                                        features_per_image=1, ks=[6], temperature=0.07, num_classes=7)[6]
+    assert outcomes == {0: (1, 1), 4: (0, 1), 5: (0, 0), 6: (0, 0)}
+
+
+def test_chunked_search_equals_one_full_search():
+    """Bank and queries in small chunks with a running top-k merge give exactly the full top-k."""
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(1000, 16, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=1)
+    full_sims, full_index = (queries @ bank.T).topk(20, dim=1)
+    calls = []
+    sims, index = search_topk(queries, bank.half(), k=20, device=CPU, bank_chunk_rows=37, block_bytes=37 * 4 * 7,
+                              on_progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (math.ceil(1000 / 37) * math.ceil(50 / 7),) * 2
+    torch.testing.assert_close(sims, full_sims, atol=2e-3, rtol=0)  # the bank is fp16
+    assert (index == full_index).float().mean() > 0.97  # near-ties may swap under fp16 rounding
+    sims32, index32 = search_topk(queries, bank, k=20, device=CPU, bank_chunk_rows=37, block_bytes=37 * 4 * 7)
+    assert torch.equal(index32, full_index)
+    torch.testing.assert_close(sims32, full_sims)
+
+
+# -- geometry ---------------------------------------------------------------------------------
+
+
+def test_box_in_non_square_image_lands_on_its_patches():
+    """A 200 x 100 image, shorter side to 64, center crop 64: the box goes through the same
+    scale for x and y and the same crop offset as the pixels; every cell center's token lies on
+    the box in the transformed pixels."""
+    geometry = EvalGeometry(width=200, height=100, resize=64, crop=64)
+    assert geometry.resized == (128, 64) and geometry.offset == (32, 0) and geometry.scale == (0.64, 0.64)
+    box = (80.0, 20.0, 120.0, 80.0)
+    mapped = geometry.map_box(box)
+    assert mapped == pytest.approx((19.2, 12.8, 44.8, 51.2))
+    cells = cell_token_indices(mapped, grid=3, patch=8, crop=64)
+    # cell centers x: 23.5, 32.0, 40.5 -> columns 2, 4, 5; y: 19.2, 32.0, 44.8 -> rows 2, 4, 5
+    assert cells == [r * 8 + c for r in (2, 4, 5) for c in (2, 4, 5)]
+
+    image = Image.new("RGB", (200, 100), (0, 160, 0))
+    ImageDraw.Draw(image).rectangle([80, 20, 119, 79], fill=(220, 0, 0))
+    pixels = np.asarray(geometry.transform_image(image)).astype(int)
+    x0, y0, x1, y1 = mapped
+    centers = [(y0 + (r + 0.5) * (y1 - y0) / 3, x0 + (c + 0.5) * (x1 - x0) / 3) for r in range(3) for c in range(3)]
+    for index, (y, x) in zip(cells, centers):  # each token holds its cell center, which is red
+        row, col = divmod(index, 8)
+        assert row * 8 <= y < row * 8 + 8 and col * 8 <= x < col * 8 + 8
+        red, green, _ = pixels[int(y), int(x)]
+        assert red > 200 and green < 30, (row, col)
+    # the released script's separate scales (64 / width, 64 / height) squash the image instead:
+    # its box misses the object's left part and its left cells fall on other tokens
+    squashed = (80 * 64 / 200, 20 * 64 / 100, 120 * 64 / 200, 80 * 64 / 100)
+    assert cell_token_indices(squashed, grid=3, patch=8, crop=64) != cells
+
+
+def test_pixel_transform_is_torchvisions_resize_and_center_crop():
+    """The pixels the model sees equal torchvision's Resize(shorter, bicubic) + CenterCrop."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    for width, height in ((97, 61), (61, 97), (80, 80), (333, 250)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        reference = transforms.Compose([transforms.Resize(56, interpolation=transforms.InterpolationMode.BICUBIC),
+                                        transforms.CenterCrop(48)])(image)
+        ours = EvalGeometry(width=width, height=height, resize=56, crop=48).transform_image(image)
+        assert np.array_equal(np.asarray(ours), np.asarray(reference)), (width, height)
+
+
+def test_boxes_are_clipped_and_the_largest_kept():
+    """Clipping to the crop decides which box is largest; a box outside the crop is dropped."""
+    geometry = EvalGeometry(width=100, height=50, resize=50, crop=50)  # crop x from 25 to 75
+    outside = (0.0, 0.0, 20.0, 50.0)
+    mostly_outside = (0.0, 0.0, 30.0, 50.0)  # large, but 5 px of it are left
+    inside = (40.0, 10.0, 60.0, 30.0)
+    assert geometry.map_box(outside) is None
+    assert largest_mapped_box([outside, mostly_outside, inside], geometry) == pytest.approx((15.0, 10.0, 35.0, 30.0))
+    assert largest_mapped_box([outside], geometry) is None
+
+
+def test_boxes_of_the_image_class_are_preferred():
+    """The label's own boxes are used when the boxes say their class; otherwise all boxes."""
+    fields = {"json": json.dumps({"label": 2, "boxes": [{"bbox": [0, 0, 50, 50], "class": 1},
+                                                        {"bbox": [5, 5, 9, 9], "class": 2}]}).encode()}
+    label, boxes, _ = parse_annotation(fields, where="test")
+    assert label == 2 and boxes == [(5.0, 5.0, 9.0, 9.0)]
+    fields = {"json": json.dumps({"boxes": [{"bbox": [0, 0, 50, 50]}]}).encode(), "cls": b"4"}
+    assert parse_annotation(fields, where="test")[:2] == (4, [(0.0, 0.0, 50.0, 50.0)])
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+def _evaluate(*args, expect: int = 0):
+    result = run_flsl("knn-eval", *map(str, args))
+    assert result.returncode == expect, result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def _results(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _copy_shards(source, target, *, keep_boxes=lambda index: True, limit: int | None = None) -> None:
+    """Rewrite a split's shards, dropping the boxes of the samples `keep_boxes` refuses."""
+    from flsl_cli.data.shard_writer import ShardWriter
+    from flsl_cli.data.shards import iter_samples, resolve_shards
+
+    index = 0
+    with ShardWriter(target, prefix="copy", samples_per_shard=16) as writer:
+        for shard in resolve_shards(str(source)).shards:
+            for key, fields in iter_samples(shard.url):
+                if limit is not None and index >= limit:
+                    return
+                if not keep_boxes(index):
+                    annotation = json.loads(fields["json"])
+                    annotation["boxes"] = []
+                    fields = {**fields, "json": json.dumps(annotation).encode()}
+                writer.write(key, fields)
+                index += 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_data, tmp_path_factory):
+    """A flsl run of two steps: a real checkpoint of a tiny architecture (patch 8), made quickly."""
+    run = tmp_path_factory.mktemp("knn") / "tiny"
+    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
+                      "--run-dir", run)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
+    """The table and the JSON carry top-1/top-5 per k, the image counts and every setting; with
+    --features-dir the second run reuses the features and gets the same numbers."""
+    cache = tmp_path / "features"
+    args = [tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "5,20",
+            "--workers", "0", "--features-dir", cache]
+    first = _evaluate(*args)
+    [written] = (tiny_run / "eval").glob("knn-bbox-step-*-teacher.json")  # the default place: beside the run
+    results = _results(written)
+    assert "top-1 %" in first.stdout and "bank: 192 train images (1728 features)" in first.stdout
+    assert set(results["results"]) == {"5", "20"}
+    for row in results["results"].values():
+        assert 0 <= row["top1"] <= row["top5"] <= 100
+        assert row["top1"] == pytest.approx(100 * row["correct_top1"] / results["val"]["images"])
+    settings = results["settings"]
+    assert (settings["mode"], settings["grid"], settings["features_per_image"]) == ("bbox", 3, 9)
+    assert (settings["temperature"], settings["interpolation"]) == (0.07, "bicubic")
+    assert (settings["resize"], settings["crop"], settings["patch_size"]) == (72, 64, 8)
+    assert settings["mean"] == pytest.approx([0.485, 0.456, 0.406]) and settings["bank"]["dtype"] == "float16"
+    assert results["train"] == {"samples": 192, "images": 192, "features": 1728, "skipped": {}, "cached": False}
+    assert results["val"]["images"] == 48
+    assert results["model"]["which"] == "teacher" and results["model"]["kind"] == "flsl"
+    assert len(list(cache.glob("*.pt"))) == 2
+
+    second = _evaluate(*args, "--output", tmp_path / "again.json")
+    again = _results(tmp_path / "again.json")
+    assert "reusing" in second.stderr
+    assert again["train"]["cached"] and again["val"]["cached"]
+    assert again["results"] == results["results"]
+
+
+def test_global_mode_needs_no_boxes(tiny_run, demo_data, tmp_path):
+    """Global mode: one mean-pooled feature per image, and shards without any box are fine."""
+    _copy_shards(demo_data / "train", tmp_path / "train", keep_boxes=lambda index: False)
+    _evaluate(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--mode", "global",
+              "--k", "10", "--workers", "0", "--output", tmp_path / "global.json")
+    results = _results(tmp_path / "global.json")
+    assert results["settings"]["features_per_image"] == 1 and results["settings"]["grid"] is None
+    assert results["train"]["features"] == 192 and results["train"]["skipped"] == {}
+
+
+def test_two_processes_count_what_one_does(tiny_run, demo_data, tmp_path):
+    """`--devices 2`: two gloo processes, each extracting its shards and searching its share of
+    the val images, give exactly the single process's counts."""
+    common = [tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10,50",
+              "--workers", "0"]
+    _evaluate(*common, "--output", tmp_path / "one.json")
+    _evaluate(*common, "--devices", "2", "--output", tmp_path / "two.json")
+    one, two = _results(tmp_path / "one.json"), _results(tmp_path / "two.json")
+    assert (one["settings"]["world_size"], two["settings"]["world_size"]) == (1, 2)
+    assert two["results"] == one["results"] and two["train"] == one["train"] and two["val"] == one["val"]
+
+
+def test_timm_export_evaluates_like_its_checkpoint(tiny_run, demo_data, tmp_path):
+    """A `flsl export --format timm` folder and single file give the checkpoint's numbers."""
+    common = ["--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10", "--workers", "0"]
+    _evaluate(tiny_run, *common, "--output", tmp_path / "checkpoint.json")
+    reference = _results(tmp_path / "checkpoint.json")["results"]
+    for target in (tmp_path / "export", tmp_path / "export.safetensors"):
+        exported = run_flsl("export", tiny_run, "--format", "timm", "--out", target)
+        assert exported.returncode == 0, exported.stderr
+        _evaluate(target, *common, "--output", tmp_path / "export.json")
+        results = _results(tmp_path / "export.json")
+        assert results["model"]["kind"] == "timm-export" and results["model"]["patch_size"] == 8
+        assert results["results"] == reference, target
+
+
+def test_images_without_boxes_are_skipped_and_counted(tiny_run, demo_data, tmp_path):
+    """In bbox mode a val image without boxes is left out of the accuracy and counted."""
+    _copy_shards(demo_data / "val", tmp_path / "val", keep_boxes=lambda index: index % 3 != 0)
+    _evaluate(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--k", "10",
+              "--workers", "0", "--output", tmp_path / "out.json")
+    val = _results(tmp_path / "out.json")["val"]
+    assert val == {"samples": 48, "images": 32, "features": 288, "skipped": {"no boxes": 16}, "cached": False}
+
+
+def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
+    """The loop's entry point: flat metrics from the live backbone, the same numbers as the CLI,
+    and the backbone's training mode left as it was."""
+    from flsl_cli.eval.api import evaluate_during_training
+    from flsl_cli.models.load import load_backbone
+
+    settings = {"train": str(demo_data / "train"), "val": str(demo_data / "val"), "k": [10], "resize": 72,
+                "crop": 64, "workers": 0, "every_epochs": 5}
+    backbone = load_backbone(tiny_run).backbone.train()
+    metrics = evaluate_during_training(backbone=backbone, settings=settings, device=CPU)
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters() if p is not backbone.pos_embed)
+    _evaluate(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10",
+              "--workers", "0", "--output", tmp_path / "cli.json")
+    cli = _results(tmp_path / "cli.json")["results"]["10"]
+    assert metrics == {"knn_bbox_images": 48.0, "knn_bbox_top1_k10": cli["top1"], "knn_bbox_top5_k10": cli["top5"]}
+
+
+PRETRAIN_STEPS = 120  # about 2 minutes of a 2-core CPU with the demo recipe
+
+
+@pytest.fixture(scope="module")
+def demo96(tmp_path_factory):
+    """Demo data as the demo recipe makes it (96 px images), smaller: 800 train and 200 val images."""
+    from flsl_cli.data.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("knn") / "demo96"
+    write_demo_dataset(out, images=1000, seed=0, image_size=96)
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="does not hold yet: the demo recipe's teacher after 120 steps scores below its "
+                   "random init (k=20 top-1: 68.0% vs 75.0%; the full 192-step demo run: 65.3% vs 73.8%)")
+def test_briefly_pretrained_beats_random_init_in_bbox_mode(demo96, tmp_path):
+    """The demo recipe, briefly pretrained, against the same architecture with random weights:
+    the pretrained teacher's bbox k-NN top-1 must be higher. Prints both numbers."""
+    run = tmp_path / "run"
+    trained = run_flsl("pretrain", "recipes/demo.yaml", "--set", f"data.train={demo96 / 'train'}",
+                       "--set", "data.demo=null", "--set", f"optim.max_steps={PRETRAIN_STEPS}",
+                       "--set", "checkpoint.every_minutes=null", "--run-dir", run)
+    assert trained.returncode == 0, trained.stderr
+    common = ["--train", demo96 / "train", "--val", demo96 / "val", *EVAL_SIZE, "--k", "10,20", "--workers", "0"]
+    _evaluate(run, *common, "--output", tmp_path / "pretrained.json")
+    _evaluate(run, *common, "--random-init", "--output", tmp_path / "random.json")
+    pretrained = _results(tmp_path / "pretrained.json")["results"]
+    random = _results(tmp_path / "random.json")["results"]
+    for k in ("10", "20"):
+        print(f"bbox k-NN top-1, k={k}: pretrained {pretrained[k]['top1']:.2f}%  random init {random[k]['top1']:.2f}%")
+    assert pretrained["20"]["top1"] > random["20"]["top1"], (pretrained, random)
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _fails(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def _knn(*args):
+    return run_flsl("knn-eval", *map(str, args))
+
+
+def test_checkpoint_missing_or_not_a_model(demo_data, tmp_path):
+    """A missing path, and a file that is neither a flsl checkpoint nor a timm export."""
+    data = ["--train", demo_data / "train", "--val", demo_data / "val"]
+    _fails(_knn(tmp_path / "nowhere.pt", *data), "the checkpoint does not exist", "nowhere.pt")
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    _fails(_knn(junk, *data), "not a flsl checkpoint", "flsl export --format timm")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    _fails(_knn(bad, *data), "cannot read the .safetensors file")
+
+
+def test_options_that_contradict_the_architecture(tiny_run, demo_data):
+    """A crop that is not a multiple of the patch size, --model naming another architecture,
+    --which on a timm model."""
+    data = ["--train", demo_data / "train", "--val", demo_data / "val", "--workers", "0"]
+    _fails(_knn(tiny_run, *data, "--resize", "72", "--crop", "60"),
+           "--crop 60 is not a multiple of the model's patch size (8)")
+    _fails(_knn(tiny_run, *data, "--model", "timm:vit_small_patch16_224"),
+           "contradicts --model timm:vit_small_patch16_224",
+           "width 192, depth 2, patch 8")
+    _fails(_knn(*data, "--model", "timm:vit_tiny_patch16_224", "--which", "student"),
+           "--which applies to flsl checkpoints only")
+
+
+def test_no_boxes_at_all_in_bbox_mode(tiny_run, demo_data, tmp_path):
+    """Train shards without any box: a clear error that points to --mode global."""
+    _copy_shards(demo_data / "train", tmp_path / "train", keep_boxes=lambda index: False, limit=40)
+    _fails(_knn(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0"),
+           "none of the 40 images of the train set has a usable box (40 no boxes)", "--mode global")
+
+
+def test_k_larger_than_the_bank(tiny_run, demo_data):
+    """k beyond the number of bank features is refused with the bank's size."""
+    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0",
+                "--max-train-images", "10", "--k", "20,100"),
+           "--k 100 is larger than the memory bank (10 train images x 9 = 90 features)")
+
+
+def test_empty_or_missing_shard_sets(tiny_run, demo_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    """An empty directory of shards, and a path that does not exist: named with the option."""
+    _fails(_knn(tiny_run, "--train", tmp_path / "empty", "--val", demo_data / "val"), "--train", "no .tar shards")
+    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "none"), "--val", str(tmp_path / "none"),
+           "flsl data demo")
+
+
+def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
+    """A shard that cannot be read to its end is named; no numbers over part of the set."""
+    _copy_shards(demo_data / "val", tmp_path / "val")
+    shard = sorted((tmp_path / "val").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--workers", "0"),
+           str(shard), "could not be read to its end")
