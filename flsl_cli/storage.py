@@ -136,21 +136,25 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def _replace_local(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through `write(handle)` into a temporary sibling, flush it to disk, rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that readers see either the old content or the new, never a part:
     a temporary file renamed into place locally; one PUT (atomic per object) on object stores."""
     if is_local(url):
-        path = local_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _replace_local(local_path(url), lambda handle: handle.write(data))
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.pipe_file(path, data), what=f"writing {url}")
@@ -163,18 +167,12 @@ def write_text_atomic(url: str, text: str) -> None:
 def upload_file_atomic(local: Path, url: str) -> None:
     """Copy a finished local file to `url` atomically (rename locally, one upload remotely)."""
     if is_local(url):
-        target = local_path(url)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(local, "rb") as source, open(tmp, "wb") as handle:
+        def copy(handle) -> None:
+            with open(local, "rb") as source:
                 while chunk := source.read(1 << 22):
                     handle.write(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        _replace_local(local_path(url), copy)
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.put_file(str(local), path), what=f"uploading {url}")
