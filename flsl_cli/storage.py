@@ -136,7 +136,7 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def _replace_local(path: Path, write: Callable[[Any], None]) -> None:
+def replace_local(path: Path, write: Callable[[Any], None]) -> None:
     """Write through `write(handle)` into a temporary sibling, flush it to disk, rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -154,7 +154,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that readers see either the old content or the new, never a part:
     a temporary file renamed into place locally; one PUT (atomic per object) on object stores."""
     if is_local(url):
-        _replace_local(local_path(url), lambda handle: handle.write(data))
+        replace_local(local_path(url), lambda handle: handle.write(data))
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.pipe_file(path, data), what=f"writing {url}")
@@ -172,7 +172,7 @@ def upload_file_atomic(local: Path, url: str) -> None:
                 while chunk := source.read(1 << 22):
                     handle.write(chunk)
 
-        _replace_local(local_path(url), copy)
+        replace_local(local_path(url), copy)
         return
     fs, path = filesystem(url)
     with_retries(lambda: fs.put_file(str(local), path), what=f"uploading {url}")

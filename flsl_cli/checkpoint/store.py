@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from flsl_cli import storage
 from flsl_cli.errors import CheckpointError
 
 FORMAT = "flsl-checkpoint/1"
@@ -57,17 +58,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    storage.replace_local(path, write)
+    _fsync_dir(path.parent)  # the rename itself survives a crash
 
 
 def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_last: int) -> Path:
