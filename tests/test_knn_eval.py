@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from conftest import run_flsl, tiny_overrides
 from flsl_cli.eval.geometry import EvalGeometry, cell_token_indices, largest_mapped_box
-from flsl_cli.eval.knn import count_correct, search_topk, vote_scores
+from flsl_cli.eval.knn import chance_level, count_correct, search_topk, vote_scores
 from flsl_cli.eval.samples import parse_annotation
 
 CPU = torch.device("cpu")
@@ -48,11 +48,11 @@ def test_vote_weights_are_exp_sim_over_temperature():
         torch.testing.assert_close(scores, expected)
         correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([winner]),
                                 features_per_image=1, ks=[3], temperature=temperature, num_classes=2)
-        assert correct == {3: (1, 1)}
+        assert correct == {3: (1, 1, 1)}
     # k = 1 sees only the nearest neighbour, whatever T
     one = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([1]),
                         features_per_image=1, ks=[1], temperature=1.0, num_classes=2)
-    assert one == {1: (1, 1)}
+    assert one == {1: (1, 1, 1)}
 
 
 def test_an_image_is_correct_if_any_of_its_grid_features_is():
@@ -65,7 +65,9 @@ def test_an_image_is_correct_if_any_of_its_grid_features_is():
     sims, index = search_topk(queries, bank, k=1, device=CPU)
     correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([0, 0]),
                             features_per_image=3, ks=[1], temperature=0.07, num_classes=2)
-    assert correct == {1: (1, 1)}  # the first image counts, the second does not (2 classes: top-5 = top-2)
+    # the first image counts, the second does not (2 classes: top-5 = top-2); of the six features
+    # only the first image's third is right on its own
+    assert correct == {1: (1, 1, 1)}
 
 
 def test_top5_holds_the_five_best_voted_classes():
@@ -78,7 +80,28 @@ def test_top5_holds_the_five_best_voted_classes():
     for label in (0, 4, 5, 6):
         outcomes[label] = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([label]),
                                         features_per_image=1, ks=[6], temperature=0.07, num_classes=7)[6]
-    assert outcomes == {0: (1, 1), 4: (0, 1), 5: (0, 0), 6: (0, 0)}
+    assert outcomes == {0: (1, 1, 1), 4: (0, 1, 0), 5: (0, 0, 0), 6: (0, 0, 0)}
+
+
+def test_chance_level_of_the_any_of_g_rule():
+    """Uniform guesses: 1 - (1 - p)^g per image. With the demo's 7 classes and 9 cells the rule
+    alone gives 75% top-1 and 100% top-5; with ImageNet's 1000 classes 0.9% top-1."""
+    top1, top5 = chance_level(num_classes=7, features_per_image=9)
+    assert top1 == pytest.approx(1 - (6 / 7) ** 9) and 0.74 < top1 < 0.76
+    assert top5 == pytest.approx(1 - (2 / 7) ** 9)
+    top1, top5 = chance_level(num_classes=1000, features_per_image=9)
+    assert top1 == pytest.approx(1 - 0.999 ** 9) and top5 == pytest.approx(1 - 0.995 ** 9)
+    assert chance_level(num_classes=4, features_per_image=1) == (0.25, 1.0)
+    # simulated: random features of random classes land at the formula's rate
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(2000 * 9, 32, generator=generator), dim=1)
+    sims, index = search_topk(queries, bank, k=10, device=CPU)
+    correct = count_correct(sims, index, bank_labels_n=torch.randint(0, 7, (3000,), generator=generator),
+                            query_labels_i=torch.randint(0, 7, (2000,), generator=generator), features_per_image=9,
+                            ks=[10], temperature=0.07, num_classes=7)[10]
+    assert abs(correct.top1 / 2000 - (1 - (6 / 7) ** 9)) < 0.03
+    assert abs(correct.feature_top1 / (2000 * 9) - 1 / 7) < 0.02
 
 
 def test_chunked_search_equals_one_full_search():
@@ -221,6 +244,14 @@ def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
     for row in results["results"].values():
         assert 0 <= row["top1"] <= row["top5"] <= 100
         assert row["top1"] == pytest.approx(100 * row["correct_top1"] / results["val"]["images"])
+        assert row["feature_top1"] == pytest.approx(100 * row["correct_feature_top1"] / (9 * results["val"]["images"]),
+                                                    abs=1e-4)
+        assert row["feature_top1"] <= row["top1"]  # a right feature makes its image right
+    n = results["settings"]["num_classes"]
+    assert results["chance"] == pytest.approx({"top1": 100 * (1 - (1 - 1 / n) ** 9),
+                                               "top5": 100 * (1 - (1 - min(5, n) / n) ** 9),
+                                               "feature_top1": 100 / n}, abs=1e-3)
+    assert "feature top-1 %" in first.stdout and f"chance level ({n} classes, any of 9)" in first.stdout
     settings = results["settings"]
     assert (settings["mode"], settings["grid"], settings["features_per_image"]) == ("bbox", 3, 9)
     assert (settings["temperature"], settings["interpolation"]) == (0.07, "bicubic")
@@ -297,10 +328,11 @@ def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
     _evaluate(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10",
               "--workers", "0", "--output", tmp_path / "cli.json")
     cli = _results(tmp_path / "cli.json")["results"]["10"]
-    assert metrics == {"knn_bbox_images": 48.0, "knn_bbox_top1_k10": cli["top1"], "knn_bbox_top5_k10": cli["top5"]}
+    assert metrics == {"knn_bbox_images": 48.0, "knn_bbox_top1_k10": cli["top1"], "knn_bbox_top5_k10": cli["top5"],
+                       "knn_bbox_feature_top1_k10": cli["feature_top1"]}
 
 
-PRETRAIN_STEPS = 120  # about 2 minutes of a 2-core CPU with the demo recipe
+PRETRAIN_STEPS = 96  # the demo recipe's 8 epochs of 800 images at batch 64; about 1.5 minutes of a 2-core CPU
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +345,13 @@ def demo96(tmp_path_factory):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="does not hold yet: the demo recipe's teacher after 120 steps scores below its "
-                   "random init (k=20 top-1: 68.0% vs 75.0%; the full 192-step demo run: 65.3% vs 73.8%)")
+@pytest.mark.xfail(strict=True, reason=(
+    "does not hold yet. Measured on a 2-core CPU, k=20: pretrained 68.0% top-1 (feature top-1 24.3%) against "
+    "random init 75.0% (28.4%), chance 75.0% (14.3%). Both sit at the chance level of the any-of-9 rule with "
+    "7 classes. Per feature, pretraining loses ground: after 600 steps the feature top-1 is 19%, because "
+    "the tokens learn which image they come from (0.43 mean cosine within an image, 0.02 at the same "
+    "position across images), not the object class. Sharper attention, stronger colour jitter, no local "
+    "crops, 128 prototypes and plain backgrounds did not change that."))
 def test_briefly_pretrained_beats_random_init_in_bbox_mode(demo96, tmp_path):
     """The demo recipe, briefly pretrained, against the same architecture with random weights:
     the pretrained teacher's bbox k-NN top-1 must be higher. Prints both numbers."""
@@ -326,11 +363,15 @@ def test_briefly_pretrained_beats_random_init_in_bbox_mode(demo96, tmp_path):
     common = ["--train", demo96 / "train", "--val", demo96 / "val", *EVAL_SIZE, "--k", "10,20", "--workers", "0"]
     _evaluate(run, *common, "--output", tmp_path / "pretrained.json")
     _evaluate(run, *common, "--random-init", "--output", tmp_path / "random.json")
-    pretrained = _results(tmp_path / "pretrained.json")["results"]
-    random = _results(tmp_path / "random.json")["results"]
+    pretrained = _results(tmp_path / "pretrained.json")
+    random = _results(tmp_path / "random.json")
+    chance = pretrained["chance"]
     for k in ("10", "20"):
-        print(f"bbox k-NN top-1, k={k}: pretrained {pretrained[k]['top1']:.2f}%  random init {random[k]['top1']:.2f}%")
-    assert pretrained["20"]["top1"] > random["20"]["top1"], (pretrained, random)
+        ours, theirs = pretrained["results"][k], random["results"][k]
+        print(f"bbox k-NN, k={k}: top-1 pretrained {ours['top1']:.2f}%, random init {theirs['top1']:.2f}%, chance "
+              f"{chance['top1']:.2f}% | feature top-1 pretrained {ours['feature_top1']:.2f}%, random init "
+              f"{theirs['feature_top1']:.2f}%, chance {chance['feature_top1']:.2f}%")
+    assert pretrained["results"]["20"]["top1"] > random["results"]["20"]["top1"], (pretrained, random)
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from flsl_cli.eval.features import (
     load_cache,
     save_cache,
 )
-from flsl_cli.eval.knn import compute_dtype, count_correct, search_topk
+from flsl_cli.eval.knn import chance_level, compute_dtype, count_correct, search_topk
 from flsl_cli.eval.report import Reporter
 from flsl_cli.eval.samples import ReadPlan, SampleSettings
 
@@ -197,6 +197,8 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings
     for k, row in results["results"].items():
         metrics[f"knn_{mode}_top1_k{k}"] = row["top1"]
         metrics[f"knn_{mode}_top5_k{k}"] = row["top5"]
+        if mode == "bbox":
+            metrics[f"knn_{mode}_feature_top1_k{k}"] = row["feature_top1"]
     return metrics
 
 
@@ -252,11 +254,14 @@ def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.dev
     seconds["search"] = round(time.monotonic() - t0, 3)
     seconds["total"] = round(time.monotonic() - started, 3)
     results = {}
-    for k, (top1, top5) in correct.items():
-        summed = all_reduce_sum(torch.tensor([top1, top5], device=device)).tolist()
-        results[str(k)] = {"top1": round(100.0 * summed[0] / val.images, 4),
-                           "top5": round(100.0 * summed[1] / val.images, 4),
-                           "correct_top1": int(summed[0]), "correct_top5": int(summed[1])}
+    for k, counts in correct.items():
+        top1, top5, feature_top1 = all_reduce_sum(torch.tensor(list(counts), device=device)).tolist()
+        results[str(k)] = {"top1": round(100.0 * top1 / val.images, 4),
+                           "top5": round(100.0 * top5 / val.images, 4),
+                           "feature_top1": round(100.0 * feature_top1 / (val.images * g), 4),
+                           "correct_top1": int(top1), "correct_top5": int(top5),
+                           "correct_feature_top1": int(feature_top1)}
+    chance_top1, chance_top5 = chance_level(num_classes=num_classes, features_per_image=g)
     return {
         "format": RESULTS_FORMAT,
         "model": model.description,
@@ -274,6 +279,8 @@ def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.dev
         "train": _split_summary(train, g=g, cached=cached["train"]),
         "val": _split_summary(val, g=g, cached=cached["val"]),
         "results": results,
+        "chance": {"top1": round(100.0 * chance_top1, 4), "top5": round(100.0 * chance_top5, 4),
+                   "feature_top1": round(100.0 / num_classes, 4)},
         "seconds": seconds,
     }
 

@@ -6,7 +6,8 @@ class; the five best-scored classes are the top-5 guesses, except that a class t
 is never a guess (DINO's sort may pick one among the zero-score ties: harmless with 1000
 classes, but it would inflate top-5 on a 7-class demo set). With several features per image
 (the 3 x 3 box cells), an image counts as correct at top-1 if any of its features' top-1 class
-is its label, and at top-5 likewise.
+is its label, and at top-5 likewise. Each feature's own top-1 is counted as well ("feature
+top-1"): with few classes the any-of-g rule is generous (see `chance_level`).
 
 The search walks the bank in chunks and, for each, the queries in chunks, so the similarity
 block never exceeds `block_bytes`; a running top-k is merged across bank chunks, and the bank is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -99,6 +101,28 @@ def image_hits(predictions_igt: torch.Tensor, labels_i: torch.Tensor) -> tuple[t
     return top1_i, top5_i
 
 
+class Correct(NamedTuple):
+    """Counts for one k: images right at top-1 and top-5 (any-of-g rule), and single features
+    whose own top-1 class is their image's label."""
+
+    top1: int
+    top5: int
+    feature_top1: int
+
+
+def chance_level(*, num_classes: int, features_per_image: int) -> tuple[float, float]:
+    """(top-1, top-5) image accuracy of uniformly random guesses under the any-of-g rule, in [0, 1].
+
+    Each feature's top-1 guess hits with chance 1/c and its top-5 guesses with min(5, c)/c; an
+    image is a hit if any of its g features is: 1 - (1 - p)^g. With 1000 classes and g = 9 this
+    is 0.9% top-1; with 7 classes it is 75% top-1 and 100% top-5.
+    """
+    hit1 = 1.0 / num_classes
+    hit5 = min(5, num_classes) / num_classes
+    g = features_per_image
+    return 1.0 - (1.0 - hit1) ** g, 1.0 - (1.0 - hit5) ** g
+
+
 def count_correct(
     sims_qk: torch.Tensor,
     index_qk: torch.Tensor,
@@ -110,8 +134,8 @@ def count_correct(
     temperature: float,
     num_classes: int,
     chunk_images: int = 4096,
-) -> dict[int, tuple[int, int]]:
-    """{k: (top-1 correct images, top-5 correct images)} from one top-max(k) search.
+) -> dict[int, Correct]:
+    """{k: Correct} from one top-max(k) search.
 
     Queries are grouped by image: rows i*g .. i*g+g-1 belong to image i.
     """
@@ -121,7 +145,7 @@ def count_correct(
     top = min(5, num_classes)
     bank_labels_n = bank_labels_n.to(index_qk.device)
     query_labels_i = query_labels_i.to(index_qk.device)
-    counts = {k: [0, 0] for k in ks}
+    counts = {k: [0, 0, 0] for k in ks}
     for start in range(0, images, chunk_images):
         stop = min(start + chunk_images, images)
         sims = sims_qk[start * g:stop * g]
@@ -134,4 +158,5 @@ def count_correct(
             top1, top5 = image_hits(predictions_igt, query_labels_i[start:stop])
             counts[k][0] += int(top1.sum())
             counts[k][1] += int(top5.sum())
-    return {k: (c1, c5) for k, (c1, c5) in counts.items()}
+            counts[k][2] += int((predictions_igt[:, :, 0] == query_labels_i[start:stop, None]).sum())
+    return {k: Correct(*values) for k, values in counts.items()}

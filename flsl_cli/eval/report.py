@@ -93,11 +93,27 @@ def results_table(results: dict[str, Any]) -> Group:
     table.add_column("k", justify="right", style="bold")
     table.add_column("top-1 %", justify="right")
     table.add_column("top-5 %", justify="right")
+    bbox = settings["mode"] == "bbox"
+    if bbox:
+        table.add_column("feature top-1 %", justify="right")
     for k, row in results["results"].items():
-        table.add_row(str(k), f"{row['top1']:.2f}", f"{row['top5']:.2f}")
+        cells = [str(k), f"{row['top1']:.2f}", f"{row['top5']:.2f}"]
+        table.add_row(*cells, *([f"{row['feature_top1']:.2f}"] if bbox else []))
     footer = (f"bank: {train['images']} train images ({train['features']} features); queries: {val['images']} "
               f"val images{_skipped_text(train, val)}")
-    return Group(header, table, Text(footer))
+    return Group(header, table, Text(footer), Text(_chance_text(results)))
+
+
+def _chance_text(results: dict[str, Any]) -> str:
+    """The scores uniformly random guesses would get: with few classes the any-of-g rule is
+    generous (7 classes, 9 features: 75% top-1), so a result means little unless it is well above."""
+    chance, settings = results["chance"], results["settings"]
+    bbox = settings["mode"] == "bbox"
+    rule = f", any of {settings['features_per_image']}" if bbox else ""
+    text = f"chance level ({settings['num_classes']} classes{rule}): top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%"
+    if bbox:
+        text += f", feature {chance['feature_top1']:.2f}%"
+    return text
 
 
 def _skipped_text(train: dict[str, Any], val: dict[str, Any]) -> str:
