@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,7 +21,7 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
-from flsl_cli.data.stream import StreamLayout, TrainStream, build_loader, plan_layout
+from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
 from flsl_cli.distributed import env as dist_env
 from flsl_cli.distributed.ops import barrier, gather_objects
 from flsl_cli.errors import DataError, RunStopped, TrainingDiverged
@@ -36,6 +33,7 @@ from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import truncate_metrics, update_status
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.signals import StopRequest
+from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
 
 
@@ -60,48 +58,6 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
                       scaler=scaler, device=device, rank=rank)
 
 
-def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, recipe_yaml: str,
-                       health: DataHealth) -> dict[str, Any]:
-    return {
-        "step": step,
-        "epoch": step // layout.steps_per_epoch,
-        "student": runner.student.state_dict(),
-        "teacher": runner.teacher.state_dict(),
-        "optimizer": runner.optimizer.state_dict(),
-        "scaler": runner.scaler.state_dict(),
-        "recipe_yaml": recipe_yaml,
-        "layout": {"world_size": layout.world_size, "workers": layout.workers,
-                   "local_batch": layout.local_batch, "steps_per_epoch": layout.steps_per_epoch},
-        "rng": capture_rng(),
-        "data_health": health.state(),
-    }
-
-
-def capture_rng() -> dict[str, Any]:
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": torch.tensor(state, dtype=torch.int64), "python_version": version,
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-
-
-def restore(runner: StepRunner, payload: dict[str, Any]) -> None:
-    runner.student.load_state_dict(payload["student"])
-    runner.teacher.load_state_dict(payload["teacher"])
-    runner.optimizer.load_state_dict(payload["optimizer"])
-    if payload.get("scaler"):
-        runner.scaler.load_state_dict(payload["scaler"])
-    restore_rng(payload["rng"])
-
-
 def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool, show_progress: bool = True) -> None:
     """Train (or continue) the run in `run_dir`; every process of the job calls this."""
     env = dist_env.setup()
@@ -110,150 +66,203 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
         if remote.is_remote(run_dir):
             mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
             remote.pull(mirror, run_dir, newest_checkpoint=resume)
-        _train(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir), resume=resume,
-               show_progress=show_progress, mirror=mirror)
+        session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir), resume=resume,
+                               show_progress=show_progress, mirror=mirror)
+        session.run()
         if mirror:  # everything is pushed; on failure the staging copy stays for inspection
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         dist_env.teardown()
 
 
-def _train(env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
-           show_progress: bool, mirror: str | None = None) -> None:
-    recipe = validate_recipe(recipe_data, source=source)
-    recipe_yaml = (run_dir / "recipe.yaml").read_text()
-    shards = resolve_shards(recipe.data.train)
-    layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
-                                local_batch=recipe.optim.global_batch_size // env.world_size)
-    runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size,
-                          steps_per_epoch=layout.steps_per_epoch)
-    schedules = runner.schedules
-    total_steps = schedules.total_steps
-    stop_at = min(total_steps, recipe.optim.max_steps or total_steps)
+class TrainSession:
+    """One process's share of a run: its networks, data stream and logs, and the step it is at.
 
-    progress_notes = list(notes)
-    health = DataHealth(max_bad_fraction=recipe.data.max_bad_fraction)
-    start_step = 0
-    if resume:
-        ref, payload = newest_valid(run_dir, on_skip=lambda r, why: progress_notes.append(
+    `run` trains to the stop step: after every step it accounts for bad samples, logs, honours
+    an agreed stop request (save, then raise RunStopped), evaluates at epoch ends when the
+    recipe asks, and checkpoints on schedule. Whatever ends the run, status.json says where it
+    stands and, for a remote run dir, everything written is pushed to the mirror.
+    """
+
+    def __init__(self, env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
+                 show_progress: bool, mirror: str | None = None) -> None:
+        self.env, self.run_dir, self.mirror, self.show_progress = env, run_dir, mirror, show_progress
+        self.recipe = recipe = validate_recipe(recipe_data, source=source)
+        self.recipe_yaml = (run_dir / "recipe.yaml").read_text()
+        shards = resolve_shards(recipe.data.train)
+        self.layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
+                                         local_batch=recipe.optim.global_batch_size // env.world_size)
+        self.runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size,
+                                   steps_per_epoch=self.layout.steps_per_epoch)
+        self.total_steps = self.runner.schedules.total_steps
+        self.stop_at = min(self.total_steps, recipe.optim.max_steps or self.total_steps)
+        self.health = DataHealth(max_bad_fraction=recipe.data.max_bad_fraction)
+        self.notes = list(notes)
+        self.step = self.start_step = 0
+        self.last_saved: int | None = None
+        if resume:
+            self._restore_newest()
+
+        self.stream = TrainStream(shards, layout=self.layout, rank=env.rank, seed=recipe.optim.seed,
+                                  shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
+        self.loader = build_loader(self.stream, pin_memory=env.device.type == "cuda")
+        self.progress = TrainProgress(total_steps=self.stop_at, start_step=self.start_step, epochs=recipe.optim.epochs,
+                                      steps_per_epoch=self.layout.steps_per_epoch,
+                                      enabled=env.is_main and show_progress, log_every=recipe.logging.every_steps)
+        for note in self.notes:
+            self.progress.note(f"[yellow]note:[/] {note}")
+        self.metrics = JsonlWriter(run_dir) if env.is_main else None
+        self.bad_log = JsonlWriter(run_dir, name=BAD_SAMPLES_NAME) if env.is_main else None
+        self.values: dict[str, float] = {}
+        self.last_save_time = self.window_start = time.monotonic()
+        self.window_images = 0
+
+    def _restore_newest(self) -> None:
+        ref, payload = newest_valid(self.run_dir, on_skip=lambda r, why: self.notes.append(
             f"skipping damaged checkpoint {r.path.name}: {why}"))
-        restore(runner, payload)
-        start_step = int(payload["step"])
-        health.add(**payload.get("data_health", {"seen": 0, "bad": 0}))
-        saved = payload.get("layout", {})
+        restore(self.runner, payload)
+        self.step = self.start_step = self.last_saved = int(payload["step"])
+        self.health.add(**payload.get("data_health", {"seen": 0, "bad": 0}))
+        saved, layout = payload.get("layout", {}), self.layout
         if saved.get("world_size") != layout.world_size or saved.get("workers") != layout.workers:
-            progress_notes.append(
+            self.notes.append(
                 f"resuming with {layout.world_size} process(es) x {layout.workers} worker(s) instead of "
                 f"{saved.get('world_size')} x {saved.get('workers')}: the data order from here on differs "
                 "from an uninterrupted run")
-        progress_notes.append(f"resumed from {ref.path} (step {start_step})")
+        self.notes.append(f"resumed from {ref.path} (step {self.start_step})")
+        if self.env.is_main:
+            truncate_metrics(self.run_dir, after_step=self.start_step)
+            truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
+
+    def run(self) -> None:
+        env, run_dir = self.env, self.run_dir
         if env.is_main:
-            truncate_metrics(run_dir, after_step=start_step)
-            truncate_metrics(run_dir, after_step=start_step, name=BAD_SAMPLES_NAME)
-
-    stream = TrainStream(shards, layout=layout, rank=env.rank, seed=recipe.optim.seed,
-                         shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
-    loader = build_loader(stream, pin_memory=env.device.type == "cuda")
-
-    progress = TrainProgress(total_steps=stop_at, start_step=start_step, epochs=recipe.optim.epochs,
-                             steps_per_epoch=layout.steps_per_epoch, enabled=env.is_main and show_progress,
-                             log_every=recipe.logging.every_steps)
-    for note in progress_notes:
-        progress.note(f"[yellow]note:[/] {note}")
-    metrics = JsonlWriter(run_dir) if env.is_main else None
-    bad_log = JsonlWriter(run_dir, name=BAD_SAMPLES_NAME) if env.is_main else None
-    if env.is_main:
-        update_status(run_dir, status="running", world_size=env.world_size)
-
-    runner.stop_request = StopRequest().install([signal.SIGTERM, signal.SIGUSR2])
-    step = start_step
-    last_saved = start_step if resume else None
-    last_save_time = time.monotonic()
-    started = time.monotonic()
-    window_start, window_images = time.monotonic(), 0
-    values: dict[str, float] = {}
-
-    def save(at: int) -> None:
-        nonlocal last_saved, last_save_time
+            update_status(run_dir, status="running", world_size=env.world_size)
+        self.runner.stop_request = StopRequest().install([signal.SIGTERM, signal.SIGUSR2])
+        started = time.monotonic()
+        try:
+            while self.step < self.stop_at:
+                self._run_epoch()
+            if self.last_saved != self.step:
+                self.save()
+            barrier()
+        except RunStopped as exc:
+            self.progress.close()
+            if env.is_main:
+                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.step,
+                              stop_signal=exc.signal_name)
+                self.sync()
+            raise
+        except BaseException:
+            self.progress.close()
+            if env.is_main:
+                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.last_saved)
+                _try(self.sync)
+            raise
+        finally:
+            self.runner.stop_request.uninstall()
+            for log in (self.metrics, self.bad_log):
+                if log:
+                    log.close()
+        self.progress.close()
         if env.is_main:
-            save_checkpoint(run_dir, step=at, keep_last=recipe.checkpoint.keep_last,
-                            payload=checkpoint_payload(runner, step=at, layout=layout, recipe_yaml=recipe_yaml,
-                                                       health=health))
-            sync()
-        last_saved, last_save_time = at, time.monotonic()
+            update_status(run_dir, status="finished" if self.step >= self.total_steps else "stopped", step=self.step)
+            self.sync()
+            if self.show_progress:
+                _print_summary(self.progress, run_dir=run_dir, shown_as=self.mirror or str(run_dir), step=self.step,
+                               total=self.total_steps, values=self.values, seconds=time.monotonic() - started,
+                               start_step=self.start_step)
 
-    def sync() -> None:
-        if mirror and env.is_main:
-            for log in (metrics, bad_log):
+    def _run_epoch(self) -> None:
+        """The rest of the current epoch, or up to the stop step."""
+        steps_per_epoch = self.layout.steps_per_epoch
+        epoch, in_epoch = divmod(self.step, steps_per_epoch)
+        self.stream.set_epoch(epoch, skip_batches=in_epoch)
+        for batch in _batches(self.loader):
+            self._train_step(batch)
+            if self.step >= self.stop_at or self.step % steps_per_epoch == 0:
+                break
+
+    def _train_step(self, batch: dict) -> None:
+        recipe, layout, runner = self.recipe, self.layout, self.runner
+        reports = batch.pop("bad", [])
+        lost = sum(r["samples"] for r in reports if r["kind"] == "shard")
+        counters = {"seen": layout.local_batch + lost, "bad": sum(r["samples"] for r in reports)}
+        try:
+            self.values = runner.run(batch, step=self.step, counters=counters)
+        except NonFiniteLoss as exc:
+            raise _diverged(self.step, exc.values, last_saved=self.last_saved, run_dir=self.run_dir) from None
+        self.step += 1
+        try:
+            self._account_bad_samples(reports)
+        except DataError:
+            self.save()  # the step itself trained fine: keep it
+            raise
+        self._log()
+        if runner.stop_agreed:
+            raise self._stopped()
+        if self.step % layout.steps_per_epoch == 0 and _eval_due(recipe, epoch=self.step // layout.steps_per_epoch):
+            _evaluate(runner, recipe=recipe, env=self.env, step=self.step, epoch=self.step / layout.steps_per_epoch,
+                      metrics=self.metrics, progress=self.progress)
+        if _due(recipe, step=self.step, last_save_time=self.last_save_time) and self.step < self.stop_at:
+            self.save()
+
+    def _log(self) -> None:
+        """The progress line every step; a metrics.jsonl row every logging.every_steps and at the end."""
+        self.window_images += self.recipe.optim.global_batch_size
+        elapsed = time.monotonic() - self.window_start
+        rate = self.window_images / elapsed if elapsed > 0 else 0.0
+        self.progress.update(step=self.step, values=self.values, images_per_s=rate)
+        if self.metrics and (self.step % self.recipe.logging.every_steps == 0 or self.step == self.stop_at):
+            self.metrics.write({"step": self.step, "epoch": self.step / self.layout.steps_per_epoch,
+                                **{k: round(v, 8) for k, v in self.values.items()}, "images_per_s": round(rate, 2)})
+            self.window_start, self.window_images = time.monotonic(), 0
+
+    def _account_bad_samples(self, reports: list[dict]) -> None:
+        """Log every rank's bad samples (rank 0 writes) and stop when there were too many."""
+        health, totals = self.health, self.runner.totals
+        health.add(seen=totals["seen"], bad=totals["bad"])
+        if totals["bad"] > 0:
+            everything = gather_objects(reports)
+            if self.bad_log:
+                for report in everything:
+                    self.bad_log.write({"step": self.step, **report})
+        if health.exceeded():
+            raise DataError(
+                f"{health.bad} of {health.seen} samples seen so far were bad ({health.fraction:.2%}), more than "
+                f"data.max_bad_fraction ({health.max_bad_fraction:.2%}); see {self.run_dir}/{BAD_SAMPLES_NAME} "
+                "for each shard, key and reason",
+                where=str(self.run_dir),
+                fix="Repair or regenerate the listed shards, or raise data.max_bad_fraction, then `flsl resume`",
+            )
+
+    def _stopped(self) -> RunStopped:
+        """Save the step every rank has just finished, then report the stop."""
+        if self.last_saved != self.step:
+            self.save()
+        barrier()
+        name = self.runner.stop_request.signal_name or "a stop request on another process"
+        return RunStopped(
+            f"stopped by {name} after step {self.step}; its checkpoint is saved in {self.run_dir}/checkpoints",
+            step=self.step, signal_name=name, fix=f"Continue with `flsl resume {self.run_dir}`",
+        )
+
+    def save(self) -> None:
+        """Checkpoint the current step (rank 0 writes; every rank records it)."""
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, step=self.step, keep_last=self.recipe.checkpoint.keep_last,
+                            payload=checkpoint_payload(self.runner, step=self.step, layout=self.layout,
+                                                       recipe_yaml=self.recipe_yaml, health=self.health))
+            self.sync()
+        self.last_saved, self.last_save_time = self.step, time.monotonic()
+
+    def sync(self) -> None:
+        """Push the staging copy of a remote run dir to its mirror (rank 0)."""
+        if self.mirror and self.env.is_main:
+            for log in (self.metrics, self.bad_log):
                 if log:
                     log.flush()
-            remote.push(run_dir, mirror)
-
-    try:
-        while step < stop_at:
-            epoch, in_epoch = divmod(step, layout.steps_per_epoch)
-            stream.set_epoch(epoch, skip_batches=in_epoch)
-            for batch in _batches(loader):
-                reports = batch.pop("bad", [])
-                lost = sum(r["samples"] for r in reports if r["kind"] == "shard")
-                counters = {"seen": layout.local_batch + lost, "bad": sum(r["samples"] for r in reports)}
-                try:
-                    values = runner.run(batch, step=step, counters=counters)
-                except NonFiniteLoss as exc:
-                    raise _diverged(step, exc.values, last_saved=last_saved, run_dir=run_dir) from None
-                step += 1
-                try:
-                    _account_bad_samples(reports, step=step, totals=runner.totals, health=health, log=bad_log,
-                                         run_dir=run_dir)
-                except DataError:
-                    save(step)  # the step itself trained fine: keep it
-                    raise
-                window_images += recipe.optim.global_batch_size
-                elapsed = time.monotonic() - window_start
-                rate = window_images / elapsed if elapsed > 0 else 0.0
-                progress.update(step=step, values=values, images_per_s=rate)
-                if metrics and (step % recipe.logging.every_steps == 0 or step == stop_at):
-                    metrics.write({"step": step, "epoch": step / layout.steps_per_epoch,
-                                   **{k: round(v, 8) for k, v in values.items()},
-                                   "images_per_s": round(rate, 2)})
-                    window_start, window_images = time.monotonic(), 0
-                if runner.stop_agreed:
-                    raise _stopped(step, runner.stop_request, save=save, last_saved=last_saved, run_dir=run_dir)
-                if step % layout.steps_per_epoch == 0 and _eval_due(recipe, epoch=step // layout.steps_per_epoch):
-                    _evaluate(runner, recipe=recipe, env=env, step=step, epoch=step / layout.steps_per_epoch,
-                              metrics=metrics, progress=progress)
-                if _due(recipe, step=step, last_save_time=last_save_time) and step < stop_at:
-                    save(step)
-                if step >= stop_at or step % layout.steps_per_epoch == 0:
-                    break
-        if last_saved != step:
-            save(step)
-        barrier()
-    except RunStopped as exc:
-        progress.close()
-        if env.is_main:
-            update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=step,
-                          stop_signal=exc.signal_name)
-            sync()
-        raise
-    except BaseException:
-        progress.close()
-        if env.is_main:
-            update_status(run_dir, status="stopped", stopped_at_step=step, resumable_from=last_saved)
-            _try(sync)
-        raise
-    finally:
-        runner.stop_request.uninstall()
-        for log in (metrics, bad_log):
-            if log:
-                log.close()
-    progress.close()
-    if env.is_main:
-        update_status(run_dir, status="finished" if step >= total_steps else "stopped", step=step)
-        sync()
-        if show_progress:
-            _print_summary(progress, run_dir=run_dir, shown_as=mirror or str(run_dir), step=step, total=total_steps,
-                           values=values, seconds=time.monotonic() - started, start_step=start_step)
+            remote.push(self.run_dir, self.mirror)
 
 
 def _try(action) -> None:
@@ -274,37 +283,6 @@ def _batches(loader):
         if "flsl_cli.errors." in last:
             raise DataError(last.split(": ", 1)[-1]) from None
         raise
-
-
-def _account_bad_samples(reports: list[dict], *, step: int, totals: dict[str, float], health: DataHealth,
-                         log: JsonlWriter | None, run_dir: Path) -> None:
-    """Log every rank's bad samples (rank 0 writes) and stop when there were too many."""
-    health.add(seen=totals["seen"], bad=totals["bad"])
-    if totals["bad"] > 0:
-        everything = gather_objects(reports)
-        if log:
-            for report in everything:
-                log.write({"step": step, **report})
-    if health.exceeded():
-        raise DataError(
-            f"{health.bad} of {health.seen} samples seen so far were bad ({health.fraction:.2%}), more than "
-            f"data.max_bad_fraction ({health.max_bad_fraction:.2%}); see {run_dir}/{BAD_SAMPLES_NAME} "
-            "for each shard, key and reason",
-            where=str(run_dir),
-            fix="Repair or regenerate the listed shards, or raise data.max_bad_fraction, then `flsl resume`",
-        )
-
-
-def _stopped(step: int, request: StopRequest, *, save, last_saved: int | None, run_dir: Path) -> RunStopped:
-    """Save the step every rank has just finished, then report the stop."""
-    if last_saved != step:
-        save(step)
-    barrier()
-    name = request.signal_name or "a stop request on another process"
-    return RunStopped(
-        f"stopped by {name} after step {step}; its checkpoint is saved in {run_dir}/checkpoints",
-        step=step, signal_name=name, fix=f"Continue with `flsl resume {run_dir}`",
-    )
 
 
 def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
