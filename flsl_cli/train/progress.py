@@ -8,6 +8,18 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+
+class _TrainBar(Progress):
+    """The bar on one line and the loss terms on the next, so both fit an 80-column terminal."""
+
+    terms = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        if self.terms:
+            yield Text(self.terms)
 
 
 class TrainProgress:
@@ -22,12 +34,11 @@ class TrainProgress:
         self._live = enabled and self.console.is_terminal
         self._progress = None
         if self._live:
-            self._progress = Progress(
+            self._progress = _TrainBar(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:.1f} img/s"),
-                TextColumn("{task.fields[terms]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -35,7 +46,7 @@ class TrainProgress:
             )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
                                                  epoch=start_step // steps_per_epoch + 1, epochs=epochs,
-                                                 rate=0.0, terms="")
+                                                 rate=0.0)
             self._progress.start()
         self._started = time.monotonic()
 
@@ -46,10 +57,12 @@ class TrainProgress:
                  f"L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")
         epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
         if self._live:
-            self._progress.update(self._task, completed=step, epoch=epoch, rate=images_per_s, terms=terms)
+            self._progress.terms = terms
+            self._progress.update(self._task, completed=step, epoch=epoch, rate=images_per_s)
         elif step % self.log_every == 0 or step == self.total_steps:
             self.console.print(f"epoch {epoch}/{self.epochs}  step {step}/{self.total_steps}  "
-                               f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}", highlight=False)
+                               f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}", highlight=False,
+                               soft_wrap=True)  # one line per log entry, whatever the console width
 
     def note(self, message: str) -> None:
         if self.enabled:
