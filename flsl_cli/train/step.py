@@ -100,20 +100,6 @@ class StepRunner:
             terms = self.objective(batch, teacher_tokens_bnd=teacher_tokens, teacher_head=self.teacher.head,
                                    teacher_temp=scheduled["teacher_temp"])
 
-        # One collective per step carries the loss terms, the counters and any stop request.
-        counters = {**(counters or {}),
-                    "stop": 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0}
-        device = terms["loss"].device
-        local = torch.stack([terms[name].detach().float() for name in TERMS]
-                            + [torch.tensor(float(v), device=device) for v in counters.values()])
-        reduced = all_reduce_sum(local).tolist()
-        self.totals = dict(zip(counters, reduced[len(TERMS):]))
-        self.stop_agreed = self.totals["stop"] > 0
-        reduced = [value / world_size() for value in reduced[:len(TERMS)]]
-        values = dict(zip(TERMS, reduced))
-        if not all(math.isfinite(v) for v in reduced):
-            raise NonFiniteLoss(values)
-
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         if self.schedules.last_layer_frozen(step):
@@ -125,4 +111,21 @@ class StepRunner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         ema_update(self.teacher, self.student, momentum=scheduled["momentum"])
+        values = self._reduce(terms, counters or {})
         return {**values, **scheduled}
+
+    def _reduce(self, terms: dict[str, torch.Tensor], counters: dict[str, float]) -> dict[str, float]:
+        """The loss terms averaged over ranks; sets `totals` (counters summed over ranks) and
+        `stop_agreed`. One collective carries the terms, the counters and any stop request, and
+        its result is the step's only host sync: it comes after the step's work is queued."""
+        counters = {**counters, "stop": 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0}
+        device = terms["loss"].device
+        local = torch.cat([torch.stack([terms[name].detach().float() for name in TERMS]),
+                           torch.tensor(list(counters.values()), dtype=torch.float32).to(device, non_blocking=True)])
+        reduced = all_reduce_sum(local).tolist()
+        self.totals = dict(zip(counters, reduced[len(TERMS):]))
+        self.stop_agreed = self.totals["stop"] > 0
+        values = dict(zip(TERMS, (value / world_size() for value in reduced[:len(TERMS)])))
+        if not all(math.isfinite(v) for v in values.values()):
+            raise NonFiniteLoss(values)
+        return values
