@@ -71,9 +71,9 @@ def global_mean_probs(student_probs_qk: torch.Tensor) -> torch.Tensor:
     as in a single process holding the whole batch.
     """
     local_sum = student_probs_qk.sum(dim=0)
-    count = torch.tensor(float(student_probs_qk.shape[0]), device=local_sum.device)
-    global_sum = all_reduce_sum(local_sum)
-    global_count = all_reduce_sum(count)
+    count = local_sum.new_full((1,), float(student_probs_qk.shape[0]))
+    reduced = all_reduce_sum(torch.cat([local_sum.detach(), count]))  # sums and counts in one collective
+    global_sum, global_count = reduced[:-1], reduced[-1]
     scaled = local_sum * world_size()
     return (scaled + (global_sum - scaled).detach()) / global_count
 
