@@ -25,10 +25,14 @@ def _final(run):
 
 
 def _signal_mid_run(run, common, *, sig, ready) -> subprocess.CompletedProcess:
-    """Start `flsl pretrain` in the background, send `sig` once `ready(run)` holds, wait for exit."""
+    """Start `flsl pretrain` in the background, send `sig` once `ready(run)` holds, wait for exit.
+
+    The child gets the default SIGINT disposition: started from a background shell job, it would
+    otherwise inherit SIGINT as ignored (as a backgrounded terminal program does) and never see Ctrl-C."""
     process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
                                 "--run-dir", str(run)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ready(run):
         time.sleep(0.1)
