@@ -128,19 +128,23 @@ def knn_eval(*, spec: ModelSpec, settings: KnnSettings, devices: int | None,
 
 def knn_process(*, spec: dict, settings: dict, use_cuda: bool, show_progress: bool, result_path: str) -> None:
     """What each spawned process of `knn_eval` runs; rank 0 writes the results to `result_path`."""
-    results = _process_main(spec=ModelSpec(**spec), settings=KnnSettings.from_mapping(settings),
-                            use_cuda=use_cuda, show_progress=show_progress)
-    if rank() == 0:
-        Path(result_path).write_text(json.dumps(results))
+    _process_main(spec=ModelSpec(**spec), settings=KnnSettings.from_mapping(settings), use_cuda=use_cuda,
+                  show_progress=show_progress, result_path=result_path)
 
 
-def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, show_progress: bool) -> dict[str, Any]:
+def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, show_progress: bool,
+                  result_path: str | None = None) -> dict[str, Any]:
+    """This process's part of the job; the main process also writes the results to `result_path`
+    (decided while the process group is up: after teardown every process reads as rank 0)."""
     from flsl_cli.distributed import env as dist_env
 
     env = dist_env.setup(use_cuda=use_cuda)
     try:
         reporter = Reporter(enabled=env.is_main and show_progress)
-        return run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
+        results = run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
+        if result_path and env.is_main:
+            Path(result_path).write_text(json.dumps(results))
+        return results
     finally:
         dist_env.teardown()
 
