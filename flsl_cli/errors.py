@@ -58,7 +58,8 @@ class RunDirError(FlslError):
 
 
 class RunStopped(FlslError):
-    """The run stopped on request (SIGTERM, SLURM's time-limit warning) after saving a checkpoint."""
+    """The run stopped on request (a stop signal: SIGTERM, SIGUSR2, SIGHUP; Ctrl-C exits 130)
+    after saving the step it reached."""
 
     exit_code = 75
 
@@ -66,6 +67,8 @@ class RunStopped(FlslError):
                  fix: str | None = None) -> None:
         self.step = step
         self.signal_name = signal_name
+        if signal_name == "SIGINT":
+            self.exit_code = 130
         super().__init__(what, where=where, fix=fix)
 
 

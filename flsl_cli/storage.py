@@ -150,6 +150,15 @@ def replace_local(path: Path, write: Callable[[Any], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def leftover_temp_files(folder: Path) -> list[Path]:
+    """Temporary files of `replace_local` in `folder`: those whose writer was killed before it
+    could remove them, unless a writer is at work there right now."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(entry for entry in folder.iterdir() if entry.name.startswith(".") and ".tmp-" in entry.name)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that readers see either the old content or the new, never a part:
     a temporary file renamed into place locally; one PUT (atomic per object) on object stores."""

@@ -19,6 +19,8 @@ CTLD_PORT="${FLSL_SLURM_PORT:-16817}"
 SLURMD_PORT="$((CTLD_PORT + 1))"
 NODE="$(hostname -s)"
 CONF="$STATE_DIR/slurm.conf"
+CPUS="${FLSL_SLURM_CPUS:-16}"  # CPUs the node declares (config_overrides)
+GRACE="${FLSL_SLURM_GRACE:-30}"  # seconds a preempted job has between SIGTERM and SIGKILL
 MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
 
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
@@ -47,7 +49,7 @@ write_config() {
         fi
     fi
     chmod 400 "$STATE_DIR/munge/munge.key"
-    sed -e "s|@STATE_DIR@|$STATE_DIR|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$(nproc)|g" \
+    sed -e "s|@STATE_DIR@|$STATE_DIR|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$CPUS|g" -e "s|@GRACE@|$GRACE|g" \
         -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" -e "s|@USER@|$(id -un)|g" \
         "$HERE/slurm.conf.template" > "$CONF"
 }

@@ -24,9 +24,10 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(train: Path | str, **extra: object) -> list[str]:
-    """--set values for a tiny, fast run on CPU."""
+    """--set values for a tiny, fast run on CPU, with the demo recipe's 2 data workers per
+    process, as users run it (pass data__num_workers=0 for the in-process reader)."""
     values = {
-        "data.train": str(train), "data.num_workers": 0, "data.shuffle_buffer": 16, "data.demo": "null",
+        "data.train": str(train), "data.num_workers": 2, "data.shuffle_buffer": 16, "data.demo": "null",
         "model.arch": "vit_tiny", "model.patch_size": 8, "model.depth": 2, "model.drop_path": 0.1,
         "model.head_out_dim": 64, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
         "augment.global_size": 32, "augment.local_size": 16, "loss.query_window_global": 2,

@@ -28,9 +28,13 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPT
 
 
 def _common(demo_data, **extra):
-    """144 steps of 2 processes (~12 s of training): long enough to signal in mid-run."""
-    values = {"optim__epochs": 6, "checkpoint__every_steps": 50, **extra}
+    """288 steps of 2 processes with the demo recipe's 2 data workers each: long enough to stop
+    and requeue the job several times in mid-run."""
+    values = {"optim__epochs": 12, "checkpoint__every_steps": 50, **extra}
     return tiny_overrides(demo_data / "train", **values)
+
+
+TOTAL_STEPS = 288
 
 
 # --- The cluster ------------------------------------------------------------------------------
@@ -143,20 +147,26 @@ def _signal_mid_run(job: str, run: Path, signal_name: str, *, after_step: int) -
     assert sent.returncode == 0, sent.stderr
 
 
+def _restarts(run: Path, job: str) -> int:
+    """SLURM_RESTART_COUNT of the job's newest attempt that reached flsl."""
+    value = _run_json(run).get("job_restarts") or {}
+    return int(value.get(job, 0)) if isinstance(value, dict) else 0
+
+
 def _release_requeued(job: str, run: Path, restarts: int) -> None:
     """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now."""
     def started() -> bool:
-        if _run_json(run).get("job_restarts", 0) >= restarts:
+        if _restarts(run, job) >= restarts:
             return True
         if _state(job) == "PENDING":
             _slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
             time.sleep(1)
         return False
 
-    _wait(started, what=f"requeued job {job} to start again", run=run, timeout=120)
+    _wait(started, what=f"requeued job {job} to start again", run=run, timeout=150)
 
 
-def _wait_finished(job: str, run: Path, *, timeout: float = 150) -> None:
+def _wait_finished(job: str, run: Path, *, timeout: float = 240) -> None:
     _wait(lambda: _state(job) in TERMINAL, what=f"job {job} to end", run=run, timeout=timeout)
 
 
@@ -196,46 +206,76 @@ def uninterrupted(demo_data, tmp_path_factory) -> Path:
 # --- Stop, requeue, resume --------------------------------------------------------------------
 
 
-def test_usr2_checkpoints_the_step_requeues_and_resumes_exactly(slurm_cluster, demo_data, uninterrupted, tmp_path):
-    """SLURM's time-limit warning (USR2): a checkpoint of the interrupted step, the job requeued,
-    the requeued job resuming from that step, final weights equal to the uninterrupted run."""
-    run = tmp_path / "usr2"
+def _preempt(job: str) -> None:
+    """A job of the higher-tier partition that needs the whole node."""
+    sent = _slurm("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=16", "--output=/dev/null",
+                  "--wrap", "sleep 2")
+    assert sent.returncode == 0, sent.stderr
+
+
+STOPS = [  # (how the job is stopped, the command, who requeues it)
+    ("USR2 to the tasks", lambda job: _slurm("scancel", "--signal=USR2", job), "flsl"),
+    ("TERM to the tasks", lambda job: _slurm("scancel", "--signal=TERM", job), "flsl"),
+    ("USR2 to the batch shell only", lambda job: _slurm("scancel", "--signal=USR2", "--batch", job), "flsl"),
+    ("scontrol requeue", lambda job: _slurm("scontrol", "requeue", job), "slurm"),
+    ("preemption by a higher-priority job", _preempt, "flsl"),
+]
+
+
+def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm_cluster, demo_data,
+                                                                            uninterrupted, tmp_path):
+    """One 2-task job, its data workers on, stopped five ways in turn: the time-limit warning
+    (USR2 to the tasks), TERM to the tasks, USR2to the batch shell alone, `scontrol requeue`,
+    and partition-priority preemption. Each time the step reached is committed (only the step
+    in flight is redone), the job is requeued (by flsl, or by SLURM itself) and resumes from
+    that step; requeues are counted however they happened; the final weights equal an
+    uninterrupted run, bitwise."""
+    run = tmp_path / "stops"
     job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", run), run)
+    assert "#SBATCH --cpus-per-task=3" in (run / "slurm" / "job.sbatch").read_text()  # 2 data workers + 1
     assert (run / "owner.json").exists()
-    _signal_mid_run(job, run, "USR2", after_step=3)
+    step = 0
+    for count, (how, stop, by) in enumerate(STOPS, start=1):
+        _wait(lambda: _restarts(run, job) == count - 1 and _metric_steps(run) and _metric_steps(run)[-1] >= step + 3,
+              what=f"job {job} to pass step {step + 3} before '{how}'", run=run, timeout=150)
+        sent = stop(job)
+        assert getattr(sent, "returncode", 0) == 0, sent.stderr
+        requeued = _wait(lambda: _run_json(run).get("requeues") == count and _run_json(run).get("last_requeue"),
+                         what=f"the requeue after '{how}'", run=run, timeout=90)
+        step = requeued["step"]
+        assert (run / "checkpoints" / f"step-{step:08d}.json").exists(), how  # committed
+        assert _metric_steps(run)[-1] == step, how  # nothing trained past it is lost
+        assert requeued["by"] == by, (how, requeued)
+        if how.startswith("preemption"):
+            assert requeued["cause"] == "preemption", requeued
+        _release_requeued(job, run, restarts=count)
+        rank0 = _squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
+        assert _squeeze(f"resumed from {run}/checkpoints/step-{step:08d}.pt (step {step})") in rank0, how
 
-    requeued = _wait(lambda: _run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)
-    step = requeued["step"]
-    assert requeued["signal"] == "SIGUSR2" and 3 <= step < 144
-    assert (run / "checkpoints" / f"step-{step:08d}.json").exists()  # committed checkpoint of that step
-    assert _metric_steps(run)[-1] == step  # nothing logged past it: at most the step in flight is lost
-    assert _run_json(run)["job_requeues"] == {job: 1}
-
-    _release_requeued(job, run, restarts=1)
     _wait_finished(job, run)
     record = _run_json(run)
     assert record["status"] == "finished", _logs(run)
-    assert record["job_ids"] == [job] and record["requeues"] == 1
-    rank0 = _squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
-    assert _squeeze(f"job {job} (restart 1)") in rank0
-    assert _squeeze(f"resumed from {run}/checkpoints/step-{step:08d}.pt (step {step})") in rank0
-    assert "Traceback" not in _logs(run)
+    assert record["job_ids"] == [job] and record["requeues"] == len(STOPS)
+    logs = _logs(run)
+    assert "Traceback" not in logs and "could not requeue" not in logs and "DataLoader worker" not in logs
     _assert_same_run(uninterrupted, run)
     assert not (run / "owner.json").exists()
 
     status = run_flsl("status", run, "--json")
     assert status.returncode == 0, status.stderr
     summary = json.loads(status.stdout)
-    assert summary["status"] == "finished" and summary["step"] == 144 and summary["requeues"] == 1
-    assert summary["newest_checkpoint"]["step"] == 144 and summary["job_ids"] == [job]
+    assert summary["status"] == "finished" and summary["step"] == TOTAL_STEPS
+    assert summary["requeues"] == len(STOPS) and summary["job_requeues"] == {job: len(STOPS)}
+    assert summary["newest_checkpoint"]["step"] == TOTAL_STEPS and summary["job_ids"] == [job]
+    assert summary["last_error"] is None and summary["nodes"]
 
 
-def test_sigterm_requeues_until_the_limit_then_resume_submits_the_rest(slurm_cluster, demo_data, uninterrupted,
-                                                                       tmp_path):
-    """Preemption's SIGTERM: checkpoint, requeue, resume; a second SIGTERM past
-    slurm.max_requeues=1 stops with a clear message; a second writer is refused while the job
-    runs; `flsl resume RUN --nodes 1` submits the rest; the weights equal the uninterrupted run."""
-    run = tmp_path / "sigterm"
+def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted, tmp_path):
+    """TERM requeues the job; the next TERM past slurm.max_requeues=1 stops it with a clear
+    message; a second writer is refused meanwhile; `flsl resume RUN --nodes 1` submits a new job,
+    which a plain `scancel` stops with its step saved and not requeued; a third job finishes the
+    run, bitwise equal to the uninterrupted one."""
+    run = tmp_path / "limit"
     common = _common(demo_data, slurm__max_requeues=1)
     job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--run-dir", run), run)
     _signal_mid_run(job, run, "TERM", after_step=3)
@@ -269,10 +309,82 @@ def test_sigterm_requeues_until_the_limit_then_resume_submits_the_rest(slurm_clu
 
     second = _submitted(run_flsl("resume", run, *ON_CPU), run)
     assert second != job
+    _wait(lambda: _run_json(run).get("job_id") == second and _run_json(run).get("status") == "running"
+          and _metric_steps(run)[-1] >= stopped_at + 3, what=f"job {second} to train", run=run, timeout=120)
+    assert _slurm("scancel", second).returncode == 0  # plain scancel: stop for good, with the step saved
     _wait_finished(second, run)
+    record = _run_json(run)
+    cancelled_at = record["stopped_at_step"]
+    assert record["status"] == "stopped" and record.get("stop_reason") == "cancelled", record
+    assert record["job_requeues"] == {job: 1} and record["requeues"] == 1  # not requeued
+    assert (run / "checkpoints" / f"step-{cancelled_at:08d}.json").exists()
+    assert _metric_steps(run)[-1] == cancelled_at
+    assert "Traceback" not in _logs(run)
+
+    third = _submitted(run_flsl("resume", run, *ON_CPU), run)
+    _wait_finished(third, run)
     assert _run_json(run)["status"] == "finished", _logs(run)
-    assert _run_json(run)["job_ids"] == [job, second]
+    assert _run_json(run)["job_ids"] == [job, second, third]
     _assert_same_run(uninterrupted, run)
+
+
+def test_the_time_limit_warning_requeues_before_the_limit(slurm_cluster, demo_data, tmp_path):
+    """A 2-minute job that asks for SIGUSR2 90 s before its limit: SLURM's warning stops it at a
+    step, which is committed; the job requeues itself and resumes from that step."""
+    run = tmp_path / "limit"
+    common = _common(demo_data, optim__epochs=1000, slurm__signal_minutes_before_end=1.5)
+    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--time", "2", "--run-dir", run),
+                     run)
+    requeued = _wait(lambda: _run_json(run).get("last_requeue"), what="the time-limit warning", run=run,
+                     timeout=150)
+    step = requeued["step"]
+    assert requeued["signal"] == "SIGUSR2" and requeued["by"] == "flsl"
+    assert (run / "checkpoints" / f"step-{step:08d}.json").exists() and _metric_steps(run)[-1] == step
+    _release_requeued(job, run, restarts=1)
+    _wait(lambda: _squeeze(f"(step {step})") in _squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
+          what="the resume", run=run, timeout=60)
+    assert _slurm("scancel", job).returncode == 0
+    _wait_finished(job, run)
+    assert _run_json(run)["status"] == "stopped" and "Traceback" not in _logs(run)
+
+
+def test_concurrent_jobs_meet_on_different_ports(slurm_cluster, demo_data, tmp_path):
+    """Two jobs at once on the same first node: each rendezvous on its own port, both finish."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    jobs = [_submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__max_steps=4), *ON_CPU,
+                                "--run-dir", run), run) for run in runs]
+    for job, run in zip(jobs, runs):
+        _wait_finished(job, run)
+        assert _run_json(run)["status"] == "finished", _logs(run)
+    ports = set()
+    for job, run in zip(jobs, runs):
+        log = _squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
+        ports.add(log.split("rendezvous")[1].split(",")[0].rsplit(":", 1)[1])
+    assert len(ports) == 2, ports
+
+
+def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_path):
+    """A job whose Python does not exist fails before flsl runs: `flsl status` says failed (not
+    starting); a job SLURM no longer knows is shown as such; a run dir that vanished before its
+    job started is not recreated and the job is not requeued."""
+    run = tmp_path / "broken"
+    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU,
+                              "--set", "slurm.python=/nonexistent/python", "--run-dir", run), run)
+    _wait_finished(job, run, timeout=60)
+    summary = json.loads(run_flsl("status", run, "--json").stdout)
+    assert summary["status"].startswith("failed"), summary
+    record = _run_json(run)
+    (run / "run.json").write_text(json.dumps({**record, "job_ids": [*record["job_ids"], "999999"]}))
+    shown = run_flsl("status", run)
+    assert "no longer known to SLURM" in " ".join(shown.stdout.split()), shown.stdout
+
+    gone = tmp_path / "gone"
+    held = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", gone), gone)
+    _slurm("scontrol", "hold", held)
+    shutil.rmtree(gone)
+    _slurm("scontrol", "release", held)
+    _wait(lambda: _state(held) in TERMINAL, what=f"job {held} to end", run=gone, timeout=90)
+    assert _state(held) != "PENDING" and not gone.exists()
 
 
 def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_path):
@@ -296,7 +408,7 @@ def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_p
     text = log.read_text()
     assert _run_json(run)["status"] == "finished", text[-3000:]
     assert _squeeze(f"(step {step})") in _squeeze(text) and f"created {run}" in text
-    assert _metric_steps(run) == list(range(1, 145))
+    assert _metric_steps(run) == list(range(1, TOTAL_STEPS + 1))
 
 
 # --- Bad input --------------------------------------------------------------------------------

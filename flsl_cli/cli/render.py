@@ -9,8 +9,9 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from flsl_cli.errors import FlslError
+from flsl_cli.errors import FlslError, RunStopped
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -25,12 +26,17 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except RunStopped as exc:
+            label = "[bold yellow]interrupted:[/]" if exc.exit_code == 130 else "[cyan]flsl:[/]"
+            err_console.print(f"{label} {escape(exc.describe())}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except FlslError as exc:
             err_console.print(f"[bold red]error:[/] {exc.describe()}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("[bold yellow]interrupted.[/] Checkpoints already written are intact; "
-                              "continue with `flsl resume RUN_DIR`.")
+            err_console.print("[bold yellow]interrupted.[/] Every file flsl had finished writing is intact "
+                              "(each is written whole or not at all); a run with a checkpoint continues with "
+                              "`flsl resume` and its run dir.", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

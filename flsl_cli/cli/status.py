@@ -47,6 +47,8 @@ def status(
         for job_id in result.job_ids:
             info = result.jobs.get(job_id, {})
             detail = info.get("state", "")
+            if detail == "UNKNOWN_TO_SLURM":
+                detail = "no longer known to SLURM"
             if info.get("reason") and info.get("state", "").startswith("PENDING"):
                 detail += f", {info['reason']}"
             if info.get("elapsed") and info.get("state", "") in ("RUNNING", "COMPLETING"):
@@ -54,12 +56,17 @@ def status(
             jobs.append(f"{job_id} ({detail})" if detail else job_id)
         answered = "" if result.slurm_answered else "  (squeue/sacct did not answer: state from the run dir)"
         table.add_row("SLURM jobs", (", ".join(jobs) or "none") + answered)
+        if result.nodes:
+            table.add_row("nodes", result.nodes)
         per_job = ", ".join(f"job {job}: {count}" for job, count in result.job_requeues.items())
         table.add_row("requeues", f"{result.requeues}" + (f" ({per_job})" if per_job else ""))
     if result.last_error:
         error = result.last_error
         where = f"job {error['job_id']}, rank {error.get('rank', '?')}: " if error.get("job_id") else ""
         table.add_row("last error", f"{where}{error.get('message', '')}")
+    if result.leftovers:
+        table.add_row("leftovers", "\n".join(result.leftovers) + "\n(temporary files of writes that were cut "
+                      "off; `flsl resume` removes them)")
     if result.logs:
         table.add_row("logs", "\n".join(result.logs))
     out_console.print(table)

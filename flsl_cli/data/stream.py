@@ -19,6 +19,8 @@ from __future__ import annotations
 import collections
 import math
 import random
+import re
+import signal
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from flsl_cli import signals
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
 from flsl_cli.errors import DataError
@@ -262,3 +265,46 @@ def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
+    signals.for_data_worker()
+
+
+def iterate(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches. Its worker processes start with the stop signals held back (see
+    `flsl_cli.signals`); a worker that dies becomes a DataError naming its pid and signal, and a
+    user error raised inside a worker arrives as itself (`worker_failure` reads torch's report of
+    a worker that died, which can come at any moment of the step)."""
+    try:
+        with signals.held():
+            batches = iter(loader)
+        yield from batches
+    except Exception as exc:  # noqa: BLE001 - a worker's error arrives with its traceback as text
+        text = str(exc).strip().splitlines()
+        last = text[-1] if text else ""
+        if "flsl_cli.errors." in last:
+            raise DataError(last.split(": ", 1)[-1]) from None
+        raise
+
+
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?\s*$")
+_WORKER_EXITED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+
+
+def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
+    """The DataError for torch's report of a data worker that died (killed by a signal, or gone
+    without a word), else None."""
+    text = str(exc).strip()
+    killed = _WORKER_KILLED.search(text)
+    if killed:
+        pid, description = killed.groups()
+        name = next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
+        what = f"data worker (pid {pid}) was killed by {name}"
+    elif (exited := _WORKER_EXITED.search(text)):
+        what = f"data worker (pid {exited.group(1)}) exited unexpectedly"
+    else:
+        return None
+    return DataError(
+        f"{what}; the run stopped (stop signals never end data workers, so something else did: "
+        "out of memory? see `dmesg`)",
+        fix="Check the machine's memory (fewer data.num_workers or a smaller optim.global_batch_size "
+            f"use less), then continue with `flsl resume {run_dir}`",
+    )

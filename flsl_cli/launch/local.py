@@ -2,20 +2,24 @@
 
 Each child gets torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 A user error raised in any child is written to a small file and re-raised here, so the CLI
-renders it once, like in a single process.
+renders it once, like in a single process. A stop signal sent to this process alone (`kill
+PID`, a scheduler that signals only its child) is passed on to every child, which stop
+together at one step (see `flsl_cli.signals`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from flsl_cli.errors import FlslError
+from flsl_cli.errors import FlslError, RunStopped
+from flsl_cli.signals import STOP_SIGNALS, held, stop_request
 
 
 def free_port() -> int:
@@ -26,6 +30,7 @@ def free_port() -> int:
 
 def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: int, error_dir: str,
            threads: int) -> None:
+    stop_request()  # before anything slow: the parent started this process with stop signals held
     os.environ.update({
         "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -38,7 +43,8 @@ def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: i
     except FlslError as exc:
         Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps({
             "type": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix,
-            "exit_code": exc.exit_code,
+            "exit_code": exc.exit_code, "step": getattr(exc, "step", None),
+            "signal_name": getattr(exc, "signal_name", None),
         }))
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
@@ -58,21 +64,43 @@ def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
 
     threads = max(1, (os.cpu_count() or 1) // nprocs) if not torch.cuda.is_available() else max(1, torch.get_num_threads() // nprocs)
     with tempfile.TemporaryDirectory(prefix="flsl-ranks-") as error_dir:
+        with held():
+            context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir, threads),
+                                         nprocs=nprocs, join=False, start_method="spawn")
+        previous = {signum: signal.signal(signum, _pass_on(context)) for signum in STOP_SIGNALS
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
         try:
-            mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir, threads),
-                               nprocs=nprocs, join=True, start_method="spawn")
+            while not context.join():
+                pass
         except mp.ProcessRaisedException:
             _raise_recorded(error_dir, fallback="a training process failed")
         except mp.ProcessExitedException as exc:
-            if exc.exit_code == 130 or exc.exit_code == -2:
+            if exc.exit_code == -signal.SIGINT:
                 raise KeyboardInterrupt from None
             _raise_recorded(error_dir, fallback=f"a training process exited with code {exc.exit_code}")
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _pass_on(context):
+    def handler(signum, _frame) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signum)
+                except OSError:
+                    pass
+    return handler
 
 
 def _raise_recorded(error_dir: str, *, fallback: str) -> None:
     records = sorted(Path(error_dir).glob("rank*.json"))
     for path in records:
         record = json.loads(path.read_text())
+        if record["type"] == "RunStopped":
+            raise RunStopped(record["what"], step=record["step"], signal_name=record["signal_name"],
+                             where=record["where"], fix=record["fix"])
         if record["type"] != "crash":
             error = FlslError(record["what"], where=record["where"], fix=record["fix"])
             error.exit_code = record["exit_code"]

@@ -7,24 +7,23 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from flsl_cli import storage
-from flsl_cli.checkpoint.store import newest_valid, save_checkpoint
+from flsl_cli import signals, storage
+from flsl_cli.checkpoint.store import checkpoint_dir, newest_valid, save_checkpoint
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
-from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
+from flsl_cli.data.stream import TrainStream, build_loader, iterate, plan_layout, worker_failure
 from flsl_cli.distributed import env as dist_env
-from flsl_cli.distributed.ops import barrier, gather_objects
-from flsl_cli.errors import DataError, RunStopped, TrainingDiverged
+from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
+from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
@@ -32,7 +31,6 @@ from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import truncate_metrics, update_status
 from flsl_cli.train.schedules import Schedules
-from flsl_cli.train.signals import StopRequest
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
 
@@ -59,7 +57,10 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
 
 
 def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool, show_progress: bool = True) -> None:
-    """Train (or continue) the run in `run_dir`; every process of the job calls this."""
+    """Train (or continue) the run in `run_dir`; every process of the job calls this. Stop
+    signals are taken from the start: one that arrives before the first step stops the run
+    there (see `flsl_cli.signals`)."""
+    signals.stop_request()
     env = dist_env.setup()
     mirror = None
     try:
@@ -80,8 +81,9 @@ class TrainSession:
 
     `run` trains to the stop step: after every step it accounts for bad samples, logs, honours
     an agreed stop request (save, then raise RunStopped), evaluates at epoch ends when the
-    recipe asks, and checkpoints on schedule. Whatever ends the run, status.json says where it
-    stands and, for a remote run dir, everything written is pushed to the mirror.
+    recipe asks, and checkpoints on schedule. Whatever ends the run, run.json says where it
+    stands (and the error that ended it) and, for a remote run dir, everything written is
+    pushed to the mirror.
     """
 
     def __init__(self, env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
@@ -131,36 +133,50 @@ class TrainSession:
                 "from an uninterrupted run")
         self.notes.append(f"resumed from {ref.path} (step {self.start_step})")
         if self.env.is_main:
+            # This process owns the run dir: a temporary file there is what a killed writer left.
+            for leftover in storage.leftover_temp_files(checkpoint_dir(self.run_dir)):
+                leftover.unlink(missing_ok=True)
+                self.notes.append(f"removed {leftover.name}, left by a checkpoint write that was cut off")
             truncate_metrics(self.run_dir, after_step=self.start_step)
             truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
 
     def run(self) -> None:
         env, run_dir = self.env, self.run_dir
         if env.is_main:
-            update_status(run_dir, status="running", world_size=env.world_size)
-        self.runner.stop_request = StopRequest().install([signal.SIGTERM, signal.SIGUSR2])
+            update_status(run_dir, status="running", world_size=env.world_size, last_error=None)
+        self.runner.stop_request = signals.stop_request()
         started = time.monotonic()
         try:
-            while self.step < self.stop_at:
-                self._run_epoch()
-            if self.last_saved != self.step:
-                self.save()
-            barrier()
+            try:
+                self._stop_if_asked_before_training()
+                while self.step < self.stop_at:
+                    self._run_epoch()
+                if self.last_saved != self.step:
+                    self.save()
+                barrier()
+            except RuntimeError as exc:  # torch reports a data worker that died at any moment
+                failure = worker_failure(exc, run_dir=self.shown_as)
+                if failure is None:
+                    raise
+                raise failure from None
         except RunStopped as exc:
             self.progress.close()
             if env.is_main:
-                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.step,
+                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.last_saved,
                               stop_signal=exc.signal_name)
                 self.sync()
             raise
-        except BaseException:
+        except BaseException as exc:
             self.progress.close()
             if env.is_main:
-                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.last_saved)
+                failed = isinstance(exc, FlslError) or not isinstance(exc, (KeyboardInterrupt, SystemExit))
+                message = exc.describe() if isinstance(exc, FlslError) else f"{type(exc).__name__}: {exc}"
+                update_status(run_dir, status="failed" if failed else "stopped", stopped_at_step=self.step,
+                              resumable_from=self.last_saved,
+                              last_error={"step": self.step, "message": message} if failed else None)
                 _try(self.sync)
             raise
         finally:
-            self.runner.stop_request.uninstall()
             for log in (self.metrics, self.bad_log):
                 if log:
                     log.close()
@@ -169,16 +185,38 @@ class TrainSession:
             update_status(run_dir, status="finished" if self.step >= self.total_steps else "stopped", step=self.step)
             self.sync()
             if self.show_progress:
-                _print_summary(self.progress, run_dir=run_dir, shown_as=self.mirror or str(run_dir), step=self.step,
+                _print_summary(self.progress, run_dir=run_dir, shown_as=self.shown_as, step=self.step,
                                total=self.total_steps, values=self.values, seconds=time.monotonic() - started,
                                start_step=self.start_step)
+
+    @property
+    def shown_as(self) -> str:
+        """The run dir as the user named it (the mirror URL for a remote one)."""
+        return self.mirror or str(self.run_dir)
+
+    def _stop_if_asked_before_training(self) -> None:
+        """A stop signal that came while the run was starting ends it here, on every rank alike:
+        there is nothing new to save."""
+        asked = float(self.runner.stop_request.requested)
+        if self.env.world_size > 1:
+            asked = float(all_reduce_sum(torch.tensor([asked], device=self.env.device)).item())
+        if asked:
+            kept = (f"the run stays resumable from step {self.last_saved}" if self.last_saved is not None
+                    else "nothing was trained, so there is nothing to save")
+            raise self._stop_error(f"before its first step; {kept}", resumable=self.last_saved is not None)
+
+    def _stop_error(self, when: str, *, resumable: bool) -> RunStopped:
+        name = self.runner.stop_request.signal_name or "a stop request on another process"
+        how = f"`flsl resume {self.shown_as}`" if resumable else "the same `flsl pretrain` command"
+        return RunStopped(f"stopped by {name} {when}", step=self.step, signal_name=name,
+                          fix=f"Continue with {how}")
 
     def _run_epoch(self) -> None:
         """The rest of the current epoch, or up to the stop step."""
         steps_per_epoch = self.layout.steps_per_epoch
         epoch, in_epoch = divmod(self.step, steps_per_epoch)
         self.stream.set_epoch(epoch, skip_batches=in_epoch)
-        for batch in _batches(self.loader):
+        for batch in iterate(self.loader):
             self._train_step(batch)
             if self.step >= self.stop_at or self.step % steps_per_epoch == 0:
                 break
@@ -241,11 +279,8 @@ class TrainSession:
         if self.last_saved != self.step:
             self.save()
         barrier()
-        name = self.runner.stop_request.signal_name or "a stop request on another process"
-        return RunStopped(
-            f"stopped by {name} after step {self.step}; its checkpoint is saved in {self.run_dir}/checkpoints",
-            step=self.step, signal_name=name, fix=f"Continue with `flsl resume {self.run_dir}`",
-        )
+        return self._stop_error(f"after step {self.step}; its checkpoint is saved in "
+                                f"{storage.join(self.shown_as, 'checkpoints')}", resumable=True)
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; every rank records it)."""
@@ -271,18 +306,6 @@ def _try(action) -> None:
         action()
     except Exception:  # noqa: BLE001
         pass
-
-
-def _batches(loader):
-    """Iterate the loader, turning errors raised in its worker processes back into user errors."""
-    try:
-        yield from loader
-    except Exception as exc:  # noqa: BLE001 - a worker's error arrives with its traceback as text
-        text = str(exc).strip().splitlines()
-        last = text[-1] if text else ""
-        if "flsl_cli.errors." in last:
-            raise DataError(last.split(": ", 1)[-1]) from None
-        raise
 
 
 def _eval_due(recipe: Recipe, *, epoch: int) -> bool:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flsl_cli import storage
+from flsl_cli import signals, storage
 from flsl_cli.checkpoint.store import newest_valid
 from flsl_cli.config.load import (
     apply_overrides,
@@ -89,6 +89,7 @@ def launch(*, recipe: Recipe, source: str, run_dir: Path, resume: bool, devices:
         write_owner(run_dir, owner)
     try:
         if devices == 1:
+            signals.stop_request()  # a stop from here on ends the run at a step (or before the first)
             if not use_cuda:
                 import os
                 for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -228,7 +229,7 @@ def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: P
 
     source = str(recipe_path)
     recipe = load_recipe(recipe_path, overrides=overrides)
-    request = resolve_request(recipe.slurm, flags)
+    request = resolve_request(recipe.slurm, flags, data_workers=recipe.data.num_workers)
     _refuse_remote_for_slurm(run_dir)
     run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
     if dry_run:
@@ -266,7 +267,7 @@ def submit_resume(run_dir: Path, *, overrides: list[str], flags: SlurmFlags, dry
     requests = {}
 
     def world_size_of(recipe: Recipe) -> int:
-        requests["slurm"] = resolve_request(recipe.slurm, flags)
+        requests["slurm"] = resolve_request(recipe.slurm, flags, data_workers=recipe.data.num_workers)
         return requests["slurm"].world_size
 
     if not dry_run:

@@ -239,6 +239,19 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         )
 
 
+def owner_alive(owner: dict[str, Any] | None) -> bool:
+    """Whether a local owner's process still runs (same pid and start time; a reused pid does
+    not count). An owner on another machine, or a SLURM job, counts as alive."""
+    import socket
+
+    if owner is None:
+        return False
+    if owner.get("kind") != "local" or owner.get("host") != socket.gethostname():
+        return True
+    pid = owner.get("pid")
+    return isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid))
+
+
 def _process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:

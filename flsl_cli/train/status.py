@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flsl_cli import storage
 from flsl_cli.errors import RunDirError
+from flsl_cli.train.rundir import owner_alive, read_owner
 
 _MANIFEST = re.compile(r"^step-(\d{8,})\.json$")
 
@@ -34,10 +36,12 @@ class RunStatus:
     newest_checkpoint: dict[str, Any] | None = None  # {"step", "path", "age_s"}
     checkpoints: int = 0
     requeues: int = 0
-    job_requeues: dict[str, int] = field(default_factory=dict)
+    job_requeues: dict[str, int] = field(default_factory=dict)  # per job: flsl's or SLURM's count
+    nodes: str | None = None         # the newest job's node list
     stopped: dict[str, Any] | None = None  # {"step", "signal"} of the last stop on request
     last_error: dict[str, Any] | None = None
     owner: dict[str, Any] | None = None
+    leftovers: list[str] = field(default_factory=list)  # temporary files of cut-off writes
     logs: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -60,48 +64,66 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
 
     job_ids = [str(j) for j in record.get("job_ids", [])]
     recorded = record.get("status")
+    requeues = _requeues(record)
     result = RunStatus(
         run_dir=str(run_dir), status=recorded or "unknown", recorded_status=recorded,
         scheduler=record.get("scheduler", "local"), job_ids=job_ids,
-        requeues=int(record.get("requeues", 0)),
-        job_requeues={str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()},
-        last_error=_error(record.get("last_error")),
+        requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.get("nodes"),
+        # an error of an earlier attempt is history once the run finished
+        last_error=None if recorded == "finished" else _error(record.get("last_error")),
     )
     if record.get("stop_signal"):
         result.stopped = {"step": record.get("stopped_at_step"), "signal": record.get("stop_signal")}
     result.step, result.epoch = _last_metrics(run_dir / "metrics.jsonl")
     result.newest_checkpoint, result.checkpoints = _newest_checkpoint(run_dir / "checkpoints")
-    try:
-        result.owner = json.loads((run_dir / "owner.json").read_text())
-    except (OSError, ValueError):
-        result.owner = None
+    result.owner = read_owner(run_dir)
+    live = recorded in ("running", "starting") and owner_alive(result.owner)
+    if not live:  # while a run writes, its temporary files are writes in progress
+        result.leftovers = [str(p) for p in storage.leftover_temp_files(run_dir / "checkpoints")]
+    if result.scheduler == "local" and recorded in ("running", "starting") and not live:
+        result.status = "stopped (process gone)"
     if job_ids:
         newest = job_ids[-1]
         jobs_dir = run_dir / "slurm"
         result.logs = [str(jobs_dir / f"{newest}_0_log.out"), str(jobs_dir / f"{newest}_0_log.err")]
         if ask_slurm:
-            from flsl_cli.launch.slurm import job_details
+            from flsl_cli.launch.slurm import UNKNOWN_TO_SLURM, job_details
 
             result.jobs = job_details(job_ids[-5:])
             result.slurm_answered = bool(result.jobs)
             state = result.jobs.get(newest, {}).get("state")
             if state:
-                result.status = _combine(recorded, state)
+                result.status = _combine(recorded, state, unknown=UNKNOWN_TO_SLURM)
     return result
 
 
-def _combine(recorded: str | None, state: str) -> str:
+def _requeues(record: dict[str, Any]) -> dict[str, int]:
+    """Requeues per job, however they happened: flsl's own count, or SLURM's restart count
+    (a preemption or `scontrol requeue` that the job saw as a restart), the larger."""
+    counted = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
+    restarts = record.get("job_restarts")
+    restarts = {str(k): int(v) for k, v in restarts.items()} if isinstance(restarts, dict) else {}
+    return {job: max(counted.get(job, 0), restarts.get(job, 0)) for job in sorted({*counted, *restarts})
+            if max(counted.get(job, 0), restarts.get(job, 0)) > 0}
+
+
+def _combine(recorded: str | None, state: str, *, unknown: str) -> str:
     """One word for the user: SLURM's view while the job is queued or running, else the run's."""
     state = state.split()[0].rstrip("+")
+    if state == unknown:
+        if recorded in ("finished", "stopped", "failed"):
+            return recorded
+        return f"{recorded or 'unknown'} (its job is unknown to SLURM: it ended without a word from flsl)"
     if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
         return "requeued (pending)" if recorded == "requeued" else "pending"
     if state in ("RUNNING", "CONFIGURING", "COMPLETING"):
         return recorded if recorded in ("running", "starting", "requeued") else "running"
     if state.lower() == recorded or (state == "COMPLETED" and recorded in ("finished", "stopped", "failed")):
         return recorded
-    if recorded == "finished":
-        return "finished"
-    return f"{(recorded or 'unknown')} (job {state.lower()})"
+    if recorded in ("finished", "stopped", "failed"):
+        return recorded
+    # The job ended while run.json still says it was starting or running: it died.
+    return f"failed (job {state.lower()})"
 
 
 def _error(value: Any) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from flsl_cli.losses.flsl import LossWeights, StudentView, flsl_loss
 from flsl_cli.models.flsl import Network, ema_update
 from flsl_cli.train.optim import set_schedule
 from flsl_cli.train.schedules import Schedules
-from flsl_cli.train.signals import StopRequest
+from flsl_cli.signals import StopRequest
 
 TERMS = ("loss", "intra", "inter", "volume")
 

@@ -1,0 +1,361 @@
+"""Inside a SLURM job: the batch step, every task, and what happens when the job is stopped.
+
+    batch   (the job script runs it once per attempt) starts the tasks with srun and passes
+            every stop signal it gets on to them as SIGUSR2: a signal to the batch shell alone
+            (`scancel --batch`) stops the run like one to the tasks, and the batch step lives
+            until the tasks have saved and ended.
+    task    (under srun, in every task) agrees on the rendezvous, claims the run directory
+            (rank 0), and trains, resuming when the run has a checkpoint.
+
+Any stop signal (USR2 before the time limit, TERM on preemption, `scancel`, `scontrol
+requeue`, INT, HUP), to any or all processes of the job, stops every rank after one step and
+saves that step (see `flsl_cli.signals`). Then rank 0 asks SLURM what became of the job
+(`stop_outcome`): SLURM already requeued it (preemption, `scontrol requeue`), it is ending
+(plain `scancel`, the time limit), or it still runs and flsl requeues it itself (`scontrol
+requeue`). Requeues are counted per job in run.json, however they happened; at
+`slurm.max_requeues` the job stops with a message instead.
+
+    python -m flsl_cli.launch.slurm_job prepare RECIPE RUN_DIR [--set K=V ...]
+    python -m flsl_cli.launch.slurm_job batch RUN_DIR [--logs DIR] [--cpu]
+    python -m flsl_cli.launch.slurm_job task RUN_DIR [--cpu]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from flsl_cli import signals
+from flsl_cli.errors import FlslError, RunStopped
+from flsl_cli.launch.slurm import JOBS_DIR, SlurmError, job_info, job_state, requeue
+
+_ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
+                  "OUT_OF_MEMORY", "BOOT_FAIL")
+_REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED")
+
+
+def _log(message: str) -> None:
+    print(f"flsl: {message}", file=sys.stderr, flush=True)
+
+
+# --- The batch step -----------------------------------------------------------------------------
+
+
+def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
+    """Run every task of this job attempt with srun and wait for them; stop signals are passed
+    on to the tasks (srun hands SIGUSR2 to each of them; SIGTERM would make srun kill them)."""
+    command = ["srun", "--unbuffered", "--kill-on-bad-exit=1"]
+    if logs:
+        command += ["--open-mode=append", f"--output={logs}/%j_%t_log.out", f"--error={logs}/%j_%t_log.err"]
+    command += [sys.executable, "-u", "-m", "flsl_cli.launch.slurm_job", "task", run_dir] + (["--cpu"] if cpu else [])
+    with signals.held():
+        step = subprocess.Popen(command)
+
+    def pass_on(signum, _frame) -> None:
+        _log(f"the batch step got {signal.Signals(signum).name}: asking every task to stop (SIGUSR2)")
+        try:
+            os.kill(step.pid, signal.SIGUSR2)
+        except OSError:
+            pass
+
+    for signum in signals.STOP_SIGNALS:
+        signal.signal(signum, pass_on)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)
+    return step.wait()
+
+
+# --- Every task ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Task:
+    run_dir: Path
+    job_id: str
+    restart: int
+    rank: int
+
+    @property
+    def attempt(self) -> str:
+        return f"{self.job_id}.{self.restart}"
+
+
+def _limit_threads() -> None:
+    """One share of the node's CPUs per task, unless the user chose OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not per_task:
+        cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+        tasks = int((os.environ.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0].split(",")[0] or 1)
+        per_task = str(max(1, cpus // max(1, tasks)))
+    os.environ["OMP_NUM_THREADS"] = per_task
+
+
+def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
+    """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
+    rank 0 settles the job's fate (`_after_stop`)."""
+    from flsl_cli.launch.rendezvous import agree_on_port, in_slurm_job, torch_env
+
+    signals.stop_request()  # from the first instant: a stop during start-up is kept
+    if not in_slurm_job(os.environ):
+        print("error: this runs as a task of a SLURM job step (SLURM_JOB_ID and SLURM_PROCID are not set). "
+              f"Start it with srun inside a job (see slurm/flsl.sbatch), or train here with `flsl resume {run_dir}`.",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    os.environ.update(torch_env(os.environ))
+    if use_cuda is False:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    _limit_threads()
+    task = _Task(run_dir=Path(run_dir), job_id=os.environ["SLURM_JOB_ID"],
+                 restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0), rank=int(os.environ["RANK"]))
+    max_requeues = None
+    try:
+        recipe, resume = _begin(task)
+        max_requeues = recipe.slurm.max_requeues
+        if "FLSL_MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(agree_on_port(
+                task.run_dir / JOBS_DIR, attempt=task.attempt, rank=task.rank,
+                first=int(os.environ["MASTER_PORT"])))
+        if task.rank == 0:
+            _log(f"job {task.job_id} (restart {task.restart}) on {os.environ.get('SLURM_JOB_NODELIST', '?')}: "
+                 f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
+                 f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
+        import torch
+
+        threads = os.environ["OMP_NUM_THREADS"].split(",")[0]
+        if threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
+        from flsl_cli.config.load import recipe_to_dict
+        from flsl_cli.train.loop import train_process
+        from flsl_cli.train.rundir import RECIPE_NAME
+
+        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / RECIPE_NAME),
+                      run_dir=str(task.run_dir), resume=resume)
+    except RunStopped as stopped:
+        _log(stopped.what)
+        if task.rank == 0:
+            try:
+                _after_stop(task, step=stopped.step, signal_name=stopped.signal_name, max_requeues=max_requeues)
+            except FlslError as exc:
+                _fail(task, exc, status="stopped")  # resumable: its checkpoint is saved
+        return
+    except FlslError as exc:
+        _fail(task, exc)
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            _record_error(task, f"{last} (traceback in {_log_path(task)})")
+            if task.rank == 0:
+                _release(task)
+        raise
+    if task.rank == 0:
+        _release(task)
+        _log(f"job {task.job_id} done")
+
+
+def _begin(task: _Task):
+    """Read the run; rank 0 claims the run directory and records this attempt. Returns
+    (recipe, resume?)."""
+    from flsl_cli.checkpoint.store import list_checkpoints
+    from flsl_cli.config.load import validate_recipe
+    from flsl_cli.train import rundir
+
+    recipe_text, record = rundir.read_run(task.run_dir)
+    recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
+    resume = bool(list_checkpoints(task.run_dir))
+    if task.rank == 0:
+        me = rundir.slurm_owner(task.job_id)
+        rundir.refuse_if_owned(task.run_dir, slurm_state=job_state, me=me)
+        rundir.write_owner(task.run_dir, me)
+        job_ids = [str(j) for j in record.get("job_ids", [])]
+        if task.job_id not in job_ids:
+            job_ids.append(task.job_id)
+        restarts = _restarts(record)
+        restarts[task.job_id] = task.restart
+        rundir.update_status(task.run_dir, scheduler="slurm", job_ids=job_ids, job_id=task.job_id,
+                             job_restarts=restarts, nodes=os.environ.get("SLURM_JOB_NODELIST"), status="starting")
+        if not resume:  # a restarted attempt that never reached a checkpoint starts over
+            rundir.truncate_metrics(task.run_dir, after_step=0)
+    return recipe, resume
+
+
+def _restarts(record: dict) -> dict[str, int]:
+    value = record.get("job_restarts")
+    return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
+    """What became of the job after a stop, from `scontrol show job` (`job_info`):
+    "requeued" (SLURM requeued it: preemption, `scontrol requeue`), "time limit" or
+    "cancelled" (the job is ending), or "running" (nobody ended it: flsl requeues it itself;
+    also when SLURM cannot be asked)."""
+    if not info:
+        return "running"
+    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
+    if int(info.get("Restarts") or 0) > restart or state in _REQUEUED_STATES:
+        return "requeued"
+    if state in _ENDING_STATES:
+        from flsl_cli.config.schema import SlurmConfig
+
+        try:
+            limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
+            ran = SlurmConfig.time_limit_seconds(info.get("RunTime", "0")) if info.get("RunTime") not in (None, "00:00:00") else 0
+        except ValueError:
+            limit, ran = None, 0
+        return "time limit" if state == "TIMEOUT" or (limit and ran and ran >= limit) else "cancelled"
+    return "running"
+
+
+def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int | None) -> None:
+    """Rank 0, after every rank stopped and the step is saved: record the requeue SLURM made,
+    stop for good when the job is ending, or requeue the job (up to slurm.max_requeues)."""
+    from flsl_cli.checkpoint.store import newest_step
+    from flsl_cli.train import rundir
+
+    _, record = rundir.read_run(task.run_dir)
+    if record.get("status") == "finished":
+        _release(task)
+        return
+    if max_requeues is None:
+        recipe_text, _ = rundir.read_run(task.run_dir)
+        max_requeues = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("max_requeues", 20))
+    saved_step = newest_step(task.run_dir)
+    saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
+             else "no checkpoint was written yet")
+    counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
+    done = max(counts.get(task.job_id, 0), task.restart)
+    info = job_info(task.job_id)
+    outcome = stop_outcome(info, restart=task.restart)
+    preempted = bool(info and info.get("PreemptTime") not in (None, "None"))
+    cause = "preemption" if preempted else signal_name
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if outcome in ("cancelled", "time limit"):
+        why = ("the job was cancelled" if outcome == "cancelled" else
+               "the job reached its time limit (the SIGUSR2 warning came too late to requeue it: "
+               "raise --time or slurm.signal_minutes_before_end)")
+        rundir.update_status(task.run_dir, status="stopped", stop_reason=outcome)
+        _release(task)
+        _log(f"{why}; {saved}; not requeued. Continue with `flsl resume {task.run_dir} --nodes N ...`")
+        return
+    if outcome == "requeued":
+        counts[task.job_id] = done + 1
+        rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
+                             requeues=_total(record, counts),
+                             last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
+                                           "by": "slurm", "cause": cause, "time": now})
+        _log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
+        return
+    if done >= max_requeues:
+        raise SlurmError(
+            f"job {task.job_id} was stopped by {signal_name} and not requeued: it has been requeued "
+            f"{done} time(s), the limit set by slurm.max_requeues ({max_requeues}); {saved}",
+            where=str(task.run_dir),
+            fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...` (a new job), or raise the limit "
+                "with --set slurm.max_requeues=...",
+        )
+    counts[task.job_id] = done + 1
+    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts, requeues=_total(record, counts),
+                         last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
+                                       "by": "flsl", "cause": cause, "time": now})
+    reason = requeue(task.job_id)
+    if reason is not None:
+        counts[task.job_id] = done
+        rundir.update_status(task.run_dir, job_requeues=counts, requeues=_total(record, counts))
+        raise SlurmError(
+            f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
+            where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
+        )
+    then = f"it resumes from step {saved_step}" if saved_step is not None else "it starts the run over"
+    _log(f"requeued job {task.job_id} ({done + 1} of at most {max_requeues}); {then}")
+
+
+def _total(record: dict, counts: dict[str, int]) -> int:
+    """Requeues of the run over all its jobs: flsl's count or SLURM's restarts, the larger."""
+    restarts = _restarts(record)
+    return sum(max(counts.get(job, 0), restarts.get(job, 0)) for job in set(counts) | set(restarts))
+
+
+def _log_path(task: _Task) -> Path:
+    return task.run_dir / JOBS_DIR / f"{task.job_id}_{task.rank}_log.err"
+
+
+def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
+    """Note the first error of this job attempt in run.json (a later one on another rank is
+    usually a consequence of it). A run dir that vanished is left alone."""
+    from flsl_cli.train import rundir
+
+    if not (task.run_dir / rundir.RUN_NAME).exists():
+        return
+    try:
+        _, record = rundir.read_run(task.run_dir)
+        previous = record.get("last_error") or {}
+        if previous.get("attempt") == task.attempt:
+            return
+        rundir.update_status(task.run_dir, status=status if task.rank == 0 else record.get("status"),
+                             last_error={"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank,
+                                         "node": os.environ.get("SLURMD_NODENAME"),
+                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": message})
+    except (OSError, FlslError):
+        pass
+
+
+def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
+    print(f"error: {exc.describe()}", file=sys.stderr, flush=True)
+    # run.json lives in the run dir: its record need not name it again.
+    shown = FlslError(exc.what, fix=exc.fix) if exc.where == str(task.run_dir) else exc
+    _record_error(task, shown.describe(), status=status)
+    if task.rank == 0:
+        _release(task)
+    raise SystemExit(exc.exit_code)
+
+
+def _release(task: _Task) -> None:
+    from flsl_cli.train import rundir
+
+    if task.run_dir.is_dir():
+        rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flsl_cli.launch.slurm_job")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="check the recipe and data, create RUN_DIR (once)")
+    prepare.add_argument("recipe")
+    prepare.add_argument("run_dir")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    batch = commands.add_parser("batch", help="run every task of this job with srun, passing stop signals on")
+    batch.add_argument("run_dir")
+    batch.add_argument("--logs", help="folder for one log per task (default: the job's output)")
+    batch.add_argument("--cpu", action="store_true", help="CPU processes (gloo), even where GPUs are visible")
+    task = commands.add_parser("task", help="train or resume RUN_DIR as one task of the job")
+    task.add_argument("run_dir")
+    task.add_argument("--cpu", action="store_true", help="CPU processes (gloo), even where GPUs are visible")
+    args = parser.parse_args(argv)
+    if args.command == "batch":
+        return batch_main(args.run_dir, logs=args.logs, cpu=args.cpu)
+    if args.command == "task":
+        job_main(args.run_dir, use_cuda=False if args.cpu else None)
+        return 0
+    try:
+        from flsl_cli.train.run import prepare_for_job
+
+        prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
+    except FlslError as exc:
+        print(f"error: {exc.describe()}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Stop signals the way schedulers send them: to every process of the run (training processes
+and their data workers), at a random step, during a checkpoint write, twice, and before the
+first step. Every case stops cleanly at one step (exit 75, 130 for SIGINT), commits that step,
+prints no traceback, and `flsl resume` finishes bitwise equal to an uninterrupted run. A data
+worker killed by something else is reported by pid and signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_flsl, tiny_overrides
+
+def _common(demo_data, **extra):
+    """72 steps (3 epochs of 24) with the demo recipe's 2 data workers per process."""
+    values = {"optim__epochs": 3, "checkpoint__every_steps": 1000, **extra}
+    return tiny_overrides(demo_data / "train", **values)
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _final(run: Path) -> dict:
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for key in ("loss", "intra", "inter", "volume", "lr"):
+            assert x[key] == y[key], (x["step"], key)
+    fa, fb = _final(a), _final(b)
+    assert fa["step"] == fb["step"]
+    for part in ("student", "teacher"):
+        for key in fa[part]:
+            assert torch.equal(fa[part][key], fb[part][key]), (part, key)
+
+
+@pytest.fixture(scope="module")
+def straight(demo_data, tmp_path_factory):
+    """The uninterrupted runs to compare with, for 1 and 2 processes."""
+    runs = {}
+    for devices in (1, 2):
+        run = tmp_path_factory.mktemp("straight") / f"p{devices}"
+        done = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--devices", devices, "--run-dir", run)
+        assert done.returncode == 0, done.stderr
+        runs[devices] = run
+    return runs
+
+
+class Run:
+    """`flsl pretrain` in its own process group, as a scheduler or a terminal starts it (SIGINT
+    at its default disposition, as in a foreground terminal job)."""
+
+    def __init__(self, run: Path, args: list[str]) -> None:
+        self.run = run
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *map(str, args), "--run-dir", str(run)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
+            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setsid()))
+
+    def wait_for(self, condition, *, what: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not condition():
+            if self.process.poll() is not None or time.time() > deadline:
+                out, err = self.process.communicate(timeout=60)
+                pytest.fail(f"the run ended or timed out before {what}:\n{err[-3000:]}")
+            time.sleep(0.002)
+
+    def handles_stop_signals(self) -> bool:
+        """The run's process catches SIGTERM (flsl's stop handling is in place)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+    def processes(self) -> list[int]:
+        """Every process of the run's group: training processes and data workers."""
+        listing = subprocess.run(["ps", "-o", "pid=", "-g", str(self.process.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in listing.stdout.split()]
+
+    def signal_group(self, signum: int) -> None:
+        os.killpg(self.process.pid, signum)
+
+    def finish(self) -> subprocess.CompletedProcess:
+        out, err = self.process.communicate(timeout=180)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+
+def _stopped_cleanly(result, *, signum: int) -> int:
+    """The step the run says it stopped after; asserts the exit code and that nothing leaked."""
+    err = result.stderr
+    assert result.returncode == (130 if signum == signal.SIGINT else 75), err
+    assert "Traceback" not in err + result.stdout and "DataLoader worker" not in err
+    assert f"stopped by {signal.Signals(signum).name} after step" in err, err
+    return int(err.split("after step ")[1].split(";")[0])
+
+
+def _committed(run: Path, step: int) -> None:
+    assert (run / "checkpoints" / f"step-{step:08d}.json").exists()
+    assert _final(run)["step"] == step
+    assert _metrics(run)[-1]["step"] == step  # every finished step is saved: only the step in flight is redone
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "stopped" and record["resumable_from"] == step
+
+
+@pytest.mark.parametrize("signum, devices", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data, straight, tmp_path, signum,
+                                                                         devices):
+    """The whole process group (ranks and data workers) signalled at a random step."""
+    run = tmp_path / "run"
+    at = random.Random().randrange(3, 40)
+    started = Run(run, [*_common(demo_data), "--devices", devices])
+    started.wait_for(lambda: len(_metrics(run)) >= at, what=f"step {at}")
+    every = 1 + (devices if devices > 1 else 0) + 2 * devices  # launcher, ranks, 2 data workers each
+    started.wait_for(lambda: len(started.processes()) >= every, what="the data workers")
+    started.signal_group(signum)
+    step = _stopped_cleanly(started.finish(), signum=signum)
+    assert step >= at
+    _committed(run, step)
+    resumed = run_flsl("resume", run, "--devices", devices)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {step}" in resumed.stderr
+    _assert_same_run(straight[devices], run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2])
+def test_a_signal_during_a_checkpoint_write_lets_it_finish(demo_data, straight, tmp_path, signum):
+    """A signal while a periodic checkpoint is being written (its temporary file exists, its
+    manifest does not): the write completes, the run stops at the next step and saves it."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    started = Run(run, _common(demo_data, checkpoint__every_steps=10))
+
+    seen = []
+
+    def writing() -> bool:
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        seen[:] = [name for name in names if name.startswith(".step-") and ".tmp-" in name]
+        return bool(seen)
+
+    started.wait_for(writing, what="a checkpoint write")
+    started.signal_group(signum)
+    step = _stopped_cleanly(started.finish(), signum=signum)
+    _committed(run, step)
+    written = seen[0][1:].split(".tmp-")[0]  # .step-00000010.pt.tmp-PID -> step-00000010.pt
+    assert (checkpoints / written).with_suffix(".json").exists()  # the write under way completed
+    assert run_flsl("resume", run).returncode == 0
+    _assert_same_run(straight[1], run)
+
+
+def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straight, tmp_path):
+    """SIGHUP (a closed terminal or ssh session), then SIGTERM while the stop checkpoint is
+    written: it is still committed."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    started = Run(run, _common(demo_data))
+    started.wait_for(lambda: len(_metrics(run)) >= 5, what="step 5")
+    started.signal_group(signal.SIGHUP)
+    started.wait_for(lambda: checkpoints.is_dir() and bool(os.listdir(checkpoints)), what="the stop checkpoint")
+    started.signal_group(signal.SIGTERM)
+    step = _stopped_cleanly(started.finish(), signum=signal.SIGHUP)
+    _committed(run, step)
+    assert run_flsl("resume", run).returncode == 0
+    _assert_same_run(straight[1], run)
+
+
+def test_a_signal_before_the_first_step_stops_with_nothing_to_save(demo_data, tmp_path):
+    """Stopped while it starts up: a clean exit that says so; the run starts again from step 0."""
+    run = tmp_path / "run"
+    started = Run(run, _common(demo_data, optim__epochs=1))
+    started.wait_for(started.handles_stop_signals, what="the stop handling")
+    started.signal_group(signal.SIGTERM)
+    result = started.finish()
+    err = " ".join(result.stderr.split())
+    if "after step" in err:  # start-up outran the signal: still a clean stop at a step
+        _committed(run, _stopped_cleanly(result, signum=signal.SIGTERM))
+        return
+    assert result.returncode == 75 and "Traceback" not in err, err
+    assert "before its first step" in err and "nothing to save" in err
+    assert not list((run / "checkpoints").glob("*.json")) if (run / "checkpoints").exists() else True
+    again = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__epochs=1), "--run-dir", run, "--force")
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_data_worker_killed_by_something_else_is_named(demo_data, tmp_path):
+    """SIGKILL to one data worker (what the OOM killer does): a one-line error with its pid and
+    the signal, exit 2, no traceback; run.json says failed with that message."""
+    run = tmp_path / "run"
+    started = Run(run, _common(demo_data))
+    started.wait_for(lambda: len(_metrics(run)) >= 3, what="step 3")
+    victim = [pid for pid in started.processes() if pid != started.process.pid][0]
+    os.kill(victim, signal.SIGKILL)
+    result = started.finish()
+    err = " ".join(result.stderr.split())
+    assert result.returncode == 2, err
+    assert "Traceback" not in err
+    assert f"data worker (pid {victim}) was killed by SIGKILL" in err and f"flsl resume {run}" in err
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and f"pid {victim}" in record["last_error"]["message"]
