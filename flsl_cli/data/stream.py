@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
+import multiprocessing
 import random
 import re
 import signal
@@ -250,7 +251,11 @@ def collate(samples: list[dict]) -> dict:
 
 
 def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
+    """The rank's loader. Workers are forked where the platform can: a process that was itself
+    spawned (`flsl --devices N`) would otherwise spawn them too, each importing torch anew at
+    every epoch."""
     use_workers = stream.layout.loader_workers
+    fork = use_workers and "fork" in multiprocessing.get_all_start_methods()
     return DataLoader(
         stream,
         batch_size=stream.layout.local_batch,
@@ -260,6 +265,7 @@ def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
         prefetch_factor=2 if use_workers else None,
         worker_init_fn=_worker_init,
         collate_fn=collate,
+        multiprocessing_context=multiprocessing.get_context("fork") if fork else None,
     )
 
 

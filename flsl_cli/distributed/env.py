@@ -32,6 +32,27 @@ def read_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def local_processes() -> int:
+    """Training processes on this machine: torchrun's/`flsl --devices`'s LOCAL_WORLD_SIZE, or
+    SLURM's tasks per node ("2(x3)" counts 2), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpu_threads(*, data_workers: int) -> int:
+    """Threads of a training process on CPU: its share of the CPUs it may run on, less one per
+    data worker (they compute too: more threads than CPUs slows every step several times over
+    as soon as anything else runs). OMP_NUM_THREADS, when set, decides."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // local_processes() - data_workers)
+
+
 def setup(*, use_cuda: bool | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     """Initialise the default process group when there is more than one process."""
     rank, local_rank, world_size = read_env()

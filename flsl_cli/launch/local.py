@@ -28,16 +28,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: int, error_dir: str,
-           threads: int) -> None:
+def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: int, error_dir: str) -> None:
     stop_request()  # before anything slow: the parent started this process with stop signals held
     os.environ.update({
         "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
     })
-    import torch
-
-    torch.set_num_threads(threads)
     try:
         fn(**kwargs)
     except FlslError as exc:
@@ -59,13 +55,11 @@ def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: i
 
 def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
     """Call fn(**kwargs) in `nprocs` spawned processes and wait for all of them."""
-    import torch
     import torch.multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // nprocs) if not torch.cuda.is_available() else max(1, torch.get_num_threads() // nprocs)
     with tempfile.TemporaryDirectory(prefix="flsl-ranks-") as error_dir:
         with held():
-            context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir, threads),
+            context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir),
                                          nprocs=nprocs, join=False, start_method="spawn")
         previous = {signum: signal.signal(signum, _pass_on(context)) for signum in STOP_SIGNALS
                     if signal.getsignal(signum) is not signal.SIG_IGN}

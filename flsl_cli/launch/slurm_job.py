@@ -85,18 +85,6 @@ class _Task:
         return f"{self.job_id}.{self.restart}"
 
 
-def _limit_threads() -> None:
-    """One share of the node's CPUs per task, unless the user chose OMP_NUM_THREADS."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
-    if not per_task:
-        cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-        tasks = int((os.environ.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0].split(",")[0] or 1)
-        per_task = str(max(1, cpus // max(1, tasks)))
-    os.environ["OMP_NUM_THREADS"] = per_task
-
-
 def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
     rank 0 settles the job's fate (`_after_stop`)."""
@@ -111,7 +99,6 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     os.environ.update(torch_env(os.environ))
     if use_cuda is False:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    _limit_threads()
     task = _Task(run_dir=Path(run_dir), job_id=os.environ["SLURM_JOB_ID"],
                  restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0), rank=int(os.environ["RANK"]))
     max_requeues = None
@@ -126,11 +113,6 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
             _log(f"job {task.job_id} (restart {task.restart}) on {os.environ.get('SLURM_JOB_NODELIST', '?')}: "
                  f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
-        import torch
-
-        threads = os.environ["OMP_NUM_THREADS"].split(",")[0]
-        if threads.isdigit() and int(threads) > 0:
-            torch.set_num_threads(int(threads))
         from flsl_cli.config.load import recipe_to_dict
         from flsl_cli.train.loop import train_process
         from flsl_cli.train.rundir import RECIPE_NAME

@@ -94,6 +94,8 @@ class TrainSession:
         shards = resolve_shards(recipe.data.train)
         self.layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
                                          local_batch=recipe.optim.global_batch_size // env.world_size)
+        if env.device.type == "cpu":
+            torch.set_num_threads(dist_env.cpu_threads(data_workers=self.layout.loader_workers))
         self.runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size,
                                    steps_per_epoch=self.layout.steps_per_epoch)
         self.total_steps = self.runner.schedules.total_steps
