@@ -9,7 +9,9 @@
 #   slurm/cluster.sh env      print `export SLURM_CONF=...` (use with eval)
 #
 # Everything lives in FLSL_SLURM_DIR (default /tmp/flsl-slurm-$UID); ports are private
-# (FLSL_SLURM_PORT, default 16817, and the next one). Installs nothing: see
+# (FLSL_SLURM_PORT, default 16817, and the next one). The node declares FLSL_SLURM_CPUS CPUs
+# (default 16); partition `debug` (default) is preempted by partition `urgent`, with
+# FLSL_SLURM_GRACE seconds (default 30) to save. Installs nothing: see
 # slurm/install-debian.sh. Needs root (slurmd starts jobs as their users).
 set -euo pipefail
 

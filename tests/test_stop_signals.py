@@ -217,3 +217,30 @@ def test_a_data_worker_killed_by_something_else_is_named(demo_data, tmp_path):
     assert f"data worker (pid {victim}) was killed by SIGKILL" in err and f"flsl resume {run}" in err
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and f"pid {victim}" in record["last_error"]["message"]
+
+
+def test_sigkill_during_a_checkpoint_write_then_status_and_resume(demo_data, straight, tmp_path):
+    """SIGKILL (nothing can be saved) while a checkpoint is written: `flsl status` says the
+    process is gone and lists the temporary file it left; `flsl resume` removes it and finishes
+    bitwise equal to an uninterrupted run."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    started = Run(run, _common(demo_data, checkpoint__every_steps=10))
+
+    def writing_the_second() -> bool:  # the first is committed, the next one is being written
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        return "step-00000010.json" in names and any(".tmp-" in name for name in names)
+
+    started.wait_for(writing_the_second, what="a second checkpoint write")
+    started.signal_group(signal.SIGKILL)
+    started.finish()
+    leftovers = [p for p in checkpoints.iterdir() if ".tmp-" in p.name]
+    status = run_flsl("status", run, "--json")
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    assert summary["status"] == "stopped (process gone)", summary
+    assert sorted(summary["leftovers"]) == sorted(str(p) for p in leftovers)
+    resumed = run_flsl("resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]
+    _assert_same_run(straight[1], run)
