@@ -1,4 +1,8 @@
-"""Rendering at the CLI boundary: user errors become one short message and an exit code."""
+"""Rendering at the CLI boundary: user errors become one short message and an exit code.
+
+Messages are printed as plain text, never read as rich markup: a message that names
+`pip install 'flsl[onnx]'` or a path with brackets prints exactly as written.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from flsl_cli.errors import FlslError
+from flsl_cli.errors import FlslError, RecipeError
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -26,7 +31,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlslError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.describe()}", highlight=False, soft_wrap=True)
+            err_console.print(error_text(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold yellow]interrupted.[/] Checkpoints already written are intact; "
@@ -36,8 +41,22 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def error_text(exc: FlslError) -> Text:
+    """`error: WHERE: WHAT. FIX.`; for a recipe, one problem per line (each with its own remedy)
+    and then the command that checks the recipe again."""
+    text = Text("error:", style="bold red")
+    if not isinstance(exc, RecipeError):
+        return text.append(f" {exc.describe()}")
+    count = len(exc.problems)
+    text.append(f" {exc.source}: {count} problem{'s' if count != 1 else ''} in the recipe:")
+    for problem in exc.problems:
+        text.append(f"\n  {problem}")
+    text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
+    return text
+
+
 def note(message: str) -> None:
-    err_console.print(f"[cyan]flsl:[/] {message}", highlight=False)
+    err_console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)
 
 
 def demo_progress():
