@@ -25,7 +25,7 @@ def show(
     """Print the fully resolved recipe (defaults filled in, overrides applied)."""
     from flsl_cli.config.load import load_recipe, recipe_to_yaml
 
-    out_console.print(recipe_to_yaml(load_recipe(recipe, overrides=set_ or [])), highlight=False, end="")
+    out_console.print(recipe_to_yaml(load_recipe(recipe, overrides=set_ or [])), highlight=False, markup=False, end="")
 
 
 @app.command("validate")

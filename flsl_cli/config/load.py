@@ -40,12 +40,19 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 class DuplicateKeys(yaml.YAMLError):
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(problems))
+    """Keys given twice: (dotted key, line of the first, line of the second) each."""
+
+    def __init__(self, duplicates: list[tuple[str, int, int]]) -> None:
+        self.duplicates = duplicates
+        super().__init__(", ".join(key for key, _, _ in duplicates))
+
+    def problems(self, *, prefix: str = "", lines: bool = True) -> list[str]:
+        return [f"{prefix}{key}: given twice" + (f" (lines {first} and {second})" if lines else "")
+                + "; YAML would silently keep the second; delete one of them"
+                for key, first, second in self.duplicates]
 
 
-def _duplicate_keys(node: yaml.Node, *, path: tuple[str, ...]) -> Iterator[str]:
+def _duplicate_keys(node: yaml.Node, *, path: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             yield from _duplicate_keys(item, path=path + (str(index),))
@@ -58,8 +65,7 @@ def _duplicate_keys(node: yaml.Node, *, path: tuple[str, ...]) -> Iterator[str]:
         key, line = key_node.value, key_node.start_mark.line + 1
         dotted = ".".join(path + (key,))
         if key in first_line:
-            yield (f"{dotted}: given twice (lines {first_line[key]} and {line}); YAML would silently keep "
-                   f"the second; delete one of them")
+            yield dotted, first_line[key], line
         else:
             first_line[key] = line
         yield from _duplicate_keys(value_node, path=path + (key,))
@@ -112,7 +118,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     try:
         data = parse_yaml(text)
     except DuplicateKeys as exc:
-        raise RecipeError(exc.problems, source=str(path)) from None
+        raise RecipeError(exc.problems(), source=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -141,7 +147,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
         try:
             value = parse_yaml(raw) if raw.strip() else ""
         except DuplicateKeys as exc:
-            problems.extend(f"--set {key}: {problem}" for problem in exc.problems)
+            problems.extend(exc.problems(prefix=f"--set {key}=...: {key}.", lines=False))
             continue
         except yaml.YAMLError:
             value = raw
