@@ -371,3 +371,23 @@ def test_cases_from_the_issue_as_subprocesses(demo_data, tmp_path):
         result = run_flsl(*args, cwd=REPO)
         _refused(result.returncode, result.stdout, result.stderr, needles)
         assert not run.exists() and not (tmp_path / "demo").exists()
+
+
+def test_more_data_workers_than_cpus_is_said_once_in_flsl_words(demo_data, tmp_path):
+    """More data workers than CPUs: one flsl note naming data.num_workers, not torch's
+    UserWarning once per loader."""
+    workers = len(os.sched_getaffinity(0)) + 1
+    result = run_flsl("pretrain", "recipes/demo.yaml",
+                      *tiny_overrides(demo_data / "train", optim__max_steps=1, data__num_workers=workers),
+                      "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "UserWarning" not in result.stderr
+    assert " ".join(result.stderr.split()).count(f"data.num_workers is {workers}") == 1
+
+
+def test_knn_eval_default_workers_fit_the_cpus():
+    """knn-eval's default loader workers never exceed the CPUs each process has (at least one)."""
+    from flsl_cli.eval.api import available_cpus, default_workers
+
+    assert 1 <= default_workers(1) <= max(1, min(4, available_cpus()))
+    assert default_workers(available_cpus() * 2) == 1

@@ -197,9 +197,9 @@ def newest_valid(run_dir: Path, *, on_skip=None) -> tuple[CheckpointRef, dict[st
     refs = list_checkpoints(run_dir)
     if not refs:
         raise CheckpointError(
-            "no complete checkpoint in this run directory", where=str(run_dir),
-            fix="Start the run again with `flsl pretrain RECIPE --run-dir DIR` (a run only becomes "
-            "resumable after its first checkpoint; see checkpoint.every_steps)",
+            "no complete checkpoint in this run directory yet", where=str(run_dir),
+            fix=f"A run writes its first checkpoint after checkpoint.every_steps steps or at its end; "
+            f"`flsl resume {run_dir}` continues it (from step 0 when it has none)",
         )
     reasons = []
     for ref in reversed(refs):

@@ -80,7 +80,7 @@ def knn_eval(
                      random_init=random_init)
     if workers is not None and workers > available_cpus():
         note(f"--workers {workers} is more than the {available_cpus()} CPUs this process may use: the data-loader "
-             "processes will share them (fewer workers are as fast)")
+             "processes will share them")
     results = evaluate(spec=spec, settings=settings, devices=devices)
     path = output or default_output(results)
     write_json(path, results)

@@ -115,6 +115,43 @@ def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool
         raise RecipeError(problems, source=source)
 
 
+# PyTorch warns, in every loader of every process, when a DataLoader has more workers than the
+# process has CPUs; flsl says it once, naming the recipe key, and keeps torch's warning quiet.
+_WORKER_WARNING = "This DataLoader will create"
+
+
+def note_worker_count(recipe: Recipe, *, on_note: Callable[[str], None]) -> None:
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    if recipe.data.num_workers > cpus:
+        on_note(f"data.num_workers is {recipe.data.num_workers}, more than the {cpus} CPUs each process may use: "
+                "the worker processes will share them")
+
+
+@contextmanager
+def _quiet_worker_warning():
+    """Silence torch's worker-count warning here and in the processes this one spawns."""
+    import os
+    import warnings
+
+    option = f"ignore:{_WORKER_WARNING}:UserWarning"
+    saved = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{saved},{option}" if saved else option
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
@@ -134,16 +171,17 @@ def launch(*, recipe: Recipe, source: str, run_dir: Path, resume: bool, devices:
     if owned:
         write_owner(run_dir, owner)
     try:
-        if devices == 1:
-            if not use_cuda:
-                import os
-                for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-                    os.environ.pop(name, None)
-            train_process(**kwargs)
-            return
-        from flsl_cli.launch.local import run_local_processes
+        with _quiet_worker_warning():
+            if devices == 1:
+                if not use_cuda:
+                    import os
+                    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                        os.environ.pop(name, None)
+                train_process(**kwargs)
+                return
+            from flsl_cli.launch.local import run_local_processes
 
-        run_local_processes(train_process, nprocs=devices, kwargs=kwargs)
+            run_local_processes(train_process, nprocs=devices, kwargs=kwargs)
     except (MemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise
@@ -207,6 +245,7 @@ def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: st
                      on_demo_progress=on_demo_progress, on_note=on_note)
     run_dir = storage.normalize(target) if remote.is_remote(target) else Path(target)
     on_note(f"run dir: {run_dir}  ({nprocs} {'GPU' if use_cuda else 'CPU'} process(es))")
+    note_worker_count(recipe, on_note=on_note)
     try:
         launch(recipe=recipe, source=str(recipe_path), run_dir=run_dir, resume=False, devices=nprocs,
                use_cuda=use_cuda)
@@ -315,6 +354,7 @@ def resume_run(run_dir: str | Path, *, overrides: list[str], devices: int | None
         on_note(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its saved recipe  {processes}")
     else:
         on_note(f"resuming {run_dir} from step {step}  {processes}")
+    note_worker_count(recipe, on_note=on_note)
     launch(recipe=recipe, source=source, run_dir=run_dir, resume=step is not None, devices=nprocs, use_cuda=use_cuda)
     return run_dir
 
