@@ -115,6 +115,11 @@ RECIPES = [
     ("yaml-syntax", "model: [unclosed\n", ["not valid YAML", "(line 2, column 1)"]),
     ("top-level-list", "- just\n- a list\n", ["mapping of sections"]),
     ("empty-file", "", ["data", "missing"]),
+    ("alias-inside-itself", "data: {train: x}\nslurm: {setup: &a [x, *a]}\n", ["slurm.setup.1", "alias"]),
+    ("alias-bomb", "data: {train: x}\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdef", "bcdefg")), ["100000", "aliases"]),
+    ("data-train-empty", {"data": {"train": ""}}, ["data.train", "non-empty"]),
+    ("sbatch-option-list", {"slurm": {"extra_sbatch": {"gres": [1]}}}, ["slurm.extra_sbatch.gres", "string or"]),
 ]
 
 
@@ -238,6 +243,8 @@ COMMANDS = [
     ("pretrain-set-without-value", ["pretrain", "{recipe}", "--set", "optim.epochs", "--run-dir", "{w}/new"],
      ["optim.epochs", "KEY=VALUE"]),
     ("pretrain-set-without-key", ["pretrain", "{recipe}", "--set", "=3", "--run-dir", "{w}/new"], ["KEY=VALUE"]),
+    ("pretrain-set-empty-key-part", ["pretrain", "{recipe}", "--set", "optim..epochs=3", "--run-dir", "{w}/new"],
+     ["optim..epochs", "dotted KEY"]),
     ("pretrain-set-below-a-value", ["pretrain", "{recipe}", "--set", "optim.epochs.x=1", "--run-dir", "{w}/new"],
      ["optim.epochs", "not a section"]),
     ("pretrain-set-bool-epochs", ["pretrain", "{recipe}", "--set", "optim.epochs=true", "--run-dir", "{w}/new"],

@@ -25,54 +25,84 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError, RecipeError
 
 
+MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a mapping holding the same key twice (PyYAML keeps the
-    last one silently). Keys brought in by a `<<` merge may still be overridden."""
+    last one silently), an alias inside its own anchor (a recursive value) and aliases that
+    expand to more than MAX_YAML_VALUES values. Keys brought in by a `<<` merge may still be
+    overridden."""
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()
         if node is None:
             return None
-        duplicates = list(_duplicate_keys(node, path=()))
-        if duplicates:
-            raise DuplicateKeys(duplicates)
+        scan = _NodeScan()
+        scan.visit(node, path=())
+        if scan.duplicates or scan.problems:
+            raise YamlProblems(scan.duplicates, other=scan.problems)
         return self.construct_document(node)
 
 
-class DuplicateKeys(yaml.YAMLError):
-    """Keys given twice: (dotted key, line of the first, line of the second) each."""
+class YamlProblems(yaml.YAMLError):
+    """Keys given twice: (dotted key, line of the first, line of the second) each; `other`
+    holds the problems that are not duplicates (recursive or exploding aliases)."""
 
-    def __init__(self, duplicates: list[tuple[str, int, int]]) -> None:
+    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: list[str] = ()) -> None:
         self.duplicates = duplicates
+        self.other = list(other)
         super().__init__(", ".join(key for key, _, _ in duplicates))
 
     def problems(self, *, prefix: str = "", lines: bool = True) -> list[str]:
         return [f"{prefix}{key}: given twice" + (f" (lines {first} and {second})" if lines else "")
                 + "; YAML would silently keep the second; delete one of them"
-                for key, first, second in self.duplicates]
+                for key, first, second in self.duplicates] + [f"{prefix}{p}" for p in self.other]
 
 
-def _duplicate_keys(node: yaml.Node, *, path: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:
-    if isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            yield from _duplicate_keys(item, path=path + (str(index),))
-    if not isinstance(node, yaml.MappingNode):
-        return
-    first_line: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-            continue
-        key, line = key_node.value, key_node.start_mark.line + 1
-        dotted = ".".join(path + (key,))
-        if key in first_line:
-            yield dotted, first_line[key], line
-        else:
-            first_line[key] = line
-        yield from _duplicate_keys(value_node, path=path + (key,))
+class _NodeScan:
+    """One walk over the composed YAML nodes, before any Python object is built."""
+
+    def __init__(self) -> None:
+        self.duplicates: list[tuple[str, int, int]] = []
+        self.problems: list[str] = []
+        self.sizes: dict[int, int] = {}  # expanded size of each node already walked (aliases share nodes)
+        self.open: set[int] = set()  # nodes on the current path
+
+    def visit(self, node: yaml.Node, *, path: tuple[str, ...]) -> int:
+        if id(node) in self.open:
+            self.problems.append(f"{'.'.join(path) or '(top level)'}: a YAML alias (line {node.start_mark.line + 1}) "
+                                 "refers to a value that contains it, which never ends; write the value out")
+            return 1
+        if id(node) in self.sizes:
+            return self.sizes[id(node)]
+        self.open.add(id(node))
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += self.visit(item, path=path + (str(index),))
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key_node, yaml.ScalarNode):
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        self.duplicates.append((".".join(path + (key,)), first_line[key], line))
+                    else:
+                        first_line[key] = line
+                size += self.visit(value_node, path=path + (key,))
+        self.open.discard(id(node))
+        self.sizes[id(node)] = size
+        if size > MAX_YAML_VALUES and not any("through YAML aliases" in p for p in self.problems):
+            self.problems.append(f"{'.'.join(path) or '(top level)'}: expands to more than {MAX_YAML_VALUES} "
+                                 "values through YAML aliases; write the recipe without them")
+        return size
 
 
 def parse_yaml(text: str) -> Any:
-    """`yaml.safe_load`, refusing duplicate keys (raises DuplicateKeys, a yaml.YAMLError)."""
+    """`yaml.safe_load`, refusing duplicate keys and runaway aliases (raises YamlProblems, a
+    yaml.YAMLError)."""
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -117,7 +147,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
                         fix="Check the file's permissions") from None
     try:
         data = parse_yaml(text)
-    except DuplicateKeys as exc:
+    except YamlProblems as exc:
         raise RecipeError(exc.problems(), source=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -141,12 +171,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.epochs=10")
+        if not sep or not key or not all(key.split(".")):
+            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set optim.epochs=10")
             continue
         try:
             value = parse_yaml(raw) if raw.strip() else ""
-        except DuplicateKeys as exc:
+        except YamlProblems as exc:
             problems.extend(exc.problems(prefix=f"--set {key}=...: {key}.", lines=False))
             continue
         except yaml.YAMLError:
@@ -174,7 +204,32 @@ def validate_recipe(data: dict[str, Any], *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError([_describe(err) for err in exc.errors()], source=source) from None
+        raise RecipeError(_merge_union_errors([_describe(err) for err in _without_union_tags(exc.errors())]),
+                          source=source) from None
+
+
+_UNION_TAGS = {"str", "int", "bool", "float", "none"}
+
+
+def _without_union_tags(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic names the member of a union (`str`, `int`, ...) in the location; drop it."""
+    return [{**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
+            for err in errors]
+
+
+def _merge_union_errors(problems: list[str]) -> list[str]:
+    """One line per key: 'k: expected a valid string, found 1' and 'k: expected a valid integer,
+    found 1' become 'k: expected a valid string or a valid integer, found 1'."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for problem in problems:
+        key, sep, rest = problem.partition(": expected ")
+        expected, found_sep, found = rest.rpartition(", found ")
+        if sep and found_sep and ";" not in found:
+            merged.setdefault((key, found), []).append(expected)
+        else:
+            merged.setdefault((problem, ""), [])
+    return [f"{key}: expected {' or '.join(dict.fromkeys(expected))}, found {found}" if expected else key
+            for (key, found), expected in merged.items()]
 
 
 def load_recipe(path: str | Path, *, overrides: list[str] | None = None) -> Recipe:
@@ -258,10 +313,10 @@ def _remedy(loc: list[str]) -> str:
     for rule in info.metadata:
         for name in ("ge", "gt"):
             if getattr(rule, name, None) is not None:
-                low = f"{'above ' if name == 'gt' else ''}{getattr(rule, name):g}"
+                low = f"{'above ' if name == 'gt' else ''}{_number(getattr(rule, name))}"
         for name in ("le", "lt"):
             if getattr(rule, name, None) is not None:
-                high = f"{'below ' if name == 'lt' else ''}{getattr(rule, name):g}"
+                high = f"{'below ' if name == 'lt' else ''}{_number(getattr(rule, name))}"
     parts = []
     if low is not None and high is not None:
         parts.append(f"use a value from {low} to {high}")
@@ -273,6 +328,11 @@ def _remedy(loc: list[str]) -> str:
         default = list(info.default) if isinstance(info.default, tuple) else info.default
         parts.append(f"(default {default})" if parts else f"the default is {default}")
     return "; " + " ".join(parts) if parts else ""
+
+
+def _number(value: float) -> str:
+    """1000000 rather than 1e+06: bounds are meant to be copied into a recipe."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _field_info(loc: list[str]) -> FieldInfo | None:
@@ -308,7 +368,9 @@ def _expected(message: str) -> str:
     for prefix in ("input should be ", "value should be "):
         if message.startswith(prefix):
             return message[len(prefix):]
-    return message
+    if message.startswith("string should have at least 1 character"):
+        return "a non-empty string"
+    return message.replace(" should ", " that should ", 1) if " should " in message else message
 
 
 def _field_names(loc: list[str]) -> list[str]:
