@@ -255,6 +255,8 @@ COMMANDS = [
                                 "--run-dir", "{w}/new"], ["model.head_out_dim"]),
     ("pretrain-devices-zero", ["pretrain", "{recipe}", "--devices", "0", "--run-dir", "{w}/new"], ["--devices"]),
     ("pretrain-run-dir-is-file", ["pretrain", "{recipe}", "--run-dir", "{w}/text.pt"], ["text.pt", "is a file"]),
+    ("pretrain-run-dir-below-a-file", ["pretrain", "{recipe}", "--run-dir", "{w}/text.pt/run"],
+     ["text.pt/run", "cannot create the run directory"]),
     ("pretrain-run-dir-foreign", ["pretrain", "{recipe}", "--run-dir", "{w}/foreign", "--force"],
      ["foreign", "does not hold a flsl run"]),
     ("pretrain-run-dir-other-run", ["pretrain", "{recipe}", "--run-dir", "{w}/other"], ["other", "--force"]),

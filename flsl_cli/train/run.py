@@ -228,7 +228,11 @@ def _prepare_new(recipe: Recipe, *, source: str, run_dir: Path, world_size: int,
     for note in check_data(recipe, world_size=world_size):
         on_note(note)
     _refuse_second_writer(run_dir)
-    prepare_new_run(run_dir, recipe_yaml=recipe_to_yaml(recipe), force=force)
+    try:
+        prepare_new_run(run_dir, recipe_yaml=recipe_to_yaml(recipe), force=force)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the run directory ({exc.strerror or exc})", where=str(run_dir),
+                          fix="Choose a --run-dir in a place this user can write") from None
 
 
 def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: str | Path | None, devices: int | None,
@@ -266,11 +270,28 @@ def _staged(target: str, *, newest_checkpoint: bool):
     url = storage.normalize(target)
     local = remote.staging_dir(url, role="parent")
     try:
-        remote.pull(url, local, newest_checkpoint=newest_checkpoint)
+        with _storage_errors(url):
+            remote.pull(url, local, newest_checkpoint=newest_checkpoint)
         yield local
-        remote.push(local, url)
+        with _storage_errors(url):
+            remote.push(local, url)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+@contextmanager
+def _storage_errors(url: str):
+    """A remote run dir that cannot be read or written (credentials, bucket, network) is a user
+    error naming the URL, not a traceback from the storage library."""
+    try:
+        yield
+    except FlslError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each fsspec backend raises its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunDirError(f"cannot reach the run directory ({type(exc).__name__}: {first})", where=url,
+                          fix="Check the URL, that the bucket exists, and the storage credentials (for S3 the "
+                              "AWS_* variables or profile; for GCS gcloud's)") from None
 
 
 def _refuse_file_as_run_dir(run_dir: str | Path) -> None:
