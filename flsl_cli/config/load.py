@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import shlex
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -293,7 +292,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         known = _field_names(loc)
         example = f" ({', '.join(known[:3])}, ...)" if known else ""
-        return f"{key}: expected a section of keys{example}, found {found!r}; write it as `{loc[-1]}:` followed by indented keys"
+        return (f"{key}: expected a section of keys{example}, found {found!r}; write it as `{loc[-1]}:` "
+                "followed by indented keys")
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]

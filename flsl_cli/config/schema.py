@@ -56,7 +56,8 @@ class ModelConfig(Section):
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = Field(
         "vit_small", description="ViT size: vit_tiny, vit_small, vit_base or vit_large."
     )
-    patch_size: Annotated[Literal[8, 14, 16], BeforeValidator(_whole_number)] = Field(16, description="Patch size in pixels.")
+    patch_size: Annotated[Literal[8, 14, 16], BeforeValidator(_whole_number)] = Field(
+        16, description="Patch size in pixels.")
     depth: Int | None = Field(
         None, ge=1, le=48, description="Override the number of blocks (None: the arch's own)."
     )
@@ -195,7 +196,8 @@ class KnnEvalConfig(Section):
     train: str = Field(..., min_length=1, description="Shards of the memory bank (with boxes for bbox mode).")
     val: str = Field(..., min_length=1, description="Shards of the evaluated images.")
     mode: Literal["bbox", "global"] = Field("bbox", description="bbox: the paper's; global: instance k-NN.")
-    k: list[Annotated[Int, Field(ge=1, le=10_000)]] = Field([10, 20, 100, 200], min_length=1, max_length=32, description="Neighbour counts.")
+    k: list[Annotated[Int, Field(ge=1, le=10_000)]] = Field(
+        [10, 20, 100, 200], min_length=1, max_length=32, description="Neighbour counts.")
     temperature: Float = Field(0.07, ge=1e-3, le=100.0)
     grid: Int = Field(3, ge=1, le=32, description="Features per box side in bbox mode.")
     resize: Int = Field(256, ge=1, le=4096, description="Shorter side after resizing.")
@@ -207,7 +209,8 @@ class KnnEvalConfig(Section):
 
 
 class EvalConfig(Section):
-    every_epochs: Int | None = Field(None, ge=1, le=10_000, description="Run the k-NN evaluation every N epochs (None: off).")
+    every_epochs: Int | None = Field(
+        None, ge=1, le=10_000, description="Run the k-NN evaluation every N epochs (None: off).")
     knn: KnnEvalConfig | None = None
 
     @model_validator(mode="after")

@@ -321,7 +321,8 @@ def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: K
     expected = plan.expected(slot=rank(), slots=world_size())
     with reporter.stage(f"{split} features", total=expected, unit="images") as stage:
         local = extract_local(model, plan, settings=sample_settings, device=device, batch_size=settings.batch_size,
-                              workers=settings.workers, on_progress=stage.advance)
+                              workers=default_workers(world_size()) if settings.workers is None else settings.workers,
+                              on_progress=stage.advance)
     features = gather(local, device=device, place=place)
     del local
     if path is not None and rank() == 0:

@@ -335,7 +335,10 @@ def _check_resume(run_dir: Path, *, overrides: list[str], world_size_of: Callabl
     _refuse_second_writer(run_dir)
     step = None
     if list_checkpoints(run_dir):
-        on_skip = (lambda r, why: on_note(f"skipping damaged checkpoint {r.path.name}: {why}")) if note_skipped else None
+        def on_skip(ref, why: str) -> None:
+            if note_skipped:
+                on_note(f"skipping damaged checkpoint {ref.path.name}: {why}")
+
         ref, _ = newest_valid(run_dir, on_skip=on_skip)
         step = ref.step
     check_data(recipe, world_size=world_size)
