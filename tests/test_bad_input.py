@@ -106,7 +106,7 @@ RECIPES = [
     ("slurm-time-words", {"slurm": {"time": "forever"}}, ["slurm.time", "'forever'"]),
     ("slurm-nodes-zero", {"slurm": {"nodes": 0}}, ["slurm.nodes"]),
     ("section-misspelt", {"optimm": {}}, ["optimm", "did you mean optim?"]),
-    ("needs-more-memory-than-any-machine", HUGE_MODEL, ["GB", "this machine"]),
+    ("needs-more-memory-than-any-machine", HUGE_MODEL, ["model.", "GB"]),
     ("batch-beyond-memory", {"model": {"arch": "vit_large", "patch_size": 8}, "augment": {"global_size": 512,
                              "local_size": 256}, "optim": {"global_batch_size": 65536}},
      ["optim.global_batch_size", "GB", "at most"]),

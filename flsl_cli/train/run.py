@@ -102,11 +102,11 @@ def device_memory(*, devices: int, use_cuda: bool) -> tuple[int | None, str, int
 def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool) -> None:
     """The recipe against the processes that will train it on this machine: the global batch
     splits evenly, and the model, head and batch fit in memory. Every problem at once."""
+    device_bytes, device_name, sharing = device_memory(devices=world_size, use_cuda=use_cuda)
     problems = []
     for check in (lambda: check_for_world(recipe, world_size=world_size, source=source),
-                  lambda: check_memory(recipe, world_size=world_size, source=source,
-                                       **dict(zip(("device_bytes", "device_name", "processes_per_device"),
-                                                  device_memory(devices=world_size, use_cuda=use_cuda))))):
+                  lambda: check_memory(recipe, world_size=world_size, source=source, device_bytes=device_bytes,
+                                       device_name=device_name, processes_per_device=sharing)):
         try:
             check()
         except RecipeError as exc:
