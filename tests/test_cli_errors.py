@@ -185,3 +185,16 @@ def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
     _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
            "cannot read the shard", "broken-000000.tar")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_names_a_skipped_damaged_checkpoint_once(finished_run, tmp_path):
+    """A damaged newest checkpoint: resume continues from the previous one and says once which
+    file it skipped and why."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    newest = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    with open(newest, "r+b") as handle:
+        handle.truncate(newest.stat().st_size // 2)
+    result = run_flsl("resume", run)
+    assert result.returncode == 0, result.stderr
+    assert " ".join(result.stderr.split()).count(f"skipping damaged checkpoint {newest.name}") == 1

@@ -7,7 +7,8 @@ needs in `config.memory`.
 
 Values are typed strictly enough that YAML's surprises fail here: an integer setting takes no
 boolean (`true` would be 1) and no fractional number, a float setting takes no boolean and no
-`.inf`/`.nan`, and every size has an upper bound a machine can meet.
+`.inf`/`.nan`, and every size and count has an upper bound a machine can meet (rates and weights
+need only be finite).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ class AugmentConfig(Section):
     student_scale: Scale = Field((0.5, 1.0), description="Student global crop area (of the teacher crop).")
     local_scale: Scale = Field((0.05, 0.4), description="Local crop area range (of the teacher crop).")
     color_jitter_p: Float = Field(0.8, ge=0.0, le=1.0)
-    brightness: Float = Field(0.4, ge=0.0, le=10.0)
-    contrast: Float = Field(0.4, ge=0.0, le=10.0)
-    saturation: Float = Field(0.2, ge=0.0, le=10.0)
+    brightness: Float = Field(0.4, ge=0.0)
+    contrast: Float = Field(0.4, ge=0.0)
+    saturation: Float = Field(0.2, ge=0.0)
     hue: Float = Field(0.1, ge=0.0, le=0.5)
     grayscale_p: Float = Field(0.2, ge=0.0, le=1.0)
     blur_branch_p: Float = Field(0.5, ge=0.0, le=1.0, description="Chance of the blur-only branch.")
@@ -137,11 +138,11 @@ class AugmentConfig(Section):
 
 
 class LossConfig(Section):
-    upsilon: Float = Field(0.03, ge=0.0, le=1000.0, description="Weight of the intra-view term L1.")
-    eta: Float = Field(1.0, ge=0.0, le=1000.0, description="Weight of the inter-view term L2.")
-    gamma: Float = Field(5.0, ge=0.0, le=1000.0, description="Weight of the volume-maximization term L3.")
-    sa_scale: Float = Field(0.1, gt=0.0, le=1000.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
-    ca_scale: Float = Field(0.2, gt=0.0, le=1000.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
+    upsilon: Float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
+    eta: Float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
+    gamma: Float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
+    sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
+    ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
     student_temp: Float = Field(0.1, ge=1e-3, le=100.0, description="Student softmax temperature T_s.")
     teacher_temp: Float = Field(0.07, ge=1e-3, le=100.0, description="Teacher temperature T_t after warmup.")
     warmup_teacher_temp: Float = Field(0.04, ge=1e-3, le=100.0, description="Teacher temperature at step 0.")
@@ -153,11 +154,11 @@ class LossConfig(Section):
 class OptimConfig(Section):
     epochs: Int = Field(300, ge=1, le=10_000, description="Training epochs.")
     global_batch_size: Int = Field(512, ge=1, le=65_536, description="Images per step over all processes.")
-    base_lr: Float = Field(5e-4, gt=0.0, le=10.0, description="Peak learning rate per 256 images.")
+    base_lr: Float = Field(5e-4, gt=0.0, description="Peak learning rate per 256 images.")
     min_lr: Float = Field(1e-6, ge=0.0, description="Final learning rate of the cosine.")
     warmup_epochs: Float = Field(10, ge=0.0, le=10_000, description="Linear learning-rate warmup.")
-    weight_decay: Float = Field(0.04, ge=0.0, le=10.0, description="Weight decay at the start.")
-    weight_decay_end: Float = Field(0.4, ge=0.0, le=10.0, description="Weight decay at the end.")
+    weight_decay: Float = Field(0.04, ge=0.0, description="Weight decay at the start.")
+    weight_decay_end: Float = Field(0.4, ge=0.0, description="Weight decay at the end.")
     momentum_teacher: Float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start.")
     clip_grad: Float = Field(3.0, ge=0.0, description="Global gradient-norm clip (0: off).")
     freeze_last_layer_epochs: Float = Field(1, ge=0.0, le=10_000, description="Epochs with the last head layer frozen.")
