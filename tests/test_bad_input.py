@@ -92,7 +92,7 @@ RECIPES = [
     ("workers-huge", {"data": {"num_workers": 1000}}, ["data.num_workers"]),
     ("shuffle-buffer-huge", {"data": {"shuffle_buffer": 10**9}}, ["data.shuffle_buffer"]),
     ("bad-fraction-above-one", {"data": {"max_bad_fraction": 2}}, ["data.max_bad_fraction"]),
-    ("data-train-missing", {"data": {"num_workers": 0}, "__replace_data__": True}, ["data.train", "missing"]),
+    ("data-train-missing", "data: {num_workers: 0}\n", ["data.train", "missing"]),
     ("data-not-a-section", {"data": 3}, ["data", "section"]),
     ("local-larger-than-global", {"augment": {"local_size": 64}}, ["augment.local_size"]),
     ("global-not-patch-multiple", {"augment": {"global_size": 36}}, ["augment.global_size", "patch_size"]),
@@ -123,15 +123,8 @@ RECIPES = [
 ]
 
 
-def _recipe_text(recipe) -> str:
-    if isinstance(recipe, str):
-        return recipe
-    recipe = dict(recipe)
-    replace_data = recipe.pop("__replace_data__", False)
-    merged = _with(recipe)
-    if replace_data:
-        merged["data"] = recipe["data"]
-    return yaml.safe_dump(merged, sort_keys=False)
+def _recipe_text(recipe: dict | str) -> str:
+    return recipe if isinstance(recipe, str) else yaml.safe_dump(_with(recipe), sort_keys=False)
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
