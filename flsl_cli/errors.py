@@ -32,7 +32,10 @@ class FlslError(Exception):
 
 
 class RecipeError(FlslError):
-    """The recipe (or a --set override) is invalid. Holds every problem found."""
+    """The recipe (or a --set override) is invalid. Holds every problem found, each naming its
+    key and what to write instead; `recheck` is the command that checks the recipe again."""
+
+    recheck: str | None = None
 
     def __init__(self, problems: list[str], *, source: str) -> None:
         self.problems = problems

@@ -50,7 +50,10 @@ def test_non_finite_loss_stops_with_step_and_terms(demo_data, tmp_path):
     refs = list_checkpoints(run)
     assert refs and refs[-1].step < failed_step
     assert verify(refs[-1]) is None and load_file(refs[-1].path)["step"] == refs[-1].step
-    assert json.loads((run / "run.json").read_text())["status"] == "stopped"
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and "non-finite" in record["last_error"]["message"]
+    shown = run_flsl("status", run, "--json")
+    assert json.loads(shown.stdout)["last_error"]["message"] == record["last_error"]["message"]
 
 
 def test_data_demo_command(tmp_path):

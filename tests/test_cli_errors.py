@@ -111,12 +111,21 @@ def test_run_dir_with_foreign_files_is_refused(demo_data, tmp_path):
     assert (run / "thesis.tex").read_text() == "precious"
 
 
-def test_resume_without_checkpoint(demo_data, tmp_path):
+def test_resume_without_checkpoint_starts_over(demo_data, tmp_path):
+    """A run stopped before its first checkpoint: `flsl resume` starts it again from step 0 with
+    its saved recipe, says so, and the logs hold each step once."""
+    import json
+
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(
-        "data: {train: " + str(demo_data / "train") + "}\n")
-    _fails(run_flsl("resume", run), "no complete checkpoint")
+    first = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
+                     "--run-dir", run)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(run / "checkpoints")
+    result = run_flsl("resume", run)
+    assert result.returncode == 0, result.stderr
+    assert "no checkpoint yet: starting it again from step 0" in " ".join(result.stderr.split())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
 
 
 def test_resume_not_a_run(tmp_path):
@@ -158,7 +167,7 @@ def test_resume_with_pickle_carrying_code(finished_run, tmp_path):
         data = json.loads(manifest.read_text())
         data.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
         manifest.write_text(json.dumps(data))
-    _fails(run_flsl("resume", run), "refuses to load")
+    _fails(run_flsl("resume", run), "refused to load")
     assert not marker.exists()
 
 
@@ -176,3 +185,16 @@ def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
     _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
            "cannot read the shard", "broken-000000.tar")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_names_a_skipped_damaged_checkpoint_once(finished_run, tmp_path):
+    """A damaged newest checkpoint: resume continues from the previous one and says once which
+    file it skipped and why."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    newest = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    with open(newest, "r+b") as handle:
+        handle.truncate(newest.stat().st_size // 2)
+    result = run_flsl("resume", run)
+    assert result.returncode == 0, result.stderr
+    assert " ".join(result.stderr.split()).count(f"skipping damaged checkpoint {newest.name}") == 1

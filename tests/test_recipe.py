@@ -128,5 +128,5 @@ def test_recipe_not_yaml(tmp_path, flsl, content, needle):
 
 def test_recipe_missing(tmp_path, flsl):
     result = flsl("pretrain", tmp_path / "nope.yaml", "--run-dir", tmp_path / "run")
-    assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "the recipe file does not exist" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

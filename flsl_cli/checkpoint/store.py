@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,25 +119,73 @@ def verify(ref: CheckpointRef) -> str | None:
     return None
 
 
+_PASS_INSTEAD = "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-NNNNNNNN.pt) or a run directory"
+
+
 def load_file(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file without unpickling arbitrary objects."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError("the checkpoint does not exist", where=str(path),
-                              fix="Check the path") from None
-    except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a safe checkpoint
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ or "GLOBAL" in str(exc):
-            reason = "it contains pickled Python objects or code that flsl refuses to load"
+    """Load a checkpoint file without unpickling arbitrary objects. A file that is not one is
+    named for what it is (empty, text, a manifest, a safetensors export, truncated, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError("this is a directory, not a checkpoint file", where=str(path), fix=_PASS_INSTEAD)
+    if _is_safetensors(path):
         raise CheckpointError(
-            f"refused to load the checkpoint: {reason}", where=str(path),
-            fix="Use a checkpoint written by flsl (or `flsl export`); never load files from untrusted sources",
-        ) from None
+            "this is a safetensors file (a `flsl export --format timm` output?), not a flsl checkpoint",
+            where=str(path), fix=_PASS_INSTEAD)
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError("the checkpoint does not exist", where=str(path), fix="Check the path") from None
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a safe checkpoint
+        reason = _why_unloadable(path, exc)
+        untrusted = "; never load files from untrusted sources" if "pickled" in reason else ""
+        raise CheckpointError(reason, where=str(path), fix=_PASS_INSTEAD + untrusted) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError("this is not a flsl checkpoint", where=str(path),
-                              fix="Pass a file from RUN_DIR/checkpoints/ or a run directory")
+        raise CheckpointError("this is a PyTorch file but not a flsl checkpoint (it has no flsl format marker)",
+                              where=str(path), fix=_PASS_INSTEAD)
     return payload
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _why_unloadable(path: Path, exc: Exception) -> str:
+    """What a file that torch.load(weights_only=True) refused is, judged by its first bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as error:
+        return f"the file cannot be read ({error.strerror or error})"
+    if size == 0:
+        return "the file is empty (0 bytes), not a checkpoint"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        return (f"the file is truncated or damaged: its zip archive is incomplete ({size} bytes; "
+                "was it still being copied or written?)")
+    if head.startswith(b"\x80"):  # a pickle: a plain one, or torch's legacy format
+        if any(sign in str(exc) for sign in ("weights_only", "GLOBAL", "global")):
+            return "refused to load the file: it contains pickled Python objects or code, which flsl never runs"
+        return "this is a Python pickle that is truncated or not a checkpoint"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text[:1024]):
+        if text.lstrip().startswith("{") and path.suffix == ".json":
+            return "this is a JSON file (a checkpoint's manifest?), not the checkpoint: the .pt file beside it is"
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"this is a text file, not a checkpoint (it starts with {first!r})"
+    return "this is not a checkpoint: its contents are neither a PyTorch archive nor a format flsl reads"
 
 
 def newest_valid(run_dir: Path, *, on_skip=None) -> tuple[CheckpointRef, dict[str, Any]]:
@@ -148,9 +197,9 @@ def newest_valid(run_dir: Path, *, on_skip=None) -> tuple[CheckpointRef, dict[st
     refs = list_checkpoints(run_dir)
     if not refs:
         raise CheckpointError(
-            "no complete checkpoint in this run directory", where=str(run_dir),
-            fix="Start the run again with `flsl pretrain RECIPE --run-dir DIR` (a run only becomes "
-            "resumable after its first checkpoint; see checkpoint.every_steps)",
+            "no complete checkpoint in this run directory yet", where=str(run_dir),
+            fix=f"A run writes its first checkpoint after checkpoint.every_steps steps or at its end; "
+            f"`flsl resume {run_dir}` continues it (from step 0 when it has none)",
         )
     reasons = []
     for ref in reversed(refs):

@@ -19,8 +19,8 @@ app = typer.Typer(no_args_is_help=True)
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (train/ and val/ shards go inside).")],
     *,
-    images: Annotated[int, typer.Option("--images", min=20, help="Number of images.")] = 2000,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Generator seed.")] = 0,
+    images: Annotated[int, typer.Option("--images", min=20, max=1_000_000, help="Number of images.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Generator seed.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", min=32, max=1024, help="Image side in pixels.")] = 96,
 ) -> None:
     """Write the procedurally generated demo data set (objects with boxes on cluttered backgrounds)."""
@@ -32,7 +32,7 @@ def demo(
     finally:
         close()
     splits = info["splits"]
-    out_console.print(f"[green]wrote[/] {out_dir}: {splits['train']['num_samples']} train and "
+    out_console.print(f"[green]wrote[/] {escape(str(out_dir))}: {splits['train']['num_samples']} train and "
                       f"{splits['val']['num_samples']} val images ({splits['train']['num_shards']} + "
                       f"{splits['val']['num_shards']} shards), classes: {', '.join(info['classes'])}",
                       highlight=False)

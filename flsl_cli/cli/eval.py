@@ -7,7 +7,9 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from flsl_cli.cli.render import handle_errors, out_console
+from rich.markup import escape
+
+from flsl_cli.cli.render import handle_errors, note, out_console
 
 CheckpointArg = Annotated[Optional[Path], typer.Argument(
     help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
@@ -52,7 +54,9 @@ def knn_eval(
     crop: Annotated[int, typer.Option("--crop", help="Side of the center crop (a multiple of the patch size).")] = 224,
     devices: DevicesOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass and process.")] = 64,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loader processes per process.")] = 4,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=0, help="Data-loader processes per process (default: up to 4, no more than the CPUs "
+                                 "each process has).")] = None,
     max_train_images: Annotated[Optional[int], typer.Option(
         "--max-train-images", min=1, help="Use only the first N train samples (a quick check).")] = None,
     max_val_images: Annotated[Optional[int], typer.Option(
@@ -63,7 +67,7 @@ def knn_eval(
     output: OutputOption = None,
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
-    from flsl_cli.eval.api import KnnSettings, parse_ks
+    from flsl_cli.eval.api import KnnSettings, available_cpus, parse_ks
     from flsl_cli.eval.api import knn_eval as evaluate
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
@@ -74,11 +78,14 @@ def knn_eval(
         max_val_images=max_val_images, bank=bank, features_dir=str(features_dir) if features_dir else None)
     spec = ModelSpec(checkpoint=str(checkpoint) if checkpoint is not None else None, model=model, which=which,
                      random_init=random_init)
+    if workers is not None and workers > available_cpus():
+        note(f"--workers {workers} is more than the {available_cpus()} CPUs this process may use: the data-loader "
+             "processes will share them")
     results = evaluate(spec=spec, settings=settings, devices=devices)
     path = output or default_output(results)
     write_json(path, results)
     out_console.print(results_table(results))
-    out_console.print(f"[green]wrote[/] {path}", highlight=False)
+    out_console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
 def default_output(results: dict) -> Path:

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from flsl_cli.cli.render import handle_errors, out_console
+from rich.text import Text
+
+from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
 app = typer.Typer(no_args_is_help=True)
@@ -23,7 +25,7 @@ def show(
     """Print the fully resolved recipe (defaults filled in, overrides applied)."""
     from flsl_cli.config.load import load_recipe, recipe_to_yaml
 
-    out_console.print(recipe_to_yaml(load_recipe(recipe, overrides=set_ or [])), highlight=False, end="")
+    out_console.print(recipe_to_yaml(load_recipe(recipe, overrides=set_ or [])), highlight=False, markup=False, end="")
 
 
 @app.command("validate")
@@ -32,12 +34,28 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     *,
     set_: SetOption = None,
-    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Also check against this many processes.")] = None,
+    devices: Annotated[Optional[int], typer.Option(
+        "--devices", min=1, help="Check against this many local processes (default: as `flsl pretrain` would "
+                                 "use: every local GPU, else one CPU process).")] = None,
 ) -> None:
-    """Check a recipe; exit 0 if it is valid, else list every problem and exit non-zero."""
-    from flsl_cli.config.load import check_for_world, load_recipe
+    """Check a recipe as `flsl pretrain` would before training: the values, the process count, the
+    memory the run needs on this machine, and the data when it is here. Exit 0 if it passes, else
+    list every problem and exit 2."""
+    from flsl_cli.config.load import load_recipe, recheck_with
+    from flsl_cli.train.run import check_recipe, check_data, resolve_devices
 
     loaded = load_recipe(recipe, overrides=set_ or [])
-    if devices:
-        check_for_world(loaded, world_size=devices, source=str(recipe))
-    out_console.print(f"[green]ok:[/] {recipe} is a valid recipe", highlight=False)
+    nprocs, use_cuda = resolve_devices(devices)
+    with recheck_with(recipe, set_ or [], devices=devices):
+        check_recipe(loaded, source=str(recipe), world_size=nprocs, use_cuda=use_cuda)
+    train = loaded.data.train
+    if "://" not in train and "{" not in train and "," not in train and Path(train).expanduser().exists():
+        for message in check_data(loaded, world_size=nprocs):
+            note(message)
+    elif loaded.data.demo is not None and "://" not in train:
+        note(f"data.train ({train}) does not exist yet: `flsl pretrain` generates the demo data there")
+    else:
+        note(f"data.train ({train}) is not on this machine's disk: not checked here")
+    out_console.print(Text.assemble(("ok:", "green"), f" {recipe} is a valid recipe for {nprocs} "
+                                    f"{'GPU' if use_cuda else 'CPU'} process{'es' if nprocs > 1 else ''}"),
+                      highlight=False)

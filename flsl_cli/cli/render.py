@@ -1,4 +1,8 @@
-"""Rendering at the CLI boundary: user errors become one short message and an exit code."""
+"""Rendering at the CLI boundary: user errors become one short message and an exit code.
+
+Messages are printed as plain text, never read as rich markup: a message that names
+`pip install 'flsl[onnx]'` or a path with brackets prints exactly as written.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-from flsl_cli.errors import FlslError, RunStopped
+from flsl_cli.errors import FlslError, RecipeError, RunStopped
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -27,11 +31,11 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except RunStopped as exc:
-            label = "[bold yellow]interrupted:[/]" if exc.exit_code == 130 else "[cyan]flsl:[/]"
-            err_console.print(f"{label} {escape(exc.describe())}", highlight=False, soft_wrap=True)
+            label = Text("interrupted:", style="bold yellow") if exc.exit_code == 130 else Text("flsl:", style="cyan")
+            err_console.print(label.append(f" {exc.describe()}"), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except FlslError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.describe()}", highlight=False, soft_wrap=True)
+            err_console.print(error_text(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold yellow]interrupted.[/] Every file flsl had finished writing is intact "
@@ -42,8 +46,22 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def error_text(exc: FlslError) -> Text:
+    """`error: WHERE: WHAT. FIX.`; for a recipe, one problem per line (each with its own remedy)
+    and then the command that checks the recipe again."""
+    text = Text("error:", style="bold red")
+    if not isinstance(exc, RecipeError):
+        return text.append(f" {exc.describe()}")
+    count = len(exc.problems)
+    text.append(f" {exc.source}: {count} problem{'s' if count != 1 else ''} in the recipe:")
+    for problem in exc.problems:
+        text.append(f"\n  {problem}")
+    text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
+    return text
+
+
 def note(message: str) -> None:
-    err_console.print(f"[cyan]flsl:[/] {message}", highlight=False)
+    err_console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)
 
 
 def demo_progress():

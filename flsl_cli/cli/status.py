@@ -24,24 +24,28 @@ def status(
         typer.echo(result.to_json())
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"flsl status: {run_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    table.add_row("state", result.status)
+
+    def add(name: str, value: str) -> None:  # values are shown as they are, never as markup
+        table.add_row(name, Text(value))
+    add("state", result.status)
     step = "none yet" if result.step is None else f"{result.step}"
     if result.epoch is not None:
         step += f" (epoch {result.epoch:g})"
-    table.add_row("step", step)
+    add("step", step)
     if result.newest_checkpoint:
         newest = result.newest_checkpoint
         age = f", {_ago(newest['age_s'])}" if newest.get("age_s") is not None else ""
-        table.add_row("newest checkpoint", f"step {newest['step']}: {newest['path']}{age} "
+        add("newest checkpoint", f"step {newest['step']}: {newest['path']}{age} "
                                            f"({result.checkpoints} kept)")
     else:
-        table.add_row("newest checkpoint", "none yet")
+        add("newest checkpoint", "none yet")
     if result.stopped:
-        table.add_row("last stop", f"{result.stopped['signal']} after step {result.stopped['step']}")
+        add("last stop", f"{result.stopped['signal']} after step {result.stopped['step']}")
     if result.scheduler == "slurm" or result.job_ids:
         jobs = []
         for job_id in result.job_ids:
@@ -55,20 +59,20 @@ def status(
                 detail += f", {info['elapsed']} of {info.get('time_limit', '?')}"
             jobs.append(f"{job_id} ({detail})" if detail else job_id)
         answered = "" if result.slurm_answered else "  (squeue/sacct did not answer: state from the run dir)"
-        table.add_row("SLURM jobs", (", ".join(jobs) or "none") + answered)
+        add("SLURM jobs", (", ".join(jobs) or "none") + answered)
         if result.nodes:
-            table.add_row("nodes", result.nodes)
+            add("nodes", result.nodes)
         per_job = ", ".join(f"job {job}: {count}" for job, count in result.job_requeues.items())
-        table.add_row("requeues", f"{result.requeues}" + (f" ({per_job})" if per_job else ""))
+        add("requeues", f"{result.requeues}" + (f" ({per_job})" if per_job else ""))
     if result.last_error:
         error = result.last_error
         where = f"job {error['job_id']}, rank {error.get('rank', '?')}: " if error.get("job_id") else ""
-        table.add_row("last error", f"{where}{error.get('message', '')}")
+        add("last error", f"{where}{error.get('message', '')}")
     if result.leftovers:
-        table.add_row("leftovers", "\n".join(result.leftovers) + "\n(temporary files of writes that were cut "
+        add("leftovers", "\n".join(result.leftovers) + "\n(temporary files of writes that were cut "
                       "off; `flsl resume` removes them)")
     if result.logs:
-        table.add_row("logs", "\n".join(result.logs))
+        add("logs", "\n".join(result.logs))
     out_console.print(table)
 
 

@@ -64,11 +64,9 @@ def _flags(**values):
 
 def _print_submitted(job, *, resumed: bool) -> None:
     what = "continues" if resumed else "trains"
-    out_console.print(f"submitted SLURM job {job.job_id}: it {what} {job.run_dir}", highlight=False)
-    out_console.print(f"  run dir  {job.run_dir}", highlight=False)
-    out_console.print(f"  logs     {job.stdout}", highlight=False)
-    out_console.print(f"           {job.stderr}", highlight=False)
-    out_console.print(f"  status   flsl status {job.run_dir}", highlight=False)
+    for line in (f"submitted SLURM job {job.job_id}: it {what} {job.run_dir}", f"  run dir  {job.run_dir}",
+                 f"  logs     {job.stdout}", f"           {job.stderr}", f"  status   flsl status {job.run_dir}"):
+        out_console.print(line, highlight=False, markup=False)
 
 
 def _print_script(script: str) -> None:

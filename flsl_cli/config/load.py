@@ -1,41 +1,158 @@
 """Loading recipes: YAML file + `--set KEY=VALUE` overrides -> a validated `Recipe`.
 
 All problems are collected and raised together as one `RecipeError`, each naming the dotted
-key, what was expected and what was found, with "did you mean ...?" for misspelt keys.
+key, what was expected and what was found, and what to write instead (the allowed range and
+the default, or "did you mean ...?" for misspelt keys). YAML is read as `yaml.safe_load` reads
+it, except that a key written twice in one mapping is refused instead of the last one winning.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import shlex
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from flsl_cli.config.schema import Recipe
-from flsl_cli.errors import RecipeError
+from flsl_cli.errors import FlslError, RecipeError
+
+
+MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping holding the same key twice (PyYAML keeps the
+    last one silently), an alias inside its own anchor (a recursive value) and aliases that
+    expand to more than MAX_YAML_VALUES values. Keys brought in by a `<<` merge may still be
+    overridden."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        scan = _NodeScan()
+        scan.visit(node, path=())
+        if scan.duplicates or scan.problems:
+            raise YamlProblems(scan.duplicates, other=scan.problems)
+        return self.construct_document(node)
+
+
+class YamlProblems(yaml.YAMLError):
+    """Keys given twice: (dotted key, line of the first, line of the second) each; `other`
+    holds the problems that are not duplicates (recursive or exploding aliases)."""
+
+    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: list[str] = ()) -> None:
+        self.duplicates = duplicates
+        self.other = list(other)
+        super().__init__(", ".join(key for key, _, _ in duplicates))
+
+    def problems(self, *, prefix: str = "", lines: bool = True) -> list[str]:
+        return [f"{prefix}{key}: given twice" + (f" (lines {first} and {second})" if lines else "")
+                + "; YAML would silently keep the second; delete one of them"
+                for key, first, second in self.duplicates] + [f"{prefix}{p}" for p in self.other]
+
+
+class _NodeScan:
+    """One walk over the composed YAML nodes, before any Python object is built."""
+
+    def __init__(self) -> None:
+        self.duplicates: list[tuple[str, int, int]] = []
+        self.problems: list[str] = []
+        self.sizes: dict[int, int] = {}  # expanded size of each node already walked (aliases share nodes)
+        self.open: set[int] = set()  # nodes on the current path
+
+    def visit(self, node: yaml.Node, *, path: tuple[str, ...]) -> int:
+        if id(node) in self.open:
+            self.problems.append(f"{'.'.join(path) or '(top level)'}: a YAML alias (line {node.start_mark.line + 1}) "
+                                 "refers to a value that contains it, which never ends; write the value out")
+            return 1
+        if id(node) in self.sizes:
+            return self.sizes[id(node)]
+        self.open.add(id(node))
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += self.visit(item, path=path + (str(index),))
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key_node, yaml.ScalarNode):
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        self.duplicates.append((".".join(path + (key,)), first_line[key], line))
+                    else:
+                        first_line[key] = line
+                size += self.visit(value_node, path=path + (key,))
+        self.open.discard(id(node))
+        self.sizes[id(node)] = size
+        if size > MAX_YAML_VALUES and not any("through YAML aliases" in p for p in self.problems):
+            self.problems.append(f"{'.'.join(path) or '(top level)'}: expands to more than {MAX_YAML_VALUES} "
+                                 "values through YAML aliases; write the recipe without them")
+        return size
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys and runaway aliases (raises YamlProblems, a
+    yaml.YAMLError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def recheck_command(path: str | Path, overrides: list[str] | None = None, *, devices: int | None = None) -> str:
+    """The command that checks the same recipe again."""
+    words = ["flsl", "recipe", "validate", str(path)]
+    for item in overrides or []:
+        words += ["--set", item]
+    if devices is not None:
+        words += ["--devices", str(devices)]
+    return shlex.join(words)
+
+
+@contextmanager
+def recheck_with(path: str | Path, overrides: list[str] | None = None, *, devices: int | None = None):
+    """A RecipeError raised in the block says how to check the recipe again (once fixed)."""
+    try:
+        yield
+    except RecipeError as exc:
+        if exc.recheck is None:
+            exc.recheck = recheck_command(path, overrides, devices=devices)
+        raise
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML file into a plain dict (no validation yet)."""
     path = Path(path)
     if not path.exists():
-        raise RecipeError([f"file not found: {path}"], source=str(path))
+        raise FlslError("the recipe file does not exist", where=str(path),
+                        fix="Check the path; the shipped recipes are in the recipes/ folder of flsl "
+                            "(recipes/demo.yaml, recipes/vits16_300ep.yaml, ...)")
     if path.is_dir():
-        raise RecipeError([f"{path} is a directory, expected a recipe .yaml file"], source=str(path))
+        raise FlslError("this is a directory, not a recipe file", where=str(path),
+                        fix="Pass a recipe .yaml file, e.g. recipes/demo.yaml")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([f"cannot read the file: {exc}"], source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise FlslError(f"the recipe file is not UTF-8 text (byte {exc.start} cannot be decoded)", where=str(path),
+                        fix="Pass a recipe .yaml file, e.g. recipes/demo.yaml") from None
+    except OSError as exc:
+        raise FlslError(f"cannot read the recipe file ({exc.strerror or exc})", where=str(path),
+                        fix="Check the file's permissions") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
+    except YamlProblems as exc:
+        raise RecipeError(exc.problems(), source=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError([f"not valid YAML{where}: {problem}"], source=str(path)) from None
+        raise RecipeError([f"not valid YAML{where}: {problem}; fix the syntax there"], source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -53,11 +170,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.epochs=10")
+        if not sep or not key or not all(key.split(".")):
+            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set optim.epochs=10")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
+        except YamlProblems as exc:
+            problems.extend(exc.problems(prefix=f"--set {key}=...: {key}.", lines=False))
+            continue
         except yaml.YAMLError:
             value = raw
         node = data
@@ -67,7 +187,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+                problems.append(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section; "
+                                f"set {'.'.join(parts[: depth + 1])} itself, or check the key's spelling")
                 break
             node = child
         else:
@@ -82,14 +203,40 @@ def validate_recipe(data: dict[str, Any], *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError([_describe(err) for err in exc.errors()], source=source) from None
+        raise RecipeError(_merge_union_errors([_describe(err) for err in _without_union_tags(exc.errors())]),
+                          source=source) from None
+
+
+_UNION_TAGS = {"str", "int", "bool", "float", "none"}
+
+
+def _without_union_tags(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic names the member of a union (`str`, `int`, ...) in the location; drop it."""
+    return [{**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
+            for err in errors]
+
+
+def _merge_union_errors(problems: list[str]) -> list[str]:
+    """One line per key: 'k: expected a valid string, found 1' and 'k: expected a valid integer,
+    found 1' become 'k: expected a valid string or a valid integer, found 1'."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for problem in problems:
+        key, sep, rest = problem.partition(": expected ")
+        expected, found_sep, found = rest.rpartition(", found ")
+        if sep and found_sep and ";" not in found:
+            merged.setdefault((key, found), []).append(expected)
+        else:
+            merged.setdefault((problem, ""), [])
+    return [f"{key}: expected {' or '.join(dict.fromkeys(expected))}, found {found}" if expected else key
+            for (key, found), expected in merged.items()]
 
 
 def load_recipe(path: str | Path, *, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     source = str(path)
-    data = apply_overrides(read_recipe_file(path), overrides or [], source=source)
-    return validate_recipe(data, source=source)
+    with recheck_with(path, overrides):
+        data = apply_overrides(read_recipe_file(path), overrides or [], source=source)
+        return validate_recipe(data, source=source)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -139,15 +286,72 @@ def _describe(err: dict[str, Any]) -> str:
         where = ".".join(loc[:-1]) or "the top level"
         return f"{key}: unknown key{hint} (known keys in {where}: {', '.join(known)})"
     if kind == "missing":
-        return f"{key}: required key is missing"
+        return f"{key}: required key is missing; add it" + (
+            " (the training shards: a directory, a .tar, a brace pattern or an index.json URL)"
+            if key == "data.train" else "")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        known = _field_names(loc)
+        example = f" ({', '.join(known[:3])}, ...)" if known else ""
+        return (f"{key}: expected a section of keys{example}, found {found!r}; write it as `{loc[-1]}:` "
+                "followed by indented keys")
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
         field, sep, rest = message.partition(": ")
         if sep and field in _field_names(loc):
             return f"{'.'.join(loc + [field])}: {rest}"
-        return f"{key}: {message}" if loc else message
-    return f"{key}: expected {_expected(message)}, found {found!r}"
+        return f"{key}: {message}{_remedy(loc)}" if loc else message
+    return f"{key}: expected {_expected(message)}, found {found!r}{_remedy(loc)}"
+
+
+def _remedy(loc: list[str]) -> str:
+    """'; use 1 to 10000 (default 300)' for a field with bounds and a default, else what is known."""
+    info = _field_info(loc)
+    if info is None:
+        return ""
+    low = high = None
+    for rule in info.metadata:
+        for name in ("ge", "gt"):
+            if getattr(rule, name, None) is not None:
+                low = f"{'above ' if name == 'gt' else ''}{_number(getattr(rule, name))}"
+        for name in ("le", "lt"):
+            if getattr(rule, name, None) is not None:
+                high = f"{'below ' if name == 'lt' else ''}{_number(getattr(rule, name))}"
+    parts = []
+    if low is not None and high is not None:
+        parts.append(f"use a value from {low} to {high}")
+    elif low is not None:
+        parts.append(f"use a value of at least {low}" if not low.startswith("above") else f"use a value {low}")
+    elif high is not None:
+        parts.append(f"use a value of at most {high}")
+    if info.default is not PydanticUndefined and info.default is not None and not isinstance(info.default, BaseModel):
+        default = list(info.default) if isinstance(info.default, tuple) else info.default
+        parts.append(f"(default {default})" if parts else f"the default is {default}")
+    return "; " + " ".join(parts) if parts else ""
+
+
+def _number(value: float) -> str:
+    """1000000 rather than 1e+06: bounds are meant to be copied into a recipe."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _field_info(loc: list[str]) -> FieldInfo | None:
+    """The schema field at a dotted location (list indices dropped), or None."""
+    model: type[BaseModel] = Recipe
+    info = None
+    for part in loc:
+        if part.isdigit():
+            continue
+        if model is None:
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        nested = [c for c in (annotation, *getattr(annotation, "__args__", ()))
+                  if isinstance(c, type) and issubclass(c, BaseModel)]
+        model = nested[0] if nested else None
+    return info
 
 
 def _suggest(typed: str, known: list[str]) -> list[str]:
@@ -164,7 +368,9 @@ def _expected(message: str) -> str:
     for prefix in ("input should be ", "value should be "):
         if message.startswith(prefix):
             return message[len(prefix):]
-    return message
+    if message.startswith("string should have at least 1 character"):
+        return "a non-empty string"
+    return message.replace(" should ", " that should ", 1) if " should " in message else message
 
 
 def _field_names(loc: list[str]) -> list[str]:

@@ -2,15 +2,21 @@
 
 Every section forbids unknown keys, so a typo fails before any work starts. Cross-field rules
 (local crop not larger than the global one, ...) live on the section that owns both fields;
-rules that need the process count live in `config.load.check_for_world`.
+rules that need the process count live in `config.load.check_for_world`, and the memory a run
+needs in `config.memory`.
+
+Values are typed strictly enough that YAML's surprises fail here: an integer setting takes no
+boolean (`true` would be 1) and no fractional number, a float setting takes no boolean and no
+`.inf`/`.nan`, and every size and count has an upper bound a machine can meet (rates and weights
+need only be finite).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
@@ -20,23 +26,47 @@ ARCHS: dict[str, dict[str, int]] = {
 }
 
 
+MAX_SEED = 2**32 - 1
+
+
+def _whole_number(value: Any) -> Any:
+    """A whole number for an integer setting: 10 or 10.0, never a boolean or 2.5."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, found {value} (a boolean)")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _real_number(value: Any) -> Any:
+    """A number for a float setting, never a boolean (finiteness is the section's rule)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, found {value} (a boolean)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
+Float = Annotated[float, BeforeValidator(_real_number)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = Field(
         "vit_small", description="ViT size: vit_tiny, vit_small, vit_base or vit_large."
     )
-    patch_size: Literal[8, 14, 16] = Field(16, description="Patch size in pixels.")
-    depth: int | None = Field(
+    patch_size: Annotated[Literal[8, 14, 16], BeforeValidator(_whole_number)] = Field(
+        16, description="Patch size in pixels.")
+    depth: Int | None = Field(
         None, ge=1, le=48, description="Override the number of blocks (None: the arch's own)."
     )
-    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth of the student.")
-    head_out_dim: int = Field(4096, ge=2, description="K: number of prototypes (centroids).")
-    head_hidden_dim: int = Field(2048, ge=8, description="Hidden width of the projection head.")
-    head_bottleneck_dim: int = Field(256, ge=8, description="Bottleneck width before the prototypes.")
-    head_layers: int = Field(3, ge=1, le=8, description="Linear layers before the bottleneck.")
+    drop_path: Float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth of the student.")
+    head_out_dim: Int = Field(4096, ge=2, le=131_072, description="K: number of prototypes (centroids).")
+    head_hidden_dim: Int = Field(2048, ge=8, le=16_384, description="Hidden width of the projection head.")
+    head_bottleneck_dim: Int = Field(256, ge=8, le=4096, description="Bottleneck width before the prototypes.")
+    head_layers: Int = Field(3, ge=1, le=8, description="Linear layers before the bottleneck.")
 
     def dims(self) -> dict[str, int]:
         dims = dict(ARCHS[self.arch])
@@ -46,9 +76,9 @@ class ModelConfig(Section):
 
 
 class DemoDataConfig(Section):
-    images: int = Field(2000, ge=20, description="Number of demo images to generate.")
-    seed: int = Field(0, ge=0, description="Seed of the demo generator.")
-    image_size: int = Field(96, ge=32, le=1024, description="Side of the demo images in pixels.")
+    images: Int = Field(2000, ge=20, le=1_000_000, description="Number of demo images to generate.")
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of the demo generator.")
+    image_size: Int = Field(96, ge=32, le=1024, description="Side of the demo images in pixels.")
 
 
 class DataConfig(Section):
@@ -58,9 +88,9 @@ class DataConfig(Section):
         "or a list of files separated by commas.",
     )
     val: str | None = Field(None, description="Validation shards (same forms as data.train).")
-    num_workers: int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
-    shuffle_buffer: int = Field(1000, ge=0, description="Samples held in the shuffle buffer.")
-    max_bad_fraction: float = Field(
+    num_workers: Int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
+    shuffle_buffer: Int = Field(1000, ge=0, le=100_000, description="Samples held in the shuffle buffer.")
+    max_bad_fraction: Float = Field(
         0.001, ge=0.0, le=1.0,
         description="Stop when more than this fraction of the samples seen were bad (corrupt, missing, unreadable).",
     )
@@ -69,26 +99,26 @@ class DataConfig(Section):
     )
 
 
-Scale = tuple[float, float]
+Scale = tuple[Float, Float]
 
 
 class AugmentConfig(Section):
-    global_size: int = Field(224, ge=16, le=1024, description="Side of teacher and global views.")
-    local_size: int = Field(96, ge=8, le=1024, description="Side of the local student views.")
-    local_crops: int = Field(2, ge=0, le=16, description="Number of local student views.")
+    global_size: Int = Field(224, ge=16, le=1024, description="Side of teacher and global views.")
+    local_size: Int = Field(96, ge=8, le=1024, description="Side of the local student views.")
+    local_crops: Int = Field(2, ge=0, le=16, description="Number of local student views.")
     teacher_scale: Scale = Field((0.8, 1.0), description="Teacher crop area range (of the image).")
     student_scale: Scale = Field((0.5, 1.0), description="Student global crop area (of the teacher crop).")
     local_scale: Scale = Field((0.05, 0.4), description="Local crop area range (of the teacher crop).")
-    color_jitter_p: float = Field(0.8, ge=0.0, le=1.0)
-    brightness: float = Field(0.4, ge=0.0)
-    contrast: float = Field(0.4, ge=0.0)
-    saturation: float = Field(0.2, ge=0.0)
-    hue: float = Field(0.1, ge=0.0, le=0.5)
-    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
-    blur_branch_p: float = Field(0.5, ge=0.0, le=1.0, description="Chance of the blur-only branch.")
-    blur_p: float = Field(0.5, ge=0.0, le=1.0, description="Blur chance in the blur-only branch.")
-    alt_blur_p: float = Field(0.1, ge=0.0, le=1.0, description="Blur chance in the other branch.")
-    solarize_p: float = Field(0.2, ge=0.0, le=1.0, description="Solarize chance in the other branch.")
+    color_jitter_p: Float = Field(0.8, ge=0.0, le=1.0)
+    brightness: Float = Field(0.4, ge=0.0)
+    contrast: Float = Field(0.4, ge=0.0)
+    saturation: Float = Field(0.2, ge=0.0)
+    hue: Float = Field(0.1, ge=0.0, le=0.5)
+    grayscale_p: Float = Field(0.2, ge=0.0, le=1.0)
+    blur_branch_p: Float = Field(0.5, ge=0.0, le=1.0, description="Chance of the blur-only branch.")
+    blur_p: Float = Field(0.5, ge=0.0, le=1.0, description="Blur chance in the blur-only branch.")
+    alt_blur_p: Float = Field(0.1, ge=0.0, le=1.0, description="Blur chance in the other branch.")
+    solarize_p: Float = Field(0.2, ge=0.0, le=1.0, description="Solarize chance in the other branch.")
     blur_radius: Scale = Field((0.1, 2.0), description="Gaussian blur radius range.")
 
     @model_validator(mode="after")
@@ -108,37 +138,37 @@ class AugmentConfig(Section):
 
 
 class LossConfig(Section):
-    upsilon: float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
-    eta: float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
-    gamma: float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
-    sa_scale: float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
-    ca_scale: float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
-    student_temp: float = Field(0.1, gt=0.0, description="Student softmax temperature T_s.")
-    teacher_temp: float = Field(0.07, gt=0.0, description="Teacher temperature T_t after warmup.")
-    warmup_teacher_temp: float = Field(0.04, gt=0.0, description="Teacher temperature at step 0.")
-    warmup_teacher_temp_epochs: float = Field(30, ge=0.0, description="Epochs of teacher-temp warmup.")
-    query_window_global: int = Field(3, ge=1, description="Query window w on global views.")
-    query_window_local: int = Field(2, ge=1, description="Query window w on local views.")
+    upsilon: Float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
+    eta: Float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
+    gamma: Float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
+    sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
+    ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
+    student_temp: Float = Field(0.1, ge=1e-3, le=100.0, description="Student softmax temperature T_s.")
+    teacher_temp: Float = Field(0.07, ge=1e-3, le=100.0, description="Teacher temperature T_t after warmup.")
+    warmup_teacher_temp: Float = Field(0.04, ge=1e-3, le=100.0, description="Teacher temperature at step 0.")
+    warmup_teacher_temp_epochs: Float = Field(30, ge=0.0, le=10_000, description="Epochs of teacher-temp warmup.")
+    query_window_global: Int = Field(3, ge=1, le=128, description="Query window w on global views.")
+    query_window_local: Int = Field(2, ge=1, le=128, description="Query window w on local views.")
 
 
 class OptimConfig(Section):
-    epochs: int = Field(300, ge=1, description="Training epochs.")
-    global_batch_size: int = Field(512, ge=1, description="Images per step over all processes.")
-    base_lr: float = Field(5e-4, gt=0.0, description="Peak learning rate per 256 images.")
-    min_lr: float = Field(1e-6, ge=0.0, description="Final learning rate of the cosine.")
-    warmup_epochs: float = Field(10, ge=0.0, description="Linear learning-rate warmup.")
-    weight_decay: float = Field(0.04, ge=0.0, description="Weight decay at the start.")
-    weight_decay_end: float = Field(0.4, ge=0.0, description="Weight decay at the end.")
-    momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start.")
-    clip_grad: float = Field(3.0, ge=0.0, description="Global gradient-norm clip (0: off).")
-    freeze_last_layer_epochs: float = Field(1, ge=0.0, description="Epochs with the last head layer frozen.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    epochs: Int = Field(300, ge=1, le=10_000, description="Training epochs.")
+    global_batch_size: Int = Field(512, ge=1, le=65_536, description="Images per step over all processes.")
+    base_lr: Float = Field(5e-4, gt=0.0, description="Peak learning rate per 256 images.")
+    min_lr: Float = Field(1e-6, ge=0.0, description="Final learning rate of the cosine.")
+    warmup_epochs: Float = Field(10, ge=0.0, le=10_000, description="Linear learning-rate warmup.")
+    weight_decay: Float = Field(0.04, ge=0.0, description="Weight decay at the start.")
+    weight_decay_end: Float = Field(0.4, ge=0.0, description="Weight decay at the end.")
+    momentum_teacher: Float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start.")
+    clip_grad: Float = Field(3.0, ge=0.0, description="Global gradient-norm clip (0: off).")
+    freeze_last_layer_epochs: Float = Field(1, ge=0.0, le=10_000, description="Epochs with the last head layer frozen.")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
     )
-    seed: int = Field(0, ge=0, description="Seed of every random choice in the run.")
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many steps (schedules still span all epochs)."
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice in the run.")
+    max_steps: Int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Stop after this many steps (schedules still span all epochs)."
     )
 
     @model_validator(mode="after")
@@ -156,9 +186,9 @@ class OptimConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int | None = Field(500, ge=1, description="Save every N steps (None: off).")
-    every_minutes: float | None = Field(30.0, gt=0.0, description="Save every M minutes (None: off).")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    every_steps: Int | None = Field(500, ge=1, le=1_000_000_000, description="Save every N steps (None: off).")
+    every_minutes: Float | None = Field(30.0, gt=0.0, le=1_000_000, description="Save every M minutes (None: off).")
+    keep_last: Int = Field(3, ge=1, le=1000, description="Checkpoints kept on disk.")
 
 
 class KnnEvalConfig(Section):
@@ -167,19 +197,21 @@ class KnnEvalConfig(Section):
     train: str = Field(..., min_length=1, description="Shards of the memory bank (with boxes for bbox mode).")
     val: str = Field(..., min_length=1, description="Shards of the evaluated images.")
     mode: Literal["bbox", "global"] = Field("bbox", description="bbox: the paper's; global: instance k-NN.")
-    k: list[int] = Field([10, 20, 100, 200], min_length=1, description="Neighbour counts.")
-    temperature: float = Field(0.07, gt=0.0)
-    grid: int = Field(3, ge=1, description="Features per box side in bbox mode.")
-    resize: int = Field(256, ge=1, description="Shorter side after resizing.")
-    crop: int = Field(224, ge=1, description="Center crop side.")
-    batch_size: int = Field(64, ge=1)
-    workers: int = Field(2, ge=0)
-    max_train_images: int | None = Field(None, ge=1)
-    max_val_images: int | None = Field(None, ge=1)
+    k: list[Annotated[Int, Field(ge=1, le=10_000)]] = Field(
+        [10, 20, 100, 200], min_length=1, max_length=32, description="Neighbour counts.")
+    temperature: Float = Field(0.07, ge=1e-3, le=100.0)
+    grid: Int = Field(3, ge=1, le=32, description="Features per box side in bbox mode.")
+    resize: Int = Field(256, ge=1, le=4096, description="Shorter side after resizing.")
+    crop: Int = Field(224, ge=1, le=4096, description="Center crop side.")
+    batch_size: Int = Field(64, ge=1, le=4096)
+    workers: Int = Field(2, ge=0, le=64)
+    max_train_images: Int | None = Field(None, ge=1, le=1_000_000_000)
+    max_val_images: Int | None = Field(None, ge=1, le=1_000_000_000)
 
 
 class EvalConfig(Section):
-    every_epochs: int | None = Field(None, ge=1, description="Run the k-NN evaluation every N epochs (None: off).")
+    every_epochs: Int | None = Field(
+        None, ge=1, le=10_000, description="Run the k-NN evaluation every N epochs (None: off).")
     knn: KnnEvalConfig | None = None
 
     @model_validator(mode="after")
@@ -190,7 +222,7 @@ class EvalConfig(Section):
 
 
 class LoggingConfig(Section):
-    every_steps: int = Field(10, ge=1, description="Write metrics.jsonl every N steps.")
+    every_steps: Int = Field(10, ge=1, le=1_000_000_000, description="Write metrics.jsonl every N steps.")
 
 
 class SlurmConfig(Section):
@@ -198,10 +230,10 @@ class SlurmConfig(Section):
     cluster-specific is built in: what a cluster needs beyond these goes in `extra_sbatch` and
     `setup`."""
 
-    nodes: int = Field(1, ge=1, description="Nodes of the job.")
-    gpus_per_node: int = Field(8, ge=0, description="GPUs per node, one process each (0: CPU processes).")
-    tasks_per_node: int | None = Field(
-        None, ge=1, description="Processes per node when gpus_per_node is 0 (default 1); with GPUs it "
+    nodes: Int = Field(1, ge=1, le=10_000, description="Nodes of the job.")
+    gpus_per_node: Int = Field(8, ge=0, le=64, description="GPUs per node, one process each (0: CPU processes).")
+    tasks_per_node: Int | None = Field(
+        None, ge=1, le=1024, description="Processes per node when gpus_per_node is 0 (default 1); with GPUs it "
         "must equal gpus_per_node.")
     partition: str | None = None
     account: str | None = None
@@ -209,12 +241,12 @@ class SlurmConfig(Section):
     time: str | None = Field(None, description="Time limit: minutes, HH:MM:SS or D-HH:MM:SS.")
     constraint: str | None = None
     mem: str | None = Field(None, description="Memory per node, as sbatch --mem takes it (e.g. 200G).")
-    cpus_per_task: int | None = Field(None, ge=1)
+    cpus_per_task: Int | None = Field(None, ge=1, le=4096)
     exclusive: bool = False
-    signal_minutes_before_end: float = Field(
+    signal_minutes_before_end: Float = Field(
         5.0, gt=0.0, le=1092.0,
         description="Ask SLURM for SIGUSR2 this long before the time limit, to checkpoint and requeue.")
-    max_requeues: int = Field(20, ge=0, description="Requeues of one job before it stops for good.")
+    max_requeues: Int = Field(20, ge=0, le=10_000, description="Requeues of one job before it stops for good.")
     extra_sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict,
         description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.")

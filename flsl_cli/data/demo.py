@@ -47,6 +47,8 @@ DEMO_CLASSES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", 
 # Surface pattern of each class, in DEMO_CLASSES order.
 DEMO_TEXTURES: tuple[str, ...] = ("solid", "stripes", "dots", "segments", "checker", "diagonal", "grid")
 
+MAX_IMAGES = 1_000_000  # about an hour of generation and a few GB of shards at the default size
+MAX_SEED = 2**32 - 1
 MIN_TRAIN_SHARDS = 4  # 2 processes x 2 data workers in the tests: every reader slot needs a shard
 _MIN_OBJECT_FRACTION = 0.15
 _MAX_OBJECT_FRACTION = 0.60
@@ -122,12 +124,12 @@ def _check_settings(
     out_dir: Path, images: int, seed: int, image_size: int, val_fraction: float, samples_per_shard: int
 ) -> None:
     problems = []
-    if images < 1:
-        problems.append(f"images must be at least 1 (got {images})")
-    if seed < 0:
-        problems.append(f"seed must be non-negative (got {seed})")
-    if image_size < 32:
-        problems.append(f"image_size must be at least 32 (got {image_size})")
+    if not 1 <= images <= MAX_IMAGES:
+        problems.append(f"images must be from 1 to {MAX_IMAGES} (got {images})")
+    if not 0 <= seed <= MAX_SEED:
+        problems.append(f"seed must be from 0 to {MAX_SEED} (got {seed})")
+    if not 32 <= image_size <= 1024:
+        problems.append(f"image_size must be from 32 to 1024 (got {image_size})")
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction must be in [0, 1) (got {val_fraction})")
     if samples_per_shard < 1:

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class KnnSettings:
     resize: int = 256
     crop: int = 224
     batch_size: int = 64
-    workers: int = 4
+    workers: int | None = None  # None: default_workers() of the processes that run
     max_train_images: int | None = None
     max_val_images: int | None = None
     bank: str = "auto"  # "auto", "device" or "host"
@@ -83,7 +83,7 @@ class KnnSettings:
             problems.append(f"--grid must be at least 1 (got {self.grid})")
         if self.crop < 1 or self.resize < self.crop:
             problems.append(f"--resize ({self.resize}) must be at least --crop ({self.crop}), and both positive")
-        if self.batch_size < 1 or self.workers < 0:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
             problems.append("--batch-size must be at least 1 and --workers at least 0")
         for name, value in (("--max-train-images", self.max_train_images), ("--max-val-images", self.max_val_images)):
             if value is not None and value < 1:
@@ -92,6 +92,19 @@ class KnnSettings:
             problems.append(f"--bank must be auto, device or host (got {self.bank!r})")
         if problems:
             raise FlslError("invalid k-NN settings: " + "; ".join(problems), fix="Change the options")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as PyTorch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(processes: int) -> int:
+    """Loader workers per process: up to 4, no more than the CPUs each process has to itself."""
+    return max(1, min(4, available_cpus() // max(1, processes)))
 
 
 def check_model_fits(model: EvalModel, settings: KnnSettings) -> None:
@@ -112,6 +125,8 @@ def knn_eval(*, spec: ModelSpec, settings: KnnSettings, devices: int | None,
 
     settings.check()
     nprocs, use_cuda = resolve_devices(devices)
+    if settings.workers is None:
+        settings = replace(settings, workers=default_workers(nprocs))
     if nprocs == 1:
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(name, None)
@@ -306,7 +321,8 @@ def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: K
     expected = plan.expected(slot=rank(), slots=world_size())
     with reporter.stage(f"{split} features", total=expected, unit="images") as stage:
         local = extract_local(model, plan, settings=sample_settings, device=device, batch_size=settings.batch_size,
-                              workers=settings.workers, on_progress=stage.advance)
+                              workers=default_workers(world_size()) if settings.workers is None else settings.workers,
+                              on_progress=stage.advance)
     features = gather(local, device=device, place=place)
     del local
     if path is not None and rank() == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,11 +60,14 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
     dataset = EvalSamples(plan, rank=rank(), world_size=world_size(), settings=settings)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=False)
+    with warnings.catch_warnings():  # more workers than CPUs: the CLI says so once, in its own words
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        batches = iter(loader)
     per_side = settings.crop // settings.patch_size
     amp = autocast_dtype(device)
     features, labels, ids = [], [], []
     seen, skipped = 0, Counter()
-    for batch in loader:
+    for batch in batches:
         if "error" in batch:
             raise DataError(**batch["error"])
         seen += batch["seen"]

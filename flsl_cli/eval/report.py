@@ -26,7 +26,7 @@ class Reporter:
 
     def note(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[cyan]flsl:[/] {message}", highlight=False)
+            self.console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)  # not markup
 
     @contextmanager
     def stage(self, description: str, *, total: int, unit: str) -> Iterator["_Stage"]:
@@ -52,7 +52,7 @@ class Reporter:
                 progress.stop()
             else:
                 self.console.print(f"{description}: {stage.done} {unit} in {time.monotonic() - started:.1f} s",
-                                   highlight=False)
+                                   highlight=False, markup=False)
 
 
 class _Stage:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
@@ -114,7 +115,7 @@ class TrainSession:
                                       steps_per_epoch=self.layout.steps_per_epoch,
                                       enabled=env.is_main and show_progress, log_every=recipe.logging.every_steps)
         for note in self.notes:
-            self.progress.note(f"[yellow]note:[/] {note}")
+            self.progress.note(f"[yellow]note:[/] {escape(note)}")
         self.metrics = JsonlWriter(run_dir) if env.is_main else None
         self.bad_log = JsonlWriter(run_dir, name=BAD_SAMPLES_NAME) if env.is_main else None
         self.values: dict[str, float] = {}

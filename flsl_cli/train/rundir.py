@@ -74,8 +74,10 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
         )
     if not force:
         raise RunDirError(
-            "the run directory holds another run (with no checkpoint yet)", where=str(run_dir),
-            fix="Choose another --run-dir, or pass --force to start over in it",
+            "the run directory holds " + ("this run, with no checkpoint yet" if same else
+                                          "another run (with no checkpoint yet)"), where=str(run_dir),
+            fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
+                 if same else "Choose another --run-dir, or pass --force to start over in it"),
         )
     for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, "checkpoints"):
         target = run_dir / name

@@ -1,13 +1,17 @@
 """What a checkpoint holds of a run, and how it is put back: weights, optimizer, scaler, step,
-data layout and health, and every random generator, so the next step after a resume is the one an
-uninterrupted run would have taken."""
+data layout and health, and torch's random generator, so the next step after a resume is the one
+an uninterrupted run would have taken.
+
+Python's and numpy's global generators are not saved: flsl draws nothing from them (crops,
+queries and shard order come from generators seeded by (seed, epoch, key), drop path from a
+per-step torch seed), so their states would only record whatever the process started with.
+Checkpoints written before this still carry them; they are ignored.
+"""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
 import torch
 
 from flsl_cli.data.health import DataHealth
@@ -33,18 +37,10 @@ def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, r
 
 
 def capture_rng() -> dict[str, Any]:
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": torch.tensor(state, dtype=torch.int64), "python_version": version,
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
+    return {"torch": torch.get_rng_state()}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
 
 
