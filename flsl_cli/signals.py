@@ -7,8 +7,8 @@ Kubernetes and Ctrl-C signal every process of a run, data workers included. The 
   training step folds into its one per-step collective, so every rank stops after the same
   step and saves it. A handler only sets the flag, so a signal never interrupts a write, and a
   second signal (during the save, say) changes nothing;
-- a data worker ignores stop signals and passes each one on to its training process, which
-  decides (`for_data_worker`);
+- a data worker is never ended by a stop signal: it passes each one on to its training
+  process, which decides (`for_data_worker`);
 - the moment a data worker is forked, the stop signals are held back (`held`), so a worker
   never meets a signal before it has made its own arrangements, and the training process gets
   what arrived meanwhile as soon as the workers are up.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
 
@@ -93,16 +94,21 @@ def held():
 
 
 def for_data_worker() -> None:
-    """In a data worker: stop signals go to the training process, never end the worker."""
+    """In a data worker (forked or spawned with the stop signals held): a thread takes every stop
+    signal and passes it on to the training process, except SIGTERM from the training process
+    itself, which is how its data loader ends a worker (`Process.terminate`)."""
     parent = os.getppid()
 
-    def pass_on(signum, _frame) -> None:
-        if os.getppid() == parent:  # never to whichever process adopted an orphan
-            try:
-                os.kill(parent, signum)
-            except OSError:
-                pass
+    def pass_on() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+            if os.getppid() == parent:  # never to whichever process adopted an orphan
+                try:
+                    os.kill(parent, info.si_signo)
+                except OSError:
+                    pass
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, pass_on)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # stay held in every thread: the one below takes them
+    threading.Thread(target=pass_on, name="flsl-stop-signals", daemon=True).start()
