@@ -26,13 +26,13 @@ from slurm_support import (assert_same_run, job_logs, metric_steps, release_requ
 
 TWO_NODES = ("--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1")
 ONE_NODE = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1")
-TOTAL_STEPS = 144
+TOTAL_STEPS = 96
 
 
 def _recipe(demo_data, **extra):
-    """The one short recipe of these tests: 144 steps of 2 processes, 2 data workers each,
+    """The one short recipe of these tests: 96 steps of 2 processes, 2 data workers each,
     a checkpoint every 10 steps."""
-    values = {"optim__epochs": 6, "checkpoint__every_steps": 10, "checkpoint__keep_last": 3, **extra}
+    values = {"optim__epochs": 4, "checkpoint__every_steps": 10, "checkpoint__keep_last": 3, **extra}
     return tiny_overrides(demo_data / "train", **values)
 
 

@@ -156,7 +156,7 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
                              job_requeues=job_counts, requeues=_total(record, job_counts),
                              last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
                                            "by": "flsl", "cause": "failure", "time": error["time"]})
-        _log(f"{error['message']}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
+        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
              "slurm.requeue_on_failure)")
         reason = requeue(job_id)
         if reason is None:
@@ -168,7 +168,7 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
     then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
             "slurm.requeue_on_failure)")
-    _log(f"{error['message']}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
+    _log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
 
 
 # --- Every task ---------------------------------------------------------------------------------
