@@ -64,9 +64,11 @@ def cpu_threads(*, data_workers: int) -> int:
     return max(1, cpus // local_processes() - data_workers)
 
 
-def setup(*, use_cuda: bool | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+def setup(*, use_cuda: bool | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     """Initialise the default process group when there is more than one process; a collective
-    that waits longer than `timeout_minutes` for a peer fails (see `peer_lost`)."""
+    that waits longer than `timeout_minutes` for a peer fails (see `peer_lost`). Training passes
+    the recipe's slurm.collective_timeout_minutes; evaluation keeps a long wait, since one rank
+    may work alone for a while there."""
     rank, local_rank, world_size = read_env()
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
