@@ -220,7 +220,8 @@ class SlurmConfig(Section):
         "request; it resumes from its newest checkpoint. 0: a failure ends the job, so a bug does not loop.")
     collective_timeout_minutes: float = Field(
         5.0, gt=0.0, description="How long a process waits in a collective (all-reduce, barrier) for a peer "
-        "before it gives up with an error, in every multi-process run: a rank whose peer died does not hang.")
+        "before it gives up with an error, in every multi-process training run (also --devices): a rank "
+        "whose peer died does not hang.")
     extra_sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict,
         description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.")
