@@ -1,10 +1,10 @@
 """SLURM across two nodes: a private cluster of two slurmd daemons on this machine (nodes n1 and
 n2, `slurm/cluster.sh start --nodes 2`), one CPU rank with its 2 data workers on each node, the
 run dir shared by both as on a real cluster. A two-node run equals the same run as two local
-processes, bitwise; a stop that reaches both nodes saves one step and resumes exactly; a rank
-that is killed or hangs on one node ends the job with the node, rank and signal named, and the
-run resumes (by itself within slurm.requeue_on_failure, or with `flsl resume`); a run moves
-between one and two nodes; and the bad inputs of a multi-node job.
+processes, bitwise; a stop that reaches both nodes (USR2, TERM, preemption) saves one step and
+resumes exactly; a rank that is killed or hangs on one node ends the job with the node, rank
+and signal named, and the run resumes (by itself within slurm.requeue_on_failure, or with
+`flsl resume`); a run moves between one and two nodes; and the bad inputs of a multi-node job.
 
 Like tests/test_slurm.py, these skip, saying why, only where SLURM is missing and cannot be
 installed; with CI=true they fail instead."""
@@ -100,22 +100,39 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
     assert f"{job} (COMPLETED, nodes n[1-2])" in shown, shown
 
 
+def _preempt_both_nodes(job: str) -> subprocess.CompletedProcess:
+    """A job of the higher-tier partition that needs every CPU of both nodes."""
+    return slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--ntasks-per-node=1",
+                 "--cpus-per-task=8", "--output=/dev/null", "--wrap", "sleep 2")
+
+
+STOPS = [  # (how, the command, the signal the ranks get)
+    ("USR2 to the tasks", lambda job: slurm("scancel", "--signal=USR2", job), "SIGUSR2"),
+    ("TERM to the tasks", lambda job: slurm("scancel", "--signal=TERM", job), "SIGTERM"),
+    ("preemption by a job that needs both nodes", _preempt_both_nodes, "SIGTERM"),
+]
+
+
 def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_nodes, demo_data, reference,
                                                                            tmp_path):
-    """USR2 (the time-limit warning), then TERM, to the tasks on both nodes: both ranks stop
-    after the same step, that step is committed once, the job is requeued and resumes on both
-    nodes from it; the final weights equal the uninterrupted local run."""
+    """USR2 (the time-limit warning), TERM, and partition preemption, each reaching the tasks
+    on both nodes: both ranks stop after the same step, that step is committed once, the job is
+    requeued and resumes on both nodes from it; the final weights equal the uninterrupted local
+    run."""
     run = tmp_path / "run"
     job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_recipe(demo_data), *TWO_NODES, "--run-dir", run), run)
     step = 0
-    for count, signal_name in enumerate(("USR2", "TERM"), start=1):
+    for count, (how, stop, signal_name) in enumerate(STOPS, start=1):
         wait_for(lambda: restarts_of(run, job) == count - 1 and _past(run, step + 3),
                  what=f"job {job} to pass step {step + 3}", run=run, timeout=150)
-        assert slurm("scancel", f"--signal={signal_name}", job).returncode == 0
+        sent = stop(job)
+        assert sent.returncode == 0, sent.stderr
         requeued = wait_for(lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
-                            what=f"the requeue after SIG{signal_name}", run=run, timeout=90)
+                            what=f"the requeue after '{how}'", run=run, timeout=90)
         step = requeued["step"]
-        assert requeued["signal"] == f"SIG{signal_name}" and requeued["by"] == "flsl"
+        assert requeued["signal"] == signal_name and requeued["by"] == "flsl", (how, requeued)
+        if how.startswith("preemption"):
+            assert requeued["cause"] == "preemption", requeued
         assert (run / "checkpoints" / f"step-{step:08d}.json").exists() and metric_steps(run)[-1] == step
         for rank in (0, 1):  # both ranks stopped after that same step
             assert squeeze(f"after step {step}") in squeeze(_rank_log(run, job, rank)), _rank_log(run, job, rank)
@@ -124,7 +141,7 @@ def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_n
             _rank_log(run, job, 0)), what=f"both nodes to resume from step {step}", run=run, timeout=90)
     wait_finished(job, run)
     assert run_json(run)["status"] == "finished", job_logs(run)
-    assert run_json(run)["requeues"] == 2 and "Traceback" not in job_logs(run)
+    assert run_json(run)["requeues"] == len(STOPS) and "Traceback" not in job_logs(run)
     assert_same_run(reference, run)
 
 
