@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,16 @@ def _recipe(demo_data, **extra):
 @pytest.fixture(scope="module")
 def two_nodes():
     """A private two-node cluster beside the single-node one of tests/test_slurm.py (its own
-    state dir and ports)."""
+    state dir and ports). Its node names resolve while it runs, and no longer once it stopped."""
     base = os.environ.get("FLSL_SLURM_DIR") or f"/tmp/flsl-slurm-{os.getuid()}"
     port = int(os.environ.get("FLSL_SLURM_PORT") or 16817) + 10
+    mark = f"# flsl-slurm {base}-2n"
     with running_cluster(nodes=2, state_dir=f"{base}-2n", port=port) as conf:
         nodes = slurm("sinfo", "-h", "-N", "-p", "debug", "-o", "%N %T").stdout.split("\n")
         assert [line.split()[0] for line in nodes if line.strip()] == ["n1", "n2"], nodes
+        assert [socket.gethostbyname(name) for name in ("n1", "n2")] == ["127.0.0.2", "127.0.0.3"]
         yield conf
+    assert mark not in Path("/etc/hosts").read_text()  # `cluster.sh stop` removed its lines
 
 
 @pytest.fixture(scope="module")
