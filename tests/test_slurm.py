@@ -14,17 +14,16 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, run_flsl, tiny_overrides
+from slurm_support import (TERMINAL, assert_same_run, job_logs, job_state, metric_steps,
+                           release_requeued, restarts_of, run_json, running_cluster, slurm, squeeze, submitted,
+                           wait_finished, wait_for)
 
-SLURM_TOOLS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "slurmctld", "slurmd", "munged")
 ON_CPU = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2")
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY")
 
 
 def _common(demo_data, **extra):
@@ -40,158 +39,18 @@ TOTAL_STEPS = 288
 # --- The cluster ------------------------------------------------------------------------------
 
 
-def _have_slurm() -> bool:
-    return all(shutil.which(tool) or Path("/usr/sbin", tool).exists() for tool in SLURM_TOOLS)
-
-
-def _install_slurm() -> str | None:
-    """Install SLURM when it is missing and can be; the reason when it cannot."""
-    if _have_slurm():
-        return None
-    if os.geteuid() != 0:
-        return "SLURM is not installed, and installing it (slurm/install-debian.sh) needs root"
-    if not shutil.which("apt-get"):
-        return "SLURM is not installed, and apt-get is not available to install it"
-    done = subprocess.run(["bash", str(REPO / "slurm" / "install-debian.sh")], capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode != 0 or not _have_slurm():
-        return f"installing SLURM failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return None
-
-
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """A running single-node cluster; SLURM_CONF points the client commands at it."""
-    reason = _install_slurm()
-    if reason is None and os.geteuid() != 0:
-        reason = "starting slurmd (slurm/cluster.sh) needs root"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"SLURM is required under CI: {reason}")
-        pytest.skip(reason)
-    cluster = REPO / "slurm" / "cluster.sh"
-    started = subprocess.run(["bash", str(cluster), "start"], capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, f"slurm/cluster.sh start failed:\n{started.stdout}\n{started.stderr}"
-    conf = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    saved = {name: os.environ.get(name) for name in ("SLURM_CONF", "FLSL_MASTER_ADDR")}
-    os.environ["SLURM_CONF"] = conf
-    try:  # jobs meet at the node's name; where it does not resolve, at the node's address
-        socket.gethostbyname(socket.gethostname().split(".")[0])
-    except OSError:
-        os.environ["FLSL_MASTER_ADDR"] = "127.0.0.1"
-    yield conf
-    if "already running" not in started.stdout:
-        subprocess.run(["bash", str(cluster), "stop"], capture_output=True, text=True, timeout=120)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _slurm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=30)
-
-
-def _state(job: str) -> str:
-    """The job's state ("?" when squeue did not answer this time)."""
-    answer = _slurm("squeue", "-h", "-t", "all", "-j", job, "-o", "%T")
-    states = answer.stdout.split()
-    return states[0] if answer.returncode == 0 and states else "?"
-
-
-def _run_json(run: Path) -> dict:
-    try:
-        return json.loads((run / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _logs(run: Path) -> str:
-    text = []
-    for path in sorted((run / "slurm").glob("*_log.*")):
-        lines = [line for line in path.read_text(errors="replace").splitlines()
-                 if not line.startswith(("epoch ", "lr ", "0.", "│"))]
-        text.append(f"--- {path.name}\n" + "\n".join(lines[-40:]))
-    return "\n".join(text)
-
-
-def _wait(condition, *, what: str, run: Path, timeout: float):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\nrun.json: {_run_json(run)}\n{_logs(run)}")
-
-
-def _metric_steps(run: Path) -> list[int]:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line)["step"] for line in lines if line.strip().endswith("}")]
-
-
-def _submitted(result, run: Path) -> str:
-    assert result.returncode == 0, result.stderr + _logs(run)
-    assert "submitted SLURM job" in result.stdout, result.stdout
-    return result.stdout.split("submitted SLURM job ")[1].split(":")[0]
+    with running_cluster(nodes=1) as conf:
+        yield conf
 
 
 def _signal_mid_run(job: str, run: Path, signal_name: str, *, after_step: int) -> None:
-    _wait(lambda: len(_metric_steps(run)) >= 3 and _metric_steps(run)[-1] >= after_step,
+    wait_for(lambda: len(metric_steps(run)) >= 3 and metric_steps(run)[-1] >= after_step,
           what=f"job {job} to pass step {after_step}", run=run, timeout=120)
-    sent = _slurm("scancel", f"--signal={signal_name}", job)
+    sent = slurm("scancel", f"--signal={signal_name}", job)
     assert sent.returncode == 0, sent.stderr
-
-
-def _restarts(run: Path, job: str) -> int:
-    """SLURM_RESTART_COUNT of the job's newest attempt that reached flsl."""
-    value = _run_json(run).get("job_restarts") or {}
-    return int(value.get(job, 0)) if isinstance(value, dict) else 0
-
-
-def _release_requeued(job: str, run: Path, restarts: int) -> None:
-    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now."""
-    def started() -> bool:
-        if _restarts(run, job) >= restarts:
-            return True
-        if _state(job) == "PENDING":
-            _slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
-            time.sleep(1)
-        return False
-
-    _wait(started, what=f"requeued job {job} to start again", run=run, timeout=150)
-
-
-def _wait_finished(job: str, run: Path, *, timeout: float = 240) -> None:
-    _wait(lambda: _state(job) in TERMINAL, what=f"job {job} to end", run=run, timeout=timeout)
-
-
-def _squeeze(text: str) -> str:
-    """Text without whitespace: log lines may be wrapped anywhere by the console."""
-    return "".join(text.split())
-
-
-def _final(run: Path) -> dict:
-    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)
-
-
-def _assert_same_run(reference: Path, run: Path) -> None:
-    ma = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb):
-        for key in ("loss", "intra", "inter", "volume", "lr"):
-            assert x[key] == y[key], (x["step"], key)
-    fa, fb = _final(reference), _final(run)
-    assert fa["step"] == fb["step"]
-    for part in ("student", "teacher"):
-        for key in fa[part]:
-            assert torch.equal(fa[part][key], fb[part][key]), (part, key)
 
 
 @pytest.fixture(scope="module")
@@ -208,16 +67,16 @@ def uninterrupted(demo_data, tmp_path_factory) -> Path:
 
 def _preempt(job: str) -> None:
     """A job of the higher-tier partition that needs the whole node."""
-    sent = _slurm("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=16", "--output=/dev/null",
+    sent = slurm("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=16", "--output=/dev/null",
                   "--wrap", "sleep 2")
     assert sent.returncode == 0, sent.stderr
 
 
 STOPS = [  # (how the job is stopped, the command, who requeues it)
-    ("USR2 to the tasks", lambda job: _slurm("scancel", "--signal=USR2", job), "flsl"),
-    ("TERM to the tasks", lambda job: _slurm("scancel", "--signal=TERM", job), "flsl"),
-    ("USR2 to the batch shell only", lambda job: _slurm("scancel", "--signal=USR2", "--batch", job), "flsl"),
-    ("scontrol requeue", lambda job: _slurm("scontrol", "requeue", job), "slurm"),
+    ("USR2 to the tasks", lambda job: slurm("scancel", "--signal=USR2", job), "flsl"),
+    ("TERM to the tasks", lambda job: slurm("scancel", "--signal=TERM", job), "flsl"),
+    ("USR2 to the batch shell only", lambda job: slurm("scancel", "--signal=USR2", "--batch", job), "flsl"),
+    ("scontrol requeue", lambda job: slurm("scontrol", "requeue", job), "slurm"),
     ("preemption by a higher-priority job", _preempt, "flsl"),
 ]
 
@@ -231,35 +90,35 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm
     that step; requeues are counted however they happened; the final weights equal an
     uninterrupted run, bitwise."""
     run = tmp_path / "stops"
-    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", run), run)
+    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", run), run)
     assert "#SBATCH --cpus-per-task=3" in (run / "slurm" / "job.sbatch").read_text()  # 2 data workers + 1
     assert (run / "owner.json").exists()
     step = 0
     for count, (how, stop, by) in enumerate(STOPS, start=1):
-        _wait(lambda: _restarts(run, job) == count - 1 and _metric_steps(run) and _metric_steps(run)[-1] >= step + 3,
+        wait_for(lambda: restarts_of(run, job) == count - 1 and metric_steps(run) and metric_steps(run)[-1] >= step + 3,
               what=f"job {job} to pass step {step + 3} before '{how}'", run=run, timeout=150)
         sent = stop(job)
         assert getattr(sent, "returncode", 0) == 0, sent.stderr
-        requeued = _wait(lambda: _run_json(run).get("requeues") == count and _run_json(run).get("last_requeue"),
+        requeued = wait_for(lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
                          what=f"the requeue after '{how}'", run=run, timeout=90)
         step = requeued["step"]
         assert (run / "checkpoints" / f"step-{step:08d}.json").exists(), how  # committed
-        assert _metric_steps(run)[-1] == step, how  # nothing trained past it is lost
+        assert metric_steps(run)[-1] == step, how  # nothing trained past it is lost
         assert requeued["by"] == by, (how, requeued)
         if how.startswith("preemption"):
             assert requeued["cause"] == "preemption", requeued
-        _release_requeued(job, run, restarts=count)
-        resumed = _squeeze(f"resumed from {run}/checkpoints/step-{step:08d}.pt (step {step})")
-        _wait(lambda: resumed in _squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
+        release_requeued(job, run, restarts=count)
+        resumed = squeeze(f"resumed from {run}/checkpoints/step-{step:08d}.pt (step {step})")
+        wait_for(lambda: resumed in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
               what=f"the resume from step {step} after '{how}'", run=run, timeout=90)
 
-    _wait_finished(job, run)
-    record = _run_json(run)
-    assert record["status"] == "finished", _logs(run)
+    wait_finished(job, run)
+    record = run_json(run)
+    assert record["status"] == "finished", job_logs(run)
     assert record["job_ids"] == [job] and record["requeues"] == len(STOPS)
-    logs = _logs(run)
+    logs = job_logs(run)
     assert "Traceback" not in logs and "could not requeue" not in logs and "DataLoader worker" not in logs
-    _assert_same_run(uninterrupted, run)
+    assert_same_run(uninterrupted, run)
     assert not (run / "owner.json").exists()
 
     status = run_flsl("status", run, "--json")
@@ -278,7 +137,7 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
     run, bitwise equal to the uninterrupted one."""
     run = tmp_path / "limit"
     common = _common(demo_data, slurm__max_requeues=1)
-    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--run-dir", run), run)
+    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--run-dir", run), run)
     _signal_mid_run(job, run, "TERM", after_step=3)
 
     # A second writer is refused while the job owns the run dir, here or as another job.
@@ -287,46 +146,46 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
         assert refused.returncode == 2, refused.stderr
         assert f"being written by SLURM job {job}" in refused.stderr and "Traceback" not in refused.stderr
 
-    first = _wait(lambda: _run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)
+    first = wait_for(lambda: run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)
     assert first["signal"] == "SIGTERM"
     assert (run / "checkpoints" / f"step-{first['step']:08d}.json").exists()
-    _release_requeued(job, run, restarts=1)
+    release_requeued(job, run, restarts=1)
 
     _signal_mid_run(job, run, "TERM", after_step=first["step"] + 3)
-    _wait_finished(job, run)
-    record = _run_json(run)
+    wait_finished(job, run)
+    record = run_json(run)
     stopped_at = record["stopped_at_step"]
     assert record["status"] == "stopped" and record["job_requeues"] == {job: 1}, record
     assert (run / "checkpoints" / f"step-{stopped_at:08d}.json").exists()
     message = record["last_error"]["message"]
     assert "not requeued" in message and "slurm.max_requeues (1)" in message and "flsl resume" in message
     assert f"checkpoint of step {stopped_at} is saved" in message
-    assert _squeeze(message) in _squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
+    assert squeeze(message) in squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
 
     status = run_flsl("status", run)
     assert status.returncode == 0, status.stderr
     flat = " ".join(status.stdout.split())
     assert "not requeued" in flat and job in flat and f"step {stopped_at}" in flat
 
-    second = _submitted(run_flsl("resume", run, *ON_CPU), run)
+    second = submitted(run_flsl("resume", run, *ON_CPU), run)
     assert second != job
-    _wait(lambda: _run_json(run).get("job_id") == second and _run_json(run).get("status") == "running"
-          and _metric_steps(run)[-1] >= stopped_at + 3, what=f"job {second} to train", run=run, timeout=120)
-    assert _slurm("scancel", second).returncode == 0  # plain scancel: stop for good, with the step saved
-    _wait_finished(second, run)
-    record = _run_json(run)
+    wait_for(lambda: run_json(run).get("job_id") == second and run_json(run).get("status") == "running"
+          and metric_steps(run)[-1] >= stopped_at + 3, what=f"job {second} to train", run=run, timeout=120)
+    assert slurm("scancel", second).returncode == 0  # plain scancel: stop for good, with the step saved
+    wait_finished(second, run)
+    record = run_json(run)
     cancelled_at = record["stopped_at_step"]
     assert record["status"] == "stopped" and record.get("stop_reason") == "cancelled", record
     assert record["job_requeues"] == {job: 1} and record["requeues"] == 1  # not requeued
     assert (run / "checkpoints" / f"step-{cancelled_at:08d}.json").exists()
-    assert _metric_steps(run)[-1] == cancelled_at
-    assert "Traceback" not in _logs(run)
+    assert metric_steps(run)[-1] == cancelled_at
+    assert "Traceback" not in job_logs(run)
 
-    third = _submitted(run_flsl("resume", run, *ON_CPU), run)
-    _wait_finished(third, run)
-    assert _run_json(run)["status"] == "finished", _logs(run)
-    assert _run_json(run)["job_ids"] == [job, second, third]
-    _assert_same_run(uninterrupted, run)
+    third = submitted(run_flsl("resume", run, *ON_CPU), run)
+    wait_finished(third, run)
+    assert run_json(run)["status"] == "finished", job_logs(run)
+    assert run_json(run)["job_ids"] == [job, second, third]
+    assert_same_run(uninterrupted, run)
 
 
 def test_the_time_limit_warning_requeues_before_the_limit(slurm_cluster, demo_data, tmp_path):
@@ -334,32 +193,32 @@ def test_the_time_limit_warning_requeues_before_the_limit(slurm_cluster, demo_da
     step, which is committed; the job requeues itself and resumes from that step."""
     run = tmp_path / "limit"
     common = _common(demo_data, optim__epochs=1000, slurm__signal_minutes_before_end=1.5)
-    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--time", "2", "--run-dir", run),
+    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--time", "2", "--run-dir", run),
                      run)
-    requeued = _wait(lambda: _run_json(run).get("last_requeue"), what="the time-limit warning", run=run,
+    requeued = wait_for(lambda: run_json(run).get("last_requeue"), what="the time-limit warning", run=run,
                      timeout=150)
     step = requeued["step"]
     assert requeued["signal"] == "SIGUSR2" and requeued["by"] == "flsl"
-    assert (run / "checkpoints" / f"step-{step:08d}.json").exists() and _metric_steps(run)[-1] == step
-    _release_requeued(job, run, restarts=1)
-    _wait(lambda: _squeeze(f"(step {step})") in _squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
+    assert (run / "checkpoints" / f"step-{step:08d}.json").exists() and metric_steps(run)[-1] == step
+    release_requeued(job, run, restarts=1)
+    wait_for(lambda: squeeze(f"(step {step})") in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
           what="the resume", run=run, timeout=60)
-    assert _slurm("scancel", job).returncode == 0
-    _wait_finished(job, run)
-    assert _run_json(run)["status"] == "stopped" and "Traceback" not in _logs(run)
+    assert slurm("scancel", job).returncode == 0
+    wait_finished(job, run)
+    assert run_json(run)["status"] == "stopped" and "Traceback" not in job_logs(run)
 
 
 def test_concurrent_jobs_meet_on_different_ports(slurm_cluster, demo_data, tmp_path):
     """Two jobs at once on the same first node: each rendezvous on its own port, both finish."""
     runs = [tmp_path / "a", tmp_path / "b"]
-    jobs = [_submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__max_steps=4), *ON_CPU,
+    jobs = [submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__max_steps=4), *ON_CPU,
                                 "--run-dir", run), run) for run in runs]
     for job, run in zip(jobs, runs):
-        _wait_finished(job, run)
-        assert _metric_steps(run)[-1] == 4 and "Traceback" not in _logs(run), _logs(run)  # optim.max_steps
+        wait_finished(job, run)
+        assert metric_steps(run)[-1] == 4 and "Traceback" not in job_logs(run), job_logs(run)  # optim.max_steps
     ports = set()
     for job, run in zip(jobs, runs):
-        log = _squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
+        log = squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
         ports.add(log.split("rendezvous")[1].split(",")[0].rsplit(":", 1)[1])
     assert len(ports) == 2, ports
 
@@ -369,23 +228,23 @@ def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_pa
     starting); a job SLURM no longer knows is shown as such; a run dir that vanished before its
     job started is not recreated and the job is not requeued."""
     run = tmp_path / "broken"
-    job = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU,
+    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU,
                               "--set", "slurm.python=/nonexistent/python", "--run-dir", run), run)
-    _wait_finished(job, run, timeout=60)
+    wait_finished(job, run, timeout=60)
     summary = json.loads(run_flsl("status", run, "--json").stdout)
     assert summary["status"].startswith("failed"), summary
-    record = _run_json(run)
+    record = run_json(run)
     (run / "run.json").write_text(json.dumps({**record, "job_ids": [*record["job_ids"], "999999"]}))
     shown = run_flsl("status", run)
     assert "no longer known to SLURM" in " ".join(shown.stdout.split()), shown.stdout
 
     gone = tmp_path / "gone"
-    held = _submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", gone), gone)
-    _slurm("scontrol", "hold", held)
+    held = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", gone), gone)
+    slurm("scontrol", "hold", held)
     shutil.rmtree(gone)
-    _slurm("scontrol", "release", held)
-    _wait(lambda: _state(held) in TERMINAL, what=f"job {held} to end", run=gone, timeout=90)
-    assert _state(held) != "PENDING" and not gone.exists()
+    slurm("scontrol", "release", held)
+    wait_for(lambda: job_state(held) in TERMINAL, what=f"job {held} to end", run=gone, timeout=90)
+    assert job_state(held) != "PENDING" and not gone.exists()
 
 
 def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_path):
@@ -403,13 +262,13 @@ def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_p
     job = submitted.stdout.strip().split(";")[0]
     log = tmp_path / f"template-{job}.out"
     _signal_mid_run(job, run, "USR2", after_step=3)
-    step = _wait(lambda: _run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)["step"]
-    _release_requeued(job, run, restarts=1)
-    _wait_finished(job, run)
+    step = wait_for(lambda: run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)["step"]
+    release_requeued(job, run, restarts=1)
+    wait_finished(job, run)
     text = log.read_text()
-    assert _run_json(run)["status"] == "finished", text[-3000:]
-    assert _squeeze(f"(step {step})") in _squeeze(text) and f"created {run}" in text
-    assert _metric_steps(run) == list(range(1, TOTAL_STEPS + 1))
+    assert run_json(run)["status"] == "finished", text[-3000:]
+    assert squeeze(f"(step {step})") in squeeze(text) and f"created {run}" in text
+    assert metric_steps(run) == list(range(1, TOTAL_STEPS + 1))
 
 
 # --- Bad input --------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ def status(
                 detail += f", {info['reason']}"
             if info.get("elapsed") and info.get("state", "") in ("RUNNING", "COMPLETING"):
                 detail += f", {info['elapsed']} of {info.get('time_limit', '?')}"
+            if result.job_nodes.get(job_id):
+                detail += f"{', ' if detail else ''}nodes {result.job_nodes[job_id]}"
             jobs.append(f"{job_id} ({detail})" if detail else job_id)
         answered = "" if result.slurm_answered else "  (squeue/sacct did not answer: state from the run dir)"
         add("SLURM jobs", (", ".join(jobs) or "none") + answered)
@@ -66,7 +68,8 @@ def status(
         add("requeues", f"{result.requeues}" + (f" ({per_job})" if per_job else ""))
     if result.last_error:
         error = result.last_error
-        where = f"job {error['job_id']}, rank {error.get('rank', '?')}: " if error.get("job_id") else ""
+        node = f" on node {error['node']}" if error.get("node") else ""
+        where = f"job {error['job_id']}, rank {error.get('rank', '?')}{node}: " if error.get("job_id") else ""
         add("last error", f"{where}{error.get('message', '')}")
     if result.leftovers:
         add("leftovers", "\n".join(result.leftovers) + "\n(temporary files of writes that were cut "

@@ -247,6 +247,13 @@ class SlurmConfig(Section):
         5.0, gt=0.0, le=1092.0,
         description="Ask SLURM for SIGUSR2 this long before the time limit, to checkpoint and requeue.")
     max_requeues: Int = Field(20, ge=0, le=10_000, description="Requeues of one job before it stops for good.")
+    requeue_on_failure: Int = Field(
+        0, ge=0, le=10_000, description="Requeues of one job after a task died (killed, crashed) rather than "
+        "stopped on request; it resumes from its newest checkpoint. 0: a failure ends the job, so a bug does not loop.")
+    collective_timeout_minutes: Float = Field(
+        5.0, gt=0.0, le=1440.0, description="How long a process waits in a collective (all-reduce, barrier) for "
+        "a peer before it gives up with an error, in every multi-process training run (also --devices): a rank "
+        "whose peer died does not hang.")
     extra_sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict,
         description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.")

@@ -226,13 +226,43 @@ def submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
     job_id = answer.stdout.strip().split(";")[0]
     if answer.returncode != 0 or not job_id.isdigit():
         script.unlink(missing_ok=True)
+        reason = _sbatch_reason(answer.stderr)
+        if any(words in reason.lower() for words in _NODE_COUNT_REFUSALS):
+            known = partition_nodes(request.partition)
+            if known is not None:
+                raise SlurmError(
+                    f"sbatch refused the job: {reason}: partition {known[0]} has {known[1]} node(s), "
+                    f"the job asks for {request.nodes}",
+                    fix=f"Use --nodes {known[1]} or fewer, or another --partition (see `sinfo`)",
+                )
         raise SlurmError(
-            f"sbatch refused the job: {_sbatch_reason(answer.stderr)}",
+            f"sbatch refused the job: {reason}",
             fix="Check the SLURM options (--partition, --account, --qos, --time, --constraint, --mem) "
                 "against `sinfo` and your cluster's rules; --dry-run prints the job script",
         )
     stdout, stderr = task_logs(run_dir, job_id)
     return SubmittedJob(job_id=job_id, run_dir=run_dir, stdout=stdout, stderr=stderr)
+
+
+_NODE_COUNT_REFUSALS = ("node count specification invalid", "requested node configuration is not available")
+
+
+def partition_nodes(partition: str | None) -> tuple[str, int] | None:
+    """(name, node count) of `partition`, or of the default partition when None; None when
+    sinfo does not answer or knows no such partition."""
+    answer = _ask(["sinfo", "-h", "-o", "%P|%D"])
+    if answer is None or answer.returncode != 0:
+        return None
+    counts: dict[str, int] = {}
+    default = None
+    for line in answer.stdout.splitlines():
+        name, _, count = line.strip().partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        if count.isdigit():
+            counts[name] = counts.get(name, 0) + int(count)
+    name = partition or default
+    return (name, counts[name]) if name in counts else None
 
 
 def _sbatch_reason(text: str) -> str:

@@ -4,6 +4,9 @@
             every stop signal it gets on to them as SIGUSR2: a signal to the batch shell alone
             (`scancel --batch`) stops the run like one to the tasks, and the batch step lives
             until the tasks have saved and ended.
+            When a task dies (killed, crashed), srun ends the others (--kill-on-bad-exit) and
+            the batch step records which task, on which node, by which signal, in run.json;
+            it requeues the job up to `slurm.requeue_on_failure` times (default 0).
     task    (under srun, in every task) agrees on the rendezvous, claims the run directory
             (rank 0), and trains, resuming when the run has a checkpoint.
 
@@ -23,7 +26,9 @@ requeue`). Requeues are counted per job in run.json, however they happened; at
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,7 +60,7 @@ def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
         command += ["--open-mode=append", f"--output={logs}/%j_%t_log.out", f"--error={logs}/%j_%t_log.err"]
     command += [sys.executable, "-u", "-m", "flsl_cli.launch.slurm_job", "task", run_dir] + (["--cpu"] if cpu else [])
     with signals.held():
-        step = subprocess.Popen(command)
+        step = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
 
     def pass_on(signum, _frame) -> None:
         _log(f"the batch step got {signal.Signals(signum).name}: asking every task to stop (SIGUSR2)")
@@ -67,7 +72,103 @@ def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
     for signum in signals.STOP_SIGNALS:
         signal.signal(signum, pass_on)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)
-    return step.wait()
+    failures: list[TaskFailure] = []
+    for line in step.stderr:  # srun's own messages (and the tasks' stderr without --logs): passed on
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        failure = parse_task_failure(line)
+        if failure is not None:
+            failures.append(failure)
+    code = step.wait()
+    if code != 0:
+        _after_failure(Path(run_dir), failures, code=code)
+    return code
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """One task srun saw end badly: `srun: error: n2: task 1: Killed`."""
+
+    node: str
+    ranks: str
+    how: str
+
+    @property
+    def signal_name(self) -> str | None:
+        for number in signal.valid_signals():
+            if isinstance(number, signal.Signals) and signal.strsignal(number) == self.how:
+                return number.name
+        return None
+
+    def describe(self) -> str:
+        tasks = f"task {self.ranks}" if self.ranks.isdigit() else f"tasks {self.ranks}"
+        if self.signal_name:
+            return f"{tasks} (rank {self.ranks}) on node {self.node} was killed by {self.signal_name}"
+        return f"{tasks} (rank {self.ranks}) on node {self.node} ended: {self.how.lower()}"
+
+
+_SRUN_FAILURE = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+?)\s*$")
+
+
+def parse_task_failure(line: str) -> TaskFailure | None:
+    match = _SRUN_FAILURE.match(line.strip())
+    return TaskFailure(*match.groups()) if match else None
+
+
+def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> None:
+    """The batch step, after srun ended badly while the run was training: name the task that
+    failed first (its node, rank and signal) in run.json, then requeue the job when
+    `slurm.requeue_on_failure` allows, else end it as failed (owner released)."""
+    from flsl_cli.checkpoint.store import newest_step
+    from flsl_cli.train import rundir
+
+    job_id = os.environ.get("SLURM_JOB_ID", "?")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    try:
+        recipe_text, record = rundir.read_run(run_dir)
+    except (OSError, FlslError):
+        return
+    if record.get("status") not in ("starting", "running", "failed") or record.get("job_id") != job_id:
+        return  # stopped, requeued or finished on purpose; or another job's run now
+    first = failures[0] if failures else None
+    previous = record.get("last_error") or {}
+    own = previous if previous.get("attempt") == f"{job_id}.{restart}" else {}
+    saved_step = newest_step(run_dir)
+    saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
+             else "no checkpoint was written yet")
+    if first is not None and (first.signal_name or not own):
+        message = f"{first.describe()}; srun ended the other tasks; {saved}"
+        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": int(first.ranks) if first.ranks.isdigit() else first.ranks, "node": first.node,
+                 "signal": first.signal_name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": message}
+    elif own:
+        error = own
+    else:
+        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "message": f"the tasks ended with exit code {code}; {saved}"}
+    allowed = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("requeue_on_failure", 0) or 0)
+    counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
+    done = counts.get(job_id, 0)
+    if done < allowed:
+        counts[job_id] = done + 1
+        job_counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
+        job_counts[job_id] = max(job_counts.get(job_id, 0), restart) + 1
+        rundir.update_status(run_dir, status="requeued", last_error=error, failure_requeues=counts,
+                             job_requeues=job_counts, requeues=_total(record, job_counts),
+                             last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
+                                           "by": "flsl", "cause": "failure", "time": error["time"]})
+        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
+             "slurm.requeue_on_failure)")
+        reason = requeue(job_id)
+        if reason is None:
+            return
+        _log(f"could not requeue job {job_id}: {reason}")
+        counts[job_id] = done
+        rundir.update_status(run_dir, failure_requeues=counts)
+    rundir.update_status(run_dir, status="failed", last_error=error)
+    rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
+    then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
+            "slurm.requeue_on_failure)")
+    _log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
 
 
 # --- Every task ---------------------------------------------------------------------------------
@@ -101,8 +202,11 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     task = _Task(run_dir=Path(run_dir), job_id=os.environ["SLURM_JOB_ID"],
                  restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0), rank=int(os.environ["RANK"]))
+    _log(f"rank {task.rank} of {os.environ['WORLD_SIZE']} on node {os.environ.get('SLURMD_NODENAME', '?')} "
+         f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
     max_requeues = None
     try:
+        _check_master_addr(os.environ["MASTER_ADDR"], nodelist=os.environ.get("SLURM_JOB_NODELIST", "?"))
         recipe, resume = _begin(task)
         max_requeues = recipe.slurm.max_requeues
         if "FLSL_MASTER_PORT" not in os.environ:
@@ -141,6 +245,21 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
         _log(f"job {task.job_id} done")
 
 
+def _check_master_addr(address: str, *, nodelist: str) -> None:
+    """Every rank meets at the first node of the job: its name must resolve here."""
+    from flsl_cli.launch.rendezvous import RendezvousError
+
+    try:
+        socket.getaddrinfo(address, None)
+    except OSError as exc:
+        raise RendezvousError(
+            f"the rendezvous host {address} (the first node of {nodelist}) does not resolve to an address "
+            f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()} ({exc.strerror or exc})",
+            fix="Make the node names resolve on every node (DNS or /etc/hosts), or export FLSL_MASTER_ADDR "
+                "with the first node's address before submitting",
+        ) from None
+
+
 def _begin(task: _Task):
     """Read the run; rank 0 claims the run directory and records this attempt. Returns
     (recipe, resume?)."""
@@ -160,8 +279,11 @@ def _begin(task: _Task):
             job_ids.append(task.job_id)
         restarts = _restarts(record)
         restarts[task.job_id] = task.restart
+        nodes = os.environ.get("SLURM_JOB_NODELIST")
+        job_nodes = {str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()}
+        job_nodes[task.job_id] = nodes or "?"
         rundir.update_status(task.run_dir, scheduler="slurm", job_ids=job_ids, job_id=task.job_id,
-                             job_restarts=restarts, nodes=os.environ.get("SLURM_JOB_NODELIST"), status="starting")
+                             job_restarts=restarts, nodes=nodes, job_nodes=job_nodes, status="starting")
         if not resume:  # a restarted attempt that never reached a checkpoint starts over
             rundir.truncate_metrics(task.run_dir, after_step=0)
     return recipe, resume

@@ -62,7 +62,9 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     signals are taken from the start: one that arrives before the first step stops the run
     there (see `flsl_cli.signals`)."""
     signals.stop_request()
-    env = dist_env.setup()
+    timeout = float((recipe_data.get("slurm") or {}).get("collective_timeout_minutes")
+                    or dist_env.DEFAULT_TIMEOUT_MINUTES)
+    env = dist_env.setup(timeout_minutes=timeout)
     mirror = None
     try:
         if remote.is_remote(run_dir):
@@ -158,7 +160,8 @@ class TrainSession:
                     self.save()
                 barrier()
             except RuntimeError as exc:  # torch reports a data worker that died at any moment
-                failure = worker_failure(exc, run_dir=self.shown_as)
+                failure = worker_failure(exc, run_dir=self.shown_as) or dist_env.peer_lost(
+                    exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes)
                 if failure is None:
                     raise
                 raise failure from None

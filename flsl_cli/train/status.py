@@ -38,6 +38,7 @@ class RunStatus:
     requeues: int = 0
     job_requeues: dict[str, int] = field(default_factory=dict)  # per job: flsl's or SLURM's count
     nodes: str | None = None         # the newest job's node list
+    job_nodes: dict[str, str] = field(default_factory=dict)  # per job: its node list
     stopped: dict[str, Any] | None = None  # {"step", "signal"} of the last stop on request
     last_error: dict[str, Any] | None = None
     owner: dict[str, Any] | None = None
@@ -72,6 +73,7 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
         run_dir=str(run_dir), status=recorded or "unknown", recorded_status=recorded,
         scheduler=record.get("scheduler", "local"), job_ids=job_ids,
         requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.get("nodes"),
+        job_nodes={str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()},
         # an error of an earlier attempt is history once the run finished
         last_error=None if recorded == "finished" else _error(record.get("last_error")),
     )
@@ -93,6 +95,9 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
             from flsl_cli.launch.slurm import UNKNOWN_TO_SLURM, job_details
 
             result.jobs = job_details(job_ids[-5:])
+            for job, details in result.jobs.items():  # what SLURM says, for jobs that never reached flsl
+                if details.get("nodes") and job not in result.job_nodes:
+                    result.job_nodes[job] = details["nodes"]
             result.slurm_answered = bool(result.jobs)
             state = result.jobs.get(newest, {}).get("state")
             if state:
