@@ -51,3 +51,34 @@ def run_flsl(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpr
 @pytest.fixture
 def flsl():
     return run_flsl
+
+
+def final_checkpoint(run: Path) -> dict:
+    """The newest checkpoint of a run, loaded as flsl loads it."""
+    import torch
+
+    newest = sorted((Path(run) / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    """Bitwise the same run: every logged step's loss terms and scheduled values, and the final
+    student, teacher and optimizer state."""
+    import json
+
+    import torch
+
+    ma = [json.loads(line) for line in (Path(reference) / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for key in ("loss", "intra", "inter", "volume", "lr", "wd", "momentum", "teacher_temp"):
+            assert x[key] == y[key], (x["step"], key)
+    fa, fb = final_checkpoint(reference), final_checkpoint(run)
+    assert fa["step"] == fb["step"]
+    for part in ("student", "teacher"):
+        for key in fa[part]:
+            assert torch.equal(fa[part][key], fb[part][key]), (part, key)
+    for key, state in fa["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, fb["optimizer"]["state"][key][name]), (key, name)

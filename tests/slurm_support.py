@@ -1,6 +1,6 @@
 """Helpers for the tests that run flsl on a private SLURM cluster (slurm/cluster.sh): starting
-the cluster for a test session or module, asking SLURM about jobs, waiting on a run's files, and
-comparing two runs bitwise."""
+the cluster for a test session or module, asking SLURM about jobs, waiting on a run's files.
+Runs are compared with conftest.assert_same_run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
 
@@ -160,22 +159,3 @@ def wait_finished(job: str, run: Path, *, timeout: float = 240) -> None:
 def squeeze(text: str) -> str:
     """Text without whitespace: log lines may be wrapped anywhere by the console."""
     return "".join(text.split())
-
-
-def final_checkpoint(run: Path) -> dict:
-    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)
-
-
-def assert_same_run(reference: Path, run: Path) -> None:
-    ma = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb):
-        for key in ("loss", "intra", "inter", "volume", "lr"):
-            assert x[key] == y[key], (x["step"], key)
-    fa, fb = final_checkpoint(reference), final_checkpoint(run)
-    assert fa["step"] == fb["step"]
-    for part in ("student", "teacher"):
-        for key in fa[part]:
-            assert torch.equal(fa[part][key], fb[part][key]), (part, key)

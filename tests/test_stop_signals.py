@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, run_flsl, tiny_overrides
+from conftest import REPO, assert_same_run, final_checkpoint, run_flsl, tiny_overrides
 
 def _common(demo_data, **extra):
     """72 steps (3 epochs of 24) with the demo recipe's 2 data workers per process."""
@@ -31,24 +30,6 @@ def _metrics(run: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-
-
-def _final(run: Path) -> dict:
-    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb):
-        for key in ("loss", "intra", "inter", "volume", "lr"):
-            assert x[key] == y[key], (x["step"], key)
-    fa, fb = _final(a), _final(b)
-    assert fa["step"] == fb["step"]
-    for part in ("student", "teacher"):
-        for key in fa[part]:
-            assert torch.equal(fa[part][key], fb[part][key]), (part, key)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +97,7 @@ def _stopped_cleanly(result, *, signum: int) -> int:
 
 def _committed(run: Path, step: int) -> None:
     assert (run / "checkpoints" / f"step-{step:08d}.json").exists()
-    assert _final(run)["step"] == step
+    assert final_checkpoint(run)["step"] == step
     assert _metrics(run)[-1]["step"] == step  # every finished step is saved: only the step in flight is redone
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     record = json.loads((run / "run.json").read_text())
@@ -140,7 +121,7 @@ def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data
     resumed = run_flsl("resume", run, "--devices", devices)
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {step}" in resumed.stderr
-    _assert_same_run(straight[devices], run)
+    assert_same_run(straight[devices], run)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2])
@@ -165,7 +146,7 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish(demo_data, straight, 
     written = seen[0][1:].split(".tmp-")[0]  # .step-00000010.pt.tmp-PID -> step-00000010.pt
     assert (checkpoints / written).with_suffix(".json").exists()  # the write under way completed
     assert run_flsl("resume", run).returncode == 0
-    _assert_same_run(straight[1], run)
+    assert_same_run(straight[1], run)
 
 
 def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straight, tmp_path):
@@ -181,7 +162,7 @@ def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straigh
     step = _stopped_cleanly(started.finish(), signum=signal.SIGHUP)
     _committed(run, step)
     assert run_flsl("resume", run).returncode == 0
-    _assert_same_run(straight[1], run)
+    assert_same_run(straight[1], run)
 
 
 def test_a_signal_before_the_first_step_stops_with_nothing_to_save(demo_data, tmp_path):
@@ -243,4 +224,4 @@ def test_sigkill_during_a_checkpoint_write_then_status_and_resume(demo_data, str
     resumed = run_flsl("resume", run)
     assert resumed.returncode == 0, resumed.stderr
     assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]
-    _assert_same_run(straight[1], run)
+    assert_same_run(straight[1], run)
