@@ -151,8 +151,8 @@ def replace_local(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def leftover_temp_files(folder: Path) -> list[Path]:
-    """Temporary files of `replace_local` in `folder`: those whose writer was killed before it
-    could remove them, unless a writer is at work there right now."""
+    """Temporary files of `replace_local` in `folder` (`.NAME.tmp-PID`). Whether they are left
+    over from a writer that was killed, or a write in progress, is the caller's to know."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -153,7 +153,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
         job_counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
         job_counts[job_id] = max(job_counts.get(job_id, 0), restart) + 1
         rundir.update_status(run_dir, status="requeued", last_error=error, failure_requeues=counts,
-                             job_requeues=job_counts, requeues=_total(record, job_counts),
+                             job_requeues=job_counts,
+                             requeues=sum(rundir.requeues_per_job(record, job_counts).values()),
                              last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
                                            "by": "flsl", "cause": "failure", "time": error["time"]})
         _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
@@ -277,7 +278,7 @@ def _begin(task: _Task):
         job_ids = [str(j) for j in record.get("job_ids", [])]
         if task.job_id not in job_ids:
             job_ids.append(task.job_id)
-        restarts = _restarts(record)
+        restarts = rundir.job_restarts(record)
         restarts[task.job_id] = task.restart
         nodes = os.environ.get("SLURM_JOB_NODELIST")
         job_nodes = {str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()}
@@ -287,11 +288,6 @@ def _begin(task: _Task):
         if not resume:  # a restarted attempt that never reached a checkpoint starts over
             rundir.truncate_metrics(task.run_dir, after_step=0)
     return recipe, resume
-
-
-def _restarts(record: dict) -> dict[str, int]:
-    value = record.get("job_restarts")
-    return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
@@ -350,7 +346,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     if outcome == "requeued":
         counts[task.job_id] = done + 1
         rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
-                             requeues=_total(record, counts),
+                             requeues=sum(rundir.requeues_per_job(record, counts).values()),
                              last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                            "by": "slurm", "cause": cause, "time": now})
         _log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
@@ -364,25 +360,19 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                 "with --set slurm.max_requeues=...",
         )
     counts[task.job_id] = done + 1
-    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts, requeues=_total(record, counts),
+    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()),
                          last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                        "by": "flsl", "cause": cause, "time": now})
     reason = requeue(task.job_id)
     if reason is not None:
         counts[task.job_id] = done
-        rundir.update_status(task.run_dir, job_requeues=counts, requeues=_total(record, counts))
+        rundir.update_status(task.run_dir, job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()))
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
         )
     then = f"it resumes from step {saved_step}" if saved_step is not None else "it starts the run over"
     _log(f"requeued job {task.job_id} ({done + 1} of at most {max_requeues}); {then}")
-
-
-def _total(record: dict, counts: dict[str, int]) -> int:
-    """Requeues of the run over all its jobs: flsl's count or SLURM's restarts, the larger."""
-    restarts = _restarts(record)
-    return sum(max(counts.get(job, 0), restarts.get(job, 0)) for job in set(counts) | set(restarts))
 
 
 def _log_path(task: _Task) -> Path:

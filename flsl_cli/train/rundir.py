@@ -114,6 +114,22 @@ def update_status(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
+def job_restarts(record: dict[str, Any]) -> dict[str, int]:
+    """SLURM_RESTART_COUNT of each job's newest attempt, from run.json's `job_restarts`."""
+    value = record.get("job_restarts")
+    return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def requeues_per_job(record: dict[str, Any], counted: dict[str, int] | None = None) -> dict[str, int]:
+    """Requeues of each job of a run however they happened: flsl's own count (`job_requeues`,
+    or `counted` when given) or SLURM's restart count, the larger; jobs never requeued are left out."""
+    if counted is None:
+        counted = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
+    restarts = job_restarts(record)
+    both = {job: max(counted.get(job, 0), restarts.get(job, 0)) for job in sorted({*counted, *restarts})}
+    return {job: count for job, count in both.items() if count > 0}
+
+
 def truncate_metrics(run_dir: Path, *, after_step: int, name: str = METRICS_NAME) -> None:
     """Drop log lines written after `after_step` (steps that a resume will run again)."""
     path = Path(run_dir) / name

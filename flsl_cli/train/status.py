@@ -17,7 +17,7 @@ from typing import Any
 
 from flsl_cli import storage
 from flsl_cli.errors import RunDirError
-from flsl_cli.train.rundir import owner_alive, read_owner
+from flsl_cli.train.rundir import owner_alive, read_owner, requeues_per_job
 
 _MANIFEST = re.compile(r"^step-(\d{8,})\.json$")
 
@@ -68,7 +68,7 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
 
     job_ids = [str(j) for j in record.get("job_ids", [])]
     recorded = record.get("status")
-    requeues = _requeues(record)
+    requeues = requeues_per_job(record)
     result = RunStatus(
         run_dir=str(run_dir), status=recorded or "unknown", recorded_status=recorded,
         scheduler=record.get("scheduler", "local"), job_ids=job_ids,
@@ -103,16 +103,6 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
             if state:
                 result.status = _combine(recorded, state, unknown=UNKNOWN_TO_SLURM)
     return result
-
-
-def _requeues(record: dict[str, Any]) -> dict[str, int]:
-    """Requeues per job, however they happened: flsl's own count, or SLURM's restart count
-    (a preemption or `scontrol requeue` that the job saw as a restart), the larger."""
-    counted = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
-    restarts = record.get("job_restarts")
-    restarts = {str(k): int(v) for k, v in restarts.items()} if isinstance(restarts, dict) else {}
-    return {job: max(counted.get(job, 0), restarts.get(job, 0)) for job in sorted({*counted, *restarts})
-            if max(counted.get(job, 0), restarts.get(job, 0)) > 0}
 
 
 def _combine(recorded: str | None, state: str, *, unknown: str) -> str:
