@@ -195,7 +195,7 @@ def test_a_data_worker_killed_by_something_else_is_named(demo_data, tmp_path):
     err = " ".join(result.stderr.split())
     assert result.returncode == 2, err
     assert "Traceback" not in err
-    assert f"data worker (pid {victim}) was killed by SIGKILL" in err and f"flsl resume {run}" in err
+    assert f"data worker (pid {victim}) was killed by SIGKILL" in err and f"flsl resume {run}" in err, err
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "failed" and f"pid {victim}" in record["last_error"]["message"]
 

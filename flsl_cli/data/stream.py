@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from flsl_cli import signals
+from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
 from flsl_cli.errors import DataError
@@ -274,40 +275,62 @@ def _worker_init(_worker_id: int) -> None:
     signals.for_data_worker()
 
 
+class WorkerDied(RuntimeError):
+    """A data worker ended while the loader still needed it."""
+
+    def __init__(self, pid: int, how: str):
+        super().__init__(f"data worker {pid} ended: {how}")
+        self.pid, self.how = pid, how
+
+
 def iterate(loader: DataLoader) -> Iterator[dict]:
     """The loader's batches. Its worker processes start with the stop signals held back (see
-    `flsl_cli.signals`); a worker that dies becomes a DataError naming its pid and signal, and a
-    user error raised inside a worker arrives as itself (`worker_failure` reads torch's report of
-    a worker that died, which can come at any moment of the step)."""
+    `flsl_cli.signals`) and are watched (`worker_deaths`), so any loader error that follows a
+    worker's death becomes WorkerDied; a user error raised inside a worker arrives as itself.
+    torch may also report a death from its SIGCHLD handler at any moment of the step:
+    `worker_failure` reads both."""
+    before = worker_deaths.children()
+    with signals.held():
+        batches = iter(loader)
+    worker_deaths.watch(worker_deaths.children() - before)
     try:
-        with signals.held():
-            batches = iter(loader)
         yield from batches
     except Exception as exc:  # noqa: BLE001 - a worker's error arrives with its traceback as text
         text = str(exc).strip().splitlines()
         last = text[-1] if text else ""
         if "flsl_cli.errors." in last:
             raise DataError(last.split(": ", 1)[-1]) from None
+        died = worker_deaths.abnormal_end()
+        if died is not None:
+            raise WorkerDied(*died) from exc
         raise
 
 
 _WORKER_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?\s*$")
-_WORKER_EXITED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+_WORKER_EXITED = re.compile(r"DataLoader worker \(pid\(s\) (\d+)[\d, ]*\) exited unexpectedly")
 
 
 def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
-    """The DataError for torch's report of a data worker that died (killed by a signal, or gone
-    without a word), else None."""
+    """The DataError for a data worker that died (WorkerDied, or torch's own report of it),
+    else None."""
     text = str(exc).strip()
-    killed = _WORKER_KILLED.search(text)
-    if killed:
-        pid, description = killed.groups()
-        name = next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
-        what = f"data worker (pid {pid}) was killed by {name}"
+    if isinstance(exc, WorkerDied):
+        pid, how = exc.pid, exc.how
+    elif (killed := _WORKER_KILLED.search(text)):
+        pid, description = int(killed.group(1)), killed.group(2)
+        how = next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
     elif (exited := _WORKER_EXITED.search(text)):
-        what = f"data worker (pid {exited.group(1)}) exited unexpectedly"
+        pid = int(exited.group(1))
+        died = worker_deaths.abnormal_end(pid=pid)
+        how = died[1] if died else "unknown"
     else:
         return None
+    if how.startswith("SIG"):
+        what = f"data worker (pid {pid}) was killed by {how}"
+    elif how.startswith("exit code"):
+        what = f"data worker (pid {pid}) exited with {how}"
+    else:
+        what = f"data worker (pid {pid}) exited unexpectedly"
     return DataError(
         f"{what}; the run stopped (stop signals never end data workers, so something else did: "
         "out of memory? see `dmesg`)",
