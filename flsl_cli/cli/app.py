@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from flsl_cli.cli import bench, data, eval, export, recipe, train
+from flsl_cli.cli import bench, data, eval, export, recipe, train, viz
 from flsl_cli.cli.status import status
 
 app = typer.Typer(
@@ -20,6 +20,8 @@ app.command("resume")(train.resume)
 app.command("status")(status)
 app.command("export")(export.export)
 app.command("knn-eval")(eval.knn_eval)
+app.command("visualize")(viz.visualize)
+app.command("plot")(viz.plot)
 app.add_typer(recipe.app, name="recipe", help="Show or validate recipes.")
 app.add_typer(data.app, name="data", help="Make data sets.")
 app.add_typer(bench.app, name="bench", help="Measure throughput.")

@@ -223,6 +223,8 @@ class EvalConfig(Section):
 
 class LoggingConfig(Section):
     every_steps: Int = Field(10, ge=1, le=1_000_000_000, description="Write metrics.jsonl every N steps.")
+    tensorboard: bool = Field(False, description="Also write the logged scalars and k-NN results to "
+                              "RUN_DIR/tensorboard/ (needs pip install 'flsl[tensorboard]').")
 
 
 class SlurmConfig(Section):

@@ -30,7 +30,8 @@ from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
-from flsl_cli.train.rundir import truncate_metrics, update_status
+from flsl_cli.train.rundir import record_resume, truncate_metrics, update_status
+from flsl_cli.train.tensorboard import open_metrics_log
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
@@ -118,7 +119,7 @@ class TrainSession:
                                       enabled=env.is_main and show_progress, log_every=recipe.logging.every_steps)
         for note in self.notes:
             self.progress.note(f"[yellow]note:[/] {escape(note)}")
-        self.metrics = JsonlWriter(run_dir) if env.is_main else None
+        self.metrics = open_metrics_log(run_dir, recipe=recipe, start_step=self.start_step) if env.is_main else None
         self.bad_log = JsonlWriter(run_dir, name=BAD_SAMPLES_NAME) if env.is_main else None
         self.values: dict[str, float] = {}
         self.last_save_time = self.window_start = time.monotonic()
@@ -144,6 +145,7 @@ class TrainSession:
                 self.notes.append(f"removed {leftover.name}, left by a checkpoint write that was cut off")
             truncate_metrics(self.run_dir, after_step=self.start_step)
             truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
+            record_resume(self.run_dir, step=self.start_step)
 
     def run(self) -> None:
         env, run_dir = self.env, self.run_dir
@@ -259,7 +261,8 @@ class TrainSession:
         self.progress.update(step=self.step, values=self.values, images_per_s=rate)
         if self.metrics and (self.step % self.recipe.logging.every_steps == 0 or self.step == self.stop_at):
             self.metrics.write({"step": self.step, "epoch": self.step / self.layout.steps_per_epoch,
-                                **{k: round(v, 8) for k, v in self.values.items()}, "images_per_s": round(rate, 2)})
+                                **{k: round(v, 8) for k, v in self.values.items()}, "images_per_s": round(rate, 2),
+                                "seen": self.health.seen, "bad": self.health.bad})
             self.window_start, self.window_images = time.monotonic(), 0
 
     def _account_bad_samples(self, reports: list[dict]) -> None:

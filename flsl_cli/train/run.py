@@ -44,6 +44,7 @@ from flsl_cli.train.rundir import (
     read_run,
     truncate_metrics,
 )
+from flsl_cli.train.tensorboard import check_tensorboard
 
 if TYPE_CHECKING:
     from flsl_cli.launch.slurm import SlurmFlags, SlurmRequest, SubmittedJob
@@ -106,7 +107,8 @@ def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool
     problems = []
     for check in (lambda: check_for_world(recipe, world_size=world_size, source=source),
                   lambda: check_memory(recipe, world_size=world_size, source=source, device_bytes=device_bytes,
-                                       device_name=device_name, processes_per_device=sharing)):
+                                       device_name=device_name, processes_per_device=sharing),
+                  lambda: check_tensorboard(recipe, source=source)):
         try:
             check()
         except RecipeError as exc:

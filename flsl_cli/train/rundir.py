@@ -114,6 +114,21 @@ def update_status(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
+def record_resume(run_dir: Path, *, step: int) -> None:
+    """Add a resume to run.json's `resumes` (step, time, and for SLURM the job and its restart
+    count), so plots can mark where a run was resumed or requeued."""
+    path = Path(run_dir) / RUN_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    event: dict[str, Any] = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if os.environ.get("SLURM_JOB_ID"):
+        event.update(job_id=os.environ["SLURM_JOB_ID"], restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    record["resumes"] = [*record.get("resumes", []), event]
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
 def job_restarts(record: dict[str, Any]) -> dict[str, int]:
     """SLURM_RESTART_COUNT of each job's newest attempt, from run.json's `job_restarts`."""
     value = record.get("job_restarts")

@@ -1,0 +1,156 @@
+"""`flsl plot RUN_DIR`: a run's curves in one PNG, read from metrics.jsonl and run.json (a local
+or remote run dir, finished or still training): the loss terms, learning rate, weight decay,
+teacher temperature and momentum, images/s, the data-health counts and, when logged, the k-NN
+results, over steps. Resumes and SLURM requeues (run.json's `resumes`) are vertical lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flsl_cli import storage
+from flsl_cli.errors import FlslError, RunDirError
+from flsl_cli.train.rundir import METRICS_NAME, RUN_NAME
+from flsl_cli.viz.extras import require_matplotlib
+
+RESUME_GID = "resume"
+# (panel title, metrics.jsonl keys, legend label of each key)
+PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
+    ("loss terms", ("loss", "intra", "inter", "volume"),
+     {"loss": "total", "intra": "intra (L1)", "inter": "inter (L2)", "volume": "volume (L3)"}),
+    ("learning rate", ("lr",), {}),
+    ("weight decay", ("wd",), {}),
+    ("teacher temperature", ("teacher_temp",), {}),
+    ("teacher momentum", ("momentum",), {}),
+    ("images/s", ("images_per_s",), {}),
+    ("data health (cumulative)", ("seen", "bad"), {"seen": "samples seen", "bad": "bad samples"}),
+)
+KNN_TITLE = "k-NN (teacher)"
+
+
+@dataclass
+class RunCurves:
+    run_dir: str
+    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # key -> (steps, values)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    status: str | None = None
+
+
+def read_curves(run_dir: str) -> RunCurves:
+    """Every numeric series of metrics.jsonl (the last line may be half-written while the run
+    trains: unparsable lines are skipped) and the resumes of run.json."""
+    run_dir = storage.normalize(run_dir)
+    record = _read_run_record(run_dir)
+    try:
+        text = storage.read_text(storage.join(run_dir, METRICS_NAME))
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise RunDirError(f"cannot read {METRICS_NAME} ({exc})", where=run_dir,
+                          fix="Check the run directory and your access to it") from None
+    curves = RunCurves(run_dir=run_dir, resumes=[r for r in record.get("resumes", []) if isinstance(r, dict)],
+                       status=record.get("status"))
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or "step" not in row:
+            continue
+        for key, value in row.items():
+            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            steps, values = curves.series.setdefault(key, ([], []))
+            steps.append(int(row["step"]))
+            values.append(float(value))
+    if not curves.series:
+        raise RunDirError(f"the run has no metrics yet ({METRICS_NAME} is empty or missing)", where=run_dir,
+                          fix=f"Plot it once it has logged a step (every logging.every_steps steps); "
+                              f"`flsl status {run_dir}` says where it stands")
+    return curves
+
+
+def _read_run_record(run_dir: str) -> dict[str, Any]:
+    if storage.is_local(run_dir) and not Path(run_dir).is_dir():
+        what = "is a file, not a run directory" if Path(run_dir).exists() else "does not exist"
+        raise RunDirError(f"the run directory {what}", where=run_dir,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+    try:
+        return json.loads(storage.read_text(storage.join(run_dir, RUN_NAME)))
+    except FileNotFoundError:
+        raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=run_dir,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
+    except ValueError as exc:
+        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=run_dir,
+                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+    except FlslError:
+        raise
+    except OSError as exc:
+        raise RunDirError(f"cannot read the run directory ({exc})", where=run_dir,
+                          fix="Check the path or URL and your access to it") from None
+
+
+def draw_run(curves: RunCurves):
+    """The matplotlib Figure: one panel per group of series that the run logged."""
+    plt = require_matplotlib()
+    panels = [(title, [k for k in keys if k in curves.series], labels) for title, keys, labels in PANELS]
+    knn = sorted(k for k in curves.series if k.startswith("knn"))
+    if knn:
+        panels.append((KNN_TITLE, knn, {}))
+    known = {key for _, keys, _ in PANELS for key in keys} | set(knn)
+    other = sorted(set(curves.series) - known)
+    if other:
+        panels.append(("other", other, {}))
+    panels = [panel for panel in panels if panel[1]]
+    columns = 3
+    rows = -(-len(panels) // columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
+    figure.suptitle(f"{curves.run_dir}  ({curves.status or 'unknown status'})", fontsize=11)
+    for axes, (title, keys, labels) in zip(axes_grid.flat, panels):
+        for key in keys:
+            steps, values = curves.series[key]
+            axes.plot(steps, values, label=labels.get(key, key), marker="o" if len(steps) < 3 else None)
+        _mark_resumes(axes, curves.resumes)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3)
+        if len(keys) > 1 or curves.resumes:
+            axes.legend(fontsize=7)
+    for axes in list(axes_grid.flat)[len(panels):]:
+        axes.set_visible(False)
+    figure.tight_layout()
+    return figure
+
+
+def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
+    for index, event in enumerate(resumes):
+        requeue = bool(event.get("restart"))
+        label = (f"requeued (job {event.get('job_id')}), resumed at {event['step']}" if requeue
+                 else f"resumed at {event['step']}")
+        line = axes.axvline(int(event["step"]), color="tab:red" if requeue else "gray", linestyle="--",
+                            linewidth=1, label=label)
+        line.set_gid(RESUME_GID)
+
+
+def plot_run(run_dir: str, *, out: Path) -> Path:
+    """Write the run's PNG to `out` (whole or not at all)."""
+    plt = require_matplotlib()
+    curves = read_curves(run_dir)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise FlslError("--out is a folder", where=str(out), fix="Pass a file name, e.g. --out run.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = draw_run(curves)
+    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(temporary, dpi=100, format="png")
+        os.replace(temporary, out)
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)
+    return out
