@@ -31,8 +31,8 @@ def visualize(
         "--size", min=16, max=4096, help="Short side of the image in pixels; both sides are rounded to whole "
                                          "patches.")] = 448,
     compare: Annotated[Optional[Path], typer.Option(
-        "--compare", help="A second model (any CHECKPOINT form) drawn as a second row; --compare-random-init for "
-                          "its random init.")] = None,
+        "--compare", help="A second model drawn as a second row: a checkpoint, run dir or export (its --which "
+                          "as CHECKPOINT's), or timm:NAME.")] = None,
     compare_random_init: Annotated[bool, typer.Option(
         "--compare-random-init", help="Draw CHECKPOINT's architecture with random weights as the second row.")] = False,
     which: Annotated[Optional[Literal["teacher", "student"]], typer.Option(
@@ -56,7 +56,9 @@ def visualize(
         raise FlslError("--compare and --compare-random-init both name the second row",
                         fix="Pass one of them")
     second = None
-    if compare is not None:
+    if compare is not None and str(compare).startswith("timm:"):
+        second = ModelSpec(model=str(compare))
+    elif compare is not None:
         second = ModelSpec(checkpoint=str(compare), which=which)
     elif compare_random_init:
         second = ModelSpec(checkpoint=checkpoint, model=model, which=which, random_init=True)
