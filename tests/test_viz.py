@@ -349,3 +349,47 @@ def test_missing_matplotlib_names_the_extra(resumed_run, tmp_path, monkeypatch):
     assert code == 2
     assert "pip install 'flsl[viz]'" in output
     assert not (tmp_path / "p.png").exists()
+
+
+# --- a run dir on S3 ------------------------------------------------------------------------
+
+
+def test_remote_run_dir_gets_tensorboard_events_and_plots(demo_data, tmp_path):
+    """--run-dir s3://... with logging.tensorboard: the event files reach the bucket, and
+    `flsl plot s3://...` draws the run from there."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    pytest.importorskip("tensorboard")
+    import os
+    import subprocess
+    import sys
+
+    import s3fs
+
+    from conftest import REPO
+    from servers import S3_ENV, moto_server
+
+    server = moto_server().start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.port}"
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("runs")
+        env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+               "COLUMNS": "200"}
+        common = tiny_overrides(demo_data / "train", data__num_workers=0, logging__tensorboard="true",
+                                optim__max_steps=3)
+
+        def flsl(*args):
+            return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=600)
+
+        done = flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", "s3://runs/tb")
+        assert done.returncode == 0, done.stderr
+        fs.invalidate_cache()
+        events = [p for p in fs.ls("runs/tb/tensorboard") if "tfevents" in p]
+        assert len(events) == 1 and fs.size(events[0]) > 0
+        plotted = flsl("plot", "s3://runs/tb", "--out", tmp_path / "remote.png")
+        assert plotted.returncode == 0, plotted.stderr
+        assert _png_size(tmp_path / "remote.png")[0] > 1000
+    finally:
+        server.kill()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import checkpoint_dir, list_checkpoints, verify
+from flsl_cli.train.tensorboard import TENSORBOARD_DIR
 
 SMALL_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "bad_samples.jsonl", "owner.json")
 
@@ -78,6 +79,11 @@ def push(local: Path, url: str) -> None:
         if name.endswith(".json") and name not in local_manifests:
             storage.remove(storage.join(remote_checkpoints, name))
             storage.remove(storage.join(remote_checkpoints, Path(name).with_suffix(".pt").name))
+    events = sorted((local / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    if events:
+        storage.makedirs(storage.join(url, TENSORBOARD_DIR))
+    for path in events:  # event files grow as the run goes: each push sends them whole
+        storage.write_bytes_atomic(storage.join(url, TENSORBOARD_DIR, path.name), path.read_bytes())
     for name in SMALL_FILES:
         path = local / name
         if path.exists():
