@@ -105,13 +105,15 @@ def _arch(model: EvalModel) -> str:
 def model_name(model: EvalModel) -> str:
     """How titles name a model: its kind, architecture, network and step."""
     d = model.description
+    if d.get("random_init"):
+        return f"{d['arch']}/{d['patch_size']} random init"
     if d.get("kind") == "flsl":
         name = f"flsl {d['arch']}/{d['patch_size']} {d.get('which', 'teacher')} step {d.get('step')}"
     elif d.get("kind") == "timm-export":
         name = f"export {d['arch']}" + (f" step {d['step']}" if d.get("step") is not None else "")
     else:
         name = str(d.get("source", d.get("arch", "model")))
-    return name + (" (random init)" if d.get("random_init") else "")
+    return name
 
 
 def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> list[Panel]:
@@ -124,7 +126,9 @@ def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> l
     sx, sy = w / image.original_size[0], h / image.original_size[1]
     marks = [((x + 0.5) * sx, (y + 0.5) * sy) for x, y in image.points]
     panels = [Panel(f"{subject.name}\nimage", marks=marks)]
-    panels += [Panel(f"ASS\nlayer {layer}", kind="heat", values_hw=ass_map(grids[layer]).numpy()) for layer in layers]
+    for layer in layers:  # ASS is drawn from its smallest value (coldest) to its maximum, 1 (hottest)
+        ass = ass_map(grids[layer]).numpy()
+        panels.append(Panel(f"ASS\nlayer {layer}", kind="heat", values_hw=ass, low=min(float(ass.min()), 0.999)))
     for point, mark in zip(image.points, marks):
         for layer in probe_layers:
             row, col = point_token(image, point, grid_hw=tuple(grids[layer].shape[:2]))

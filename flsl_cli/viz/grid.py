@@ -25,6 +25,7 @@ class Panel:
     title: str
     kind: str = "image"  # image | heat (values in [0, 1]) | clusters (integers)
     values_hw: np.ndarray | None = None
+    low: float = 0.0  # the value drawn coldest (heat); higher values run to 1.0, the hottest
     marks: list[tuple[float, float]] = field(default_factory=list)  # (x, y) in resized pixels
 
 
@@ -60,7 +61,7 @@ def _draw(axes, panel: Panel, *, image_hw3: np.ndarray) -> None:
     h, w = image_hw3.shape[:2]
     axes.imshow(image_hw3, extent=(0, w, h, 0))
     if panel.kind == "heat":
-        axes.imshow(np.clip(panel.values_hw, 0.0, 1.0), cmap="inferno", vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA,
+        axes.imshow(np.clip(panel.values_hw, panel.low, 1.0), cmap="inferno", vmin=panel.low, vmax=1.0, alpha=HEAT_ALPHA,
                     extent=(0, w, h, 0), interpolation="bilinear")
     elif panel.kind == "clusters":
         axes.imshow(panel.values_hw % CLUSTER_COLORS, cmap="tab20", vmin=0, vmax=CLUSTER_COLORS - 1,
