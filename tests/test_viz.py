@@ -267,7 +267,19 @@ def test_tensorboard_holds_one_value_per_step_after_a_resume(resumed_run):
         events = accumulator.Scalars(tag)
         assert [e.step for e in events] == list(range(1, FINAL + 1)), tag
         np.testing.assert_allclose([e.value for e in events], [r[key] for r in rows], rtol=1e-6)
-    assert len(list((resumed_run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    # The raw files: the resumed attempt's starts with the purge marker at step 6 and logs no step
+    # up to the checkpoint it resumed from.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    first, second = sorted((resumed_run / "tensorboard").glob("events.out.tfevents.*"))
+    starts = [e.step for e in EventFileLoader(str(second)).Load()
+              if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert starts == [RESUMED_AT + 1]
+
+    def logged(path):
+        return sorted({e.step for e in EventFileLoader(str(path)).Load() if e.HasField("summary")})
+    assert logged(first) == list(range(1, STOP + 1))
+    assert logged(second) == list(range(RESUMED_AT + 1, FINAL + 1))
 
 
 def test_a_recipe_asking_for_tensorboard_without_it_is_refused(monkeypatch):

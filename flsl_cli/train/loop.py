@@ -31,7 +31,7 @@ from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import record_resume, truncate_metrics, update_status
-from flsl_cli.train.tensorboard import open_metrics_log
+from flsl_cli.train.tensorboard import MetricsLog, open_metrics_log
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
@@ -323,7 +323,7 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
 
 
 def _evaluate(runner: StepRunner, *, recipe: Recipe, env: dist_env.DistEnv, step: int, epoch: float,
-              metrics: JsonlWriter | None, progress: TrainProgress) -> None:
+              metrics: MetricsLog | None, progress: TrainProgress) -> None:
     """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
     from flsl_cli.eval.api import evaluate_during_training
 

@@ -26,8 +26,9 @@ def default_layers(depth: int) -> list[int]:
 def check_layers(layers: list[int], *, depth: int, model: str) -> None:
     for layer in layers:
         if not 1 <= layer <= depth:
+            example = ",".join(map(str, default_layers(depth)))
             raise FlslError(f"layer {layer} is beyond the depth of {model} ({depth} blocks, layers 1 to {depth})",
-                            fix=f"Pass --layers between 1 and {depth}, e.g. --layers {','.join(map(str, default_layers(depth)))}")
+                            fix=f"Pass --layers between 1 and {depth}, e.g. --layers {example}")
 
 
 def to_tensor(model: EvalModel, pixels_hw3: np.ndarray) -> torch.Tensor:
