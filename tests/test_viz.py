@@ -61,6 +61,27 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def test_help_imports_neither_torch_nor_matplotlib():
+    """`flsl --help`, `flsl visualize --help` and `flsl plot --help` answer without the heavy packages."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from flsl_cli.cli.app import app\n"
+        "for args in (['--help'], ['visualize', '--help'], ['plot', '--help']):\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print(*(name in sys.modules for name in ('torch', 'matplotlib', 'tensorboard')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
 # --- the maps, in numbers -------------------------------------------------------------------
 
 
