@@ -303,6 +303,23 @@ def test_tensorboard_holds_one_value_per_step_after_a_resume(resumed_run):
     assert logged(second) == list(range(RESUMED_AT + 1, FINAL + 1))
 
 
+def test_knn_rows_reach_tensorboard(tmp_path):
+    """A k-NN row of metrics.jsonl (its own step, no loss terms) becomes knn/ scalars."""
+    pytest.importorskip("tensorboard", reason="needs pip install 'flsl[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flsl_cli.train.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+
+    log = TensorBoardLog(tmp_path, start_step=0)
+    log.write({"step": 24, "epoch": 1.0, "knn_bbox_top1_k20": 41.25, "knn_bbox_feature_top1_k20": 30.5})
+    log.close()
+    accumulator = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    accumulator.Reload()
+    assert set(accumulator.Tags()["scalars"]) == {"knn/knn_bbox_top1_k20", "knn/knn_bbox_feature_top1_k20"}
+    (event,) = accumulator.Scalars("knn/knn_bbox_top1_k20")
+    assert (event.step, event.value) == (24, 41.25)
+
+
 def test_a_recipe_asking_for_tensorboard_without_it_is_refused(monkeypatch):
     """logging.tensorboard: true without the package: a recipe problem naming the pip extra."""
     from flsl_cli.config.load import load_recipe

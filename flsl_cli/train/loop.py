@@ -31,10 +31,10 @@ from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import record_resume, truncate_metrics, update_status
-from flsl_cli.train.tensorboard import MetricsLog, open_metrics_log
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
+from flsl_cli.train.tensorboard import MetricsLog, open_metrics_log
 
 
 def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size: int,

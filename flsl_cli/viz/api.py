@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from flsl_cli.errors import FlslError
 from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model
 from flsl_cli.viz.clusters import cluster_map, load_head
@@ -39,7 +41,7 @@ class Subject:
 
     model: EvalModel
     name: str
-    head: object | None = None
+    head: nn.Module | None = None
 
 
 def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: VisualizeSettings,
