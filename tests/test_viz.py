@@ -226,12 +226,13 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
     rows = _metrics(resumed_run)
     assert [r["step"] for r in rows] == list(range(1, FINAL + 1))
     figure = draw_run(read_curves(str(resumed_run)))
-    panels = [axes for axes in figure.axes if axes.get_visible()]
+    panels = [axes for axes in figure.axes if axes.get_visible() and axes.get_title()]
     drawn = {}
     for axes in panels:
         resumes = [line for line in axes.get_lines() if line.get_gid() == RESUME_GID]
         assert [list(line.get_xdata()) for line in resumes] == [[RESUMED_AT, RESUMED_AT]], axes.get_title()
-        for line in axes.get_lines():
+        twins = [other for other in figure.axes if other is not axes and other.bbox.bounds == axes.bbox.bounds]
+        for line in [line for ax in (axes, *twins) for line in ax.get_lines()]:
             if line.get_gid() != RESUME_GID:
                 drawn[(axes.get_title(), line.get_label())] = (list(line.get_xdata()), list(line.get_ydata()))
     titles = {title for title, _ in drawn}
@@ -242,6 +243,7 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
     assert drawn[("learning rate", "lr")][1] == [r["lr"] for r in rows]
     assert drawn[("teacher momentum", "momentum")][1] == [r["momentum"] for r in rows]
     assert drawn[("data health (cumulative)", "samples seen")][1] == [r["seen"] for r in rows]
+    assert drawn[("data health (cumulative)", "bad samples")][1] == [r["bad"] for r in rows]
     series = {key for r in rows for key in r if key not in ("step", "epoch")}
     assert len(drawn) == len(series)  # each logged series once
 

@@ -31,8 +31,8 @@ def visualize(
         "--size", min=16, max=4096, help="Short side of the image in pixels; both sides are rounded to whole "
                                          "patches.")] = 448,
     compare: Annotated[Optional[Path], typer.Option(
-        "--compare", help="A second model drawn as a second row: a checkpoint, run dir or export (its --which "
-                          "as CHECKPOINT's), or timm:NAME.")] = None,
+        "--compare", help="A second model drawn as a second row: a checkpoint or run dir (with CHECKPOINT's "
+                          "--which), an export, or timm:NAME.")] = None,
     compare_random_init: Annotated[bool, typer.Option(
         "--compare-random-init", help="Draw CHECKPOINT's architecture with random weights as the second row.")] = False,
     which: Annotated[Optional[Literal["teacher", "student"]], typer.Option(
@@ -45,7 +45,7 @@ def visualize(
 ) -> None:
     """Similarity maps of a backbone's features (ASS per layer, probes at query points) and the FLSL
     head's clusters, one grid PNG per image."""
-    from flsl_cli.eval.backbones import ModelSpec
+    from flsl_cli.eval.backbones import EXPORT_CONFIG, ModelSpec
     from flsl_cli.viz.api import VisualizeSettings
     from flsl_cli.viz.api import visualize as draw
     from flsl_cli.viz.images import parse_points
@@ -58,8 +58,9 @@ def visualize(
     second = None
     if compare is not None and str(compare).startswith("timm:"):
         second = ModelSpec(model=str(compare))
-    elif compare is not None:
-        second = ModelSpec(checkpoint=str(compare), which=which)
+    elif compare is not None:  # --which is for flsl checkpoints: an export holds one backbone
+        export = compare.suffix == ".safetensors" or (compare / EXPORT_CONFIG).exists()
+        second = ModelSpec(checkpoint=str(compare), which=None if export else which)
     elif compare_random_init:
         second = ModelSpec(checkpoint=checkpoint, model=model, which=which, random_init=True)
     settings = VisualizeSettings(layers=_parse_layers(layers), points=tuple(parse_points(points or [])), size=size)

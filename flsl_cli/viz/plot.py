@@ -30,6 +30,7 @@ PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("data health (cumulative)", ("seen", "bad"), {"seen": "samples seen", "bad": "bad samples"}),
 )
 KNN_TITLE = "k-NN (teacher)"
+SECOND_AXIS = ("bad",)
 
 
 @dataclass
@@ -113,18 +114,37 @@ def draw_run(curves: RunCurves):
     for axes, (title, keys, labels) in zip(axes_grid.flat, panels):
         for key in keys:
             steps, values = curves.series[key]
-            axes.plot(steps, values, label=labels.get(key, key), marker="o" if len(steps) < 3 else None)
+            # bad samples are a few among many: their own scale, on the right
+            target = _right_axis(axes) if key in SECOND_AXIS else axes
+            target.plot(steps, values, label=labels.get(key, key), marker="o" if len(steps) < 3 else None,
+                        color="tab:red" if key in SECOND_AXIS else None)
+            if key in SECOND_AXIS:  # counts: from 0, and a visible range while there are none
+                target.set_ylim(0, max(1.0, max(values) * 1.1))
         _mark_resumes(axes, curves.resumes)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=8)
         axes.grid(alpha=0.3)
         if len(keys) > 1 or curves.resumes:
-            axes.legend(fontsize=7)
+            handles = [h for ax in (axes, *_twins(axes)) for h in ax.get_legend_handles_labels()[0]]
+            axes.legend(handles=handles, fontsize=7)
     for axes in list(axes_grid.flat)[len(panels):]:
         axes.set_visible(False)
     figure.tight_layout()
     return figure
+
+
+def _right_axis(axes):
+    twins = _twins(axes)
+    if twins:
+        return twins[0]
+    right = axes.twinx()
+    right.tick_params(labelsize=8, colors="tab:red")
+    return right
+
+
+def _twins(axes) -> list:
+    return [other for other in axes.figure.axes if other is not axes and other.bbox.bounds == axes.bbox.bounds]
 
 
 def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
