@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli.config.schema import Recipe
-from flsl_cli.errors import RecipeError
+from flsl_cli.errors import FlslError, RecipeError
 from flsl_cli.train.metrics import JsonlWriter
 
 TENSORBOARD_DIR = "tensorboard"
@@ -46,7 +46,12 @@ class TensorBoardLog:
     """Scalars of metrics rows, one event per (tag, step)."""
 
     def __init__(self, run_dir: Path, *, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        try:  # checked before training starts; a SLURM node may still lack the package
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FlslError("logging.tensorboard: true needs the tensorboard package, which is not installed "
+                            "where the run trains", where=str(run_dir),
+                            fix=f"Run {INSTALL} there, or resume with --set logging.tensorboard=false") from None
 
         # purge_step: readers drop what an earlier attempt wrote from this step on
         self._writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1)
