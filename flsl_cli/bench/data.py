@@ -61,6 +61,7 @@ class DataBenchSettings:
     seconds: float = 20.0
     max_images: int = 2000
     imagefolder: Path | None = None  # reuse (or write and keep) the reference copy here
+    device: str | None = None  # also measure worker CPU time per image against this augment.device
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,15 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
                                       source=str(folder) if settings.imagefolder else "temporary ImageFolder copy"),
     }
     aug = recipe.augment
+    view_cost = None
+    if settings.device:
+        from flsl_cli.bench.view_cost import VIEW_COST_IMAGES, run_view_cost
+
+        stage(f"measuring data-worker CPU time per image: views in the workers (cpu) against {settings.device}")
+        view_cost = run_view_cost(recipe, shards, device=settings.device, batch=batch,
+                                  images=min(shards.num_samples, VIEW_COST_IMAGES))
     return {
+        "view_cost": view_cost,
         "pipelines": pipelines,
         "ratio": pipelines["flsl"]["images_per_second"] / pipelines["reference"]["images_per_second"],
         "settings": {"url": settings.url, "workers": workers, "batch_size": batch, "seconds": settings.seconds,

@@ -74,8 +74,9 @@ def device_views_for(recipe: Recipe, *, device: torch.device, source: str) -> "D
         return None
     if wanted == "cuda":
         if device.type != "cuda":
-            raise RecipeError([f"augment.device: expected cpu or tensor-cpu when training on {device.type} "
-                               f"(no CUDA GPU in this process), found cuda"], source=source)
+            raise RecipeError([f"augment.device: cuda makes the views on the training GPU, but this process trains "
+                               f"on {device.type} (no CUDA GPU found); expected cpu or tensor-cpu here, found cuda"],
+                              source=source)
         return DeviceViews(recipe, device=device)
     return DeviceViews(recipe, device=torch.device("cpu"))
 
@@ -311,19 +312,12 @@ def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
     return torch.stack((h, s, maxc), dim=-3)
 
 
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
-
-
 def _hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_rgb_to_hsv` in closed form: channel c = v - v s clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 h) mod 6 and n = 5, 3, 1 for red, green, blue (no per-pixel index tensors)."""
     h, s, v = image.unbind(dim=-3)
-    h6 = h * 6
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.to(torch.int64).remainder(6)
-    sxf = s * f
-    q = ((1.0 - sxf) * v).clamp(0.0, 1.0)
-    t = ((sxf + (1.0 - s)) * v).clamp(0.0, 1.0)
-    p = ((1.0 - s) * v).clamp(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor(_HSV_SELECT, dtype=torch.int64, device=image.device)[:, i].moveaxis(0, -3)
-    return vpqt.gather(-3, select)
+    h6 = (h * 6).unsqueeze(-3)
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=image.dtype, device=image.device).view(3, 1, 1) + h6).remainder(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    v, s = v.unsqueeze(-3), s.unsqueeze(-3)
+    return (v - v * s * ramp).clamp(0.0, 1.0)
