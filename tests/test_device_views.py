@@ -267,3 +267,25 @@ def test_cuda_views_without_a_gpu_are_a_recipe_error(demo_data, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "augment.device" in result.stderr and "tensor-cpu" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_view_cost_reports_both_paths_and_their_ratio(demo_data):
+    """`flsl bench data --device`'s measurement: worker CPU time per image of both paths (same
+    samples), their ratio, and the training process's share; cuda without a GPU is refused."""
+    from flsl_cli.bench.view_cost import run_view_cost, worker_samples
+    from flsl_cli.errors import FlslError
+
+    recipe = _recipe(demo_data / "train", device="cpu")
+    shards = resolve_shards(str(demo_data / "train"))
+    cost = run_view_cost(recipe, shards, device="tensor-cpu", images=8, batch=4)
+    assert cost["images"] == 8 and set(cost["worker_cpu_ms_per_image"]) == {"cpu", "tensor-cpu"}
+    per_image = cost["worker_cpu_ms_per_image"]
+    assert cost["worker_cpu_ratio"] == pytest.approx(per_image["tensor-cpu"] / per_image["cpu"])
+    assert cost["training_process_ms_per_image"]["wall"] > 0
+    tensor_recipe = _recipe(demo_data / "train")
+    assert [s["key"] for s in worker_samples(recipe, shards, images=8)] == \
+        [s["key"] for s in worker_samples(tensor_recipe, shards, images=8)]
+    assert "encoded" in next(worker_samples(tensor_recipe, shards, images=1))
+    if not torch.cuda.is_available():
+        with pytest.raises(FlslError, match="--device tensor-cpu"):
+            run_view_cost(recipe, shards, device="cuda", images=2, batch=2)

@@ -258,6 +258,8 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
                    on_extract: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> dict:
     """Measure both pipelines; returns the figures (see `flsl bench data --output`)."""
     stage = on_stage or (lambda _message: None)
+    # Both pipelines make their views with PIL in the workers; settings.device measures the other paths.
+    recipe = recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": "cpu"})})
     machine = machine_info()
     shards = select_samples(resolve_shards(settings.url, key="URL"), max_images=settings.max_images,
                             workers=settings.workers)

@@ -21,8 +21,8 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.device_views import DeviceViews
 from flsl_cli.data.shards import ShardSet
-from flsl_cli.errors import FlslError
 from flsl_cli.data.stream import TrainStream, collate, plan_layout
+from flsl_cli.errors import FlslError
 
 VIEW_COST_IMAGES = 256  # samples each path reads
 
@@ -48,6 +48,10 @@ def worker_cpu(recipe: Recipe, shards: ShardSet, *, images: int) -> tuple[float,
 def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int, batch: int) -> dict:
     """Worker CPU time per image of both paths and their ratio, and the training process's cost
     per image on the tensor path."""
+    target = torch.device("cuda" if device == "cuda" else "cpu")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise FlslError("--device cuda needs a CUDA GPU, and this machine has none", where="--device",
+                        fix="Use --device tensor-cpu to measure the tensor path on the CPU")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as build_loader's workers run
     try:
@@ -58,10 +62,6 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
         tensor_seconds, samples = worker_cpu(tensor_recipe, shards, images=images)
     finally:
         torch.set_num_threads(threads)
-    target = torch.device("cuda" if device == "cuda" else "cpu")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise FlslError("--device cuda needs a CUDA GPU, and this machine has none", where="--device",
-                        fix="Use --device tensor-cpu to measure the tensor path on the CPU")
     views = DeviceViews(tensor_recipe, device=target)
     batches = [collate([dict(s) for s in samples[i:i + batch]]) for i in range(0, len(samples), batch)]
     views(collate([dict(s) for s in samples[:batch]]))  # warm-up
