@@ -289,3 +289,35 @@ def test_bench_view_cost_reports_both_paths_and_their_ratio(demo_data):
     if not torch.cuda.is_available():
         with pytest.raises(FlslError, match="--device tensor-cpu"):
             run_view_cost(recipe, shards, device="cuda", images=2, batch=2)
+
+
+def test_a_jpeg_that_fails_in_the_training_process_is_logged_and_counted(demo_data, tmp_path):
+    """A JPEG cut short (its header reads, so the worker plans it) fails to decode in the training
+    process: the run goes on, bad_samples.jsonl names its shard and key, the checkpoint counts it."""
+    import shutil
+    import tarfile
+
+    data = tmp_path / "train"
+    shutil.copytree(demo_data / "train", data)
+    shard = sorted(data.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    cut_key = next(name.split(".", 1)[0] for name, _ in members if name.endswith(".jpg"))
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in members:
+            if name == f"{cut_key}.jpg":
+                payload = payload[: len(payload) // 2]
+                assert open_image(payload).size == (64, 64)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    run = tmp_path / "run"
+    result = run_flsl("pretrain", "recipes/demo.yaml",
+                      *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.5, augment__device="tensor-cpu"),
+                      "--run-dir", run)
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["key"], r["shard"]) for r in reports] == [("sample", cut_key, str(shard))]
+    assert "does not decode" in reports[0]["reason"]
+    health = final_checkpoint(run)["data_health"]
+    assert health["bad"] == 1 and health["seen"] > 1
