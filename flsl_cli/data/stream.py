@@ -34,8 +34,8 @@ from flsl_cli import signals
 from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import plan_tensors
-from flsl_cli.data.view_plan import complete_plan
 from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.view_plan import complete_plan
 from flsl_cli.errors import DataError
 
 
@@ -197,9 +197,9 @@ class TrainStream(IterableDataset):
             raise BadSample(f"image does not decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         if aug.device == "cpu":
             views = self.augment.render(image, plan, scale=scale, rng=rng)
-        else:  # the views are made in the training process (device_views.py); here only the plan
-            views = {"encoded": image_bytes, "shard": record.url, **plan_tensors(complete_plan(self.augment.recipe, plan, rng=rng),
-                                                            size=image.size)}
+        else:  # the training process makes the views (device_views.py): here only the bytes and the plan
+            whole_plan = complete_plan(self.augment.recipe, plan, rng=rng)
+            views = {"encoded": image_bytes, "shard": record.url, **plan_tensors(whole_plan, size=image.size)}
         views["key"] = record.key
         return views
 
