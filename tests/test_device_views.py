@@ -146,9 +146,11 @@ def test_grayscale_blur_and_solarize_equal_torchvision():
         torch.testing.assert_close(out, TF2.solarize(image, threshold=0.5), rtol=0, atol=0)
 
 
-def test_photometric_applies_each_samples_ops_in_its_own_order():
+@pytest.mark.parametrize("masked", [False, True])
+def test_photometric_applies_each_samples_ops_in_its_own_order(masked):
     """Per sample: its jitter ops in its drawn order, then grayscale, blur, solarize, as
-    torchvision would apply them one image at a time."""
+    torchvision would apply them one image at a time; alike in the indexed (CPU) and the masked
+    (GPU) form."""
     recipe = _recipe(small=False, color_jitter_p=1.0, grayscale_p=0.3, blur_branch_p=0.5, blur_p=0.6, alt_blur_p=0.4,
                      solarize_p=0.5)
     plans = [draw_plan(recipe, (100, 100), rng=np.random.default_rng(seed)) for seed in range(12)]
@@ -158,7 +160,7 @@ def test_photometric_applies_each_samples_ops_in_its_own_order():
                        order_n4=torch.stack([t["plan_jitter_order"][0] for t in tensors]),
                        gray_n=torch.stack([t["plan_gray"][0] for t in tensors]),
                        blur_n=torch.stack([t["plan_blur"][0] for t in tensors]),
-                       solarize_n=torch.stack([t["plan_solarize"][0] for t in tensors]), blur_max=2.0)
+                       solarize_n=torch.stack([t["plan_solarize"][0] for t in tensors]), blur_max=2.0, masked=masked)
     reference_ops = {"brightness": TF2.adjust_brightness, "contrast": TF2.adjust_contrast,
                      "saturation": TF2.adjust_saturation, "hue": TF2.adjust_hue}
     orders = set()

@@ -208,8 +208,18 @@ def cut_views(images: list[torch.Tensor], *, boxes_nv4: torch.Tensor, sizes: lis
 
 
 def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
-                blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_max: float) -> torch.Tensor:
-    """One view index's photometric ops over the batch, each sample with its own parameters."""
+                blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_max: float, masked: bool | None = None) -> torch.Tensor:
+    """One view index's photometric ops over the batch, each sample with its own parameters.
+
+    Two equal ways: on the CPU each op runs on the samples that take it (`indexed`); on a GPU
+    every op runs on the whole batch and a mask keeps its result where it applies (`masked`),
+    which costs more arithmetic but never waits for the device to learn which samples those are.
+    """
+    masked = view.device.type != "cpu" if masked is None else masked
+    blur_kernel = blur_kernel_size(blur_max, side=view.shape[-1])
+    if masked:
+        return _photometric_masked(view, jitter_n4=jitter_n4, order_n4=order_n4, gray_n=gray_n, blur_n=blur_n,
+                                   solarize_n=solarize_n, blur_kernel=blur_kernel)
     view = view.clone()
     for position in range(order_n4.shape[1]):
         for op in range(len(JITTER_OPS)):
@@ -221,12 +231,26 @@ def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.
         view[selected] = grayscale(view[selected])
     selected = (blur_n > 0).nonzero().flatten()
     if selected.numel():
-        view[selected] = gaussian_blur(view[selected], sigma_n=blur_n[selected],
-                                       kernel_size=blur_kernel_size(blur_max, side=view.shape[-1]))
+        view[selected] = gaussian_blur(view[selected], sigma_n=blur_n[selected], kernel_size=blur_kernel)
     selected = solarize_n.nonzero().flatten()
     if selected.numel():
         view[selected] = solarize(view[selected])
     return view
+
+
+def _photometric_masked(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
+                        blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_kernel: int) -> torch.Tensor:
+    def where(mask_n: torch.Tensor, made: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask_n.view(-1, 1, 1, 1), made, kept)
+
+    for position in range(order_n4.shape[1]):
+        op_n = order_n4[:, position]
+        for op, name in enumerate(JITTER_OPS):
+            view = where(op_n == op, JITTER_FNS[name](view, jitter_n4[:, op]), view)
+    view = where(gray_n, grayscale(view), view)
+    sigma_n = torch.where(blur_n > 0, blur_n, torch.ones_like(blur_n))
+    view = where(blur_n > 0, gaussian_blur(view, sigma_n=sigma_n, kernel_size=blur_kernel), view)
+    return where(solarize_n, solarize(view), view)
 
 
 def _per_sample(factor_n: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
