@@ -49,6 +49,28 @@ def test_student_crops_lie_inside_the_teacher_crop(monkeypatch):
         assert len(students) == 3
 
 
+def test_student_and_local_boxes_are_drawn_in_the_teacher_views_coordinates():
+    """As in the authors' release: measured in the teacher view (the teacher box stretched to a
+    square), the student and local boxes' area fractions lie in their scale ranges and their
+    aspect ratios in 3/4..4/3, however elongated the teacher box is in the image (in image pixels
+    they would range over 9/16..16/9)."""
+    from flsl_cli.data.view_plan import draw_crops
+
+    aug = _recipe(local_crops=4).augment
+    ratios, teacher_ratios = [], []
+    for seed in range(300):
+        crops = draw_crops(aug, (300, 200), rng=np.random.default_rng(seed))
+        tl, tt, tw, th = crops.teacher
+        teacher_ratios.append(tw / th)
+        for box, scale in [(crops.student, aug.student_scale), *[(b, aug.local_scale) for b in crops.locals_]]:
+            fw, fh = box[2] / tw, box[3] / th  # fractions of the teacher view's sides
+            assert scale[0] * 0.999 <= fw * fh <= scale[1] * 1.001
+            ratios.append(fw / fh)
+            assert 0.75 * 0.999 <= fw / fh <= 4 / 3 * 1.001
+    assert min(ratios) < 0.8 and max(ratios) > 1.25  # the whole aspect range is used
+    assert max(teacher_ratios) > 1.25  # with teacher boxes far from square
+
+
 def test_sample_crop_scale_range():
     rng = np.random.default_rng(0)
     for _ in range(200):

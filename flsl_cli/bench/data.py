@@ -61,6 +61,7 @@ class DataBenchSettings:
     seconds: float = 20.0
     max_images: int = 2000
     imagefolder: Path | None = None  # reuse (or write and keep) the reference copy here
+    device: str | None = None  # also measure worker CPU time per image against this augment.device
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,8 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
                    on_extract: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> dict:
     """Measure both pipelines; returns the figures (see `flsl bench data --output`)."""
     stage = on_stage or (lambda _message: None)
+    # Both pipelines make their views with PIL in the workers; settings.device measures the other paths.
+    recipe = recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": "cpu"})})
     machine = machine_info()
     shards = select_samples(resolve_shards(settings.url, key="URL"), max_images=settings.max_images,
                             workers=settings.workers)
@@ -276,7 +279,15 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
                                       source=str(folder) if settings.imagefolder else "temporary ImageFolder copy"),
     }
     aug = recipe.augment
+    view_cost = None
+    if settings.device:
+        from flsl_cli.bench.view_cost import VIEW_COST_IMAGES, run_view_cost
+
+        stage(f"measuring data-worker CPU time per image: views in the workers (cpu) against {settings.device}")
+        view_cost = run_view_cost(recipe, shards, device=settings.device, batch=batch,
+                                  images=min(shards.num_samples, VIEW_COST_IMAGES))
     return {
+        "view_cost": view_cost,
         "pipelines": pipelines,
         "ratio": pipelines["flsl"]["images_per_second"] / pipelines["reference"]["images_per_second"],
         "settings": {"url": settings.url, "workers": workers, "batch_size": batch, "seconds": settings.seconds,

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+from enum import Enum
+
 import typer
 from rich.markup import escape
 
@@ -13,6 +15,13 @@ from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
 app = typer.Typer(no_args_is_help=True)
+
+
+class ViewDevice(str, Enum):
+    """Where the training process makes the views (augment.device other than cpu)."""
+
+    tensor_cpu = "tensor-cpu"
+    cuda = "cuda"
 
 
 @app.command("data")
@@ -35,13 +44,17 @@ def data(
     max_images: Annotated[int, typer.Option(
         "--max-images", min=1, help="Samples read from the shards (and copied for the reference).")] = 2000,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")] = None,
+    device: Annotated[Optional[ViewDevice], typer.Option(
+        "--device",
+        help="Also measure the CPU time a data worker spends per image when the training process makes the views "
+             "(augment.device) against views made in the workers with PIL, and the ratio.")] = None,
 ) -> None:
     """Images/s of decode + FLSL multi-crop augmentation: flsl's shard stream against torchvision's
     ImageFolder with PIL's loader (the released FLSL code), same workers, batch and augmentation."""
     from flsl_cli.bench.data import DataBenchSettings, run_data_bench, write_results
 
     settings = DataBenchSettings(url=url, workers=workers, seconds=seconds, max_images=max_images,
-                                 imagefolder=imagefolder)
+                                 imagefolder=imagefolder, device=device.value if device else None)
     update, close = _copy_progress()
     try:
         results = run_data_bench(_load_recipe(recipe, url=url, overrides=set_ or []), settings,
@@ -52,6 +65,8 @@ def data(
     finally:
         close()
     out_console.print(results_table(results))
+    if results.get("view_cost"):
+        out_console.print(view_cost_table(results["view_cost"]))
     if output is not None:
         write_results(output, results)
         out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
@@ -88,6 +103,22 @@ def results_table(results: dict):
     footer = Text(f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, load {machine['load_average_1min']}), "
                   f"Pillow {machine['pillow']}{turbo}, pillow-simd {simd}\n{results['note']}", style="dim")
     return Group(table, footer)
+
+
+def view_cost_table(cost: dict):
+    """Data-worker CPU time per image of both view paths, their ratio, and the training process's share."""
+    from rich.table import Table
+
+    device = cost["device"]
+    table = Table(title=f"data-worker CPU time per image ({cost['images']} images, one worker, one torch thread)")
+    for column in ("views made", "worker CPU ms/image", f"{device} / cpu", "training process ms/image (CPU, wall)"):
+        table.add_column(column, justify="left" if column == "views made" else "right")
+    per_image = cost["worker_cpu_ms_per_image"]
+    table.add_row("cpu: in the workers with PIL", f"{per_image['cpu']:.2f}", "1.00", "-")
+    process = cost["training_process_ms_per_image"]
+    table.add_row(f"{device}: in the training process", f"{per_image[device]:.2f}", f"{cost['worker_cpu_ratio']:.3f}",
+                  f"{process['cpu']:.2f}, {process['wall']:.2f} ({cost['training_process_threads']} thread(s))")
+    return table
 
 
 def _copy_progress():

@@ -120,6 +120,11 @@ class AugmentConfig(Section):
     alt_blur_p: Float = Field(0.1, ge=0.0, le=1.0, description="Blur chance in the other branch.")
     solarize_p: Float = Field(0.2, ge=0.0, le=1.0, description="Solarize chance in the other branch.")
     blur_radius: Scale = Field((0.1, 2.0), description="Gaussian blur radius range.")
+    device: Literal["cpu", "tensor-cpu", "cuda"] = Field(
+        "cpu", description="Where the views are made. cpu: with PIL in the data workers. tensor-cpu / cuda: the "
+        "workers only read the images and draw each sample's random plan; the training process decodes the batch "
+        "and makes its views with batched tensor ops on the CPU / on the training GPU (cuda needs GPU training).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentConfig":

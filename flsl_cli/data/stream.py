@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from flsl_cli import signals
 from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
+from flsl_cli.data.device_views import plan_tensors
 from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.view_plan import complete_plan
 from flsl_cli.errors import DataError
 
 
@@ -189,10 +191,15 @@ class TrainStream(IterableDataset):
         try:
             image = open_image(image_bytes)
             plan = self.augment.plan(image.size, rng=rng)
-            image, scale = decode_for(image, plan, global_size=aug.global_size, local_size=aug.local_size)
+            if aug.device == "cpu":
+                image, scale = decode_for(image, plan, global_size=aug.global_size, local_size=aug.local_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample bad
             raise BadSample(f"image does not decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        views = self.augment.render(image, plan, scale=scale, rng=rng)
+        if aug.device == "cpu":
+            views = self.augment.render(image, plan, scale=scale, rng=rng)
+        else:  # the training process makes the views (device_views.py): here only the bytes and the plan
+            whole_plan = complete_plan(self.augment.recipe, plan, rng=rng)
+            views = {"encoded": image_bytes, "shard": record.url, **plan_tensors(whole_plan, size=image.size)}
         views["key"] = record.key
         return views
 
@@ -246,8 +253,11 @@ class _Peekable:
 def collate(samples: list[dict]) -> dict:
     """Stack the views; keep sample keys and bad-sample reports as lists."""
     reports = [report for sample in samples for report in sample.pop("bad", [])]
+    encoded = [sample.pop("encoded") for sample in samples if "encoded" in sample]
     batch = default_collate(samples)
     batch["bad"] = reports
+    if encoded:
+        batch["encoded"] = encoded
     return batch
 
 

@@ -19,6 +19,7 @@ from flsl_cli.checkpoint.store import checkpoint_dir, newest_valid, save_checkpo
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
+from flsl_cli.data.device_views import device_views_for
 from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, iterate, plan_layout, worker_failure
@@ -100,6 +101,7 @@ class TrainSession:
                                          local_batch=recipe.optim.global_batch_size // env.world_size)
         if env.device.type == "cpu":
             torch.set_num_threads(dist_env.cpu_threads(data_workers=self.layout.loader_workers))
+        self.device_views = device_views_for(recipe, device=env.device, source=source)
         self.runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size,
                                    steps_per_epoch=self.layout.steps_per_epoch)
         self.total_steps = self.runner.schedules.total_steps
@@ -231,6 +233,8 @@ class TrainSession:
 
     def _train_step(self, batch: dict) -> None:
         recipe, layout, runner = self.recipe, self.layout, self.runner
+        if self.device_views:
+            batch = self.device_views(batch)
         reports = batch.pop("bad", [])
         lost = sum(r["samples"] for r in reports if r["kind"] == "shard")
         counters = {"seen": layout.local_batch + lost, "bad": sum(r["samples"] for r in reports)}
