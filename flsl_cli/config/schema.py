@@ -172,6 +172,14 @@ class OptimConfig(Section):
         "auto", description="auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
     )
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice in the run.")
+    fused_modes: bool = Field(
+        False, description="Compute the mean-shift modes with scaled_dot_product_attention (same math, equal "
+                           "within fp32 rounding, faster where a fused kernel exists).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student's and teacher's backbones (static shapes; the first "
+                           "steps of each view size are slow while it compiles).",
+    )
     max_steps: Int | None = Field(
         None, ge=1, le=1_000_000_000, description="Stop after this many steps (schedules still span all epochs)."
     )

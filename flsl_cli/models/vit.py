@@ -78,3 +78,10 @@ def build_backbone(config: ModelConfig, *, img_size: int, drop_path: float | Non
         model.pos_embed.copy_(sincos_pos_embed(grid_size=grid, dim=model.embed_dim))
     model.pos_embed.requires_grad_(False)
     return model
+
+
+def set_fused_attention(backbone: VisionTransformer, *, enabled: bool) -> None:
+    """Switch every block between timm's fused attention (scaled_dot_product_attention, timm's
+    default) and the explicit softmax(q k^T / sqrt(d)) v; the two agree within rounding."""
+    for block in backbone.blocks:
+        block.attn.fused_attn = enabled
