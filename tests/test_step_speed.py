@@ -93,3 +93,71 @@ def test_compile_option_compiles_both_backbones_and_keeps_the_weights_keys(monke
     assert calls == [{"dynamic": False}, {"dynamic": False}]
     assert list(compiled.student.state_dict()) == list(plain.student.state_dict())
     assert list(compiled.teacher.state_dict()) == list(plain.teacher.state_dict())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_fast_step_equals_the_eager_step_on_cuda_in_fp32():
+    """On a GPU, in fp32 with TF32 off, the fused step (timm's and the modes' fused attention,
+    the fused AdamW) gives the eager step's loss terms and gradients."""
+    device = torch.device("cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        runners = []
+        for fused in (True, False):
+            recipe = _recipe(fused_modes=fused, precision="fp32")
+            runner = build_runner(recipe, device=device, rank=0, world_size=1, steps_per_epoch=10)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            for network in (runner.student, runner.teacher):
+                set_fused_attention(network.backbone, enabled=fused)
+            runners.append(runner)
+        batch = synthetic_batch(runners[0].recipe, images=4, device=device)
+        fast_terms, eager_terms = (runner.run(batch, step=0) for runner in runners)
+        for name in TERMS:
+            assert fast_terms[name] == pytest.approx(eager_terms[name], rel=1e-4, abs=1e-5), name
+        eager_grads = dict((n, p.grad) for n, p in runners[1].student.named_parameters() if p.grad is not None)
+        for name, param in runners[0].student.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.cuda
+@cuda
+def test_bf16_step_runs_without_a_scaler_and_stays_near_fp32_on_cuda():
+    """precision auto on a bf16 GPU: autocast bf16, no gradient scaler, finite loss terms within
+    a few percent of the fp32 step's on the same batch and weights."""
+    device = torch.device("cuda")
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    values = {}
+    for precision in ("auto", "fp32"):
+        runner = build_runner(_recipe(precision=precision, fused_modes=True), device=device, rank=0, world_size=1,
+                              steps_per_epoch=10)
+        assert not runner.scaler.is_enabled()
+        values[precision] = runner.run(synthetic_batch(runner.recipe, images=8, device=device), step=0)
+    for name in TERMS:
+        assert values["auto"][name] == pytest.approx(values["fp32"][name], rel=0.05, abs=1e-3), name
+
+
+@pytest.mark.cuda
+@cuda
+def test_compiled_step_equals_the_plain_step_on_cuda():
+    """optim.compile: true trains as the uncompiled step does (fp32, TF32 off), two steps."""
+    device = torch.device("cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        runners = [build_runner(_recipe(precision="fp32", compile=flag), device=device, rank=0, world_size=1,
+                                steps_per_epoch=10) for flag in (True, False)]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        batch = synthetic_batch(runners[0].recipe, images=4, device=device)
+        for step in range(2):
+            compiled, plain = (runner.run(batch, step=step) for runner in runners)
+            for name in TERMS:
+                assert compiled[name] == pytest.approx(plain[name], rel=1e-3, abs=1e-5), name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
