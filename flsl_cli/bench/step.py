@@ -15,7 +15,8 @@ The FLOPs of one step (forward and backward of teacher and student, loss include
 by `torch.utils.flop_counter.FlopCounterMode` on the baseline's first step; model-FLOPs
 utilisation divides them by the measured step time and by a peak the output states (a table of
 vendor dense bf16/fp16 figures for known GPUs, or `--peak-tflops`). The first steps of each
-variant (`warmup`, and compilation) are not timed.
+variant (`warmup`, and compilation) are not timed; the timed steps run in alternating turns
+(baseline, flsl, baseline, flsl) so a change in a shared machine's load weighs on both.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from flsl_cli.train.step import TERMS, StepRunner, autocast_dtype
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
-NOTE = ("Both variants ran in the same invocation on the same networks, batch and device; the "
-        "batch is synthetic and already on the device, so no data loading is included.")
+TURNS = 2  # timed turns per variant, alternating
+NOTE = ("Both variants ran in the same invocation on the same networks, batch and device, in alternating "
+        "turns; the batch is synthetic and already on the device, so no data loading is included.")
 
 
 @dataclass(frozen=True)
@@ -131,21 +133,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_variant(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int, warmup: int,
-                    device: torch.device) -> dict:
-    """Seconds per step over `steps` steps after `warmup` untimed ones, and peak memory."""
-    for step in range(warmup):
+def _resident_bytes(device: torch.device) -> int:
+    _sync(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def warm_up(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int, first_step: int) -> None:
+    """Untimed steps (compilation, allocator, optimizer state), then the gradients dropped so that
+    only weights and optimizer state stay resident between turns."""
+    for step in range(first_step, first_step + steps):
         runner.run(batch, step=step)
+    runner.optimizer.zero_grad(set_to_none=True)
+
+
+def timed_turn(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int, first_step: int,
+               device: torch.device, others_resident: int) -> tuple[float, int | None]:
+    """Seconds for `steps` steps, and the peak memory of this variant alone (the peak during the
+    turn less what the other variant keeps resident)."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for step in range(warmup, warmup + steps):
+    for step in range(first_step, first_step + steps):
         runner.run(batch, step=step)
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"steps": steps, "seconds": round(seconds, 4), "step_seconds": seconds / steps, "peak_memory_bytes": peak}
+    peak = torch.cuda.max_memory_allocated(device) - others_resident if device.type == "cuda" else None
+    runner.optimizer.zero_grad(set_to_none=True)
+    return seconds, peak
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,30 +197,55 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
-    """Both variants measured one after the other in this process; their figures and ratio."""
+    """Both variants built side by side in this process and timed in alternating turns; their
+    figures and ratio."""
     device = resolve_device(settings.device)
     images = settings.batch or min(recipe.optim.global_batch_size, 64)
     batch = synthetic_batch(recipe, images=images, device=device, seed=recipe.optim.seed)
     peak, peak_source = peak_for(device, settings.peak_tflops)
-    flops = None
-    variants: dict[str, dict] = {}
-    for name in ("baseline", "flsl"):
+    names = ("baseline", "flsl")
+    runners: dict[str, StepRunner] = {}
+    resident: dict[str, int] = {}
+    flops = 0
+    for name in names:
+        before = _resident_bytes(device)
         torch.manual_seed(recipe.optim.seed)
-        runner = build_variant(recipe, name=name, device=device, compile_=settings.compile)
-        if flops is None:
-            flops = count_step_flops(runner, batch, step=0)
-        figures = measure_variant(runner, batch, steps=settings.steps, warmup=settings.warmup, device=device)
-        figures["images_per_second"] = images / figures["step_seconds"]
-        figures["tflops_per_second"] = flops / figures["step_seconds"] / 1e12
-        figures["mfu"] = figures["tflops_per_second"] / peak if peak else None
-        optim = runner.recipe.optim
-        figures["precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}[
-            autocast_dtype(optim.precision, device)]
-        figures["compile"], figures["fused_modes"] = optim.compile, optim.fused_modes
-        variants[name] = figures
-        del runner
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        runners[name] = build_variant(recipe, name=name, device=device, compile_=settings.compile)
+        if name == "baseline":
+            flops = count_step_flops(runners[name], batch, step=0)
+        warm_up(runners[name], batch, steps=settings.warmup, first_step=1)
+        resident[name] = _resident_bytes(device) - before
+    # Turns alternate (baseline, flsl, baseline, flsl) so a change in the machine's load weighs
+    # on both variants alike.
+    seconds = dict.fromkeys(names, 0.0)
+    steps_done = dict.fromkeys(names, 0)
+    peaks: dict[str, int | None] = dict.fromkeys(names)
+    first = 1 + settings.warmup
+    for turn in range(TURNS):
+        steps = settings.steps // TURNS + (1 if turn < settings.steps % TURNS else 0)
+        for name in names:
+            if not steps:
+                continue
+            other = sum(value for key, value in resident.items() if key != name)
+            elapsed, peak_bytes = timed_turn(runners[name], batch, steps=steps, first_step=first + steps_done[name],
+                                             device=device, others_resident=other)
+            seconds[name] += elapsed
+            steps_done[name] += steps
+            if peak_bytes is not None:
+                peaks[name] = max(peaks[name] or 0, peak_bytes)
+    variants: dict[str, dict] = {}
+    for name in names:
+        step_seconds = seconds[name] / steps_done[name]
+        optim = runners[name].recipe.optim
+        variants[name] = {
+            "steps": steps_done[name], "seconds": round(seconds[name], 4), "step_seconds": step_seconds,
+            "images_per_second": images / step_seconds, "tflops_per_second": flops / step_seconds / 1e12,
+            "mfu": flops / step_seconds / 1e12 / peak if peak else None, "peak_memory_bytes": peaks[name],
+            "resident_memory_bytes": resident[name] if device.type == "cuda" else None,
+            "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}[
+                autocast_dtype(optim.precision, device)],
+            "compile": optim.compile, "fused_modes": optim.fused_modes,
+        }
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {
         "settings": {"images": images, "steps": settings.steps, "warmup": settings.warmup,
