@@ -5,7 +5,8 @@
 #
 # 1. the CUDA tests (`pytest -m cuda`; they skip without a GPU);
 # 2. `flsl bench step recipes/vits16_300ep.yaml` (64 images): the eager baseline against flsl, then
-#    flsl with fused modes, then with fused modes and torch.compile;
+#    flsl with fused modes, then with fused modes and torch.compile; ViT-B/16 and ViT-S/8 at 64
+#    images for their peak memory;
 # 3. demo shards made at 400 px (`flsl data demo --image-size 400`), `flsl bench e2e` on them when
 #    that command exists, and a 200-step `flsl pretrain` of vits16 on them with `--devices 1`;
 # 4. a summary table, also written as $OUT/gpu-check.json.
@@ -20,7 +21,7 @@ PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
 BENCH_STEPS="${BENCH_STEPS:-30}"
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-200}"
-DEMO_IMAGES="${DEMO_IMAGES:-2000}"
+DEMO_IMAGES="${DEMO_IMAGES:-1000}"
 RESULTS="${OUT:-$(mktemp -d -t flsl-gpu-check-XXXXXX)}"
 WORK="$(mktemp -d -t flsl-gpu-check-work-XXXXXX)"  # shards and the run: large, kept out of $OUT
 trap 'rm -rf "$WORK"' EXIT
@@ -62,6 +63,12 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
         --json "$RESULTS/step-compile.json"
 fi
 
+# Peak memory at 64 images per GPU for the larger models (must fit in 80 GB).
+for model in vitb16 vits8; do
+    part "bench-step-$model" 120 "${FLSL[@]}" bench step "recipes/${model}_300ep.yaml" --device "$DEVICE" --steps 2 \
+        --warmup 1 "${BATCH[@]}" "${EXTRA[@]}" --json "$RESULTS/step-$model.json"
+done
+
 part demo-data 120 "${FLSL[@]}" data demo "$WORK/demo400" --images "$DEMO_IMAGES" --image-size 400
 if "${FLSL[@]}" bench e2e --help > /dev/null 2>&1; then
     part bench-e2e 150 "${FLSL[@]}" bench e2e recipes/vits16_300ep.yaml --data "$WORK/demo400/train" \
@@ -87,7 +94,7 @@ for name, rc, seconds in parts:
     summary["parts"][name] = {"exit": int(rc), "seconds": int(seconds)}
     print(f"{name:<20} {rc:>5} {seconds:>8}")
 print(f"\n{'bench step':<34} {'step ms':>8} {'images/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs baseline':>12}")
-for name in ("step", "step-fused", "step-compile"):
+for name in ("step", "step-fused", "step-compile", "step-vitb16", "step-vits8"):
     path = out / f"{name}.json"
     if not path.exists():
         continue
