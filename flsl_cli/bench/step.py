@@ -57,7 +57,7 @@ class StepBenchSettings:
     steps: int = 20
     warmup: int = 3
     batch: int | None = None  # None: the recipe's global batch, at most 64 (one GPU's share in the paper)
-    device: str = "cpu"
+    device: str | None = None  # None: cuda when torch sees a GPU, else cpu
     compile: bool = False
     peak_tflops: float | None = None
 
@@ -163,7 +163,9 @@ def timed_turn(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int
     return seconds, peak
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise FlslError("--device cuda was asked for but torch sees no CUDA GPU",
                         fix="Run on a machine with a GPU, or pass --device cpu")

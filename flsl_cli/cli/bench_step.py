@@ -24,7 +24,8 @@ def step(
         "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile flsl's backbones "
                                                              "(as optim.compile: true).")] = False,
-    device: Annotated[Literal["cpu", "cuda"], typer.Option("--device", help="Where both variants run.")] = "cpu",
+    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(
+        "--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu).")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(
         "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
                                          "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
@@ -40,7 +41,7 @@ def step(
     settings = StepBenchSettings(steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_,
                                  peak_tflops=peak_tflops)
     loaded = load_recipe(recipe, overrides=set_ or [])
-    note(escape(f"measuring {steps} steps per variant on {device} (after {warmup} untimed)"))
+    note(escape(f"measuring {steps} steps per variant (after {warmup} untimed)"))
     results = run_step_bench(loaded, settings)
     out_console.print(results_table(results))
     if output is not None:
