@@ -41,8 +41,8 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.losses.queries import grid_query_indices
 from flsl_cli.models.vit import set_fused_attention
-from flsl_cli.train.optim import parameter_groups
 from flsl_cli.train.loop import build_runner
+from flsl_cli.train.optim import parameter_groups
 from flsl_cli.train.step import TERMS, StepRunner, autocast_dtype
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
