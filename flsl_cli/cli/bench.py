@@ -141,3 +141,8 @@ def _copy_progress():
             state["open"] = False
 
     return update, close
+
+
+from flsl_cli.cli.bench_step import step as _step  # noqa: E402 - registered after the data command
+
+app.command("step")(_step)

@@ -146,8 +146,13 @@ class LossConfig(Section):
     upsilon: Float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
     eta: Float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
     gamma: Float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
-    sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(embed_dim).")
-    ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(embed_dim).")
+    sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(scale_dim).")
+    ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(scale_dim).")
+    scale_dim: Int | None = Field(
+        None, ge=1, le=65_536,
+        description="The d under the square root of beta_sa and beta_ca (None: the model's embed dim). "
+                    "The authors' release fixes it at 384 for every width.",
+    )
     student_temp: Float = Field(0.1, ge=1e-3, le=100.0, description="Student softmax temperature T_s.")
     teacher_temp: Float = Field(0.07, ge=1e-3, le=100.0, description="Teacher temperature T_t after warmup.")
     warmup_teacher_temp: Float = Field(0.04, ge=1e-3, le=100.0, description="Teacher temperature at step 0.")
@@ -172,6 +177,14 @@ class OptimConfig(Section):
         "auto", description="auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
     )
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice in the run.")
+    fused_modes: bool = Field(
+        False, description="Compute the mean-shift modes with scaled_dot_product_attention (same math, equal "
+                           "within fp32 rounding, faster where a fused kernel exists).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student's and teacher's backbones (static shapes; the first "
+                           "steps of each view size are slow while it compiles).",
+    )
     max_steps: Int | None = Field(
         None, ge=1, le=1_000_000_000, description="Stop after this many steps (schedules still span all epochs)."
     )
@@ -354,10 +367,13 @@ class Recipe(Section):
         return self
 
     def beta_sa(self) -> float:
-        return self.loss.sa_scale / math.sqrt(self.model.dims()["embed_dim"])
+        return self.loss.sa_scale / math.sqrt(self._scale_dim())
 
     def beta_ca(self) -> float:
-        return self.loss.ca_scale / math.sqrt(self.model.dims()["embed_dim"])
+        return self.loss.ca_scale / math.sqrt(self._scale_dim())
+
+    def _scale_dim(self) -> int:
+        return self.loss.scale_dim or self.model.dims()["embed_dim"]
 
 
 # Keys whose change alters tensor shapes (or their meaning) in a checkpoint.

@@ -41,8 +41,15 @@ def gather_queries(tokens_bnd: torch.Tensor, query_index_bq: torch.Tensor) -> to
     return tokens_bnd.gather(1, index)
 
 
-def attention_modes(queries_bqd: torch.Tensor, tokens_bnd: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """One mean-shift step: the attention-weighted mean of `tokens` for each query, (b, q, d)."""
+def attention_modes(queries_bqd: torch.Tensor, tokens_bnd: torch.Tensor, *, beta: float,
+                    fused: bool = False) -> torch.Tensor:
+    """One mean-shift step: the attention-weighted mean of `tokens` for each query, (b, q, d).
+
+    `fused` computes the same softmax(beta z.Z^T) Z with `scaled_dot_product_attention` (keys and
+    values both the tokens): equal within fp32 rounding, without materialising the weights where
+    the backend has a fused kernel."""
+    if fused:
+        return F.scaled_dot_product_attention(queries_bqd, tokens_bnd, tokens_bnd, scale=beta)
     weights_bqn = torch.softmax(beta * queries_bqd @ tokens_bnd.transpose(1, 2), dim=-1)
     return weights_bqn @ tokens_bnd
 
@@ -89,17 +96,20 @@ def flsl_loss(
     student_temp: float,
     teacher_temp: float,
     weights: LossWeights,
+    fused_modes: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """All three terms and their weighted total, pooling the queries of every student view."""
+    """All three terms and their weighted total, pooling the queries of every student view.
+    `fused_modes` is passed to `attention_modes` (same math, another kernel)."""
     teacher_tokens_bnd = teacher_tokens_bnd.detach().float()
     queries, modes, teacher_modes = [], [], []
     for view in student_views:
         tokens = view.tokens_bnd.float()
         z = gather_queries(tokens, view.query_index_bq)
         queries.append(z.flatten(0, 1))
-        modes.append(attention_modes(z, tokens, beta=beta_sa).flatten(0, 1))
+        modes.append(attention_modes(z, tokens, beta=beta_sa, fused=fused_modes).flatten(0, 1))
         with torch.no_grad():
-            teacher_modes.append(attention_modes(z.detach(), teacher_tokens_bnd, beta=beta_ca).flatten(0, 1))
+            teacher_modes.append(attention_modes(z.detach(), teacher_tokens_bnd, beta=beta_ca,
+                                                 fused=fused_modes).flatten(0, 1))
     z_qd, m_qd = torch.cat(queries), torch.cat(modes)
 
     student_log_probs = F.log_softmax(student_head(m_qd).float() / student_temp, dim=-1)

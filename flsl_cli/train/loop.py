@@ -34,7 +34,7 @@ from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import record_resume, truncate_metrics, update_status
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
-from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
+from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype, compile_backbones
 from flsl_cli.train.tensorboard import MetricsLog, open_metrics_log
 
 
@@ -48,6 +48,8 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
     student, teacher = build_student_teacher(recipe)
     student.to(device)
     teacher.to(device)
+    if recipe.optim.compile:
+        compile_backbones(student, teacher)
     objective: torch.nn.Module = StudentObjective(student, recipe=recipe)
     if world_size > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)

@@ -42,6 +42,7 @@ class StudentObjective(nn.Module):
         self.beta_ca = recipe.beta_ca()
         self.student_temp = loss.student_temp
         self.weights = LossWeights(upsilon=loss.upsilon, eta=loss.eta, gamma=loss.gamma)
+        self.fused_modes = recipe.optim.fused_modes
 
     def forward(self, batch: dict[str, torch.Tensor], *, teacher_tokens_bnd: torch.Tensor,
                 teacher_head: nn.Module, teacher_temp: float) -> dict[str, torch.Tensor]:
@@ -53,7 +54,7 @@ class StudentObjective(nn.Module):
             views += [StudentView(tokens[:, i], batch["local_queries"][:, i]) for i in range(count)]
         return flsl_loss(views, teacher_tokens_bnd, student_head=self.student.head, teacher_head=teacher_head,
                          beta_sa=self.beta_sa, beta_ca=self.beta_ca, student_temp=self.student_temp,
-                         teacher_temp=teacher_temp, weights=self.weights)
+                         teacher_temp=teacher_temp, weights=self.weights, fused_modes=self.fused_modes)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -61,7 +62,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def compile_backbones(*networks: Network) -> None:
+    """torch.compile each network's backbone feature pass in place, with static shapes (one graph
+    per view size). Parameters and state-dict keys stay those of the plain module."""
+    for network in networks:
+        backbone = network.backbone
+        backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a step: None (fp32) on CPU and for fp32; bf16 for auto on GPUs that
+    have it (no gradient scaler then), fp16 otherwise (with one)."""
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "auto":

@@ -1,0 +1,80 @@
+"""`flsl bench step`: flsl's training step against an eager baseline of the same step, measured
+side by side in one run on a synthetic batch resident on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+from rich.markup import escape
+
+from flsl_cli.cli.render import handle_errors, note, out_console
+from flsl_cli.cli.train import SetOption
+
+
+@handle_errors
+def step(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe whose model, views and batch to use.")],
+    *,
+    steps: Annotated[int, typer.Option("--steps", "-n", min=1, help="Timed steps per variant.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per variant first (compilation "
+                                                                 "happens there).")] = 3,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile flsl's backbones "
+                                                             "(as optim.compile: true).")] = False,
+    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(
+        "--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu).")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option(
+        "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
+                                         "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
+    set_: SetOption = None,
+    output: Annotated[Optional[Path], typer.Option("--json", "-o", metavar="FILE.json",
+                                                   help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's
+    against an eager baseline run the way the released FLSL code runs it, and their ratio."""
+    from flsl_cli.bench.step import StepBenchSettings, run_step_bench, write_results
+    from flsl_cli.config.load import load_recipe
+
+    settings = StepBenchSettings(steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_,
+                                 peak_tflops=peak_tflops)
+    loaded = load_recipe(recipe, overrides=set_ or [])
+    note(escape(f"measuring {steps} steps per variant (after {warmup} untimed)"))
+    results = run_step_bench(loaded, settings)
+    out_console.print(results_table(results))
+    if output is not None:
+        write_results(output, results)
+        out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
+
+
+def results_table(results: dict):
+    """Both variants, their ratio, the FLOPs and peak used for utilisation, and the machine."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    settings, machine = results["settings"], results["machine"]
+    table = Table(title=f"training step, {settings['arch']}/{settings['patch_size']} ({settings['depth']} blocks), "
+                        f"{settings['images']} images, {settings['global_size']} px + {settings['local_crops']} x "
+                        f"{settings['local_size']} px")
+    for column in ("variant", "precision", "step ms", "images/s", "TFLOP/s", "MFU", "peak memory", "flsl / baseline"):
+        table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
+    labels = {"baseline": "eager baseline (release-style)", "flsl": "flsl"}
+    for name, figures in results["variants"].items():
+        label = labels[name] + (" + compile" if figures["compile"] else "") + (
+            " + fused modes" if figures["fused_modes"] else "")
+        memory = figures["peak_memory_bytes"]
+        table.add_row(label, figures["precision"], f"{figures['step_seconds'] * 1000:.1f}",
+                      f"{figures['images_per_second']:.1f}", f"{figures['tflops_per_second']:.3f}",
+                      "-" if figures["mfu"] is None else f"{figures['mfu']:.1%}",
+                      "-" if memory is None else f"{memory / 2**30:.2f} GiB",
+                      f"{results['speedup']:.2f}" if name == "flsl" else "1.00")
+    peak = "none" if results["peak_tflops"] is None else f"{results['peak_tflops']:g} TFLOP/s"
+    where = machine.get("gpu") or f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, {machine['torch_threads']} torch threads)"
+    footer = Text(f"{results['flops_per_image'] / 1e9:.2f} GFLOP per image counted by torch; peak {peak} "
+                  f"({results['peak_source']}); process peak RSS {results['process_peak_rss_bytes'] / 2**30:.2f} GiB\n"
+                  f"{where}, load {machine['load_average_1min']}, torch {machine['torch']}, timm {machine['timm']}\n"
+                  f"{results['note']}", style="dim")
+    return Group(table, footer)
