@@ -9,6 +9,7 @@ are never printed: error messages name URLs, never storage options.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from fsspec.core import url_to_fs
 
@@ -90,56 +92,91 @@ def is_transient(exc: BaseException) -> bool:
     return any(marker in text for marker in markers)
 
 
-def with_retries(action: Callable[[], T], *, what: str, attempts: int = RETRY_ATTEMPTS,
-                 on_retry: Callable[[int, BaseException], None] | None = None) -> T:
-    """Run `action`, retrying transient failures with exponential backoff and jitter."""
+def with_retries(action: Callable[[], T], *, url: str, what: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """Run `action` (`what` it does to `url`: "reading", "listing", ...), retrying transient
+    failures with exponential backoff and jitter."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == attempts or not is_transient(exc):
+            if not retry_after(exc, url=url, what=what, attempt=attempt, attempts=attempts):
                 raise
-            if on_retry:
-                on_retry(attempt, exc)
-            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random()))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def retry_after(exc: BaseException, *, url: str, what: str, attempt: int, attempts: int) -> bool:
+    """Whether to try again after attempt `attempt` of `attempts` failed with `exc`: when it is
+    transient and attempts are left, after waiting the backoff. The one retry policy of flsl."""
+    if attempt >= attempts or not is_transient(exc):
+        return False
+    delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+    time.sleep(delay * (0.5 + random.random()))
+    return True
 
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return with_retries(lambda: fs.exists(path), what=f"checking {url}")
+    return with_retries(lambda: fs.exists(path), url=url, what="checking")
 
 
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
-    return with_retries(lambda: fs.isdir(path), what=f"checking {url}")
+    return with_retries(lambda: fs.isdir(path), url=url, what="checking")
+
+
+def isfile(url: str) -> bool:
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.isfile(path), url=url, what="checking")
+
+
+def info(url: str) -> dict[str, Any]:
+    """What the file system knows of a file: size, and mtime or ETag or the like (names vary by backend)."""
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.info(path), url=url, what="checking")
 
 
 def listdir(url: str) -> list[str]:
     """Names (not paths) of the entries of a directory; [] if it does not exist."""
+    return sorted(list_sizes(url))
+
+
+def list_sizes(url: str) -> dict[str, int | None]:
+    """{name: size in bytes, None for a folder} of the entries of a directory; {} if it does not exist."""
     fs, path = filesystem(url)
     fs.invalidate_cache(path)  # listings are cached per process; another process may have written since
     try:
-        entries = with_retries(lambda: fs.ls(path, detail=False), what=f"listing {url}")
-    except FileNotFoundError:
-        return []
-    return sorted(basename(entry) for entry in entries)
+        entries = with_retries(lambda: fs.ls(path, detail=True), url=url, what="listing")
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {basename(entry["name"]): (int(entry.get("size") or 0) if entry.get("type") == "file" else None)
+            for entry in entries}
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    return with_retries(lambda: fs.cat_file(path), what=f"reading {url}")
+    return with_retries(lambda: fs.cat_file(path), url=url, what="reading")
 
 
-def read_text(url: str) -> str:
-    return read_bytes(url).decode("utf-8")
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+
+
+def is_object_store(url: str) -> bool:
+    """Storage where one upload is atomic per object and folders need not be created."""
+    return protocol(str(url)) in OBJECT_STORES
+
+
+def temporary_sibling(path: Path) -> Path:
+    """Where `replace_local` builds `path` (`.NAME.tmp-PID`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def replace_local(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(handle)` into a temporary sibling, flush it to disk, rename it over `path`."""
+    """Write through `write(handle)` into a temporary sibling, flush it to disk, rename it over
+    `path` and flush the directory, so that readers (and a machine that crashes) see either the
+    old content or the new, never a part."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as handle:
             write(handle)
@@ -148,6 +185,21 @@ def replace_local(path: Path, write: Callable[[Any], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` survive a crash (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def leftover_temp_files(folder: Path) -> list[Path]:
@@ -159,22 +211,63 @@ def leftover_temp_files(folder: Path) -> list[Path]:
     return sorted(entry for entry in folder.iterdir() if entry.name.startswith(".") and ".tmp-" in entry.name)
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write a whole file so that readers see either the old content or the new, never a part:
-    a temporary file renamed into place locally; one PUT (atomic per object) on object stores."""
+def write_atomic(url: str | Path, write: Callable[[Any], None]) -> None:
+    """Write a whole file through `write(handle)` (a binary handle) so that readers see either
+    the old content or the new, never a part: see `replace_local` for local paths; remote files
+    are built in a local temporary file and moved into place by `commit_file`."""
+    url = str(url)
     if is_local(url):
-        replace_local(local_path(url), lambda handle: handle.write(data))
+        replace_local(local_path(url), write)
+        return
+    handle, name = tempfile.mkstemp(prefix="flsl-")
+    try:
+        with os.fdopen(handle, "wb") as staged:
+            write(staged)
+        commit_file(Path(name), url)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def write_bytes_atomic(url: str | Path, data: bytes) -> None:
+    url = str(url)
+    if is_local(url) or not is_object_store(url):
+        write_atomic(url, lambda handle: handle.write(data))
         return
     fs, path = filesystem(url)
-    with_retries(lambda: fs.pipe_file(path, data), what=f"writing {url}")
+    with_retries(lambda: fs.pipe_file(path, data), url=url, what="writing")
 
 
-def write_text_atomic(url: str, text: str) -> None:
+def write_text_atomic(url: str | Path, text: str) -> None:
     write_bytes_atomic(url, text.encode("utf-8"))
 
 
-def upload_file_atomic(local: Path, url: str) -> None:
+def write_json_atomic(url: str | Path, obj: Any, *, indent: int = 1) -> None:
+    write_text_atomic(url, json.dumps(obj, indent=indent) + "\n")
+
+
+def commit_file(staged: Path, url: str | Path) -> None:
+    """Move a complete local file to `url` so that it appears whole or not at all: flushed to
+    disk and renamed locally (`staged` must be on the same file system, e.g. `url` + ".tmp");
+    one upload on object stores (a single PUT or a multipart upload, visible only when complete);
+    an upload to a temporary name, then a move, elsewhere. A remote commit leaves `staged` in place."""
+    url = str(url)
+    if is_local(url):
+        with open(staged, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staged, local_path(url))
+        _fsync_dir(local_path(url).parent)
+        return
+    fs, path = filesystem(url)
+    if is_object_store(url):
+        with_retries(lambda: fs.put_file(str(staged), path), url=url, what="uploading")
+        return
+    with_retries(lambda: fs.put_file(str(staged), path + ".tmp"), url=url, what="uploading")
+    with_retries(lambda: fs.mv(path + ".tmp", path), url=url, what="moving")
+
+
+def upload_file_atomic(local: Path, url: str | Path) -> None:
     """Copy a finished local file to `url` atomically (rename locally, one upload remotely)."""
+    url = str(url)
     if is_local(url):
         def copy(handle) -> None:
             with open(local, "rb") as source:
@@ -183,8 +276,7 @@ def upload_file_atomic(local: Path, url: str) -> None:
 
         replace_local(local_path(url), copy)
         return
-    fs, path = filesystem(url)
-    with_retries(lambda: fs.put_file(str(local), path), what=f"uploading {url}")
+    commit_file(Path(local), url)
 
 
 def download(url: str, *, suffix: str = "") -> Path:
@@ -194,30 +286,40 @@ def download(url: str, *, suffix: str = "") -> Path:
     fs, path = filesystem(url)
     handle, name = tempfile.mkstemp(prefix="flsl-", suffix=suffix)
     os.close(handle)
-    with_retries(lambda: fs.get_file(path, name), what=f"downloading {url}")
+    with_retries(lambda: fs.get_file(path, name), url=url, what="downloading")
     return Path(name)
 
 
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     try:
-        with_retries(lambda: fs.rm(path, recursive=True), what=f"removing {url}")
+        with_retries(lambda: fs.rm(path, recursive=True), url=url, what="removing")
     except FileNotFoundError:
         pass
 
 
 def makedirs(url: str) -> None:
+    """Create a directory and its parents (nothing to do on object stores, where keys need no folders)."""
     if is_local(url):
         local_path(url).mkdir(parents=True, exist_ok=True)
         return
+    if is_object_store(url):
+        return
     fs, path = filesystem(url)
-    try:
-        fs.makedirs(path, exist_ok=True)
-    except Exception:  # noqa: BLE001 - object stores have no directories to create
-        pass
+    with_retries(lambda: fs.makedirs(path, exist_ok=True), url=url, what="creating")
+
+
+def redact(url: str) -> str:
+    """`url` without a user:password part, fit to print."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def open_read(url: str, **options: Any):
     fs, path = filesystem(url)
-    return with_retries(lambda: fs.open(path, "rb", **options), what=f"opening {url}")
+    return with_retries(lambda: fs.open(path, "rb", **options), url=url, what="opening")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 import warnings
@@ -47,28 +46,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    storage.replace_local(path, write)
-    _fsync_dir(path.parent)  # the rename itself survives a crash
-
-
 def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    _write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
+    storage.write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
     manifest = {
         "format": FORMAT,
         "step": step,
@@ -78,7 +61,7 @@ def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_l
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     manifest_path = path.with_suffix(".json")
-    _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
+    storage.write_json_atomic(manifest_path, manifest)
     prune(run_dir, keep_last=keep_last)
     return path
 

@@ -86,8 +86,6 @@ def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] |
                         count += 1
                     if on_sample is not None:
                         on_sample()
-            raw.flush()
-            os.fsync(raw.fileno())
         size = os.path.getsize(out_path)
     except OSError as err:
         discard(out_path)

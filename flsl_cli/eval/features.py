@@ -150,8 +150,7 @@ def _fingerprint(url: str) -> tuple:
         if storage.is_local(url):
             stat = os.stat(storage.local_path(url))
             return stat.st_size, stat.st_mtime_ns
-        fs, path = storage.filesystem(url)
-        info = fs.info(path)
+        info = storage.info(url)
         stamp = next((info[key] for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
                       if key in info), None)
         return info.get("size"), str(stamp) if stamp is not None else None
@@ -178,18 +177,11 @@ def load_cache(path: Path) -> SplitFeatures | None:
 
 
 def save_cache(path: Path, features: SplitFeatures, *, meta: dict[str, Any]) -> None:
-    """Write the cache atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write the cache atomically (see `storage.write_atomic`)."""
     payload = {"format": CACHE_FORMAT, "features": features.features_igd.cpu(), "labels": features.labels_i,
                "ids": features.ids_i, "seen": features.seen, "skipped": json.dumps(features.skipped),
                "meta": json.dumps(meta)}
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    storage.write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def bank_fits_on(device: torch.device, *, bytes_needed: int, fraction: float = 0.6) -> bool:

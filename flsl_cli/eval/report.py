@@ -3,8 +3,6 @@ stage otherwise), the results table, and the JSON file with every number and set
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +13,8 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from flsl_cli import storage
 
 
 class Reporter:
@@ -127,8 +127,4 @@ def _skipped_text(train: dict[str, Any], val: dict[str, Any]) -> str:
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
     """Write the results atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    storage.write_json_atomic(path, results)

@@ -21,6 +21,7 @@ import yaml
 from flsl_cli import __version__
 from flsl_cli.checkpoint.store import list_checkpoints
 from flsl_cli.errors import RunDirError
+from flsl_cli.storage import write_text_atomic
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"
@@ -29,12 +30,6 @@ METRICS_NAME = "metrics.jsonl"
 
 def fingerprint(recipe_yaml: str) -> str:
     return hashlib.sha256(recipe_yaml.encode()).hexdigest()[:16]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
