@@ -1,17 +1,23 @@
 """The one module that talks to fsspec: paths are strings that may be remote (s3://, gs://,
 http(s)://, memory://, or local paths).
 
-Transient storage errors (timeouts, connection resets, HTTP 5xx, throttling) are retried with
-exponential backoff; errors that retrying cannot fix (missing file, no permission, unknown
-protocol) are raised at once. Credentials come from the usual environment of each backend and
+Transient storage errors (timeouts, connection resets, HTTP 5xx, throttling: told by exception
+type, errno and HTTP status) are retried with exponential backoff, each retry logged as one
+WARNING line of the `flsl_cli.storage` logger (what, URL, attempt n/N, reason); errors that
+retrying cannot fix (missing file, no permission, malformed data, unknown protocol) are raised
+at once. Credentials come from the usual environment of each backend and
 are never printed: error messages name URLs, never storage options.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
+import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +30,7 @@ from fsspec.core import url_to_fs
 from flsl_cli.errors import DataError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 RETRY_ATTEMPTS = 6
 RETRY_BASE_SECONDS = 0.5
@@ -79,17 +86,89 @@ def filesystem(url: str):
         raise DataError(f"cannot open {name}:// URLs ({str(exc).splitlines()[0]})", where=str(url), fix=fix) from None
 
 
+# What marks a failure that may pass if tried again. Decided from the exception's type, its
+# errno and the HTTP status or error code the server sent, never from the words of a message.
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ETIMEDOUT", "EPIPE", "EHOSTUNREACH", "ENETUNREACH",
+    "ENETDOWN", "ENETRESET", "EAGAIN", "EBUSY", "EREMOTEIO") if hasattr(errno, name))
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                              "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                              "RequestLimitExceeded", "TooManyRequestsException"})
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+              ssl.SSLError)
+# Exception classes of optional libraries, by module: (transient, permanent) class names.
+_LIBRARY_ERRORS = {
+    "aiohttp": (("ClientConnectionError", "ClientPayloadError"), ("ClientSSLError",)),
+    "botocore.exceptions": (("HTTPClientError", "ConnectionError", "IncompleteReadError"), ("SSLError",)),
+}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: timeouts, resets, 5xx and throttling; not missing or forbidden."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    """Errors worth retrying: timeouts, resets, refused or dropped connections, throttling and
+    HTTP 5xx, recognised by type, errno and status (also on the error a backend translated from:
+    its `__cause__`); not missing, forbidden, malformed or anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        verdict = _transient_verdict(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__
+    return False
+
+
+def _transient_verdict(exc: BaseException) -> bool | None:
+    """True or False when `exc` itself tells, None when only its cause may."""
+    for module, (transient, permanent) in _LIBRARY_ERRORS.items():
+        library = sys.modules.get(module)
+        if library is None:
+            continue
+        if isinstance(exc, tuple(getattr(library, name) for name in permanent if hasattr(library, name))):
+            return False
+        if isinstance(exc, tuple(getattr(library, name) for name in transient if hasattr(library, name))):
+            return True
+    if isinstance(exc, _PERMANENT):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    markers = ("timeout", "timed out", "connection", "reset", "temporarily", "throttl", "slow down",
-               "503", "502", "500", "504", "internalerror", "serviceunavailable", "endpoint",
-               "server disconnected", "broken pipe", "cannot connect", "remote end closed")
-    return any(marker in text for marker in markers)
+    status, code = http_status(exc)
+    if status is not None or code is not None:
+        return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _TRANSIENT_ERRNOS or None  # a generic EIO may wrap a 502 (its cause says)
+    return None
+
+
+def http_status(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) an exception carries: aiohttp's `status`, botocore's `response`,
+    gcsfs's `code`; (None, None) when it carries none."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        code = (response.get("Error") or {}).get("Code")
+        return (int(status) if isinstance(status, int) else None), (str(code) if code else None)
+    for name in ("status", "status_code", "code"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value, None
+    return None, None
+
+
+def _reason(exc: BaseException) -> str:
+    """The type and what the server or OS said, from attributes only (messages may hold URLs
+    with credentials in them)."""
+    parts = [type(exc).__name__]
+    status, code = http_status(exc)
+    if status is not None or code is not None:
+        parts.append(" ".join(str(p) for p in (f"HTTP {status}" if status else None, code) if p))
+    elif isinstance(exc, OSError) and exc.errno is not None:
+        parts.append(errno.errorcode.get(exc.errno, str(exc.errno)))
+    cause = exc.__cause__
+    if cause is not None and cause is not exc:
+        parts.append(f"from {_reason(cause)}")
+    return " ".join(parts)
 
 
 def with_retries(action: Callable[[], T], *, url: str, what: str, attempts: int = RETRY_ATTEMPTS) -> T:
@@ -106,12 +185,19 @@ def with_retries(action: Callable[[], T], *, url: str, what: str, attempts: int 
 
 def retry_after(exc: BaseException, *, url: str, what: str, attempt: int, attempts: int) -> bool:
     """Whether to try again after attempt `attempt` of `attempts` failed with `exc`: when it is
-    transient and attempts are left, after waiting the backoff. The one retry policy of flsl."""
+    transient and attempts are left, after logging one line and waiting the backoff. The one
+    retry policy of flsl."""
     if attempt >= attempts or not is_transient(exc):
         return False
-    delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-    time.sleep(delay * (0.5 + random.random()))
+    delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1)) * (0.5 + random.random())
+    log.warning("retrying %s %s: attempt %d/%d failed (%s); next in %.1f s",
+                what, redact(url), attempt, attempts, _reason(exc), delay)
+    _sleep(delay)
     return True
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def exists(url: str) -> bool:

@@ -31,6 +31,7 @@ from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
 from flsl_cli.train.rundir import truncate_metrics, update_status
+from flsl_cli.train.runlog import run_logging
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype
@@ -70,9 +71,10 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
         if remote.is_remote(run_dir):
             mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
             remote.pull(mirror, run_dir, newest_checkpoint=resume)
-        session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir), resume=resume,
-                               show_progress=show_progress, mirror=mirror)
-        session.run()
+        with run_logging(Path(run_dir), rank=env.rank):
+            session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
+                                   resume=resume, show_progress=show_progress, mirror=mirror)
+            session.run()
         if mirror:  # everything is pushed; on failure the staging copy stays for inspection
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:

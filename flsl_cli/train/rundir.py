@@ -4,6 +4,7 @@
     RUN_DIR/run.json         flsl version, creation time, recipe fingerprint, status
     RUN_DIR/metrics.jsonl    one JSON object per logged step
     RUN_DIR/checkpoints/     step-NNNNNNNN.pt + .json manifests
+    RUN_DIR/logs/rank-N.log  what process N logged (storage retries, ...)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from flsl_cli.storage import write_text_atomic
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
+LOGS_DIR = "logs"
+
+
+def rank_log_path(run_dir: Path, *, rank: int) -> Path:
+    """The log file of process `rank` of a run."""
+    return Path(run_dir) / LOGS_DIR / f"rank-{rank}.log"
 
 
 def fingerprint(recipe_yaml: str) -> str:
@@ -74,7 +81,7 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
             fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
                  if same else "Choose another --run-dir, or pass --force to start over in it"),
         )
-    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, "checkpoints"):
+    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, LOGS_DIR, "checkpoints"):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
