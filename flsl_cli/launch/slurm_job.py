@@ -190,7 +190,8 @@ class _Task:
 def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
     rank 0 settles the job's fate (`_after_stop`)."""
-    from flsl_cli.launch.rendezvous import agree_on_port, in_slurm_job, torch_env
+    from flsl_cli.distributed.env import in_slurm_job
+    from flsl_cli.launch.rendezvous import agree_on_port, torch_env
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
     if not in_slurm_job(os.environ):

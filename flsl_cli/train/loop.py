@@ -23,6 +23,7 @@ from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, iterate, plan_layout, worker_failure
 from flsl_cli.distributed import env as dist_env
+from flsl_cli.distributed import group
 from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
@@ -64,8 +65,8 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     there (see `flsl_cli.signals`)."""
     signals.stop_request()
     timeout = float((recipe_data.get("slurm") or {}).get("collective_timeout_minutes")
-                    or dist_env.DEFAULT_TIMEOUT_MINUTES)
-    env = dist_env.setup(timeout_minutes=timeout)
+                    or group.DEFAULT_TIMEOUT_MINUTES)
+    env = group.setup(timeout_minutes=timeout)
     mirror = None
     try:
         if remote.is_remote(run_dir):
@@ -78,7 +79,7 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
         if mirror:  # everything is pushed; on failure the staging copy stays for inspection
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
-        dist_env.teardown()
+        group.teardown()
 
 
 class TrainSession:
@@ -91,7 +92,7 @@ class TrainSession:
     pushed to the mirror.
     """
 
-    def __init__(self, env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
+    def __init__(self, env: group.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
                  show_progress: bool, mirror: str | None = None) -> None:
         self.env, self.run_dir, self.mirror, self.show_progress = env, run_dir, mirror, show_progress
         self.recipe = recipe = validate_recipe(recipe_data, source=source)
@@ -162,7 +163,7 @@ class TrainSession:
                     self.save()
                 barrier()
             except RuntimeError as exc:  # torch reports a data worker that died at any moment
-                failure = worker_failure(exc, run_dir=self.shown_as) or dist_env.peer_lost(
+                failure = worker_failure(exc, run_dir=self.shown_as) or group.peer_lost(
                     exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes)
                 if failure is None:
                     raise
@@ -321,7 +322,7 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
     return bool(every) and recipe.eval.knn is not None and epoch % every == 0
 
 
-def _evaluate(runner: StepRunner, *, recipe: Recipe, env: dist_env.DistEnv, step: int, epoch: float,
+def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
               metrics: JsonlWriter | None, progress: TrainProgress) -> None:
     """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
     from flsl_cli.eval.api import evaluate_during_training
