@@ -184,3 +184,34 @@ def test_no_shuffle_buffer_reads_in_shard_order(demo_data):
     first_shard = stream.slot_shards(0, 0)[0]
     from flsl_cli.data.shards import iter_samples
     assert keys[:4] == [key for key, _ in list(iter_samples(first_shard))[:4]]
+
+
+def _raise_recipe_error(source: str) -> None:
+    from flsl_cli.errors import RecipeError
+
+    raise RecipeError(["data.train: required"], source=source)
+
+
+def test_a_flsl_error_crosses_processes_intact():
+    """A FlslError pickles with its message, location, remedy, exit code and subclass fields, and
+    one raised in a spawned process is raised again in the parent as itself."""
+    import multiprocessing
+    import pickle
+
+    from flsl_cli.errors import RecipeError, RunStopped, TrainingDiverged
+
+    errors = [DataError("shard unreadable", where="s3://b/x.tar", fix="Regenerate it"),
+              RunStopped("stopped", step=12, signal_name="SIGINT", where="run", fix="Resume it"),
+              TrainingDiverged("loss is nan"), RecipeError(["optim.lr: must be > 0"], source="r.yaml")]
+    for error in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error)
+        assert (str(back), back.what, back.where, back.fix, back.exit_code) == (
+            str(error), error.what, error.where, error.fix, error.exit_code)
+    assert pickle.loads(pickle.dumps(errors[1])).exit_code == 130 and errors[1].step == 12
+    assert pickle.loads(pickle.dumps(errors[3])).problems == ["optim.lr: must be > 0"]
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool, pytest.raises(RecipeError) as raised:
+        pool.apply(_raise_recipe_error, ("recipes/x.yaml",))
+    assert raised.value.where == "recipes/x.yaml" and raised.value.problems == ["data.train: required"]
+    assert raised.value.exit_code == 2 and "flsl recipe validate" in raised.value.fix

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from flsl_cli import storage
 from flsl_cli.distributed.ops import all_gather_rows, all_reduce_max, all_reduce_sum, rank, world_size
-from flsl_cli.errors import DataError, FlslError
+from flsl_cli.errors import FlslError
 from flsl_cli.eval.backbones import EvalModel
 from flsl_cli.eval.samples import SKIP_NO_BOXES, SKIP_OUTSIDE_CROP, EvalSamples, ReadPlan, SampleSettings, collate
 
@@ -69,7 +69,7 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
     seen, skipped = 0, Counter()
     for batch in batches:
         if "error" in batch:
-            raise DataError(**batch["error"])
+            raise batch["error"]
         seen += batch["seen"]
         skipped.update(batch["skipped"])
         if batch["images"].shape[0]:
