@@ -215,3 +215,22 @@ def test_a_flsl_error_crosses_processes_intact():
         pool.apply(_raise_recipe_error, ("recipes/x.yaml",))
     assert raised.value.where == "recipes/x.yaml" and raised.value.problems == ["data.train: required"]
     assert raised.value.exit_code == 2 and "flsl recipe validate" in raised.value.fix
+
+
+def test_a_data_error_in_a_loader_worker_arrives_as_itself(tmp_path):
+    """Shards whose images never decode: the DataError raised in a loader worker reaches the
+    training process with its own type, message and remedy (not as traceback text)."""
+    from flsl_cli.data.shard_writer import ShardWriter
+    from flsl_cli.data.stream import iterate
+
+    with ShardWriter(tmp_path, prefix="bad", samples_per_shard=8) as writer:
+        for index in range(16):
+            writer.write(f"bad-{index:04d}", {"jpg": b"not an image", "cls": b"0"})
+    shards = resolve_shards(str(tmp_path))
+    layout, _ = plan_layout(shards, world_size=1, num_workers=2, local_batch=4)
+    stream = TrainStream(shards, layout=layout, rank=0, seed=3, shuffle_buffer=4, augment=MultiCropAugment(_recipe()))
+    with pytest.raises(DataError) as raised:
+        list(iterate(build_loader(stream, pin_memory=False)))
+    assert type(raised.value) is DataError
+    assert raised.value.what.startswith("no readable sample near ") and raised.value.fix
+    assert "Traceback" not in str(raised.value)
