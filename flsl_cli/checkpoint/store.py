@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import torch
 
-from flsl_cli import storage
+from flsl_cli import storage, timestamps
 from flsl_cli.errors import CheckpointError
 
 FORMAT = "flsl-checkpoint/1"
-_NAME = re.compile(r"^step-(\d{8,})\.json$")
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_PATTERN = re.compile(r"^step-(\d{8,})\.json$")  # a manifest names its step
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class CheckpointRef:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def _sha256(path: Path) -> str:
@@ -58,7 +58,7 @@ def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_l
         "file": path.name,
         "bytes": path.stat().st_size,
         "sha256": _sha256(path),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "saved_at": timestamps.now(),
     }
     manifest_path = path.with_suffix(".json")
     storage.write_json_atomic(manifest_path, manifest)
@@ -73,7 +73,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
         return []
     found = []
     for entry in directory.iterdir():
-        match = _NAME.match(entry.name)
+        match = MANIFEST_PATTERN.match(entry.name)
         if not match:
             continue
         try:

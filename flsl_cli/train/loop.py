@@ -15,7 +15,7 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
-from flsl_cli.checkpoint.store import checkpoint_dir, newest_valid, save_checkpoint
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, newest_valid, save_checkpoint
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
@@ -31,7 +31,7 @@ from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
-from flsl_cli.train.rundir import truncate_metrics, update_status
+from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, truncate_metrics, update_status
 from flsl_cli.train.runlog import run_logging
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
@@ -96,7 +96,7 @@ class TrainSession:
                  show_progress: bool, mirror: str | None = None) -> None:
         self.env, self.run_dir, self.mirror, self.show_progress = env, run_dir, mirror, show_progress
         self.recipe = recipe = validate_recipe(recipe_data, source=source)
-        self.recipe_yaml = (run_dir / "recipe.yaml").read_text()
+        self.recipe_yaml = (run_dir / RECIPE_NAME).read_text()
         shards = resolve_shards(recipe.data.train)
         self.layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
                                          local_batch=recipe.optim.global_batch_size // env.world_size)
@@ -289,7 +289,7 @@ class TrainSession:
             self.save()
         barrier()
         return self._stop_error(f"after step {self.step}; its checkpoint is saved in "
-                                f"{storage.join(self.shown_as, 'checkpoints')}", resumable=True)
+                                f"{storage.join(self.shown_as, CHECKPOINTS_DIR)}", resumable=True)
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; every rank records it)."""
@@ -368,8 +368,8 @@ def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, ste
                  ("terms", f"L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")]
     rows += [
         ("run dir", shown_as),
-        ("metrics", storage.join(shown_as, "metrics.jsonl")),
+        ("metrics", storage.join(shown_as, METRICS_NAME)),
         ("checkpoints", ", ".join(ref.path.name for ref in checkpoints) or "none"),
-        ("newest", storage.join(shown_as, "checkpoints", checkpoints[-1].path.name) if checkpoints else "none"),
+        ("newest", storage.join(shown_as, CHECKPOINTS_DIR, checkpoints[-1].path.name) if checkpoints else "none"),
     ]
     progress.console.print(summary_table(rows, title="flsl pretrain: done" if step >= total else "flsl pretrain: stopped"))

@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flsl_cli import __version__
-from flsl_cli.checkpoint.store import list_checkpoints
+from flsl_cli import __version__, timestamps
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.errors import RunDirError
 from flsl_cli.storage import write_text_atomic
 
@@ -50,7 +49,7 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
     write_text_atomic(run_dir / RECIPE_NAME, recipe_yaml)
     record = {
         "flsl_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamps.now(),
         "recipe_fingerprint": fingerprint(recipe_yaml),
         "status": "created",
     }
@@ -81,7 +80,7 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
             fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
                  if same else "Choose another --run-dir, or pass --force to start over in it"),
         )
-    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, LOGS_DIR, "checkpoints"):
+    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, LOGS_DIR, CHECKPOINTS_DIR):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -168,11 +167,11 @@ def local_owner() -> dict[str, Any]:
     import socket
 
     return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
-            "started": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "started": _process_start(os.getpid()), "since": timestamps.now()}
 
 
 def slurm_owner(job_id: str) -> dict[str, Any]:
-    return {"kind": "slurm", "job_id": str(job_id), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {"kind": "slurm", "job_id": str(job_id), "since": timestamps.now()}
 
 
 def read_owner(run_dir: Path) -> dict[str, Any] | None:
