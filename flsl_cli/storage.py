@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fsspec.core import url_to_fs
 
-from flsl_cli.errors import DataError
+from flsl_cli.errors import DataError, FlslError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -236,6 +236,26 @@ def list_sizes(url: str) -> dict[str, int | None]:
         return {}
     return {basename(entry["name"]): (int(entry.get("size") or 0) if entry.get("type") == "file" else None)
             for entry in entries}
+
+
+def read_text_file(path: str | Path, *, what: str, error: type[FlslError] = FlslError,
+                   missing_fix: str = "Check the path") -> str:
+    """The text of a user's local UTF-8 file (a byte-order mark is dropped), or `error` saying
+    what is wrong with it: missing, a directory, not UTF-8, unreadable. `what` names the file
+    for the user ("recipe file", "box file", ...)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"the {what} does not exist", where=str(path), fix=missing_fix) from None
+    except IsADirectoryError:
+        raise error(f"the {what} is a directory, expected a file", where=str(path), fix=missing_fix) from None
+    except UnicodeDecodeError as err:
+        raise error(f"the {what} is not UTF-8 text ({err.reason} at byte {err.start})", where=str(path),
+                    fix="Give a UTF-8 text file") from None
+    except OSError as err:
+        raise error(f"cannot read the {what} ({err.strerror or err})", where=str(path),
+                    fix="Check the file's permissions") from None
 
 
 def read_bytes(url: str) -> bytes:
