@@ -42,7 +42,9 @@ def test_student_crops_lie_inside_the_teacher_crop(monkeypatch):
         boxes.clear()
         augment(image, rng=np.random.default_rng(seed))
         (tl, tt, tw, th), *students = boxes
-        assert 0.8 * 120 * 80 * 0.999 <= tw * th <= 120 * 80 * 1.001 or (tw, th) == (120, 80) or tw * th <= 120 * 80
+        assert 0.8 * 120 * 80 * (1 - 1e-9) <= tw * th <= 120 * 80 * (1 + 1e-9)  # teacher_scale (0.8, 1.0)
+        assert 0 <= tl and tl + tw <= 120 + 1e-9 and 0 <= tt and tt + th <= 80 + 1e-9
+        assert 3 / 4 - 1e-9 <= tw / th <= 4 / 3 + 1e-9
         for left, top, w, h in students:
             assert tl - 1e-6 <= left and left + w <= tl + tw + 1e-6
             assert tt - 1e-6 <= top and top + h <= tt + th + 1e-6
