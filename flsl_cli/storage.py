@@ -93,7 +93,7 @@ _TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     "ENETDOWN", "ENETRESET", "EAGAIN", "EBUSY", "EREMOTEIO") if hasattr(errno, name))
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                              "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                              "InternalError", "ServiceUnavailable",
                               "RequestLimitExceeded", "TooManyRequestsException"})
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
               ssl.SSLError)
@@ -129,9 +129,9 @@ def _transient_verdict(exc: BaseException) -> bool | None:
             return False
         if isinstance(exc, tuple(getattr(library, name) for name in transient if hasattr(library, name))):
             return True
-    if isinstance(exc, _PERMANENT):
+    if isinstance(exc, _PERMANENT) and not isinstance(exc, ssl.SSLEOFError):  # EOF: the peer hung up
         return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    if isinstance(exc, (TimeoutError, ConnectionError, ssl.SSLEOFError)):
         return True
     status, code = http_status(exc)
     if status is not None or code is not None:
