@@ -2,7 +2,8 @@
 
 Every problem a user can cause (a bad recipe, a missing data path, a damaged checkpoint) is
 raised as a `FlslError` and rendered once, at the CLI boundary, as a short message with a
-non-zero exit code and no traceback.
+non-zero exit code and no traceback. A `FlslError` pickles intact, which is how it crosses from
+one process to another.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ class FlslError(Exception):
         if self.fix:
             parts.append(self.fix)
         return " ".join(p.rstrip() if p.rstrip().endswith(".") else p.rstrip() + "." for p in parts)
+
+    def __reduce__(self):
+        """Pickled whole (message, `where`, `fix`, exit code and any fields of a subclass), so
+        that an error raised in another process (a spawned rank, a data worker, a pool worker)
+        is raised again here as itself."""
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
+
+def _restore(cls: type[FlslError], args: tuple, state: dict) -> FlslError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class RecipeError(FlslError):

@@ -1,5 +1,6 @@
-"""Shared fixtures: a small demo data set, a tiny-model recipe, and a CLI runner that starts
-`flsl` as a real subprocess (as a user would)."""
+"""Shared fixtures and helpers: a small demo data set, a tiny-model recipe, a tiny finished
+pretraining run, a CLI runner that starts `flsl` as a real subprocess (as a user would), and
+the checks every CLI test makes of a refusal and of a run's metrics."""
 
 from __future__ import annotations
 
@@ -40,6 +41,37 @@ def tiny_overrides(train: Path | str, **extra: object) -> list[str]:
     for key, value in values.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_data, tmp_path_factory) -> Path:
+    """A flsl run of two steps: a real checkpoint of a tiny architecture (vit_tiny, 2 blocks,
+    patch 8, 32 px), made quickly. Tests read it and write their outputs elsewhere."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
+                      "--run-dir", run)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def fails(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """The command was refused the way users should see it: exit `code`, no traceback, and every
+    needle in its message (line breaks of a wrapped message do not count)."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    flat = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in result.stderr or " ".join(needle.split()) in flat, (needle, result.stderr)
+
+
+def metrics(run: Path) -> list[dict]:
+    """The logged steps of a run (none before the first; a line still being written is left out)."""
+    import json
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
 def run_flsl(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from flsl_cli.config.schema import Recipe
-from flsl_cli.distributed import env as dist_env
+from flsl_cli.distributed import group
 from flsl_cli.train.loop import build_runner
 
 
 def train_on_fixed_batches(*, recipe_data: dict, batches_path: str, out_path: str) -> None:
     """Run the real training step on given global batches, each rank taking its share."""
-    env = dist_env.setup(use_cuda=False)
+    env = group.setup(use_cuda=False)
     try:
         recipe = Recipe.model_validate(recipe_data)
         runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size, steps_per_epoch=10)
@@ -24,4 +24,4 @@ def train_on_fixed_batches(*, recipe_data: dict, batches_path: str, out_path: st
             torch.save({"history": history, "student": runner.student.state_dict(),
                         "teacher": runner.teacher.state_dict()}, out_path)
     finally:
-        dist_env.teardown()
+        group.teardown()

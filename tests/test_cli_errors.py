@@ -9,14 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import run_flsl, tiny_overrides
-
-
-def _fails(result, *needles, code=2):
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
+from conftest import fails, run_flsl, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,7 @@ def finished_run(demo_data, tmp_path_factory):
 
 def test_data_path_missing(tmp_path):
     run = tmp_path / "run"
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "nowhere"), "--run-dir", run),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "nowhere"), "--run-dir", run),
            "data.train does not exist", "flsl data demo")
     assert not run.exists()
 
@@ -38,7 +31,7 @@ def test_data_path_missing(tmp_path):
 def test_data_path_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     run = tmp_path / "run"
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "empty"), "--run-dir", run),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "empty"), "--run-dir", run),
            "no .tar shards")
     assert not run.exists()
 
@@ -50,7 +43,7 @@ def test_data_unreadable(demo_data, tmp_path):
     (data / "index.json").unlink()
     for shard in data.glob("*.tar"):
         shard.chmod(0)
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
            "cannot read the shard")
 
 
@@ -61,13 +54,13 @@ def test_data_corrupt_shard(demo_data, tmp_path):
     (data / "index.json").unlink()
     for shard in data.glob("*.tar"):
         shard.write_bytes(b"this is not a tar file" * 10)
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
            "cannot read the shard")
 
 
 def test_batch_not_divisible_by_processes(demo_data, tmp_path):
     run = tmp_path / "run"
-    _fails(run_flsl("pretrain", "recipes/demo.yaml",
+    fails(run_flsl("pretrain", "recipes/demo.yaml",
                     *tiny_overrides(demo_data / "train", optim__global_batch_size=9), "--devices", "2",
                     "--run-dir", run), "optim.global_batch_size", "multiple of the number of processes (2)")
     assert not run.exists()
@@ -75,7 +68,7 @@ def test_batch_not_divisible_by_processes(demo_data, tmp_path):
 
 def test_negative_learning_rate_writes_nothing(demo_data, tmp_path):
     run = tmp_path / "run"
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__base_lr=-1),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__base_lr=-1),
                     "--run-dir", run), "optim.base_lr")
     assert not run.exists()
 
@@ -84,7 +77,7 @@ def test_run_dir_with_another_run_is_refused(demo_data, finished_run, tmp_path):
     """A different recipe into a dir holding a run with checkpoints: refused even with --force."""
     before = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
     for extra in ([], ["--force"]):
-        _fails(run_flsl("pretrain", "recipes/demo.yaml",
+        fails(run_flsl("pretrain", "recipes/demo.yaml",
                         *tiny_overrides(demo_data / "train", optim__epochs=3), "--run-dir", finished_run, *extra),
                "holds a different run", "flsl resume")
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == before
@@ -95,7 +88,7 @@ def test_force_restarts_a_run_without_checkpoints(demo_data, tmp_path):
     run.mkdir()
     (run / "recipe.yaml").write_text("old: run\n")
     (run / "run.json").write_text("{}")
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1),
                     "--run-dir", run), "--force")
     ok = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1),
                   "--run-dir", run, "--force")
@@ -106,7 +99,7 @@ def test_run_dir_with_foreign_files_is_refused(demo_data, tmp_path):
     run = tmp_path / "mine"
     run.mkdir()
     (run / "thesis.tex").write_text("precious")
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--run-dir", run,
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--run-dir", run,
                     "--force"), "does not hold a flsl run")
     assert (run / "thesis.tex").read_text() == "precious"
 
@@ -129,12 +122,12 @@ def test_resume_without_checkpoint_starts_over(demo_data, tmp_path):
 
 
 def test_resume_not_a_run(tmp_path):
-    _fails(run_flsl("resume", tmp_path), "not a flsl run directory")
-    _fails(run_flsl("resume", tmp_path / "missing"), "does not exist")
+    fails(run_flsl("resume", tmp_path), "not a flsl run directory")
+    fails(run_flsl("resume", tmp_path / "missing"), "does not exist")
 
 
 def test_resume_refuses_shape_changes(finished_run):
-    _fails(run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small"),
+    fails(run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small"),
            "model.head_out_dim: cannot change on resume", "model.arch: cannot change on resume")
 
 
@@ -144,7 +137,7 @@ def test_resume_with_truncated_only_checkpoint(finished_run, tmp_path):
     for path in (run / "checkpoints").glob("*.pt"):
         with open(path, "r+b") as handle:
             handle.truncate(path.stat().st_size // 3)
-    _fails(run_flsl("resume", run), "no usable checkpoint", "truncated")
+    fails(run_flsl("resume", run), "no usable checkpoint", "truncated")
 
 
 def test_resume_with_pickle_carrying_code(finished_run, tmp_path):
@@ -167,12 +160,12 @@ def test_resume_with_pickle_carrying_code(finished_run, tmp_path):
         data = json.loads(manifest.read_text())
         data.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
         manifest.write_text(json.dumps(data))
-    _fails(run_flsl("resume", run), "refused to load")
+    fails(run_flsl("resume", run), "refused to load")
     assert not marker.exists()
 
 
 def test_unknown_key_via_cli(demo_data, tmp_path):
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", "--set", "optim.lr=0.1", "--run-dir", tmp_path / "r"),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", "--set", "optim.lr=0.1", "--run-dir", tmp_path / "r"),
            "optim.lr: unknown key", "did you mean")
     assert not (tmp_path / "r").exists()
 
@@ -182,7 +175,7 @@ def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
     data = tmp_path / "train"
     data.mkdir()
     (data / "broken-000000.tar").mkdir()
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
            "cannot read the shard", "broken-000000.tar")
     assert not (tmp_path / "run").exists()
 

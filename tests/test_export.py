@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_flsl, tiny_overrides
+from conftest import REPO, run_flsl
 from flsl_cli.export import ExportError, framework_format, keymaps, timm_format
 from flsl_cli.export.api import export_checkpoint
 from flsl_cli.export.onnx_format import require_onnx
@@ -29,13 +29,9 @@ DEPTH = 2
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data, tmp_path_factory) -> Path:
-    """A tiny trained run (vit_tiny, 2 blocks, patch 8, 32 px) with one checkpoint."""
-    run = tmp_path_factory.mktemp("export") / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
-                      "--run-dir", run)
-    assert result.returncode == 0, result.stderr
-    return run
+def run_dir(tiny_run) -> Path:
+    """The tiny trained run of conftest (vit_tiny, 2 blocks, patch 8, 32 px) with its checkpoint."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

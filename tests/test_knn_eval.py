@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import run_flsl, tiny_overrides
+from conftest import fails, run_flsl
 from flsl_cli.eval.geometry import EvalGeometry, cell_token_indices, largest_mapped_box
 from flsl_cli.eval.knn import chance_level, count_correct, search_topk, vote_scores
 from flsl_cli.eval.samples import parse_annotation
@@ -220,16 +220,6 @@ def _copy_shards(source, target, *, keep_boxes=lambda index: True, limit: int | 
                 index += 1
 
 
-@pytest.fixture(scope="module")
-def tiny_run(demo_data, tmp_path_factory):
-    """A flsl run of two steps: a real checkpoint of a tiny architecture (patch 8), made quickly."""
-    run = tmp_path_factory.mktemp("knn") / "tiny"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
-                      "--run-dir", run)
-    assert result.returncode == 0, result.stderr
-    return run
-
-
 def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
     """The table and the JSON carry top-1/top-5 per k, the image counts and every setting; with
     --features-dir the second run reuses the features and gets the same numbers."""
@@ -335,13 +325,6 @@ def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
 # -- bad input --------------------------------------------------------------------------------
 
 
-def _fails(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-
-
 def _knn(*args):
     return run_flsl("knn-eval", *map(str, args))
 
@@ -349,38 +332,38 @@ def _knn(*args):
 def test_checkpoint_missing_or_not_a_model(demo_data, tmp_path):
     """A missing path, and a file that is neither a flsl checkpoint nor a timm export."""
     data = ["--train", demo_data / "train", "--val", demo_data / "val"]
-    _fails(_knn(tmp_path / "nowhere.pt", *data), "the checkpoint does not exist", "nowhere.pt")
+    fails(_knn(tmp_path / "nowhere.pt", *data), "the checkpoint does not exist", "nowhere.pt")
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(2)}, junk)
-    _fails(_knn(junk, *data), "not a flsl checkpoint", "flsl export --format timm")
+    fails(_knn(junk, *data), "not a flsl checkpoint", "flsl export --format timm")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    _fails(_knn(bad, *data), "cannot read the .safetensors file")
+    fails(_knn(bad, *data), "cannot read the .safetensors file")
 
 
 def test_options_that_contradict_the_architecture(tiny_run, demo_data):
     """A crop that is not a multiple of the patch size, --model naming another architecture,
     --which on a timm model."""
     data = ["--train", demo_data / "train", "--val", demo_data / "val", "--workers", "0"]
-    _fails(_knn(tiny_run, *data, "--resize", "72", "--crop", "60"),
+    fails(_knn(tiny_run, *data, "--resize", "72", "--crop", "60"),
            "--crop 60 is not a multiple of the model's patch size (8)")
-    _fails(_knn(tiny_run, *data, "--model", "timm:vit_small_patch16_224"),
+    fails(_knn(tiny_run, *data, "--model", "timm:vit_small_patch16_224"),
            "contradicts --model timm:vit_small_patch16_224",
            "width 192, depth 2, patch 8")
-    _fails(_knn(*data, "--model", "timm:vit_tiny_patch16_224", "--which", "student"),
+    fails(_knn(*data, "--model", "timm:vit_tiny_patch16_224", "--which", "student"),
            "--which applies to flsl checkpoints only")
 
 
 def test_no_boxes_at_all_in_bbox_mode(tiny_run, demo_data, tmp_path):
     """Train shards without any box: a clear error that points to --mode global."""
     _copy_shards(demo_data / "train", tmp_path / "train", keep_boxes=lambda index: False, limit=40)
-    _fails(_knn(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0"),
+    fails(_knn(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0"),
            "none of the 40 images of the train set has a usable box (40 no boxes)", "--mode global")
 
 
 def test_k_larger_than_the_bank(tiny_run, demo_data):
     """k beyond the number of bank features is refused with the bank's size."""
-    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0",
+    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0",
                 "--max-train-images", "10", "--k", "20,100"),
            "--k 100 is larger than the memory bank (10 train images x 9 = 90 features)")
 
@@ -388,8 +371,8 @@ def test_k_larger_than_the_bank(tiny_run, demo_data):
 def test_empty_or_missing_shard_sets(tiny_run, demo_data, tmp_path):
     (tmp_path / "empty").mkdir()
     """An empty directory of shards, and a path that does not exist: named with the option."""
-    _fails(_knn(tiny_run, "--train", tmp_path / "empty", "--val", demo_data / "val"), "--train", "no .tar shards")
-    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "none"), "--val", str(tmp_path / "none"),
+    fails(_knn(tiny_run, "--train", tmp_path / "empty", "--val", demo_data / "val"), "--train", "no .tar shards")
+    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "none"), "--val", str(tmp_path / "none"),
            "flsl data demo")
 
 
@@ -398,5 +381,5 @@ def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
     _copy_shards(demo_data / "val", tmp_path / "val")
     shard = sorted((tmp_path / "val").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--workers", "0"),
+    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--workers", "0"),
            str(shard), "could not be read to its end")

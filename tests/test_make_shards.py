@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_flsl
+from conftest import fails, run_flsl
 from flsl_cli.data.make_shards import make_shards
 from flsl_cli.data.shards import resolve_shards
 
@@ -107,13 +107,6 @@ def _samples(dest: Path) -> dict[str, dict[str, bytes]]:
                 assert handle is not None
                 samples.setdefault(key, {})[ext] = handle.read()
     return samples
-
-
-def _fails(result, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
 
 
 # -- what is written --------------------------------------------------------------------------
@@ -233,14 +226,14 @@ def test_rerun_with_other_settings_is_refused(reference: Path, imagenet: Path, t
     shutil.copytree(reference, dest)
     (dest / "index.json").unlink()
     before = _files(dest)
-    _fails(run_flsl("data", "shards", imagenet / "train", dest, "--samples-per-shard", "4",
+    fails(run_flsl("data", "shards", imagenet / "train", dest, "--samples-per-shard", "4",
                     "--class-names", imagenet / "LOC_synset_mapping.txt", "--boxes", imagenet / "Annotation"),
            "another plan", "samples_per_shard was 5, now 4", "new DEST")
     assert _files(dest) == before
-    _fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", imagenet / "val_labels.txt"),
+    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", imagenet / "val_labels.txt"),
            "another plan")
     (dest / "progress.json").unlink()
-    _fails(_shards(imagenet, dest), "not empty", "was not made by `flsl data shards`")
+    fails(_shards(imagenet, dest), "not empty", "was not made by `flsl data shards`")
 
 
 # -- other sources and destinations -----------------------------------------------------------
@@ -311,7 +304,7 @@ def test_s3_destination_with_moto(reference: Path, imagenet: Path, monkeypatch: 
         assert names == sorted(_files(reference))
         assert fs.cat_file("flsl-bucket/in1k/train/train-000001.tar") == (reference / "train-000001.tar").read_bytes()
 
-        _fails(_shards(imagenet, "s3://no-such-bucket/train"), "bucket 'no-such-bucket' does not exist",
+        fails(_shards(imagenet, "s3://no-such-bucket/train"), "bucket 'no-such-bucket' does not exist",
                "s3://no-such-bucket/train")
     finally:
         server.stop()
@@ -349,18 +342,18 @@ def test_src_without_images(tmp_path: Path) -> None:
     """SRC with no images: clear error naming SRC, DEST not created."""
     (tmp_path / "src" / "n01440764").mkdir(parents=True)
     (tmp_path / "src" / "n01440764" / "readme.txt").write_text("no images here")
-    _fails(run_flsl("data", "shards", tmp_path / "src", tmp_path / "dest"), "SRC holds no images", str(tmp_path / "src"))
-    _fails(run_flsl("data", "shards", tmp_path / "missing", tmp_path / "dest"), "SRC does not exist")
+    fails(run_flsl("data", "shards", tmp_path / "src", tmp_path / "dest"), "SRC holds no images", str(tmp_path / "src"))
+    fails(run_flsl("data", "shards", tmp_path / "missing", tmp_path / "dest"), "SRC does not exist")
     assert not (tmp_path / "dest").exists()
 
 
 def test_unknown_protocol_and_missing_backend(imagenet: Path) -> None:
     """An unknown protocol, or one whose fsspec backend is not installed, names the URL and the remedy."""
-    _fails(_shards(imagenet, "foo://bucket/train"), "foo://bucket/train", "cannot open foo:// URLs",
+    fails(_shards(imagenet, "foo://bucket/train"), "foo://bucket/train", "cannot open foo:// URLs",
            "protocol fsspec knows")
-    _fails(_shards(imagenet, "gs://bucket/train"), "gs://bucket/train", "install gcsfs", "pip install gcsfs")
+    fails(_shards(imagenet, "gs://bucket/train"), "gs://bucket/train", "install gcsfs", "pip install gcsfs")
     result = _shards(imagenet, "foo://me:s3cr3t@bucket/train")
-    _fails(result, "foo://***@bucket/train")
+    fails(result, "foo://***@bucket/train")
     assert "s3cr3t" not in result.stderr + result.stdout
 
 
@@ -371,39 +364,39 @@ def test_malformed_annotations_name_file_and_line(imagenet: Path, tmp_path: Path
     shutil.copytree(imagenet / "Annotation", boxes)
     bad_xml = boxes / SYNSETS[0] / f"{SYNSETS[0]}_3.xml"
     bad_xml.write_text("<annotation>\n<object><name>n01440764</name>\n<bndbox><xmin>1</xmin></object>\n")
-    _fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml}:3", "malformed XML")
+    fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml}:3", "malformed XML")
 
     bad_xml.write_text("<annotation><object><name>n01440764</name><bndbox><xmin>1</xmin><ymin>2</ymin>"
                        "<xmax>oops</xmax><ymax>4</ymax></bndbox></object></annotation>")
-    _fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml} <object> #1 <xmax>", "'oops' is not a number")
+    fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml} <object> #1 <xmax>", "'oops' is not a number")
 
     bad_csv = tmp_path / "LOC_train_solution.csv"
     bad_csv.write_text("ImageId,PredictionString\nn01440764_0,n01440764 1 2 30 25\nn01440764_3,n01440764 1 2 30\n")
-    _fails(_shards(imagenet, dest, "--boxes", bad_csv), f"{bad_csv}:3", "groups of 5")
+    fails(_shards(imagenet, dest, "--boxes", bad_csv), f"{bad_csv}:3", "groups of 5")
 
     bad_csv.write_text("ImageId,PredictionString\nn01440764_0,n01440764 1 2 30 25\nn01443537_1,n09999999 1 2 3 4\n")
-    _fails(_shards(imagenet, dest, "--boxes", bad_csv), f"{bad_csv}:3", "'n09999999' is not in the class map")
+    fails(_shards(imagenet, dest, "--boxes", bad_csv), f"{bad_csv}:3", "'n09999999' is not in the class map")
 
-    _fails(_shards(imagenet, dest, "--boxes", imagenet / "LOC_val_solution.csv"), "none of the 17 images",
+    fails(_shards(imagenet, dest, "--boxes", imagenet / "LOC_val_solution.csv"), "none of the 17 images",
            str(imagenet / "LOC_val_solution.csv"))
 
     bad_names = tmp_path / "names.txt"
     bad_names.write_text(f"{SYNSETS[0]} tench\n{SYNSETS[1]}\n")
-    _fails(run_flsl("data", "shards", imagenet / "train", dest, "--class-names", bad_names), f"{bad_names}:2")
+    fails(run_flsl("data", "shards", imagenet / "train", dest, "--class-names", bad_names), f"{bad_names}:2")
     assert not dest.exists()
 
 
 def test_bad_labels_for_flat_val(imagenet: Path, tmp_path: Path) -> None:
     """A flat SRC without --labels, with an incomplete labels file, or with numeric labels and no class list."""
     dest = tmp_path / "dest"
-    _fails(run_flsl("data", "shards", imagenet / "val", dest), "flat directory", "--labels")
+    fails(run_flsl("data", "shards", imagenet / "val", dest), "flat directory", "--labels")
     partial = tmp_path / "labels.txt"
     partial.write_text(f"ILSVRC2012_val_00000001.JPEG {SYNSETS[0]}\n")
-    _fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", partial), "5 image(s) of SRC have no label",
+    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", partial), "5 image(s) of SRC have no label",
            str(partial))
     numeric = tmp_path / "numeric.txt"
     numeric.write_text("".join(f"{stem}.JPEG 1\n" for stem in VAL_LABELS))
-    _fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", numeric), "--class-names")
+    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", numeric), "--class-names")
     assert not dest.exists()
 
 
@@ -411,9 +404,9 @@ def test_dest_not_writable(imagenet: Path, tmp_path: Path) -> None:
     """A DEST that cannot be created (under a regular file) gives a clear error and writes nothing."""
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a directory")
-    _fails(_shards(imagenet, blocker / "shards"), "DEST is not writable", str(blocker / "shards"))
-    _fails(_shards(imagenet, blocker), "DEST is a file")
-    _fails(_shards(imagenet, imagenet / "train" / "shards"), "DEST is inside SRC")
+    fails(_shards(imagenet, blocker / "shards"), "DEST is not writable", str(blocker / "shards"))
+    fails(_shards(imagenet, blocker), "DEST is a file")
+    fails(_shards(imagenet, imagenet / "train" / "shards"), "DEST is inside SRC")
     assert not (imagenet / "train" / "shards").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
     assert blocker.read_text() == "a file, not a directory"

@@ -149,3 +149,100 @@ def test_run_dir_on_s3_and_resume_from_it(s3, tmp_path):
     assert remote_final["step"] == local_final["step"]
     for key, value in local_final["teacher"].items():
         assert torch.equal(value, remote_final["teacher"][key]), key
+
+
+def test_transient_is_told_by_type_errno_and_status_not_by_words():
+    """A malformed shard is not retried however its message reads; resets, timeouts, throttling
+    and 5xx are, also when a backend translated them into a generic OSError."""
+    import errno
+
+    from botocore.exceptions import ClientError
+
+    from flsl_cli import storage
+
+    def s3_error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           "GetObject")
+
+    def translated(status: int, code: str) -> OSError:
+        error = OSError(errno.EIO, "whatever the server said")
+        error.__cause__ = s3_error(status, code)
+        return error
+
+    permanent = [ValueError("malformed header in s3://b/in1k-train-000500.tar"),
+                 ValueError("HTTP 503 connection reset timeout"), FileNotFoundError("s3://b/x"),
+                 PermissionError("Connection timed out"), translated(403, "AccessDenied"),
+                 s3_error(404, "NoSuchKey"), OSError(errno.EIO, "503 Service Unavailable")]
+    transient = [ConnectionResetError(errno.ECONNRESET, "x"), TimeoutError(), OSError(errno.ETIMEDOUT, "x"),
+                 s3_error(503, "SlowDown"), s3_error(429, "x"), translated(502, "BadGateway"),
+                 OSError(errno.EBUSY, "x")]
+    assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
+    assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
+
+
+def test_malformed_data_is_not_retried(caplog):
+    """with_retries gives up at once on a ValueError naming a shard, and logs no retry."""
+    from flsl_cli import storage
+
+    calls = []
+
+    def action():
+        calls.append(1)
+        raise ValueError("malformed header in s3://b/in1k-train-000500.tar")
+
+    with pytest.raises(ValueError), caplog.at_level("WARNING", logger="flsl_cli"):
+        storage.with_retries(action, url="s3://b/in1k-train-000500.tar", what="reading")
+    assert len(calls) == 1
+    assert not caplog.records
+
+
+def test_endpoint_away_is_retried_and_logged(s3, monkeypatch, caplog):
+    """A real S3 read while the endpoint is unreachable: the refused connection is retried, the
+    retry logged on one line (what, URL, attempt n/N, reason, no credentials), and the read that
+    follows once the endpoint is back returns the object."""
+    import fsspec
+
+    from flsl_cli import storage
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {  # as FSSPEC_S3_* variables would set it
+        "endpoint_url": s3["endpoint"], "key": "testing", "secret": "testing",
+        "config_kwargs": {"retries": {"max_attempts": 1}}})
+    s3["fs"].pipe_file("shards/note.txt", b"hello")
+    s3["proxy"].kill()
+    waits = []
+
+    def endpoint_back(seconds: float) -> None:
+        waits.append(seconds)
+        if not s3["proxy"].process or s3["proxy"].process.poll() is not None:
+            s3["proxy"].start()
+
+    monkeypatch.setattr(storage, "_sleep", endpoint_back)
+    with caplog.at_level("WARNING", logger="flsl_cli"):
+        data = storage.read_bytes("s3://shards/note.txt")
+    assert data == b"hello"
+    lines = [record.getMessage() for record in caplog.records if record.name == "flsl_cli.storage"]
+    assert len(lines) == len(waits) >= 1
+    assert lines[0].startswith(f"retrying reading s3://shards/note.txt: attempt 1/{storage.RETRY_ATTEMPTS} failed (")
+    assert "testing" not in "\n".join(lines)
+
+
+def test_retry_lines_go_to_every_rank_file_and_rank_0_terminal(tmp_path, capsys):
+    """In a run, each rank's retries land in RUN_DIR/logs/rank-N.log; only rank 0's reach the terminal."""
+    from flsl_cli import storage
+    from flsl_cli.train.rundir import rank_log_path
+    from flsl_cli.train.runlog import run_logging
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionResetError(104, "reset")
+        return "ok"
+
+    for rank in (1, 0):
+        attempts = []
+        with run_logging(tmp_path, rank=rank):
+            assert storage.with_retries(flaky, url="s3://b/shard-000001.tar", what="reading") == "ok"
+        terminal = capsys.readouterr().err
+        logged = rank_log_path(tmp_path, rank=rank).read_text()
+        assert f"rank {rank} WARNING flsl_cli.storage: retrying reading s3://b/shard-000001.tar: attempt 1/" in logged
+        assert ("flsl: retrying reading s3://b/shard-000001.tar" in terminal) == (rank == 0)

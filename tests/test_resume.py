@@ -4,15 +4,10 @@ Stops by signal are in test_stop_signals.py."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from conftest import assert_same_run, final_checkpoint, run_flsl, tiny_overrides
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from conftest import assert_same_run, final_checkpoint, metrics, run_flsl, tiny_overrides
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -21,7 +16,7 @@ def test_resume_equals_uninterrupted(demo_data, tmp_path, workers):
     common = tiny_overrides(demo_data / "train", data__num_workers=workers)
     done = run_flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", straight)
     assert done.returncode == 0, done.stderr
-    total = _metrics(straight)[-1]["step"]
+    total = metrics(straight)[-1]["step"]
     stop = total // 2 + 1  # stop in mid-epoch, at an odd batch
     first = run_flsl("pretrain", "recipes/demo.yaml", *common, "--set", f"optim.max_steps={stop}", "--run-dir", split)
     assert first.returncode == 0, first.stderr

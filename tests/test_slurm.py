@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_run, run_flsl, tiny_overrides
+from conftest import REPO, assert_same_run, fails, run_flsl, tiny_overrides
 from slurm_support import (TERMINAL, job_logs, job_state, metric_steps, release_requeued, restarts_of,
                            run_json, running_cluster, slurm, squeeze, submitted, wait_finished, wait_for)
 
@@ -273,25 +273,17 @@ def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_p
 # --- Bad input --------------------------------------------------------------------------------
 
 
-def _fails(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    flat = " ".join(result.stderr.split())
-    for needle in needles:
-        assert needle in flat, (needle, result.stderr)
-
-
 def test_unknown_partition_is_refused_in_one_line(slurm_cluster, demo_data, tmp_path):
     run = tmp_path / "run"
     result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--partition", "nosuch",
                       "--run-dir", run)
-    _fails(result, "sbatch refused the job", "invalid partition", "--partition")
+    fails(result, "sbatch refused the job", "invalid partition", "--partition")
     assert len(result.stderr.strip().splitlines()) <= 4  # one message (wrapped by the console)
     assert not run.exists()
 
 
 def test_nodes_zero(demo_data, tmp_path):
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "0", "--run-dir",
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "0", "--run-dir",
                     tmp_path / "run"), "--nodes must be at least 1, found 0", "leave out --nodes")
     assert not (tmp_path / "run").exists()
 
@@ -301,17 +293,17 @@ def test_sbatch_missing_suggests_running_here(demo_data, tmp_path):
     result = subprocess.run([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *_common(demo_data),
                              *ON_CPU, "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
                             cwd=REPO, env=env, timeout=120)
-    _fails(result, "sbatch was not found on PATH", "leaving out --nodes", "--devices")
+    fails(result, "sbatch was not found on PATH", "leaving out --nodes", "--devices")
     assert not (tmp_path / "run").exists()
 
 
 def test_devices_with_nodes_is_refused(demo_data, tmp_path):
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "2", "--devices", "2"),
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "2", "--devices", "2"),
            "--devices is for runs on this machine")
 
 
 def test_time_limit_shorter_than_the_warning(demo_data, tmp_path):
-    _fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--time", "00:04:00",
+    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--time", "00:04:00",
                     "--dry-run"), "not longer than slurm.signal_minutes_before_end")
 
 

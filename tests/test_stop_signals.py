@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_run, final_checkpoint, run_flsl, tiny_overrides
+from conftest import REPO, assert_same_run, final_checkpoint, metrics, run_flsl, tiny_overrides
 
 def _common(demo_data, **extra):
     """72 steps (3 epochs of 24) with the demo recipe's 2 data workers per process."""
     values = {"optim__epochs": 3, "checkpoint__every_steps": 1000, **extra}
     return tiny_overrides(demo_data / "train", **values)
-
-
-def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +91,7 @@ def _stopped_cleanly(result, *, signum: int) -> int:
 def _committed(run: Path, step: int) -> None:
     assert (run / "checkpoints" / f"step-{step:08d}.json").exists()
     assert final_checkpoint(run)["step"] == step
-    assert _metrics(run)[-1]["step"] == step  # every finished step is saved: only the step in flight is redone
+    assert metrics(run)[-1]["step"] == step  # every finished step is saved: only the step in flight is redone
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "stopped" and record["resumable_from"] == step
@@ -111,7 +104,7 @@ def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data
     run = tmp_path / "run"
     at = random.Random().randrange(3, 40)
     started = Run(run, [*_common(demo_data), "--devices", devices])
-    started.wait_for(lambda: len(_metrics(run)) >= at, what=f"step {at}")
+    started.wait_for(lambda: len(metrics(run)) >= at, what=f"step {at}")
     every = 1 + (devices if devices > 1 else 0) + 2 * devices  # launcher, ranks, 2 data workers each
     started.wait_for(lambda: len(started.processes()) >= every, what="the data workers")
     started.signal_group(signum)
@@ -155,7 +148,7 @@ def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straigh
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
     started = Run(run, _common(demo_data))
-    started.wait_for(lambda: len(_metrics(run)) >= 5, what="step 5")
+    started.wait_for(lambda: len(metrics(run)) >= 5, what="step 5")
     started.signal_group(signal.SIGHUP)
     started.wait_for(lambda: checkpoints.is_dir() and bool(os.listdir(checkpoints)), what="the stop checkpoint")
     started.signal_group(signal.SIGTERM)
@@ -188,7 +181,7 @@ def test_a_data_worker_killed_by_something_else_is_named(demo_data, tmp_path):
     the signal, exit 2, no traceback; run.json says failed with that message."""
     run = tmp_path / "run"
     started = Run(run, _common(demo_data))
-    started.wait_for(lambda: len(_metrics(run)) >= 3, what="step 3")
+    started.wait_for(lambda: len(metrics(run)) >= 3, what="step 3")
     victim = [pid for pid in started.processes() if pid != started.process.pid][0]
     os.kill(victim, signal.SIGKILL)
     result = started.finish()

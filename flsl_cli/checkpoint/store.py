@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +19,12 @@ from typing import Any
 
 import torch
 
-from flsl_cli import storage
+from flsl_cli import storage, timestamps
 from flsl_cli.errors import CheckpointError
 
 FORMAT = "flsl-checkpoint/1"
-_NAME = re.compile(r"^step-(\d{8,})\.json$")
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_PATTERN = re.compile(r"^step-(\d{8,})\.json$")  # a manifest names its step
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class CheckpointRef:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def _sha256(path: Path) -> str:
@@ -47,38 +46,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    storage.replace_local(path, write)
-    _fsync_dir(path.parent)  # the rename itself survives a crash
-
-
 def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    _write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
+    storage.write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
     manifest = {
         "format": FORMAT,
         "step": step,
         "file": path.name,
         "bytes": path.stat().st_size,
         "sha256": _sha256(path),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "saved_at": timestamps.now(),
     }
     manifest_path = path.with_suffix(".json")
-    _write_atomic(manifest_path, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
+    storage.write_json_atomic(manifest_path, manifest)
     prune(run_dir, keep_last=keep_last)
     return path
 
@@ -90,7 +73,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
         return []
     found = []
     for entry in directory.iterdir():
-        match = _NAME.match(entry.name)
+        match = MANIFEST_PATTERN.match(entry.name)
         if not match:
             continue
         try:

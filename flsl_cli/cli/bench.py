@@ -123,24 +123,9 @@ def view_cost_table(cost: dict):
 
 def _copy_progress():
     """A progress callback (done, total) for the ImageFolder copy, and a function to close it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from flsl_cli.progress import ProgressBars
 
-    progress = Progress(TextColumn("copying images for the reference"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=err_console, transient=False)
-    state = {"task": None, "open": False}
-
-    def update(done: int, total: int) -> None:
-        if state["task"] is None:
-            progress.start()
-            state["task"], state["open"] = progress.add_task("copy", total=total), True
-        progress.update(state["task"], completed=done)
-
-    def close() -> None:
-        if state["open"]:
-            progress.stop()
-            state["open"] = False
-
-    return update, close
+    return ProgressBars(console=err_console).callback("copying images for the reference")
 
 
 from flsl_cli.cli.bench_step import step as _step  # noqa: E402 - registered after the data command

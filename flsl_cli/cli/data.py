@@ -101,22 +101,12 @@ def shards(
 
 def _shard_progress():
     """A progress callback (stage, done, total) for `make_shards`, and a function to close it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from flsl_cli.progress import ProgressBars
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=err_console, transient=False)
-    tasks: dict[str, int] = {}
+    bars = ProgressBars(console=err_console)
     labels = {"annotations": "reading box annotations", "shards": "writing shards (samples)"}
 
     def update(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            progress.start()
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
-        progress.update(tasks[stage], completed=done, total=total)
+        bars.update(labels.get(stage, stage), done=done, total=total)
 
-    def close() -> None:
-        if tasks:
-            progress.stop()
-
-    return update, close
+    return update, bars.close

@@ -7,7 +7,6 @@ Messages are printed as plain text, never read as rich markup: a message that na
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -66,22 +65,7 @@ def note(message: str) -> None:
 
 def demo_progress():
     """A progress callback (done, total) for demo-data generation, and a function to close it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from flsl_cli.progress import ProgressBars
 
-    progress = Progress(TextColumn("generating demo data"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=err_console, transient=False)
-    state = {"task": None}
+    return ProgressBars(console=err_console).callback("generating demo data")
 
-    def update(done: int, total: int) -> None:
-        if state["task"] is None:
-            progress.start()
-            state["task"] = progress.add_task("demo", total=total)
-        progress.update(state["task"], completed=done)
-        if done >= total:
-            progress.stop()
-
-    return update, progress.stop
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -64,12 +64,14 @@ def visualize(
     elif compare_random_init:
         second = ModelSpec(checkpoint=checkpoint, model=model, which=which, random_init=True)
     settings = VisualizeSettings(layers=_parse_layers(layers), points=tuple(parse_points(points or [])), size=size)
-    progress, update = _progress()
+    from flsl_cli.progress import ProgressBars
+
+    update, close = ProgressBars(console=err_console).callback("drawing")
     try:
         written = draw(spec=spec, images=image_paths, out=out, settings=settings, compare=second,
                        on_progress=update)
     finally:
-        progress.stop()
+        close()
     out_console.print(f"[green]wrote[/] {len(written) - 1} grid(s) and {escape(str(written[-1]))}", highlight=False)
 
 
@@ -100,22 +102,6 @@ def _parse_layers(value: str | None) -> tuple[int, ...] | None:
     if not layers:
         raise FlslError("--layers is empty", fix="Pass e.g. --layers 4,8,12")
     return layers
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("drawing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=err_console, transient=False)
-    state: dict = {}
-
-    def update(done: int, total: int) -> None:
-        if "task" not in state:
-            progress.start()
-            state["task"] = progress.add_task("images", total=total)
-        progress.update(state["task"], completed=done)
-
-    return progress, update
 
 
 @handle_errors

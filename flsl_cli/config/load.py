@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
-from flsl_cli.errors import FlslError, RecipeError
+from flsl_cli.errors import RecipeError
 
 
 MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
@@ -129,21 +130,9 @@ def recheck_with(path: str | Path, overrides: list[str] | None = None, *, device
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML file into a plain dict (no validation yet)."""
     path = Path(path)
-    if not path.exists():
-        raise FlslError("the recipe file does not exist", where=str(path),
-                        fix="Check the path; the shipped recipes are in the recipes/ folder of flsl "
-                            "(recipes/demo.yaml, recipes/vits16_300ep.yaml, ...)")
-    if path.is_dir():
-        raise FlslError("this is a directory, not a recipe file", where=str(path),
-                        fix="Pass a recipe .yaml file, e.g. recipes/demo.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FlslError(f"the recipe file is not UTF-8 text (byte {exc.start} cannot be decoded)", where=str(path),
-                        fix="Pass a recipe .yaml file, e.g. recipes/demo.yaml") from None
-    except OSError as exc:
-        raise FlslError(f"cannot read the recipe file ({exc.strerror or exc})", where=str(path),
-                        fix="Check the file's permissions") from None
+    text = storage.read_text_file(path, what="recipe file", missing_fix=(
+        "Pass a recipe .yaml file; the shipped recipes are in the recipes/ folder of flsl "
+        "(recipes/demo.yaml, recipes/vits16_300ep.yaml, ...)"))
     try:
         data = parse_yaml(text)
     except YamlProblems as exc:

@@ -87,7 +87,6 @@ class DataConfig(Section):
         description="Training shards: a directory with index.json, a .tar file, a brace pattern, "
         "or a list of files separated by commas.",
     )
-    val: str | None = Field(None, description="Validation shards (same forms as data.train).")
     num_workers: Int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
     shuffle_buffer: Int = Field(1000, ge=0, le=100_000, description="Samples held in the shuffle buffer.")
     max_bad_fraction: Float = Field(

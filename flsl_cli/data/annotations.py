@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flsl_cli import storage
 from flsl_cli.errors import DataError
 
 _LOC_HEADER = ("imageid", "predictionstring")
@@ -164,18 +165,7 @@ def image_stem(filename: str) -> str:
 
 def _lines(path: Path, *, what: str) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank lines of a UTF-8 text file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"the {what} does not exist", where=str(path), fix="Check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"the {what} is a directory, expected a file", where=str(path), fix="Check the path") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"the {what} is not UTF-8 text ({err.reason} at byte {err.start})", where=str(path),
-                        fix="Give a text file") from None
-    except OSError as err:
-        raise DataError(f"cannot read the {what} ({err.strerror or err})", where=str(path),
-                        fix="Check the file's permissions") from None
+    text = storage.read_text_file(path, what=what, error=DataError)
     return [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 

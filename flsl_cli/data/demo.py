@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flsl_cli.data.shard_writer import ShardWriter, write_json_atomic
+from flsl_cli import storage
+from flsl_cli.data.shard_writer import ShardWriter
 from flsl_cli.errors import DataError
 
 DEMO_VERSION = "demo/1"
@@ -103,7 +104,7 @@ def write_demo_dataset(
             samples_per_shard=samples_per_shard,
             on_progress=on_progress,
         )
-        write_json_atomic(tmp_dir / "dataset.json", info)
+        storage.write_json_atomic(tmp_dir / "dataset.json", info, indent=2)
         _move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 from flsl_cli.data.shard_dest import Destination, discard
 from flsl_cli.data.shard_plan import SAMPLE_FORMAT, PlannedSample, ProgressFn, ShardJob, ShardPlan, plan_shards
-from flsl_cli.data.shard_workers import WorkerFailure, WorkerPool
+from flsl_cli.data.shard_workers import WorkerPool
 from flsl_cli.data.shard_writer import INDEX_FORMAT, INDEX_NAME, add_sample
 from flsl_cli.errors import DataError
 
@@ -86,8 +86,6 @@ def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] |
                         count += 1
                     if on_sample is not None:
                         on_sample()
-            raw.flush()
-            os.fsync(raw.fileno())
         size = os.path.getsize(out_path)
     except OSError as err:
         discard(out_path)
@@ -136,12 +134,9 @@ def _plain(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def _write_task(task: tuple[ShardJob, str]) -> ShardResult | WorkerFailure:
+def _write_task(task: tuple[ShardJob, str]) -> ShardResult:
     job, out_path = task
-    try:
-        return write_shard(job, out_path)
-    except DataError as err:
-        return WorkerFailure.of(err)
+    return write_shard(job, out_path)
 
 
 
@@ -220,8 +215,6 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
         else:
             results = pool.map_unordered(_write_task, [(job, staging[job.name]) for job in todo])
         for result in results:
-            if isinstance(result, WorkerFailure):
-                raise result.error()
             destination.commit(staging.pop(result.name), result.name)
             progress.record(result)
             if pool.workers > 1:

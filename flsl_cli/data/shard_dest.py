@@ -1,12 +1,12 @@
 """Where `flsl data shards` writes: a local directory or any fsspec URL (`s3://`, `gs://`,
 `memory://`, ...), with writes that never leave a partial file under its final name.
 
-* local: a shard is written to `NAME.tmp` in the destination directory, fsynced, and renamed
-  with `os.replace`.
+* local: a shard is written to `NAME.tmp` in the destination directory, then flushed to disk
+  and renamed (`storage.commit_file`).
 * object stores (S3, GCS, Azure, memory): a shard is built in a local temporary directory and
   uploaded to its final key in one `put_file` (a single PUT or a multipart upload; either
   becomes visible only when complete).
-* other fsspec file systems: uploaded to `NAME.tmp`, then moved to the final name.
+* other fsspec file systems: uploaded to a temporary name, then moved to the final name.
 
 Storage goes through `flsl_cli.storage` (transient remote errors are retried). Storage options
 (credentials, endpoints) come from the backend's usual configuration (for S3: AWS environment
@@ -20,35 +20,28 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 from flsl_cli import storage
-from flsl_cli.data.shard_writer import write_json_atomic
 from flsl_cli.errors import DataError
 
-T = TypeVar("T")
-
-_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
-_BUCKETED = _OBJECT_STORES - {"memory"}
+_BUCKETED = storage.OBJECT_STORES - {"memory"}
 
 
 class Destination:
-    """A destination directory (`url`) on some fsspec file system (opened through
-    `flsl_cli.storage`, which also retries transient remote errors)."""
+    """A destination directory (`url`) on any storage `flsl_cli.storage` reaches (which also
+    retries transient remote errors)."""
 
     def __init__(self, url: str) -> None:
-        self.url = redact(url)
+        self.url = storage.redact(url)
         try:
-            self.fs, self.root = storage.filesystem(url)
+            storage.filesystem(url)
         except DataError as err:  # named again with the redacted URL
             raise DataError(err.what, where=self.url, fix=err.fix) from None
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        self.protocol = protocols[0]
-        self.is_local = "file" in protocols or "local" in protocols
-        self.root = self.root.rstrip("/") or self.root
+        self.root = storage.normalize(url)
+        self.protocol = storage.protocol(self.root)
+        self.is_local = storage.is_local(self.root)
         self._staging: str | None = None
 
     # -- checks ----------------------------------------------------------------------------
@@ -56,9 +49,9 @@ class Destination:
     def check_reachable(self) -> None:
         """Fail early on a missing bucket or a destination that is a file; creates nothing."""
         if self.protocol in _BUCKETED:
-            bucket = self.root.split("/", 1)[0]
+            bucket = self.root.split("://", 1)[1].split("/", 1)[0]
             try:
-                exists = self._io(lambda: self.fs.exists(bucket), f"checking bucket {bucket}")
+                exists = storage.exists(f"{self.protocol}://{bucket}")
             except PermissionError:
                 raise DataError(f"access to bucket {bucket!r} is denied", where=self.url,
                                 fix="Check the credentials and the bucket's permissions") from None
@@ -68,15 +61,20 @@ class Destination:
             if not exists:
                 raise DataError(f"bucket {bucket!r} does not exist", where=self.url,
                                 fix="Create the bucket first (flsl does not create buckets) or fix the URL")
-        if self._call(lambda: self.fs.isfile(self.root)):
+        try:
+            is_file = storage.isfile(self.root)
+        except FileNotFoundError:
+            is_file = False
+        except OSError as err:
+            raise DataError(f"cannot reach the destination ({err.strerror or _first_line(err)})", where=self.url,
+                            fix="Check the URL, the permissions and the credentials") from None
+        if is_file:
             raise DataError("DEST is a file, expected a directory", where=self.url, fix="Choose another DEST")
 
     def prepare(self) -> None:
         """Create the destination directory (not on object stores, where keys need no folders)."""
-        if self.protocol in _OBJECT_STORES:
-            return
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            storage.makedirs(self.root)
         except OSError as err:
             raise self.not_writable(err) from None
 
@@ -90,25 +88,16 @@ class Destination:
     def listing(self) -> dict[str, int | None]:
         """{name: size in bytes, None for a folder} of what is directly in the destination
         (empty if it does not exist)."""
-        self.fs.invalidate_cache(self.root)  # s3fs & co. cache listings per process
         try:
-            entries = self._io(lambda: self.fs.ls(self.root, detail=True), "listing DEST")
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return storage.list_sizes(self.root)
         except OSError as err:
             raise DataError(f"cannot list DEST ({err.strerror or _first_line(err)})", where=self.url,
                             fix="Check the permissions and credentials") from None
-        found: dict[str, int | None] = {}
-        for entry in entries:
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            is_file = entry.get("type") == "file"
-            found[name] = int(entry.get("size") or 0) if is_file else None
-        return found
 
     def read_json(self, name: str) -> Any | None:
         """The parsed JSON file `name`, or None if it does not exist."""
         try:
-            return json.loads(self._io(lambda: self.fs.cat_file(self.path(name)), f"reading {name}"))
+            return json.loads(storage.read_bytes(self.path(name)))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except ValueError as err:
@@ -118,25 +107,18 @@ class Destination:
     # -- writing ---------------------------------------------------------------------------
 
     def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
+        return storage.join(self.root, name)
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write `name` so that it appears complete or not at all."""
         try:
-            if self.is_local:
-                write_json_atomic(Path(self.path(name)), obj)
-                return
-            data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-            if self.protocol in _OBJECT_STORES:
-                self._io(lambda: self.fs.pipe_file(self.path(name), data), f"writing {name}")
-            else:
-                self._io(lambda: self.fs.pipe_file(self.path(name) + ".tmp", data), f"writing {name}")
-                self._io(lambda: self.fs.mv(self.path(name) + ".tmp", self.path(name)), f"moving {name}")
+            storage.write_json_atomic(self.path(name), obj, indent=2)
         except OSError as err:
             raise self.not_writable(err) from None
 
     def staging_file(self, name: str) -> str:
-        """A local path to build `name` in before `commit`."""
+        """A local path to build `name` in before `commit` (`NAME.tmp` beside it when local, so
+        that the commit is a rename)."""
         if self.is_local:
             return self.path(name) + ".tmp"
         if self._staging is None:
@@ -146,13 +128,7 @@ class Destination:
     def commit(self, staging: str, name: str) -> None:
         """Move a complete staged file to its final name."""
         try:
-            if self.is_local:
-                os.replace(staging, self.path(name))
-            elif self.protocol in _OBJECT_STORES:
-                self._io(lambda: self.fs.put_file(staging, self.path(name)), f"uploading {name}")
-            else:
-                self._io(lambda: self.fs.put_file(staging, self.path(name) + ".tmp"), f"uploading {name}")
-                self._io(lambda: self.fs.mv(self.path(name) + ".tmp", self.path(name)), f"moving {name}")
+            storage.commit_file(Path(staging), self.path(name))
         except OSError as err:
             raise self.not_writable(err) from None
         finally:
@@ -161,9 +137,7 @@ class Destination:
 
     def remove(self, name: str) -> None:
         try:
-            self._io(lambda: self.fs.rm_file(self.path(name)), f"removing {name}")
-        except FileNotFoundError:
-            pass
+            storage.remove(self.path(name))
         except OSError as err:
             raise self.not_writable(err) from None
 
@@ -178,35 +152,12 @@ class Destination:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
-    def _io(self, action: Callable[[], T], what: str) -> T:
-        """Run a storage call; remote ones are retried on transient errors."""
-        return action() if self.is_local else storage.with_retries(action, what=what)
-
-    def _call(self, action: Callable[[], bool]) -> bool:
-        try:
-            return self._io(action, "checking DEST")
-        except FileNotFoundError:
-            return False
-        except OSError as err:
-            raise DataError(f"cannot reach the destination ({err.strerror or _first_line(err)})", where=self.url,
-                            fix="Check the URL, the permissions and the credentials") from None
-
 
 def discard(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def redact(url: str) -> str:
-    """`url` without a user:password part, fit to print."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _first_line(err: BaseException) -> str:

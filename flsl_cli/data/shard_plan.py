@@ -31,7 +31,7 @@ from flsl_cli.data.annotations import (
     read_voc_xml,
 )
 from flsl_cli.data.imagefolder import SourceImage, SourceTree, scan_source
-from flsl_cli.data.shard_workers import WorkerFailure, WorkerPool
+from flsl_cli.data.shard_workers import WorkerPool
 from flsl_cli.errors import DataError
 
 SAMPLE_FORMAT = "flsl-shards-sample/1"  # bump when the bytes written for a sample change
@@ -250,8 +250,6 @@ def _read_boxes(path: Path, images: tuple[SourceImage, ...], *, on_progress: Pro
         found: dict[str, list[RawBox]] = {}
         results = pool.map(_read_voc_chunk, chunks) if pool is not None else map(_read_voc_chunk, chunks)
         for chunk in results:
-            if isinstance(chunk, WorkerFailure):
-                raise chunk.error()
             found.update(chunk)
             if on_progress is not None:
                 on_progress("annotations", len(found), len(wanted))
@@ -262,11 +260,8 @@ def _read_boxes(path: Path, images: tuple[SourceImage, ...], *, on_progress: Pro
                     fix="Give a directory of PASCAL-VOC XML files or a LOC_*_solution.csv file")
 
 
-def _read_voc_chunk(chunk: list[tuple[str, str]]) -> dict[str, list[RawBox]] | WorkerFailure:
-    try:
-        return {stem: read_voc_xml(Path(path)) for stem, path in chunk}
-    except DataError as err:
-        return WorkerFailure.of(err)
+def _read_voc_chunk(chunk: list[tuple[str, str]]) -> dict[str, list[RawBox]]:
+    return {stem: read_voc_xml(Path(path)) for stem, path in chunk}
 
 
 def _map_boxes(raw: dict[str, list[RawBox]], index: dict[str, int],

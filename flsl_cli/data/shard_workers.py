@@ -1,30 +1,12 @@
 """Worker processes for `flsl data shards`: a spawned pool (or the calling process for one
-worker), and DataErrors carried back from workers intact."""
+worker). A DataError raised in a worker is raised again in the caller as itself (a FlslError
+pickles intact)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-
-from flsl_cli.errors import DataError
-
-
-@dataclass(frozen=True)
-class WorkerFailure:
-    """A DataError from a worker process, carried back as plain fields."""
-
-    what: str
-    where: str | None
-    fix: str | None
-
-    @classmethod
-    def of(cls, err: DataError) -> WorkerFailure:
-        return cls(err.what, err.where, err.fix)
-
-    def error(self) -> DataError:
-        return DataError(self.what, where=self.where, fix=self.fix)
 
 
 def _ignore_sigint() -> None:

@@ -11,7 +11,8 @@ Guarantees:
   carries fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o444) and the fields
   of a sample are written in sorted extension order.
 * A file is never visible under its final name until it is complete: each shard is written to
-  `NAME.tar.tmp` and renamed with `os.replace` once closed; `index.json` is written the same way.
+  `NAME.tar.tmp` and moved into place by `storage.commit_file` once closed; `index.json` is
+  written with `storage.write_json_atomic`.
 * If the `with` block raises, the partly written shard is removed and the exception propagates;
   shards completed before the error are left in place but no `index.json` is written.
 
@@ -21,13 +22,13 @@ Guarantees:
 from __future__ import annotations
 
 import io
-import json
-import os
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from flsl_cli import storage
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "flsl-shards/1"
@@ -129,8 +130,7 @@ class ShardWriter:
         name = self._shard_name(len(self.shards))
         self._tar.close()
         self._tar = None
-        _fsync_file(self._tmp_path)
-        os.replace(self._tmp_path, self.out_dir / name)
+        storage.commit_file(self._tmp_path, self.out_dir / name)
         self._tmp_path = None
         self.shards.append({"name": name, "samples": self._in_shard})
         self._in_shard = 0
@@ -143,7 +143,7 @@ class ShardWriter:
             "classes": self.classes,
             "meta": self.meta,
         }
-        write_json_atomic(self.out_dir / INDEX_NAME, index)
+        storage.write_json_atomic(self.out_dir / INDEX_NAME, index, indent=2)
 
     def _abort(self) -> None:
         """Drop the partly written shard and any temporary file."""
@@ -153,9 +153,8 @@ class ShardWriter:
             except Exception:
                 pass
             self._tar = None
-        for tmp in (self._tmp_path, self.out_dir / f"{INDEX_NAME}.tmp"):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        if self._tmp_path is not None:
+            self._tmp_path.unlink(missing_ok=True)
         self._tmp_path = None
 
 
@@ -180,21 +179,6 @@ def add_sample(tar: tarfile.TarFile, key: str, fields: Mapping[str, bytes]) -> N
         tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON to `path` via `path.tmp` and `os.replace`."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -211,7 +195,3 @@ def _check_key(key: str) -> None:
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key must be non-empty and contain no '.' or '/', got {key!r}")
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

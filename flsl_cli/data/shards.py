@@ -13,9 +13,7 @@ were lost and why) instead of an exception, so training can count it and go on.
 from __future__ import annotations
 
 import json
-import random
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -220,9 +218,7 @@ def iter_samples(url: str, *, expected: int | None = None,
         except GeneratorExit:
             raise
         except Exception as exc:  # noqa: BLE001 - classified: retry, or report the loss
-            if attempt < attempts and storage.is_transient(exc):
-                time.sleep(min(storage.RETRY_MAX_SECONDS, storage.RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-                           * (0.5 + random.random()))
+            if storage.retry_after(exc, url=url, what="reading", attempt=attempt, attempts=attempts):
                 continue
             reason = _describe_failure(exc, delivered=delivered, attempts=attempt)
             lost = max(1, (expected - delivered) if expected is not None else 1)

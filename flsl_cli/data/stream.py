@@ -36,7 +36,7 @@ from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import plan_tensors
 from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
 from flsl_cli.data.view_plan import complete_plan
-from flsl_cli.errors import DataError
+from flsl_cli.errors import DataError, FlslError
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,12 @@ class TrainStream(IterableDataset):
         return self.shard_order(epoch)[self.rank * self.layout.workers + worker::slots]
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._samples()
+        except FlslError as exc:  # handed over as an item (it pickles intact): torch's loader
+            yield {"error": exc}  # re-raises a worker's exception as text
+
+    def _samples(self) -> Iterator[dict]:
         info = get_worker_info()
         if info is None and self.layout.workers != 1:
             raise RuntimeError("a multi-worker layout must be read through a DataLoader")
@@ -251,7 +257,11 @@ class _Peekable:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the views; keep sample keys and bad-sample reports as lists."""
+    """Stack the views; keep sample keys and bad-sample reports as lists; a user error from
+    the reader is passed on."""
+    errors = [sample["error"] for sample in samples if "error" in sample]
+    if errors:
+        return {"error": errors[0]}
     reports = [report for sample in samples for report in sample.pop("bad", [])]
     encoded = [sample.pop("encoded") for sample in samples if "encoded" in sample]
     batch = default_collate(samples)
@@ -304,12 +314,13 @@ def iterate(loader: DataLoader) -> Iterator[dict]:
         batches = iter(loader)
     worker_deaths.watch(worker_deaths.children() - before)
     try:
-        yield from batches
-    except Exception as exc:  # noqa: BLE001 - a worker's error arrives with its traceback as text
-        text = str(exc).strip().splitlines()
-        last = text[-1] if text else ""
-        if "flsl_cli.errors." in last:
-            raise DataError(last.split(": ", 1)[-1]) from None
+        for batch in batches:
+            if "error" in batch:
+                raise batch["error"]
+            yield batch
+    except FlslError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a dead worker shows as any loader error
         died = worker_deaths.abnormal_end()
         if died is not None:
             raise WorkerDied(*died) from exc

@@ -1,113 +1,107 @@
-"""The one place that reads the process environment: torchrun/`flsl --devices`, SLURM, or a
-single plain process. Sets up the process group and picks the device."""
+"""The one place that reads the process environment: which process of a run this is (torchrun,
+`flsl --devices`, SLURM, or a single plain process), its local rank, the SLURM job it runs in,
+and the CPUs it may use. Pure reads of a mapping (`os.environ` by default); torch is not imported.
+
+One local-rank rule: LOCAL_RANK when a launcher set it, else SLURM_LOCALID, except that a task
+to which SLURM binds exactly one GPU (CUDA_VISIBLE_DEVICES names one) uses device 0.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-
-import torch
-import torch.distributed as dist
-
-from flsl_cli.errors import FlslError
-
-DEFAULT_TIMEOUT_MINUTES = 5.0  # recipe slurm.collective_timeout_minutes
-# What gloo and NCCL say when the process at the other end of a collective is gone or silent.
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
-              "connection refused", "socket closed", "nccl communicator was aborted",
-              "caught collective operation timeout")
-
-
-class PeerLost(FlslError):
-    """Another process of the run died or stopped answering in the middle of a collective."""
 
 
 @dataclass(frozen=True)
-class DistEnv:
+class ProcessEnv:
     rank: int
     local_rank: int
     world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
-def read_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun-style variables, else SLURM's, else 1 process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
-    return 0, 0, 1
+@dataclass(frozen=True)
+class SlurmTask:
+    """A task of a SLURM job step, as SLURM describes it."""
+
+    job_id: str
+    rank: int  # SLURM_PROCID
+    local_rank: int  # by the one local-rank rule
+    world_size: int  # SLURM_NTASKS (or SLURM_NPROCS)
+    nodelist: str  # the step's nodes, else the job's
+    restart: int  # SLURM_RESTART_COUNT: how often the job was requeued
+    node: str | None  # SLURMD_NODENAME
 
 
-def local_processes() -> int:
+def read_env(environ: Mapping[str, str] | None = None) -> ProcessEnv:
+    """This process's rank, local rank and world size: torchrun-style variables (set by torchrun,
+    `flsl --devices` and flsl's SLURM tasks), else SLURM's, else a single process."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return ProcessEnv(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", 0)),
+                          world_size=int(environ["WORLD_SIZE"]))
+    task = slurm_task(environ)
+    if task is not None and "SLURM_NTASKS" in environ:
+        return ProcessEnv(rank=task.rank, local_rank=task.local_rank, world_size=task.world_size)
+    return ProcessEnv(rank=0, local_rank=0, world_size=1)
+
+
+def in_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a task of a SLURM job step."""
+    environ = os.environ if environ is None else environ
+    return "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ
+
+
+def slurm_task(environ: Mapping[str, str] | None = None) -> SlurmTask | None:
+    """The SLURM task this process is, or None outside a SLURM job step."""
+    environ = os.environ if environ is None else environ
+    if not in_slurm_job(environ):
+        return None
+    local_rank = int(environ.get("SLURM_LOCALID", 0))
+    if visible_gpus(environ) == 1:  # SLURM bound one GPU to this task: its only device is index 0
+        local_rank = 0
+    return SlurmTask(
+        job_id=environ["SLURM_JOB_ID"], rank=int(environ["SLURM_PROCID"]), local_rank=local_rank,
+        world_size=int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1),
+        nodelist=environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1",
+        restart=int(environ.get("SLURM_RESTART_COUNT") or 0), node=environ.get("SLURMD_NODENAME"),
+    )
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> int | None:
+    """How many GPUs CUDA_VISIBLE_DEVICES names, or None when it is not set."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return len([item for item in value.split(",") if item.strip()])
+
+
+def node_name(environ: Mapping[str, str] | None = None) -> str:
+    """This machine's name as SLURM knows it, else its host name."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def local_processes(environ: Mapping[str, str] | None = None) -> int:
     """Training processes on this machine: torchrun's/`flsl --devices`'s LOCAL_WORLD_SIZE, or
     SLURM's tasks per node ("2(x3)" counts 2), else 1."""
+    environ = os.environ if environ is None else environ
     for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "").split("(")[0].split(",")[0]
+        value = environ.get(name, "").split("(")[0].split(",")[0]
         if value.isdigit() and int(value) > 0:
             return int(value)
     return 1
 
 
-def cpu_threads(*, data_workers: int) -> int:
+def cpu_threads(*, data_workers: int, environ: Mapping[str, str] | None = None) -> int:
     """Threads of a training process on CPU: its share of the CPUs it may run on, less one per
     data worker (they compute too: more threads than CPUs slows every step several times over
     as soon as anything else runs). OMP_NUM_THREADS, when set, decides."""
-    chosen = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    environ = os.environ if environ is None else environ
+    chosen = environ.get("OMP_NUM_THREADS", "").split(",")[0]
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // local_processes() - data_workers)
-
-
-def setup(*, use_cuda: bool | None = None, timeout_minutes: float = 30.0) -> DistEnv:
-    """Initialise the default process group when there is more than one process; a collective
-    that waits longer than `timeout_minutes` for a peer fails (see `peer_lost`). Training passes
-    the recipe's slurm.collective_timeout_minutes; evaluation keeps a long wait, since one rank
-    may work alone for a while there."""
-    rank, local_rank, world_size = read_env()
-    if use_cuda is None:
-        use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            init_method="env://",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-
-
-def peer_lost(exc: BaseException, *, rank: int, timeout_minutes: float) -> PeerLost | None:
-    """The error to show when `exc` says another process of the group died or timed out, else
-    None. Names this process's rank and host; what the dead process saw is in its own log."""
-    if not dist.is_initialized():
-        return None
-    text = str(exc).lower()
-    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(token in text for token in _PEER_LOST)):
-        return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    first = first.split(". This is typically")[0][:300]  # gloo's advice: the fix below says it
-    return PeerLost(
-        f"rank {rank} on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename} lost contact with another "
-        f"process of the run (it died, or did not answer within slurm.collective_timeout_minutes = "
-        f"{timeout_minutes:g}): {first}",
-        fix="Look for the first error in the logs of the other ranks; then `flsl resume` continues from the "
-            "newest checkpoint",
-    )
-
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return max(1, cpus // local_processes(environ) - data_workers)

@@ -151,9 +151,9 @@ def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, sho
                   result_path: str | None = None) -> dict[str, Any]:
     """This process's part of the job; the main process also writes the results to `result_path`
     (decided while the process group is up: after teardown every process reads as rank 0)."""
-    from flsl_cli.distributed import env as dist_env
+    from flsl_cli.distributed import group
 
-    env = dist_env.setup(use_cuda=use_cuda)
+    env = group.setup(use_cuda=use_cuda)
     try:
         reporter = Reporter(enabled=env.is_main and show_progress)
         results = run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
@@ -161,7 +161,7 @@ def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, sho
             Path(result_path).write_text(json.dumps(results))
         return results
     finally:
-        dist_env.teardown()
+        group.teardown()
 
 
 def run_knn_eval(*, spec: ModelSpec, settings: KnnSettings, device: torch.device,

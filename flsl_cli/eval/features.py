@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from flsl_cli import storage
 from flsl_cli.distributed.ops import all_gather_rows, all_reduce_max, all_reduce_sum, rank, world_size
-from flsl_cli.errors import DataError, FlslError
+from flsl_cli.errors import FlslError
 from flsl_cli.eval.backbones import EvalModel
 from flsl_cli.eval.samples import SKIP_NO_BOXES, SKIP_OUTSIDE_CROP, EvalSamples, ReadPlan, SampleSettings, collate
 
@@ -69,7 +69,7 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
     seen, skipped = 0, Counter()
     for batch in batches:
         if "error" in batch:
-            raise DataError(**batch["error"])
+            raise batch["error"]
         seen += batch["seen"]
         skipped.update(batch["skipped"])
         if batch["images"].shape[0]:
@@ -150,8 +150,7 @@ def _fingerprint(url: str) -> tuple:
         if storage.is_local(url):
             stat = os.stat(storage.local_path(url))
             return stat.st_size, stat.st_mtime_ns
-        fs, path = storage.filesystem(url)
-        info = fs.info(path)
+        info = storage.info(url)
         stamp = next((info[key] for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
                       if key in info), None)
         return info.get("size"), str(stamp) if stamp is not None else None
@@ -178,18 +177,11 @@ def load_cache(path: Path) -> SplitFeatures | None:
 
 
 def save_cache(path: Path, features: SplitFeatures, *, meta: dict[str, Any]) -> None:
-    """Write the cache atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write the cache atomically (see `storage.write_atomic`)."""
     payload = {"format": CACHE_FORMAT, "features": features.features_igd.cpu(), "labels": features.labels_i,
                "ids": features.ids_i, "seen": features.seen, "skipped": json.dumps(features.skipped),
                "meta": json.dumps(meta)}
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    storage.write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def bank_fits_on(device: torch.device, *, bytes_needed: int, fraction: float = 0.6) -> bool:

@@ -3,8 +3,6 @@ stage otherwise), the results table, and the JSON file with every number and set
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from flsl_cli import storage
+from flsl_cli.progress import ProgressBars
 
 
 class Reporter:
@@ -40,16 +41,15 @@ class Reporter:
         live = self.console.is_terminal
         progress = None
         if live:
-            progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                console=self.console)
-            stage.bind(progress, progress.add_task(description, total=total))
-            progress.start()
+            progress = ProgressBars(console=self.console, columns=(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()))
+            stage.bind(progress, description, total=total)
         try:
             yield stage
         finally:
             if progress is not None:
-                progress.stop()
+                progress.close()
             else:
                 self.console.print(f"{description}: {stage.done} {unit} in {time.monotonic() - started:.1f} s",
                                    highlight=False, markup=False)
@@ -58,21 +58,23 @@ class Reporter:
 class _Stage:
     def __init__(self) -> None:
         self.done = 0
-        self._progress = None
-        self._task = None
+        self._progress: ProgressBars | None = None
+        self._label = ""
+        self._total: int | None = None
 
-    def bind(self, progress: Progress, task) -> None:
-        self._progress, self._task = progress, task
+    def bind(self, progress: ProgressBars, label: str, *, total: int) -> None:
+        self._progress, self._label, self._total = progress, label, total
+        progress.update(label, done=0, total=total)
 
     def advance(self, count: int) -> None:
         self.done += count
         if self._progress is not None:
-            self._progress.update(self._task, completed=self.done)
+            self._progress.update(self._label, done=self.done, total=self._total)
 
     def set(self, done: int, total: int) -> None:
-        self.done = done
+        self.done, self._total = done, total
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, total=total)
+            self._progress.update(self._label, done=done, total=total)
 
 
 def results_table(results: dict[str, Any]) -> Group:
@@ -127,8 +129,4 @@ def _skipped_text(train: dict[str, Any], val: dict[str, Any]) -> str:
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
     """Write the results atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    storage.write_json_atomic(path, results)

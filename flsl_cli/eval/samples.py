@@ -196,8 +196,8 @@ class EvalSamples(IterableDataset):
                         continue
                     item = prepare(fields, settings=self.settings, where=f"{url} (sample {key})")
                     yield {"id": sample_id(number, position), **item}
-        except DataError as exc:  # handed over as data: a loader worker cannot re-raise it intact
-            yield {"error": {"what": exc.what, "where": exc.where, "fix": exc.fix}}
+        except DataError as exc:  # handed over as an item (it pickles intact): torch's loader re-raises
+            yield {"error": exc}      # a worker's exception as text
 
 
 def collate(items: list[dict]) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from flsl_cli import storage
+from flsl_cli.distributed.env import slurm_task
 from flsl_cli.errors import FlslError
 
 PORT_BASE = 20000
@@ -113,35 +114,16 @@ def agree_on_port(folder: Path, *, attempt: str, rank: int, first: int, timeout:
     )
 
 
-def visible_gpus(environ: Mapping[str, str]) -> int | None:
-    """How many GPUs CUDA_VISIBLE_DEVICES names, or None when it is not set."""
-    value = environ.get("CUDA_VISIBLE_DEVICES")
-    if value is None:
-        return None
-    return len([item for item in value.split(",") if item.strip()])
-
-
-def in_slurm_job(environ: Mapping[str, str]) -> bool:
-    return "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ
-
-
 def torch_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables a task of this SLURM job must export before `setup()`; they replace any
     torchrun-style values inherited from the submitting shell."""
-    if not in_slurm_job(environ):
+    task = slurm_task(environ)
+    if task is None:
         raise KeyError("SLURM_JOB_ID / SLURM_PROCID are not set: this is not a task of a SLURM job step")
-    rank = int(environ["SLURM_PROCID"])
-    local_rank = int(environ.get("SLURM_LOCALID", 0))
-    world_size = int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1)
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    restart = int(environ.get("SLURM_RESTART_COUNT") or 0)
-    # When SLURM binds one GPU to each task, the task's only device is index 0.
-    if visible_gpus(environ) == 1:
-        local_rank = 0
     return {
-        "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or expand_nodelist(nodelist)[0],
-        "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(environ["SLURM_JOB_ID"], restart)),
-        "RANK": str(rank),
-        "LOCAL_RANK": str(local_rank),
-        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or expand_nodelist(task.nodelist)[0],
+        "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(task.job_id, task.restart)),
+        "RANK": str(task.rank),
+        "LOCAL_RANK": str(task.local_rank),
+        "WORLD_SIZE": str(task.world_size),
     }

@@ -31,12 +31,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from flsl_cli import signals
+from flsl_cli import signals, timestamps
 from flsl_cli.errors import FlslError, RunStopped
 from flsl_cli.launch.slurm import JOBS_DIR, SlurmError, job_info, job_state, requeue
 
@@ -139,11 +138,11 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     if first is not None and (first.signal_name or not own):
         message = f"{first.describe()}; srun ended the other tasks; {saved}"
         error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": int(first.ranks) if first.ranks.isdigit() else first.ranks, "node": first.node,
-                 "signal": first.signal_name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": message}
+                 "signal": first.signal_name, "time": timestamps.now(), "message": message}
     elif own:
         error = own
     else:
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": timestamps.now(),
                  "message": f"the tasks ended with exit code {code}; {saved}"}
     allowed = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("requeue_on_failure", 0) or 0)
     counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
@@ -190,7 +189,8 @@ class _Task:
 def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
     rank 0 settles the job's fate (`_after_stop`)."""
-    from flsl_cli.launch.rendezvous import agree_on_port, in_slurm_job, torch_env
+    from flsl_cli.distributed.env import in_slurm_job
+    from flsl_cli.launch.rendezvous import agree_on_port, torch_env
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
     if not in_slurm_job(os.environ):
@@ -334,7 +334,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     outcome = stop_outcome(info, restart=task.restart)
     preempted = bool(info and info.get("PreemptTime") not in (None, "None"))
     cause = "preemption" if preempted else signal_name
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    now = timestamps.now()
     if outcome in ("cancelled", "time limit"):
         why = ("the job was cancelled" if outcome == "cancelled" else
                "the job reached its time limit (the SIGUSR2 warning came too late to requeue it: "
@@ -394,7 +394,7 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
         rundir.update_status(task.run_dir, status=status if task.rank == 0 else record.get("status"),
                              last_error={"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank,
                                          "node": os.environ.get("SLURMD_NODENAME"),
-                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": message})
+                                         "time": timestamps.now(), "message": message})
     except (OSError, FlslError):
         pass
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def queries_per_view(*, grid: int, window: int) -> int:
-    return (grid // window) ** 2
-
-
 def grid_query_indices(*, grid: int, window: int, rng: np.random.Generator) -> np.ndarray:
     """Flat (row-major) token indices of one query per window: shape ((grid // window) ** 2,)."""
     windows = grid // window

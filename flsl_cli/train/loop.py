@@ -15,7 +15,7 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
-from flsl_cli.checkpoint.store import checkpoint_dir, newest_valid, save_checkpoint
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, newest_valid, save_checkpoint
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
@@ -24,6 +24,7 @@ from flsl_cli.data.health import DataHealth
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, iterate, plan_layout, worker_failure
 from flsl_cli.distributed import env as dist_env
+from flsl_cli.distributed import group
 from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.models.flsl import build_student_teacher
@@ -31,7 +32,8 @@ from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
-from flsl_cli.train.rundir import record_resume, truncate_metrics, update_status
+from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, record_resume, truncate_metrics, update_status
+from flsl_cli.train.runlog import run_logging
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
 from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, autocast_dtype, compile_backbones
@@ -67,20 +69,21 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     there (see `flsl_cli.signals`)."""
     signals.stop_request()
     timeout = float((recipe_data.get("slurm") or {}).get("collective_timeout_minutes")
-                    or dist_env.DEFAULT_TIMEOUT_MINUTES)
-    env = dist_env.setup(timeout_minutes=timeout)
+                    or group.DEFAULT_TIMEOUT_MINUTES)
+    env = group.setup(timeout_minutes=timeout)
     mirror = None
     try:
         if remote.is_remote(run_dir):
             mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
             remote.pull(mirror, run_dir, newest_checkpoint=resume)
-        session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir), resume=resume,
-                               show_progress=show_progress, mirror=mirror)
-        session.run()
+        with run_logging(Path(run_dir), rank=env.rank):
+            session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
+                                   resume=resume, show_progress=show_progress, mirror=mirror)
+            session.run()
         if mirror:  # everything is pushed; on failure the staging copy stays for inspection
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
-        dist_env.teardown()
+        group.teardown()
 
 
 class TrainSession:
@@ -93,11 +96,11 @@ class TrainSession:
     pushed to the mirror.
     """
 
-    def __init__(self, env: dist_env.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
+    def __init__(self, env: group.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
                  show_progress: bool, mirror: str | None = None) -> None:
         self.env, self.run_dir, self.mirror, self.show_progress = env, run_dir, mirror, show_progress
         self.recipe = recipe = validate_recipe(recipe_data, source=source)
-        self.recipe_yaml = (run_dir / "recipe.yaml").read_text()
+        self.recipe_yaml = (run_dir / RECIPE_NAME).read_text()
         shards = resolve_shards(recipe.data.train)
         self.layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
                                          local_batch=recipe.optim.global_batch_size // env.world_size)
@@ -166,7 +169,7 @@ class TrainSession:
                     self.save()
                 barrier()
             except RuntimeError as exc:  # torch reports a data worker that died at any moment
-                failure = worker_failure(exc, run_dir=self.shown_as) or dist_env.peer_lost(
+                failure = worker_failure(exc, run_dir=self.shown_as) or group.peer_lost(
                     exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes)
                 if failure is None:
                     raise
@@ -295,7 +298,7 @@ class TrainSession:
             self.save()
         barrier()
         return self._stop_error(f"after step {self.step}; its checkpoint is saved in "
-                                f"{storage.join(self.shown_as, 'checkpoints')}", resumable=True)
+                                f"{storage.join(self.shown_as, CHECKPOINTS_DIR)}", resumable=True)
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; every rank records it)."""
@@ -328,7 +331,7 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
     return bool(every) and recipe.eval.knn is not None and epoch % every == 0
 
 
-def _evaluate(runner: StepRunner, *, recipe: Recipe, env: dist_env.DistEnv, step: int, epoch: float,
+def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
               metrics: MetricsLog | None, progress: TrainProgress) -> None:
     """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
     from flsl_cli.eval.api import evaluate_during_training
@@ -374,8 +377,8 @@ def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, ste
                  ("terms", f"L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")]
     rows += [
         ("run dir", shown_as),
-        ("metrics", storage.join(shown_as, "metrics.jsonl")),
+        ("metrics", storage.join(shown_as, METRICS_NAME)),
         ("checkpoints", ", ".join(ref.path.name for ref in checkpoints) or "none"),
-        ("newest", storage.join(shown_as, "checkpoints", checkpoints[-1].path.name) if checkpoints else "none"),
+        ("newest", storage.join(shown_as, CHECKPOINTS_DIR, checkpoints[-1].path.name) if checkpoints else "none"),
     ]
     progress.console.print(summary_table(rows, title="flsl pretrain: done" if step >= total else "flsl pretrain: stopped"))

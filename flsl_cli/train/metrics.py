@@ -28,16 +28,3 @@ class JsonlWriter:
     def close(self) -> None:
         self._handle.close()
 
-
-MetricsWriter = JsonlWriter
-
-
-def read_jsonl(run_dir: Path, *, name: str = METRICS_NAME) -> list[dict[str, Any]]:
-    path = Path(run_dir) / name
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(run_dir)

@@ -6,20 +6,10 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
-
-class _TrainBar(Progress):
-    """The bar on one line and the loss terms on the next, so both fit an 80-column terminal."""
-
-    terms = ""
-
-    def get_renderables(self):
-        yield self.make_tasks_table(self.tasks)
-        if self.terms:
-            yield Text(self.terms)
+from flsl_cli.progress import ProgressBars
 
 
 class TrainProgress:
@@ -33,21 +23,13 @@ class TrainProgress:
         self.total_steps = total_steps
         self._live = enabled and self.console.is_terminal
         self._progress = None
-        if self._live:
-            self._progress = _TrainBar(
-                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.1f} img/s"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
-                                                 epoch=start_step // steps_per_epoch + 1, epochs=epochs,
-                                                 rate=0.0)
-            self._progress.start()
+        if self._live:  # the bar on one line and the loss terms on the next: both fit 80 columns
+            self._progress = ProgressBars(console=self.console, columns=(
+                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn()))
+            self._progress.update("train", done=start_step, total=total_steps,
+                                  epoch=start_step // steps_per_epoch + 1, epochs=epochs, rate=0.0)
         self._started = time.monotonic()
 
     def update(self, *, step: int, values: dict[str, float], images_per_s: float) -> None:
@@ -57,8 +39,8 @@ class TrainProgress:
                  f"L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")
         epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
         if self._live:
-            self._progress.terms = terms
-            self._progress.update(self._task, completed=step, epoch=epoch, rate=images_per_s)
+            self._progress.set_footer(terms)
+            self._progress.update("train", done=step, total=self.total_steps, epoch=epoch, rate=images_per_s)
         elif step % self.log_every == 0 or step == self.total_steps:
             self.console.print(f"epoch {epoch}/{self.epochs}  step {step}/{self.total_steps}  "
                                f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}", highlight=False,
@@ -70,7 +52,7 @@ class TrainProgress:
 
     def close(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.close()
             self._progress = None
 
 

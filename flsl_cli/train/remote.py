@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 
 from flsl_cli import storage
-from flsl_cli.checkpoint.store import checkpoint_dir, list_checkpoints, verify
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, list_checkpoints, verify
+from flsl_cli.train.metrics import BAD_SAMPLES_NAME
+from flsl_cli.train.rundir import METRICS_NAME, OWNER_NAME, RECIPE_NAME, RUN_NAME
 from flsl_cli.train.tensorboard import TENSORBOARD_DIR
 
-SMALL_FILES = ("recipe.yaml", "run.json", "metrics.jsonl", "bad_samples.jsonl", "owner.json")
+SMALL_FILES = (RECIPE_NAME, RUN_NAME, METRICS_NAME, BAD_SAMPLES_NAME, OWNER_NAME)
 
 
 def is_remote(run_dir: str | Path) -> bool:
@@ -45,7 +47,7 @@ def pull(url: str, local: Path, *, newest_checkpoint: bool) -> None:
     for name in SMALL_FILES:
         if name in names:
             (local / name).write_bytes(storage.read_bytes(storage.join(url, name)))
-    remote_checkpoints = storage.join(url, "checkpoints")
+    remote_checkpoints = storage.join(url, CHECKPOINTS_DIR)
     manifests = [n for n in storage.listdir(remote_checkpoints) if n.endswith(".json")]
     if not manifests:
         return
@@ -65,7 +67,7 @@ def pull(url: str, local: Path, *, newest_checkpoint: bool) -> None:
 def push(local: Path, url: str) -> None:
     """Bring the remote directory up to date with the local one (rank 0 only)."""
     storage.makedirs(url)
-    remote_checkpoints = storage.join(url, "checkpoints")
+    remote_checkpoints = storage.join(url, CHECKPOINTS_DIR)
     local_refs = {ref.path.name: ref for ref in list_checkpoints(local)}
     remote_names = set(storage.listdir(remote_checkpoints))
     for name, ref in sorted(local_refs.items()):
@@ -88,5 +90,5 @@ def push(local: Path, url: str) -> None:
         path = local / name
         if path.exists():
             storage.write_bytes_atomic(storage.join(url, name), path.read_bytes())
-        elif name == "owner.json":
+        elif name == OWNER_NAME:
             storage.remove(storage.join(url, name))

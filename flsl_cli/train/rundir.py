@@ -4,6 +4,7 @@
     RUN_DIR/run.json         flsl version, creation time, recipe fingerprint, status
     RUN_DIR/metrics.jsonl    one JSON object per logged step
     RUN_DIR/checkpoints/     step-NNNNNNNN.pt + .json manifests
+    RUN_DIR/logs/rank-N.log  what process N logged (storage retries, ...)
 """
 
 from __future__ import annotations
@@ -12,29 +13,30 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flsl_cli import __version__
-from flsl_cli.checkpoint.store import list_checkpoints
+from flsl_cli import __version__, timestamps
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
+from flsl_cli.distributed import env
 from flsl_cli.errors import RunDirError
+from flsl_cli.storage import write_text_atomic
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
+LOGS_DIR = "logs"
+
+
+def rank_log_path(run_dir: Path, *, rank: int) -> Path:
+    """The log file of process `rank` of a run."""
+    return Path(run_dir) / LOGS_DIR / f"rank-{rank}.log"
 
 
 def fingerprint(recipe_yaml: str) -> str:
     return hashlib.sha256(recipe_yaml.encode()).hexdigest()[:16]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
@@ -48,7 +50,7 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
     write_text_atomic(run_dir / RECIPE_NAME, recipe_yaml)
     record = {
         "flsl_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamps.now(),
         "recipe_fingerprint": fingerprint(recipe_yaml),
         "status": "created",
     }
@@ -79,7 +81,7 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
             fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
                  if same else "Choose another --run-dir, or pass --force to start over in it"),
         )
-    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, "checkpoints"):
+    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, LOGS_DIR, CHECKPOINTS_DIR):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -122,9 +124,10 @@ def record_resume(run_dir: Path, *, step: int) -> None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = {}
-    event: dict[str, Any] = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if os.environ.get("SLURM_JOB_ID"):
-        event.update(job_id=os.environ["SLURM_JOB_ID"], restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    event: dict[str, Any] = {"step": int(step), "time": timestamps.now()}
+    task = env.slurm_task()
+    if task is not None:
+        event.update(job_id=task.job_id, restart=task.restart)
     record["resumes"] = [*record.get("resumes", []), event]
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
@@ -181,11 +184,11 @@ def local_owner() -> dict[str, Any]:
     import socket
 
     return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
-            "started": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "started": _process_start(os.getpid()), "since": timestamps.now()}
 
 
 def slurm_owner(job_id: str) -> dict[str, Any]:
-    return {"kind": "slurm", "job_id": str(job_id), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {"kind": "slurm", "job_id": str(job_id), "since": timestamps.now()}
 
 
 def read_owner(run_dir: Path) -> dict[str, Any] | None:

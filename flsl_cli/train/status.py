@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 from flsl_cli import storage
 from flsl_cli.errors import RunDirError
-from flsl_cli.train.rundir import owner_alive, read_owner, requeues_per_job
+from flsl_cli.checkpoint.store import MANIFEST_PATTERN, checkpoint_dir
+from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, RUN_NAME, owner_alive, read_owner, requeues_per_job
 
-_MANIFEST = re.compile(r"^step-(\d{8,})\.json$")
 
 
 @dataclass
@@ -53,12 +52,12 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise RunDirError("this is a file, not a run directory", where=str(run_dir),
-                          fix=f"Pass the run directory that holds it{': ' + str(run_dir.parent) if run_dir.name in ('run.json', 'recipe.yaml') else ''} (the --run-dir of `flsl pretrain`)")
+                          fix=f"Pass the run directory that holds it{': ' + str(run_dir.parent) if run_dir.name in (RUN_NAME, RECIPE_NAME) else ''} (the --run-dir of `flsl pretrain`)")
     if not run_dir.is_dir():
         raise RunDirError("the run directory does not exist", where=str(run_dir),
                           fix="Pass the --run-dir of a run started with `flsl pretrain`")
     try:
-        record = json.loads((run_dir / "run.json").read_text())
+        record = json.loads((run_dir / RUN_NAME).read_text())
     except FileNotFoundError:
         raise RunDirError("this is not a flsl run directory (no run.json)", where=str(run_dir),
                           fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
@@ -79,12 +78,12 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     )
     if record.get("stop_signal"):
         result.stopped = {"step": record.get("stopped_at_step"), "signal": record.get("stop_signal")}
-    result.step, result.epoch = _last_metrics(run_dir / "metrics.jsonl")
-    result.newest_checkpoint, result.checkpoints = _newest_checkpoint(run_dir / "checkpoints")
+    result.step, result.epoch = _last_metrics(run_dir / METRICS_NAME)
+    result.newest_checkpoint, result.checkpoints = _newest_checkpoint(checkpoint_dir(run_dir))
     result.owner = read_owner(run_dir)
     live = recorded in ("running", "starting") and owner_alive(result.owner)
     if not live:  # while a run writes, its temporary files are writes in progress
-        result.leftovers = [str(p) for p in storage.leftover_temp_files(run_dir / "checkpoints")]
+        result.leftovers = [str(p) for p in storage.leftover_temp_files(checkpoint_dir(run_dir))]
     if result.scheduler == "local" and recorded in ("running", "starting") and not live:
         result.status = "stopped (process gone)"
     if job_ids:
@@ -157,7 +156,7 @@ def _newest_checkpoint(directory: Path) -> tuple[dict[str, Any] | None, int]:
     if not directory.is_dir():
         return None, 0
     found = sorted((int(m.group(1)), entry) for entry in directory.iterdir()
-                   if (m := _MANIFEST.match(entry.name)))
+                   if (m := MANIFEST_PATTERN.match(entry.name)))
     if not found:
         return None, 0
     step, manifest = found[-1]
