@@ -61,13 +61,15 @@ def view_device_for(recipe: Recipe, asked: str | None) -> str:
     if view_device == "cuda" and not torch.cuda.is_available():
         named = "--device cuda" if asked else "the recipe's augment.device: cuda"
         raise FlslError(f"{named} makes the views and runs the step on a CUDA GPU, but torch sees none",
-                        where="--device", fix="Run on a machine with a GPU, or pass --device cpu or --device tensor-cpu")
+                        where="--device",
+                        fix="Run on a machine with a GPU, or pass --device cpu or --device tensor-cpu")
     return view_device
 
 
 def bench_recipe(recipe: Recipe, *, data: str, view_device: str, images: int, workers: int | None) -> Recipe:
     """The recipe as the bench trains it: its data, view device, batch and workers."""
-    data_config = recipe.data.model_copy(update={"train": data, **({"num_workers": workers} if workers is not None else {})})
+    data_update = {"train": data} if workers is None else {"train": data, "num_workers": workers}
+    data_config = recipe.data.model_copy(update=data_update)
     optim = recipe.optim.model_copy(update={"global_batch_size": images})
     return with_view_device(recipe, view_device).model_copy(update={"data": data_config, "optim": optim})
 
@@ -94,7 +96,8 @@ def timed_from_shards(runner: StepRunner, stream: TrainStream, *, views: DeviceV
             if done == warmup + steps:
                 break
         batches.close()  # the loader's workers end here, as at an epoch end in training
-        epochs_timed += done > warmup
+        if done > warmup:
+            epochs_timed += 1
         epoch += 1
     sync_device(device)
     seconds = time.perf_counter() - start
@@ -143,8 +146,7 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
     worker_images = min(shards.num_samples, settings.worker_images)
     on_stage(f"data-worker CPU time per image ({worker_images} images, one worker): views made on "
              + " and on ".join(paths))
-    cost = {path: seconds for path, (seconds, _) in
-            worker_cpu_by_path(recipe, shards, devices=paths, images=worker_images).items()}
+    cost = worker_cpu_by_path(recipe, shards, devices=paths, images=worker_images)
     return {
         "settings": _settings(recipe, settings, layout=layout, images=images, view_device=view_device,
                               worker_images=worker_images),

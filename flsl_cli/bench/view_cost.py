@@ -38,12 +38,12 @@ def worker_samples(recipe: Recipe, shards: ShardSet, *, images: int) -> Iterator
         yield sample
 
 
-def worker_cpu(recipe: Recipe, shards: ShardSet, *, images: int) -> tuple[float, list[dict]]:
-    """(CPU seconds per image, the samples) of one reader."""
-    samples, start = [], time.process_time()
-    for sample in worker_samples(recipe, shards, images=images):
-        samples.append(sample)
-    return (time.process_time() - start) / max(1, len(samples)), samples
+def worker_cpu(recipe: Recipe, shards: ShardSet, *, images: int) -> float:
+    """CPU seconds per image of one reader (each sample is dropped once made, as a worker hands it on)."""
+    read, start = 0, time.process_time()
+    for _ in worker_samples(recipe, shards, images=images):
+        read += 1
+    return (time.process_time() - start) / max(1, read)
 
 
 def with_view_device(recipe: Recipe, device: str) -> Recipe:
@@ -51,10 +51,9 @@ def with_view_device(recipe: Recipe, device: str) -> Recipe:
     return recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": device})})
 
 
-def worker_cpu_by_path(recipe: Recipe, shards: ShardSet, *, devices: Sequence[str],
-                       images: int) -> dict[str, tuple[float, list[dict]]]:
-    """For each `augment.device` in `devices`, in turn: (CPU seconds per image, the samples) of one
-    data worker reading the same samples, with one torch thread as build_loader's workers run.
+def worker_cpu_by_path(recipe: Recipe, shards: ShardSet, *, devices: Sequence[str], images: int) -> dict[str, float]:
+    """For each `augment.device` in `devices`, in turn: the CPU seconds per image of one data
+    worker reading the same samples, with one torch thread as build_loader's workers run.
     Imports and first-call costs are paid before the measured reads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,8 +74,9 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
         raise FlslError("--device cuda needs a CUDA GPU, and this machine has none", where="--device",
                         fix="Use --device tensor-cpu to measure the tensor path on the CPU")
     paths = worker_cpu_by_path(recipe, shards, devices=("cpu", device), images=images)
-    (pil_seconds, _), (tensor_seconds, samples) = paths["cpu"], paths[device]
+    pil_seconds, tensor_seconds = paths["cpu"], paths[device]
     tensor_recipe = with_view_device(recipe, device)
+    samples = list(worker_samples(tensor_recipe, shards, images=images))
     views = DeviceViews(tensor_recipe, device=target)
     batches = [collate([dict(s) for s in samples[i:i + batch]]) for i in range(0, len(samples), batch)]
     views(collate([dict(s) for s in samples[:batch]]))  # warm-up
