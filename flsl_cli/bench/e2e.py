@@ -4,7 +4,7 @@ One `StepRunner`, built by `build_runner` as `flsl pretrain` builds it, is timed
 process:
 
 * step alone: on a synthetic batch already resident on the device (`flsl bench step`'s batch
-  and timing), so no data loading is included;
+  and timing), so no data loading is included; timed in two turns, before and after the other;
 * end to end: on batches from the shards, read by `build_loader`'s data workers and taken
   through `iterate` as the training loop takes them, with the views made where `--device`
   says: `cpu` (PIL in the workers, step on the CPU), `tensor-cpu` (the workers draw only the
@@ -38,9 +38,9 @@ from flsl_cli.errors import FlslError
 from flsl_cli.train.loop import build_runner
 from flsl_cli.train.step import StepRunner
 
-NOTE = ("Both figures come from the same networks and step in one invocation: first the step alone on a synthetic "
-        "batch resident on the device, then the step fed from the shards by the data workers; the first steps of "
-        "each (warm-up, and the workers' start) are not timed.")
+NOTE = ("Both figures come from the same networks and step in one invocation: the step alone on a synthetic batch "
+        "resident on the device, timed in two turns before and after the step fed from the shards by the data "
+        "workers; the first steps (warm-up, and the workers' start) are not timed.")
 SCHEDULE_STEPS = 1_000_000  # schedules long enough for any bench; their values do not change the speed
 
 
@@ -124,17 +124,29 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
         views = device_views_for(recipe, device=device, source="--device")
         runner = build_runner(recipe, device=device, rank=0, world_size=1, steps_per_epoch=SCHEDULE_STEPS)
         batch = synthetic_batch(recipe, images=images, device=device, seed=recipe.optim.seed)
-        on_stage(f"the step alone: {settings.warmup} untimed, then {settings.steps} timed steps of {images} images")
+        # The step alone is timed in two turns around the shards' turn, so that the first steps'
+        # slowness (allocator, caches) and a change in a shared machine's load weigh on both.
+        before, after = settings.steps - settings.steps // 2, settings.steps // 2
+        on_stage(f"the step alone on a synthetic batch of {images} images: {settings.warmup} untimed, then "
+                 f"{before} timed steps (and {after} more after the shards' turn)")
         warm_up(runner, batch, steps=settings.warmup, first_step=0)
-        seconds, peak = timed_turn(runner, batch, steps=settings.steps, first_step=settings.warmup, device=device,
+        seconds, peak = timed_turn(runner, batch, steps=before, first_step=settings.warmup, device=device,
                                    others_resident=0)
-        del batch
-        on_stage(f"from the shards with {layout.workers} data worker(s), views made on {view_device}: "
-                 f"{settings.warmup} untimed, then {settings.steps} timed steps")
+        reading = (f"{layout.loader_workers} data worker(s)" if layout.loader_workers
+                   else "the training process reading")
+        on_stage(f"from the shards with {reading}, views made on {view_device}: {settings.warmup} untimed, "
+                 f"then {settings.steps} timed steps")
         stream = TrainStream(shards, layout=layout, rank=0, seed=recipe.optim.seed,
                              shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
         e2e = timed_from_shards(runner, stream, views=views, steps=settings.steps, warmup=settings.warmup,
-                                first_step=settings.warmup + settings.steps)
+                                first_step=settings.warmup + before)
+        if after:
+            on_stage(f"the step alone again: {after} timed steps")
+            more, peak_after = timed_turn(runner, batch, steps=after, device=device, others_resident=0,
+                                          first_step=2 * settings.warmup + before + settings.steps)
+            seconds += more
+            peak = None if peak is None else max(peak, peak_after)
+        del batch
         machine = machine_info(device)
     finally:
         torch.set_num_threads(threads)

@@ -70,7 +70,8 @@ def results_table(results: dict):
     step, e2e = results["step"], results["e2e"]
     table.add_row("step alone (synthetic batch on the device)", str(step["steps"]),
                   f"{step['step_seconds'] * 1000:.1f}", f"{step['images_per_second']:.1f}", "100.0%")
-    table.add_row(f"from the shards ({settings['workers']} data worker(s))", str(e2e["steps"]),
+    reading = f"{settings['workers']} data worker(s)" if settings["workers"] else "read in the training process"
+    table.add_row(f"from the shards ({reading})", str(e2e["steps"]),
                   f"{e2e['step_seconds'] * 1000:.1f}", f"{e2e['images_per_second']:.1f}",
                   f"{results['e2e_fraction_of_step']:.1%}")
     workers = Table(title=f"data-worker CPU time per image ({settings['worker_images']} images, one worker, "
