@@ -58,6 +58,7 @@ def test_bench_e2e_defaults_to_the_recipes_views_on_a_cpu(flsl, demo_data, tmp_p
     ((), "Missing option '--data'"),
 ])
 def test_bench_e2e_bad_input_is_a_short_error(flsl, demo_data, args, expected):
+    """Missing or absent shards and a batch the shards cannot fill: one message, exit 2."""
     args = [arg.format(train=demo_data / "train") for arg in args]
     result = flsl("bench", "e2e", "recipes/demo.yaml", *args, "--steps", "1")
     assert result.returncode == 2
@@ -66,7 +67,37 @@ def test_bench_e2e_bad_input_is_a_short_error(flsl, demo_data, args, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is present")
 def test_bench_e2e_on_cuda_without_a_gpu_is_a_short_error(flsl, demo_data):
+    """--device cuda on a machine without a GPU says so and names the CPU choices."""
     result = flsl("bench", "e2e", "recipes/demo.yaml", "--data", demo_data / "train", "--device", "cuda")
     assert result.returncode == 2
     assert "torch sees none" in result.stderr and "--device tensor-cpu" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_e2e_trains_with_the_training_step_on_views_made_from_the_shards(demo_data, monkeypatch):
+    """Every measured step is `StepRunner.run`, the step `flsl pretrain` runs: the step alone on
+    the synthetic batch (warm-up and both turns), and from the shards on batches whose views the
+    training process made (tensor-cpu) from the shards' samples."""
+    from flsl_cli.bench.e2e import E2EBenchSettings, run_e2e_bench
+    from flsl_cli.config.load import load_recipe
+    from flsl_cli.train.step import StepRunner
+
+    seen = []
+    real_run = StepRunner.run
+
+    def recording_run(self, batch, **kwargs):
+        seen.append({"keys": list(batch.get("key", [])), "encoded": "encoded" in batch,
+                     "teacher": tuple(batch["teacher"].shape)})
+        return real_run(self, batch, **kwargs)
+
+    monkeypatch.setattr(StepRunner, "run", recording_run)
+    recipe = load_recipe("recipes/demo.yaml", overrides=["model.depth=1"])
+    figures = run_e2e_bench(recipe, E2EBenchSettings(data=str(demo_data / "train"), steps=3, warmup=1, batch=4,
+                                                     device="tensor-cpu", workers=2, worker_images=4))
+    assert len(seen) == 2 * (1 + 3)
+    synthetic = seen[:1 + 2] + seen[-1:]  # warm-up, first turn (2 steps), second turn (1 step)
+    from_shards = seen[3:-1]
+    assert all(not step["keys"] for step in synthetic)
+    assert all(len(step["keys"]) == 4 and not step["encoded"] for step in from_shards)
+    assert all(step["teacher"] == (4, 3, 64, 64) for step in seen)
+    assert figures["step"]["steps"] == figures["e2e"]["steps"] == 3
