@@ -72,7 +72,8 @@ done
 part demo-data 120 "${FLSL[@]}" data demo "$WORK/demo400" --images "$DEMO_IMAGES" --image-size 400
 if "${FLSL[@]}" bench e2e --help > /dev/null 2>&1; then
     part bench-e2e 150 "${FLSL[@]}" bench e2e recipes/vits16_300ep.yaml --data "$WORK/demo400/train" \
-        --device "$DEVICE" "${EXTRA[@]}" --json "$RESULTS/e2e.json"
+        --device "$DEVICE" --steps "$BENCH_STEPS" --workers "$WORKERS" "${BATCH[@]}" "${EXTRA[@]}" \
+        --json "$RESULTS/e2e.json"
 else
     echo "== bench-e2e: this flsl has no \`flsl bench e2e\`; skipped"
 fi
@@ -107,7 +108,11 @@ for name in ("step", "step-fused", "step-compile", "step-vitb16", "step-vits8"):
         ratio = f"{figures['speedup']:.2f}" if variant == "flsl" else "1.00"
         print(f"{label:<34} {run['step_seconds'] * 1000:>8.1f} {run['images_per_second']:>9.1f} {mfu:>6} {memory:>9} {ratio:>12}")
 if (out / "e2e.json").exists():
-    summary["e2e"] = json.loads((out / "e2e.json").read_text())
+    summary["e2e"] = e2e = json.loads((out / "e2e.json").read_text())
+    workers = ", ".join(f"{path} {ms:.2f}" for path, ms in e2e["worker_cpu_ms_per_image"].items())
+    print(f"\nbench e2e (views on {e2e['settings']['view_device']}): step alone {e2e['step']['images_per_second']:.1f} "
+          f"images/s, from shards {e2e['e2e']['images_per_second']:.1f} images/s ({e2e['e2e_fraction_of_step']:.1%}); "
+          f"data-worker CPU ms/image: {workers}")
 metrics = out / "pretrain-metrics.jsonl"
 if metrics.exists():
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

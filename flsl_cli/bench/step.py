@@ -128,13 +128,14 @@ def count_step_flops(runner: StepRunner, batch: dict[str, torch.Tensor], *, step
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a clock read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _resident_bytes(device: torch.device) -> int:
-    _sync(device)
+    sync_device(device)
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
@@ -150,13 +151,13 @@ def timed_turn(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int
                device: torch.device, others_resident: int) -> tuple[float, int | None]:
     """Seconds for `steps` steps, and the peak memory of this variant alone (the peak during the
     turn less what the other variant keeps resident)."""
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for step in range(first_step, first_step + steps):
         runner.run(batch, step=step)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - others_resident if device.type == "cuda" else None
     runner.optimizer.zero_grad(set_to_none=True)

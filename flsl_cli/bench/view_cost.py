@@ -13,10 +13,11 @@ time, and wall time (after the device finished) for a GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from flsl_cli.bench.step import sync_device
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.device_views import DeviceViews
@@ -37,12 +38,32 @@ def worker_samples(recipe: Recipe, shards: ShardSet, *, images: int) -> Iterator
         yield sample
 
 
-def worker_cpu(recipe: Recipe, shards: ShardSet, *, images: int) -> tuple[float, list[dict]]:
-    """(CPU seconds per image, the samples) of one reader."""
-    samples, start = [], time.process_time()
-    for sample in worker_samples(recipe, shards, images=images):
-        samples.append(sample)
-    return (time.process_time() - start) / max(1, len(samples)), samples
+def worker_cpu(recipe: Recipe, shards: ShardSet, *, images: int) -> float:
+    """CPU seconds per image of one reader (each sample is dropped once made, as a worker hands it on)."""
+    read, start = 0, time.process_time()
+    for _ in worker_samples(recipe, shards, images=images):
+        read += 1
+    return (time.process_time() - start) / max(1, read)
+
+
+def with_view_device(recipe: Recipe, device: str) -> Recipe:
+    """The recipe with `augment.device` set to `device`."""
+    return recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": device})})
+
+
+def worker_cpu_by_path(recipe: Recipe, shards: ShardSet, *, devices: Sequence[str], images: int) -> dict[str, float]:
+    """For each `augment.device` in `devices`, in turn: the CPU seconds per image of one data
+    worker reading the same samples, with one torch thread as build_loader's workers run.
+    Imports and first-call costs are paid before the measured reads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipes = {device: with_view_device(recipe, device) for device in devices}
+        for device in devices:
+            worker_cpu(recipes[device], shards, images=min(images, 4))
+        return {device: worker_cpu(recipes[device], shards, images=images) for device in devices}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int, batch: int) -> dict:
@@ -52,24 +73,18 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
     if target.type == "cuda" and not torch.cuda.is_available():
         raise FlslError("--device cuda needs a CUDA GPU, and this machine has none", where="--device",
                         fix="Use --device tensor-cpu to measure the tensor path on the CPU")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as build_loader's workers run
-    try:
-        pil_recipe = recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": "cpu"})})
-        tensor_recipe = recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": device})})
-        worker_cpu(tensor_recipe, shards, images=min(images, 4))  # imports and first-call costs out of the figures
-        pil_seconds, _ = worker_cpu(pil_recipe, shards, images=images)
-        tensor_seconds, samples = worker_cpu(tensor_recipe, shards, images=images)
-    finally:
-        torch.set_num_threads(threads)
+    paths = worker_cpu_by_path(recipe, shards, devices=("cpu", device), images=images)
+    pil_seconds, tensor_seconds = paths["cpu"], paths[device]
+    tensor_recipe = with_view_device(recipe, device)
+    samples = list(worker_samples(tensor_recipe, shards, images=images))
     views = DeviceViews(tensor_recipe, device=target)
     batches = [collate([dict(s) for s in samples[i:i + batch]]) for i in range(0, len(samples), batch)]
     views(collate([dict(s) for s in samples[:batch]]))  # warm-up
-    _sync(target)
+    sync_device(target)
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     for item in batches:
         views(item)
-    _sync(target)
+    sync_device(target)
     made = sum(len(item["key"]) for item in batches)
     return {
         "device": device, "images": len(samples), "batch_size": batch,
@@ -80,7 +95,3 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
         "training_process_threads": torch.get_num_threads(),
     }
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -131,3 +131,7 @@ def _copy_progress():
 from flsl_cli.cli.bench_step import step as _step  # noqa: E402 - registered after the data command
 
 app.command("step")(_step)
+
+from flsl_cli.cli.bench_e2e import e2e as _e2e  # noqa: E402 - registered after the step command
+
+app.command("e2e")(_e2e)
