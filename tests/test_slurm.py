@@ -429,7 +429,7 @@ def test_what_became_of_a_stopped_job(fields, outcome):
 def test_a_job_asks_for_its_data_workers_cpus():
     """--cpus-per-task defaults to data workers + 1; the flag or the recipe wins."""
     from flsl_cli.config.schema import SlurmConfig
-    from flsl_cli.launch.slurm import SlurmFlags, resolve_request
+    from flsl_cli.launch.slurm_request import SlurmFlags, resolve_request
 
     assert resolve_request(SlurmConfig(), SlurmFlags(), data_workers=10).cpus_per_task == 11
     assert resolve_request(SlurmConfig(cpus_per_task=4), SlurmFlags(), data_workers=10).cpus_per_task == 4

@@ -68,7 +68,7 @@ def knn_eval(
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
     from flsl_cli.eval.api import KnnSettings, available_cpus, parse_ks
-    from flsl_cli.eval.api import knn_eval as evaluate
+    from flsl_cli.launch.knn import knn_eval as evaluate
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
 

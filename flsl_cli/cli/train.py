@@ -57,7 +57,7 @@ DryRunOption = Annotated[bool, typer.Option(
 
 
 def _flags(**values):
-    from flsl_cli.launch.slurm import SlurmFlags
+    from flsl_cli.launch.slurm_request import SlurmFlags
 
     return SlurmFlags(**values)
 
@@ -109,7 +109,7 @@ def pretrain(
                    cpus_per_task=cpus_per_task, exclusive=exclusive)
     if flags.given() or dry_run:
         _refuse_devices_with_slurm(devices)
-        from flsl_cli.train.run import submit_pretrain
+        from flsl_cli.launch.submit import submit_pretrain
 
         update, close = demo_progress()
         try:
@@ -120,7 +120,7 @@ def pretrain(
         if job is not None:
             _print_submitted(job, resumed=False)
         return
-    from flsl_cli.train.run import start_pretrain
+    from flsl_cli.launch.here import start_pretrain
 
     update, close = demo_progress()
     try:
@@ -155,13 +155,13 @@ def resume(
                    cpus_per_task=cpus_per_task, exclusive=exclusive)
     if flags.given() or dry_run:
         _refuse_devices_with_slurm(devices)
-        from flsl_cli.train.run import submit_resume
+        from flsl_cli.launch.submit import submit_resume
 
         job = submit_resume(run_dir, overrides=set_ or [], flags=flags, dry_run=dry_run, on_note=note,
                             on_script=_print_script)
         if job is not None:
             _print_submitted(job, resumed=True)
         return
-    from flsl_cli.train.run import resume_run
+    from flsl_cli.launch.here import resume_run
 
     resume_run(run_dir, overrides=set_ or [], devices=devices, on_note=note)

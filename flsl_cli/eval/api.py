@@ -1,6 +1,6 @@
-"""Entry points of the k-NN evaluation: `knn_eval` (the CLI's: one or N local processes),
-`run_knn_eval` (one process of a job), and `evaluate_during_training` (called by the training
-loop every N epochs with the live teacher backbone).
+"""Entry points of the k-NN evaluation: `run_knn_eval` (one process of a job; started in one or
+N local processes by `flsl_cli.launch.knn`), and `evaluate_during_training` (called by the
+training loop every N epochs with the live teacher backbone).
 
 Flow of one process: load the model; extract the train features (this rank's shards), gather
 them on every rank (the bank: fp16, on the device when it fits, else in host memory); extract
@@ -10,17 +10,16 @@ for top-max(k); score every k from that one search; sum the counts over ranks.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import ShardSet, resolve_shards
 from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
 from flsl_cli.errors import DataError, FlslError
@@ -117,53 +116,6 @@ def check_model_fits(model: EvalModel, settings: KnnSettings) -> None:
                 f"--crop {settings.crop // model.patch_size * model.patch_size or model.patch_size}")
 
 
-def knn_eval(*, spec: ModelSpec, settings: KnnSettings, devices: int | None,
-             show_progress: bool = True) -> dict[str, Any]:
-    """The whole evaluation in this process or in `devices` local processes (GPUs, or CPU/gloo);
-    returns the results dict (see `run_knn_eval`)."""
-    from flsl_cli.train.run import resolve_devices
-
-    settings.check()
-    nprocs, use_cuda = resolve_devices(devices)
-    if settings.workers is None:
-        settings = replace(settings, workers=default_workers(nprocs))
-    if nprocs == 1:
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.pop(name, None)
-        return _process_main(spec=spec, settings=settings, use_cuda=use_cuda, show_progress=show_progress)
-    from flsl_cli.launch.local import run_local_processes
-
-    with tempfile.TemporaryDirectory(prefix="flsl-knn-") as tmp:
-        result_path = Path(tmp) / "results.json"
-        run_local_processes(knn_process, nprocs=nprocs, kwargs={
-            "spec": asdict(spec), "settings": asdict(settings), "use_cuda": use_cuda,
-            "show_progress": show_progress, "result_path": str(result_path)})
-        return json.loads(result_path.read_text())
-
-
-def knn_process(*, spec: dict, settings: dict, use_cuda: bool, show_progress: bool, result_path: str) -> None:
-    """What each spawned process of `knn_eval` runs; rank 0 writes the results to `result_path`."""
-    _process_main(spec=ModelSpec(**spec), settings=KnnSettings.from_mapping(settings), use_cuda=use_cuda,
-                  show_progress=show_progress, result_path=result_path)
-
-
-def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, show_progress: bool,
-                  result_path: str | None = None) -> dict[str, Any]:
-    """This process's part of the job; the main process also writes the results to `result_path`
-    (decided while the process group is up: after teardown every process reads as rank 0)."""
-    from flsl_cli.distributed import env as dist_env
-
-    env = dist_env.setup(use_cuda=use_cuda)
-    try:
-        reporter = Reporter(enabled=env.is_main and show_progress)
-        results = run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
-        if result_path and env.is_main:
-            Path(result_path).write_text(json.dumps(results))
-        return results
-    finally:
-        dist_env.teardown()
-
-
 def run_knn_eval(*, spec: ModelSpec, settings: KnnSettings, device: torch.device,
                  reporter: Reporter | None = None) -> dict[str, Any]:
     """One process's part of the evaluation (every rank of a job calls it); the results dict,
@@ -196,7 +148,6 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings
         settings = KnnSettings.from_mapping(settings)
     settings = KnnSettings.from_mapping({**asdict(settings), "features_dir": None})
     settings.check()
-    from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]

@@ -25,6 +25,7 @@ requeue`). Requeues are counted per job in run.json, however they happened; at
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -37,8 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flsl_cli import signals
+from flsl_cli.checkpoint.store import list_checkpoints, newest_step
+from flsl_cli.config.load import recipe_to_dict, validate_recipe
+from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.errors import FlslError, RunStopped
-from flsl_cli.launch.slurm import JOBS_DIR, SlurmError, job_info, job_state, requeue
+from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, in_slurm_job, torch_env
+from flsl_cli.launch.rundir_setup import prepare_for_job
+from flsl_cli.launch.slurm import JOBS_DIR
+from flsl_cli.launch.slurm_errors import SlurmError
+from flsl_cli.launch.slurm_queries import job_info, job_state, requeue
+from flsl_cli.train import rundir
+from flsl_cli.train.loop import train_process
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
                   "OUT_OF_MEMORY", "BOOT_FAIL")
@@ -119,8 +129,6 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     """The batch step, after srun ended badly while the run was training: name the task that
     failed first (its node, rank and signal) in run.json, then requeue the job when
     `slurm.requeue_on_failure` allows, else end it as failed (owner released)."""
-    from flsl_cli.checkpoint.store import newest_step
-    from flsl_cli.train import rundir
 
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -190,7 +198,6 @@ class _Task:
 def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
     rank 0 settles the job's fate (`_after_stop`)."""
-    from flsl_cli.launch.rendezvous import agree_on_port, in_slurm_job, torch_env
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
     if not in_slurm_job(os.environ):
@@ -218,11 +225,8 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
             _log(f"job {task.job_id} (restart {task.restart}) on {os.environ.get('SLURM_JOB_NODELIST', '?')}: "
                  f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
-        from flsl_cli.config.load import recipe_to_dict
-        from flsl_cli.train.loop import train_process
-        from flsl_cli.train.rundir import RECIPE_NAME
 
-        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / RECIPE_NAME),
+        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / rundir.RECIPE_NAME),
                       run_dir=str(task.run_dir), resume=resume)
     except RunStopped as stopped:
         _log(stopped.what)
@@ -248,7 +252,6 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
 
 def _check_master_addr(address: str, *, nodelist: str) -> None:
     """Every rank meets at the first node of the job: its name must resolve here."""
-    from flsl_cli.launch.rendezvous import RendezvousError
 
     try:
         socket.getaddrinfo(address, None)
@@ -264,9 +267,6 @@ def _check_master_addr(address: str, *, nodelist: str) -> None:
 def _begin(task: _Task):
     """Read the run; rank 0 claims the run directory and records this attempt. Returns
     (recipe, resume?)."""
-    from flsl_cli.checkpoint.store import list_checkpoints
-    from flsl_cli.config.load import validate_recipe
-    from flsl_cli.train import rundir
 
     recipe_text, record = rundir.read_run(task.run_dir)
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
@@ -301,7 +301,6 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
     if int(info.get("Restarts") or 0) > restart or state in _REQUEUED_STATES:
         return "requeued"
     if state in _ENDING_STATES:
-        from flsl_cli.config.schema import SlurmConfig
 
         try:
             limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
@@ -315,8 +314,6 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
 def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int | None) -> None:
     """Rank 0, after every rank stopped and the step is saved: record the requeue SLURM made,
     stop for good when the job is ending, or requeue the job (up to slurm.max_requeues)."""
-    from flsl_cli.checkpoint.store import newest_step
-    from flsl_cli.train import rundir
 
     _, record = rundir.read_run(task.run_dir)
     if record.get("status") == "finished":
@@ -382,7 +379,6 @@ def _log_path(task: _Task) -> Path:
 def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
     """Note the first error of this job attempt in run.json (a later one on another rank is
     usually a consequence of it). A run dir that vanished is left alone."""
-    from flsl_cli.train import rundir
 
     if not (task.run_dir / rundir.RUN_NAME).exists():
         return
@@ -410,7 +406,6 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
 
 
 def _release(task: _Task) -> None:
-    from flsl_cli.train import rundir
 
     if task.run_dir.is_dir():
         rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))
@@ -420,7 +415,6 @@ def _release(task: _Task) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m flsl_cli.launch.slurm_job")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -442,7 +436,6 @@ def main(argv: list[str] | None = None) -> int:
         job_main(args.run_dir, use_cuda=False if args.cpu else None)
         return 0
     try:
-        from flsl_cli.train.run import prepare_for_job
 
         prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
     except FlslError as exc:

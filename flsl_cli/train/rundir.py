@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,6 @@ _FINISHED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTE
 
 def local_owner() -> dict[str, Any]:
     """The owner record of this process."""
-    import socket
-
     return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
             "started": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -206,8 +205,6 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
     `slurm_state(job_id)` returns the job's state as squeue/sacct name it ("" when SLURM no longer
     knows the job) or None when SLURM cannot be asked. `me` is the caller's own owner record.
     """
-    import socket
-
     owner = read_owner(run_dir)
     if owner is None or (me is not None and _same_owner(owner, me)):
         return
@@ -260,8 +257,6 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
 def owner_alive(owner: dict[str, Any] | None) -> bool:
     """Whether a local owner's process still runs (same pid and start time; a reused pid does
     not count). An owner on another machine, or a SLURM job, counts as alive."""
-    import socket
-
     if owner is None:
         return False
     if owner.get("kind") != "local" or owner.get("host") != socket.gethostname():

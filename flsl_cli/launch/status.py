@@ -17,6 +17,7 @@ from typing import Any
 
 from flsl_cli import storage
 from flsl_cli.errors import RunDirError
+from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
 from flsl_cli.train.rundir import owner_alive, read_owner, requeues_per_job
 
 _MANIFEST = re.compile(r"^step-(\d{8,})\.json$")
@@ -92,8 +93,6 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
         jobs_dir = run_dir / "slurm"
         result.logs = [str(jobs_dir / f"{newest}_0_log.out"), str(jobs_dir / f"{newest}_0_log.err")]
         if ask_slurm:
-            from flsl_cli.launch.slurm import UNKNOWN_TO_SLURM, job_details
-
             result.jobs = job_details(job_ids[-5:])
             for job, details in result.jobs.items():  # what SLURM says, for jobs that never reached flsl
                 if details.get("nodes") and job not in result.job_nodes:
