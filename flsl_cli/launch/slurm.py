@@ -30,7 +30,7 @@ STOP_SIGNAL = "USR2"  # what SLURM sends before the time limit
 
 
 def _python(request: SlurmRequest) -> str:
-    return request.python or shlex.quote(sys.executable)
+    return request.slurm.python or shlex.quote(sys.executable)
 
 
 def sbatch_options(request: SlurmRequest, *, run_dir: Path) -> dict[str, Any]:
@@ -42,20 +42,20 @@ def sbatch_options(request: SlurmRequest, *, run_dir: Path) -> dict[str, Any]:
         "ntasks-per-node": request.tasks_per_node,
         "gpus-per-node": request.gpus_per_node or None,
         "cpus-per-task": request.cpus_per_task,
-        "partition": request.partition,
-        "account": request.account,
-        "qos": request.qos,
-        "constraint": request.constraint,
-        "mem": request.mem,
-        "time": request.time,
-        "exclusive": True if request.exclusive else None,
+        "partition": request.slurm.partition,
+        "account": request.slurm.account,
+        "qos": request.slurm.qos,
+        "constraint": request.slurm.constraint,
+        "mem": request.slurm.mem,
+        "time": request.slurm.time,
+        "exclusive": True if request.slurm.exclusive else None,
         "signal": f"{STOP_SIGNAL}@{request.signal_seconds}",
         "requeue": True,
         "open-mode": "append",  # a requeued job appends to its logs
         "output": str(folder / "%j_batch.log"),
         "error": str(folder / "%j_batch.log"),
     }
-    options.update({key.replace("_", "-"): value for key, value in request.extra_sbatch.items()})
+    options.update({key.replace("_", "-"): value for key, value in request.slurm.extra_sbatch.items()})
     return {key: value for key, value in options.items() if value is not None and value is not False}
 
 
@@ -64,7 +64,7 @@ def sbatch_script(request: SlurmRequest, *, run_dir: Path) -> str:
     lines = ["#!/bin/bash"]
     for key, value in sbatch_options(request, run_dir=run_dir).items():
         lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={value}")
-    lines += ["", *request.setup] if request.setup else []
+    lines += ["", *request.slurm.setup] if request.slurm.setup else []
     batch = [_python(request), "-u", "-m", "flsl_cli.launch.slurm_job", "batch", shlex.quote(str(run_dir)),
              "--logs", shlex.quote(str(Path(run_dir) / JOBS_DIR))]
     if not request.use_cuda:
@@ -116,7 +116,7 @@ def submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
         script.unlink(missing_ok=True)
         reason = slurm_reason(answer.stderr)
         if any(words in reason.lower() for words in _NODE_COUNT_REFUSALS):
-            known = partition_nodes(request.partition)
+            known = partition_nodes(request.slurm.partition)
             if known is not None:
                 raise SlurmError(
                     f"sbatch refused the job: {reason}: partition {known[0]} has {known[1]} node(s), "

@@ -1,54 +1,61 @@
-"""What one SLURM job asks for: the recipe's `slurm` section with the command line's options
-applied, resolved into the resources of the job."""
+"""What one SLURM job asks for: the recipe's `slurm` section with the command line's SLURM
+options applied the way `--set slurm.KEY=VALUE` would be (same schema, same checks), and the
+resources that follow from it."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import SlurmConfig
-from flsl_cli.launch.slurm_errors import SlurmError
 
-@dataclass(frozen=True)
-class SlurmFlags:
-    """SLURM options given on the command line; None means "not given" (the recipe decides)."""
+# The SlurmConfig fields the command line sets, and their options.
+SLURM_OPTIONS = {
+    "nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "tasks_per_node": "--tasks-per-node",
+    "partition": "--partition", "account": "--account", "qos": "--qos", "time": "--time",
+    "constraint": "--constraint", "mem": "--mem", "cpus_per_task": "--cpus-per-task", "exclusive": "--exclusive",
+}
 
-    nodes: int | None = None
-    gpus_per_node: int | None = None
-    tasks_per_node: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str | None = None
-    constraint: str | None = None
-    mem: str | None = None
-    cpus_per_task: int | None = None
-    exclusive: bool | None = None
 
-    def given(self) -> bool:
-        return any(value is not None for value in asdict(self).values())
+def with_options(config: SlurmConfig, options: Mapping[str, Any]) -> SlurmConfig:
+    """`config` with the options given on the command line (None: not given, the recipe decides)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    return validate_options(
+        {**config.model_dump(), **given}, section=("slurm",), options={k: SLURM_OPTIONS[k] for k in given},
+        fix="Change the SLURM options named above (or the recipe's slurm section with --set); to train on this "
+            "machine instead, leave out --nodes and the other SLURM options")
 
 
 @dataclass(frozen=True)
 class SlurmRequest:
-    """One job's resources, resolved from the recipe's `slurm` section and the flags."""
+    """One job's resources: the slurm section it was made from, and the CPUs of each process
+    (the section's cpus_per_task, else the data workers + 1)."""
 
-    nodes: int
-    tasks_per_node: int
-    gpus_per_node: int
-    signal_seconds: int
-    max_requeues: int
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str | None = None
-    constraint: str | None = None
-    mem: str | None = None
-    cpus_per_task: int = 1
-    exclusive: bool = False
-    extra_sbatch: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
-    python: str | None = None
+    slurm: SlurmConfig
+    cpus_per_task: int
+
+    @classmethod
+    def of(cls, config: SlurmConfig, options: Mapping[str, Any], *, data_workers: int) -> SlurmRequest:
+        slurm = with_options(config, options)
+        return cls(slurm=slurm, cpus_per_task=slurm.cpus_per_task or data_workers + 1)
+
+    @property
+    def nodes(self) -> int:
+        return self.slurm.nodes
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.slurm.gpus_per_node
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.slurm.gpus_per_node or self.slurm.tasks_per_node or 1
+
+    @property
+    def signal_seconds(self) -> int:
+        return int(round(self.slurm.signal_minutes_before_end * 60))
 
     @property
     def world_size(self) -> int:
@@ -64,54 +71,14 @@ class SlurmRequest:
         return f"{nodes} x {self.tasks_per_node} {kind} process(es) = {self.world_size}"
 
     def record(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value not in (None, [], {})}
-
-
-def resolve_request(config, flags: SlurmFlags, *, data_workers: int) -> SlurmRequest:
-    """Merge the recipe's `slurm` section (a SlurmConfig) with the flags; check the result. A
-    process asks for its data workers + 1 CPUs unless the flags or the recipe say otherwise."""
-
-
-    def pick(name: str):
-        value = getattr(flags, name)
-        return getattr(config, name) if value is None else value
-
-    for name, least in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1)):
-        value = getattr(flags, name)
-        if value is not None and value < least:
-            flag = "--" + name.replace("_", "-")
-            remedy = ("; leave out --nodes and the other SLURM options to train on this machine"
-                      if name == "nodes" else "")
-            raise SlurmError(f"{flag} must be at least {least}, found {value}",
-                             fix=f"Use e.g. {flag} {max(least, 1)}{remedy}")
-    gpus = pick("gpus_per_node")
-    tasks = pick("tasks_per_node")
-    if gpus and tasks is not None and tasks != gpus:
-        raise SlurmError(
-            f"--tasks-per-node {tasks} does not match --gpus-per-node {gpus}: flsl runs one process per GPU",
-            fix=f"Leave out --tasks-per-node, or use --gpus-per-node 0 --tasks-per-node {tasks} for CPU processes",
-        )
-    limit = pick("time")
-    signal_seconds = int(round(config.signal_minutes_before_end * 60))
-    if limit is not None:
-        try:
-            seconds = SlurmConfig.time_limit_seconds(limit)
-        except ValueError as exc:
-            raise SlurmError(f"--time: {exc}",
-                             fix="Use SLURM's format, e.g. --time 2-00:00:00 or --time 12:00:00") from None
-        if seconds is not None and signal_seconds >= seconds:
-            raise SlurmError(
-                f"the time limit {limit} is not longer than slurm.signal_minutes_before_end "
-                f"({config.signal_minutes_before_end} min), so the job would be told to stop as it starts",
-                fix="Ask for more time, or lower slurm.signal_minutes_before_end with --set",
-            )
-    return SlurmRequest(
-        nodes=pick("nodes"), tasks_per_node=gpus or tasks or 1, gpus_per_node=gpus,
-        signal_seconds=signal_seconds, max_requeues=config.max_requeues,
-        partition=pick("partition"), account=pick("account"), qos=pick("qos"), time=limit,
-        constraint=pick("constraint"), mem=pick("mem"), cpus_per_task=pick("cpus_per_task") or data_workers + 1,
-        exclusive=bool(pick("exclusive")), extra_sbatch=dict(config.extra_sbatch), setup=list(config.setup),
-        python=config.python,
-    )
-
-
+        """What run.json keeps of the request."""
+        slurm = self.slurm
+        record = {
+            "nodes": self.nodes, "tasks_per_node": self.tasks_per_node, "gpus_per_node": self.gpus_per_node,
+            "signal_seconds": self.signal_seconds, "max_requeues": slurm.max_requeues,
+            "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos, "time": slurm.time,
+            "constraint": slurm.constraint, "mem": slurm.mem, "cpus_per_task": self.cpus_per_task,
+            "exclusive": slurm.exclusive, "extra_sbatch": dict(slurm.extra_sbatch), "setup": list(slurm.setup),
+            "python": slurm.python,
+        }
+        return {key: value for key, value in record.items() if value not in (None, [], {})}

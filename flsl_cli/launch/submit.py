@@ -5,8 +5,9 @@ run on this machine, against the job's process count, then one SLURM job (or, wi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flsl_cli.config.load import check_for_world, load_recipe
 from flsl_cli.config.schema import Recipe
@@ -21,7 +22,7 @@ from flsl_cli.launch.rundir_setup import (
     save_changed_recipe,
 )
 from flsl_cli.launch.slurm import SubmittedJob, require_sbatch, sbatch_script, submit
-from flsl_cli.launch.slurm_request import SlurmFlags, SlurmRequest, resolve_request
+from flsl_cli.launch.slurm_request import SlurmRequest
 from flsl_cli.train import remote
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
@@ -42,17 +43,17 @@ def _refuse_remote_for_slurm(run_dir) -> None:
 
 
 def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: Path | None, force: bool,
-                    flags: SlurmFlags, dry_run: bool = False,
+                    slurm_options: Mapping[str, Any], dry_run: bool = False,
                     on_demo_progress: Callable[[int, int], None] | None = None,
                     on_note: Callable[[str], None] = lambda _: None,
                     on_script: Callable[[str], None] = print) -> SubmittedJob | None:
     """Check everything, create the run dir, submit one job asking for what the recipe's `slurm`
-    section and the command line's `flags` say.
+    section says, with the command line's `slurm_options` (SlurmConfig fields) applied.
     With `dry_run`, check what can be checked without writing and hand the sbatch script to
     `on_script` instead."""
     source = str(recipe_path)
     recipe = load_recipe(recipe_path, overrides=overrides)
-    request = resolve_request(recipe.slurm, flags, data_workers=recipe.data.num_workers)
+    request = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
     _refuse_remote_for_slurm(run_dir)
     run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
     if dry_run:
@@ -78,7 +79,7 @@ def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: P
         raise
 
 
-def submit_resume(run_dir: Path, *, overrides: list[str], flags: SlurmFlags, dry_run: bool = False,
+def submit_resume(run_dir: Path, *, overrides: list[str], slurm_options: Mapping[str, Any], dry_run: bool = False,
                   on_note: Callable[[str], None] = lambda _: None,
                   on_script: Callable[[str], None] = print) -> SubmittedJob | None:
     """The checks of `flsl resume`, then one job that continues the run."""
@@ -87,7 +88,7 @@ def submit_resume(run_dir: Path, *, overrides: list[str], flags: SlurmFlags, dry
     requests: dict[str, SlurmRequest] = {}
 
     def world_size_of(recipe: Recipe) -> int:
-        requests["slurm"] = resolve_request(recipe.slurm, flags, data_workers=recipe.data.num_workers)
+        requests["slurm"] = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
         return requests["slurm"].world_size
 
     refuse_file_as_run_dir(run_dir)

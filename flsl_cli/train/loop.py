@@ -323,7 +323,7 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
 def _evaluate(runner: StepRunner, *, recipe: Recipe, env: dist_env.DistEnv, step: int, epoch: float,
               metrics: JsonlWriter | None, progress: TrainProgress) -> None:
     """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
-    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn.model_dump(),
+    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn,
                                        device=env.device)
     if metrics:
         metrics.write({"step": step, "epoch": epoch, **{k: round(v, 4) for k, v in results.items()}})
