@@ -146,14 +146,15 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
              else "no checkpoint was written yet")
     if first is not None and (first.signal_name or not own):
         message = f"{first.describe()}; srun ended the other tasks; {saved}"
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": int(first.ranks) if first.ranks.isdigit() else first.ranks, "node": first.node,
+        rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
+        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": rank, "node": first.node,
                  "signal": first.signal_name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "message": message}
     elif own:
         error = own
     else:
         error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "message": f"the tasks ended with exit code {code}; {saved}"}
-    allowed = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("requeue_on_failure", 0) or 0)
+    allowed = _saved_slurm_section(recipe_text).requeue_on_failure
     counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
     done = counts.get(job_id, 0)
     if done < allowed:
@@ -165,7 +166,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
                              requeues=sum(rundir.requeues_per_job(record, job_counts).values()),
                              last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
                                            "by": "flsl", "cause": "failure", "time": error["time"]})
-        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
+        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
+             f"({done + 1} of at most {allowed}: "
              "slurm.requeue_on_failure)")
         reason = requeue(job_id)
         if reason is None:
@@ -178,6 +180,15 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
             "slurm.requeue_on_failure)")
     _log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
+
+
+def _saved_slurm_section(recipe_text: str) -> SlurmConfig:
+    """The run's `slurm` section as saved (the schema's defaults where it is missing or invalid:
+    this is read after a failure, when the run may not be readable as a whole)."""
+    try:
+        return SlurmConfig.model_validate(rundir.load_recipe_yaml(recipe_text).get("slurm") or {})
+    except (ValueError, FlslError):
+        return SlurmConfig()
 
 
 # --- Every task ---------------------------------------------------------------------------------
@@ -304,7 +315,8 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
 
         try:
             limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
-            ran = SlurmConfig.time_limit_seconds(info.get("RunTime", "0")) if info.get("RunTime") not in (None, "00:00:00") else 0
+            ran_for = info.get("RunTime")
+            ran = SlurmConfig.time_limit_seconds(ran_for) if ran_for not in (None, "00:00:00") else 0
         except ValueError:
             limit, ran = None, 0
         return "time limit" if state == "TIMEOUT" or (limit and ran and ran >= limit) else "cancelled"
@@ -321,7 +333,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
         return
     if max_requeues is None:
         recipe_text, _ = rundir.read_run(task.run_dir)
-        max_requeues = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("max_requeues", 20))
+        max_requeues = _saved_slurm_section(recipe_text).max_requeues
     saved_step = newest_step(task.run_dir)
     saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
              else "no checkpoint was written yet")
@@ -357,13 +369,15 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                 "with --set slurm.max_requeues=...",
         )
     counts[task.job_id] = done + 1
-    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()),
+    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
+                         requeues=sum(rundir.requeues_per_job(record, counts).values()),
                          last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                        "by": "flsl", "cause": cause, "time": now})
     reason = requeue(task.job_id)
     if reason is not None:
         counts[task.job_id] = done
-        rundir.update_status(task.run_dir, job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()))
+        rundir.update_status(task.run_dir, job_requeues=counts,
+                             requeues=sum(rundir.requeues_per_job(record, counts).values()))
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",

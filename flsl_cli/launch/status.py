@@ -53,8 +53,9 @@ class RunStatus:
 def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     run_dir = Path(run_dir)
     if run_dir.is_file():
+        holder = f": {run_dir.parent}" if run_dir.name in ("run.json", "recipe.yaml") else ""
         raise RunDirError("this is a file, not a run directory", where=str(run_dir),
-                          fix=f"Pass the run directory that holds it{': ' + str(run_dir.parent) if run_dir.name in ('run.json', 'recipe.yaml') else ''} (the --run-dir of `flsl pretrain`)")
+                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
     if not run_dir.is_dir():
         raise RunDirError("the run directory does not exist", where=str(run_dir),
                           fix="Pass the --run-dir of a run started with `flsl pretrain`")

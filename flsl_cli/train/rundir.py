@@ -235,7 +235,7 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         return
     host, pid = owner.get("host"), owner.get("pid")
     if host == socket.gethostname():
-        if isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid)):
+        if _process_alive(owner):
             raise RunDirError(
                 f"the run directory is being written by flsl process {pid} on this machine; a second "
                 "writer would corrupt it", where=str(run_dir),
@@ -261,6 +261,11 @@ def owner_alive(owner: dict[str, Any] | None) -> bool:
         return False
     if owner.get("kind") != "local" or owner.get("host") != socket.gethostname():
         return True
+    return _process_alive(owner)
+
+
+def _process_alive(owner: dict[str, Any]) -> bool:
+    """Whether the owner's process (on this machine) still runs: same pid and start time."""
     pid = owner.get("pid")
     return isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid))
 
