@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flsl_cli import storage
 from flsl_cli.launch.slurm_errors import SlurmError
 from flsl_cli.launch.slurm_queries import partition_nodes, slurm_reason
 from flsl_cli.launch.slurm_request import SlurmRequest
-from flsl_cli.train.rundir import write_text_atomic
 
 JOBS_DIR = "slurm"  # RUN_DIR/slurm: the job script, the job logs, rendezvous notes
 SCRIPT_NAME = "job.sbatch"
@@ -105,7 +105,7 @@ def submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
     folder = run_dir / JOBS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / SCRIPT_NAME
-    write_text_atomic(script, sbatch_script(request, run_dir=run_dir))
+    storage.write_text_atomic(str(script), sbatch_script(request, run_dir=run_dir))
     try:
         answer = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
                                 cwd=run_dir)

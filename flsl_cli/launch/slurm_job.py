@@ -38,17 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flsl_cli import signals
-from flsl_cli.checkpoint.store import list_checkpoints, newest_step
 from flsl_cli.config.load import recipe_to_dict, validate_recipe
 from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.errors import FlslError, RunStopped
 from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, in_slurm_job, torch_env
-from flsl_cli.launch.rundir_setup import prepare_for_job
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_errors import SlurmError
 from flsl_cli.launch.slurm_queries import job_info, job_state, requeue
-from flsl_cli.train import rundir
-from flsl_cli.train.loop import train_process
+
+# The batch step and every task take charge of the stop signals before anything heavy loads:
+# torch and the training modules take seconds to import, and a stop signal in those seconds
+# must be kept, not end the process. So this module imports no torch at its top; the modules
+# that do (the run directory, checkpoints, the training loop) are imported inside the
+# functions that need them, after `signals.stop_request()` or `signals.held()`.
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
                   "OUT_OF_MEMORY", "BOOT_FAIL")
@@ -129,6 +131,9 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     """The batch step, after srun ended badly while the run was training: name the task that
     failed first (its node, rank and signal) in run.json, then requeue the job when
     `slurm.requeue_on_failure` allows, else end it as failed (owner released)."""
+    from flsl_cli.checkpoint.store import newest_step
+    from flsl_cli.train import rundir
+
 
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -185,6 +190,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
 def _saved_slurm_section(recipe_text: str) -> SlurmConfig:
     """The run's `slurm` section as saved (the schema's defaults where it is missing or invalid:
     this is read after a failure, when the run may not be readable as a whole)."""
+    from flsl_cli.train import rundir
+
     try:
         return SlurmConfig.model_validate(rundir.load_recipe_yaml(recipe_text).get("slurm") or {})
     except (ValueError, FlslError):
@@ -237,7 +244,10 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
                  f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
 
-        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / rundir.RECIPE_NAME),
+        from flsl_cli.train.loop import train_process
+        from flsl_cli.train.rundir import RECIPE_NAME
+
+        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / RECIPE_NAME),
                       run_dir=str(task.run_dir), resume=resume)
     except RunStopped as stopped:
         _log(stopped.what)
@@ -278,6 +288,9 @@ def _check_master_addr(address: str, *, nodelist: str) -> None:
 def _begin(task: _Task):
     """Read the run; rank 0 claims the run directory and records this attempt. Returns
     (recipe, resume?)."""
+    from flsl_cli.checkpoint.store import list_checkpoints
+    from flsl_cli.train import rundir
+
 
     recipe_text, record = rundir.read_run(task.run_dir)
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
@@ -326,6 +339,9 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
 def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int | None) -> None:
     """Rank 0, after every rank stopped and the step is saved: record the requeue SLURM made,
     stop for good when the job is ending, or requeue the job (up to slurm.max_requeues)."""
+    from flsl_cli.checkpoint.store import newest_step
+    from flsl_cli.train import rundir
+
 
     _, record = rundir.read_run(task.run_dir)
     if record.get("status") == "finished":
@@ -393,6 +409,8 @@ def _log_path(task: _Task) -> Path:
 def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
     """Note the first error of this job attempt in run.json (a later one on another rank is
     usually a consequence of it). A run dir that vanished is left alone."""
+    from flsl_cli.train import rundir
+
 
     if not (task.run_dir / rundir.RUN_NAME).exists():
         return
@@ -420,6 +438,8 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
 
 
 def _release(task: _Task) -> None:
+    from flsl_cli.train import rundir
+
 
     if task.run_dir.is_dir():
         rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))
@@ -450,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         job_main(args.run_dir, use_cuda=False if args.cpu else None)
         return 0
     try:
+        from flsl_cli.launch.rundir_setup import prepare_for_job
 
         prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
     except FlslError as exc:
