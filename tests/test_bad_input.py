@@ -292,7 +292,7 @@ COMMANDS = [
     ("knn-k-words", ["knn-eval", "{w}/text.pt", *KNN, "--k", "a,b"], ["--k"]),
     ("knn-k-empty", ["knn-eval", "{w}/text.pt", *KNN, "--k", ""], ["--k"]),
     ("knn-temperature-zero", ["knn-eval", "{w}/text.pt", *KNN, "--temperature", "0"], ["--temperature"]),
-    ("knn-resize-below-crop", ["knn-eval", "{w}/text.pt", *KNN, "--resize", "100"], ["--resize", "--crop"]),
+    ("knn-resize-below-crop", ["knn-eval", "{w}/text.pt", *KNN, "--resize", "100"], ["--resize", "crop (224)"]),
     ("knn-mode-unknown", ["knn-eval", "{w}/text.pt", *KNN, "--mode", "patch"], ["--mode"]),
     ("knn-workers-negative", ["knn-eval", "{w}/text.pt", *KNN, "--workers", "-1"], ["--workers"]),
     ("knn-no-train", ["knn-eval", "{w}/text.pt", "--val", "{data}"], ["--train"]),
@@ -337,12 +337,12 @@ def test_missing_onnx_extra_names_it_with_brackets(files, monkeypatch):
 def test_run_that_fails_before_its_first_step_leaves_no_run_dir(files, monkeypatch):
     """Running out of memory while the networks are built: a clear error, and the run dir the
     command created is gone again."""
-    import flsl_cli.train.loop as loop
+    import flsl_cli.launch.here as here
 
     def no_memory(**_):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(loop, "train_process", no_memory)
+    monkeypatch.setattr(here, "train_process", no_memory)
     run = Path(files["w"]) / "new"
     code, out, err = _invoke("pretrain", files["recipe"], "--run-dir", run)
     _refused(code, out, err, ["ran out of memory", "optim.global_batch_size"])

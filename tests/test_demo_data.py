@@ -179,7 +179,7 @@ def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(DataError) as caught:
-        write_demo_dataset(out, images=10)
+        write_demo_dataset(out, images=20)
     assert caught.value.where == str(out)
     assert caught.value.fix
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -191,7 +191,7 @@ def test_existing_empty_out_dir_is_filled(tmp_path: Path) -> None:
     """An existing empty output directory is accepted and replaced by the finished dataset."""
     out = tmp_path / "demo"
     out.mkdir()
-    write_demo_dataset(out, images=12, samples_per_shard=2)
+    write_demo_dataset(out, images=20, samples_per_shard=3)
     assert (out / "dataset.json").is_file() and (out / "train" / "index.json").is_file()
 
 

@@ -307,11 +307,12 @@ def test_images_without_boxes_are_skipped_and_counted(tiny_run, demo_data, tmp_p
 def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
     """The loop's entry point: flat metrics from the live backbone, the same numbers as the CLI,
     and the backbone's training mode left as it was."""
+    from flsl_cli.config.schema import KnnEvalConfig
     from flsl_cli.eval.api import evaluate_during_training
     from flsl_cli.models.load import load_backbone
 
-    settings = {"train": str(demo_data / "train"), "val": str(demo_data / "val"), "k": [10], "resize": 72,
-                "crop": 64, "workers": 0, "every_epochs": 5}
+    settings = KnnEvalConfig(train=str(demo_data / "train"), val=str(demo_data / "val"), k=[10], resize=72, crop=64,
+                             workers=0)
     backbone = load_backbone(tiny_run).backbone.train()
     metrics = evaluate_during_training(backbone=backbone, settings=settings, device=CPU)
     assert backbone.training and all(p.requires_grad for p in backbone.parameters() if p is not backbone.pos_embed)

@@ -284,7 +284,7 @@ def test_unknown_partition_is_refused_in_one_line(slurm_cluster, demo_data, tmp_
 
 def test_nodes_zero(demo_data, tmp_path):
     fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "0", "--run-dir",
-                    tmp_path / "run"), "--nodes must be at least 1, found 0", "leave out --nodes")
+                    tmp_path / "run"), "--nodes: expected greater than or equal to 1, found 0", "leave out --nodes")
     assert not (tmp_path / "run").exists()
 
 
@@ -421,8 +421,8 @@ def test_what_became_of_a_stopped_job(fields, outcome):
 def test_a_job_asks_for_its_data_workers_cpus():
     """--cpus-per-task defaults to data workers + 1; the flag or the recipe wins."""
     from flsl_cli.config.schema import SlurmConfig
-    from flsl_cli.launch.slurm import SlurmFlags, resolve_request
+    from flsl_cli.launch.slurm_request import SlurmRequest
 
-    assert resolve_request(SlurmConfig(), SlurmFlags(), data_workers=10).cpus_per_task == 11
-    assert resolve_request(SlurmConfig(cpus_per_task=4), SlurmFlags(), data_workers=10).cpus_per_task == 4
-    assert resolve_request(SlurmConfig(), SlurmFlags(cpus_per_task=2), data_workers=10).cpus_per_task == 2
+    assert SlurmRequest.of(SlurmConfig(), {}, data_workers=10).cpus_per_task == 11
+    assert SlurmRequest.of(SlurmConfig(cpus_per_task=4), {}, data_workers=10).cpus_per_task == 4
+    assert SlurmRequest.of(SlurmConfig(), {"cpus_per_task": 2}, data_workers=10).cpus_per_task == 2

@@ -10,8 +10,11 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.render import demo_progress, err_console, handle_errors, note, out_console
+from flsl_cli.config.load import validate_options
+from flsl_cli.config.schema import DemoDataConfig
 
 app = typer.Typer(no_args_is_help=True)
+_DEMO = DemoDataConfig.model_fields
 
 
 @app.command("demo")
@@ -19,16 +22,21 @@ app = typer.Typer(no_args_is_help=True)
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (train/ and val/ shards go inside).")],
     *,
-    images: Annotated[int, typer.Option("--images", min=20, max=1_000_000, help="Number of images.")] = 2000,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Generator seed.")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", min=32, max=1024, help="Image side in pixels.")] = 96,
+    images: Annotated[int, typer.Option("--images", help=_DEMO["images"].description)] = _DEMO["images"].default,
+    seed: Annotated[int, typer.Option("--seed", help=_DEMO["seed"].description)] = _DEMO["seed"].default,
+    image_size: Annotated[int, typer.Option(
+        "--image-size", help=_DEMO["image_size"].description)] = _DEMO["image_size"].default,
 ) -> None:
     """Write the procedurally generated demo data set (objects with boxes on cluttered backgrounds)."""
     from flsl_cli.data.demo import write_demo_dataset
 
+    settings = validate_options({"images": images, "seed": seed, "image_size": image_size}, section=("data", "demo"),
+                                options={"images": "--images", "seed": "--seed", "image_size": "--image-size"},
+                                fix="Change the options named above (see `flsl data demo --help`)")
     update, close = demo_progress()
     try:
-        info = write_demo_dataset(out_dir, images=images, seed=seed, image_size=image_size, on_progress=update)
+        info = write_demo_dataset(out_dir, images=settings.images, seed=settings.seed,
+                                  image_size=settings.image_size, on_progress=update)
     finally:
         close()
     splits = info["splits"]

@@ -10,6 +10,8 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.render import handle_errors, note, out_console
+from flsl_cli.config.load import validate_options
+from flsl_cli.config.schema import KnnEvalConfig
 
 CheckpointArg = Annotated[Optional[Path], typer.Argument(
     help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
@@ -32,6 +34,15 @@ OutputOption = Annotated[Optional[Path], typer.Option(
                            "checkpoint, else knn-MODE.json).")]
 
 
+# The options that are KnnEvalConfig fields, and their names; defaults and bounds are the schema's.
+KNN_OPTIONS = {
+    "train": "--train", "val": "--val", "mode": "--mode", "k": "--k", "temperature": "--temperature",
+    "grid": "--grid", "resize": "--resize", "crop": "--crop", "batch_size": "--batch-size", "workers": "--workers",
+    "max_train_images": "--max-train-images", "max_val_images": "--max-val-images", "bank": "--bank",
+}
+_KNN = KnnEvalConfig.model_fields
+
+
 @handle_errors
 def knn_eval(
     checkpoint: CheckpointArg = None,
@@ -39,53 +50,65 @@ def knn_eval(
     train: Annotated[str, typer.Option(
         "--train", help="Shards of the memory bank (boxes in each json for bbox mode).")],
     val: Annotated[str, typer.Option("--val", help="Shards of the query images.")],
-    mode: ModeOption = "bbox",
+    mode: ModeOption = _KNN["mode"].default,
     k: Annotated[str, typer.Option(
-        "--k", help="Neighbour counts, comma-separated; one search serves all.")] = "10,20,100,200",
-    temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(similarity / T).")] = 0.07,
+        "--k", help="Neighbour counts, comma-separated; one search serves all.")] = ",".join(
+            map(str, _KNN["k"].default)),
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="Vote weight exp(similarity / T).")] = _KNN["temperature"].default,
     grid: Annotated[int, typer.Option(
-        "--grid", help="Box cells per side in bbox mode (grid^2 features per image).")] = 3,
+        "--grid", help="Box cells per side in bbox mode (grid^2 features per image).")] = _KNN["grid"].default,
     which: WhichOption = None,
     model: ModelOption = None,
     random_init: Annotated[bool, typer.Option(
         "--random-init", help="Same architecture, random weights (a baseline).")] = False,
     resize: Annotated[int, typer.Option(
-        "--resize", help="Shorter image side after the bicubic resize, in pixels.")] = 256,
-    crop: Annotated[int, typer.Option("--crop", help="Side of the center crop (a multiple of the patch size).")] = 224,
+        "--resize", help="Shorter image side after the bicubic resize, in pixels.")] = _KNN["resize"].default,
+    crop: Annotated[int, typer.Option(
+        "--crop", help="Side of the center crop (a multiple of the patch size).")] = _KNN["crop"].default,
     devices: DevicesOption = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass and process.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help=_KNN["batch_size"].description)] = _KNN["batch_size"].default,
     workers: Annotated[Optional[int], typer.Option(
-        "--workers", min=0, help="Data-loader processes per process (default: up to 4, no more than the CPUs "
-                                 "each process has).")] = None,
+        "--workers", help="Data-loader processes per process (default: up to 4, no more than the CPUs "
+                          "each process has).")] = _KNN["workers"].default,
     max_train_images: Annotated[Optional[int], typer.Option(
-        "--max-train-images", min=1, help="Use only the first N train samples (a quick check).")] = None,
+        "--max-train-images", help="Use only the first N train samples (a quick check).")] = _KNN[
+            "max_train_images"].default,
     max_val_images: Annotated[Optional[int], typer.Option(
-        "--max-val-images", min=1, help="Use only the first N val samples.")] = None,
-    bank: BankOption = "auto",
+        "--max-val-images", help=_KNN["max_val_images"].description)] = _KNN["max_val_images"].default,
+    bank: BankOption = _KNN["bank"].default,
     features_dir: Annotated[Optional[Path], typer.Option(
         "--features-dir", help="Cache extracted features here; reused while weights, data and settings match.")] = None,
     output: OutputOption = None,
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
-    from flsl_cli.eval.api import KnnSettings, available_cpus, parse_ks
-    from flsl_cli.eval.api import knn_eval as evaluate
+    from flsl_cli.eval.api import available_cpus
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
+    from flsl_cli.launch.knn import knn_eval as evaluate
 
-    settings = KnnSettings(
-        train=train, val=val, mode=mode, k=parse_ks(k), temperature=temperature, grid=grid, resize=resize,
-        crop=crop, batch_size=batch_size, workers=workers, max_train_images=max_train_images,
-        max_val_images=max_val_images, bank=bank, features_dir=str(features_dir) if features_dir else None)
+    settings = knn_settings(train=train, val=val, mode=mode, k=k, temperature=temperature, grid=grid, resize=resize,
+                            crop=crop, batch_size=batch_size, workers=workers, max_train_images=max_train_images,
+                            max_val_images=max_val_images, bank=bank)
     spec = ModelSpec(checkpoint=str(checkpoint) if checkpoint is not None else None, model=model, which=which,
                      random_init=random_init)
     if workers is not None and workers > available_cpus():
         note(f"--workers {workers} is more than the {available_cpus()} CPUs this process may use: the data-loader "
              "processes will share them")
-    results = evaluate(spec=spec, settings=settings, devices=devices)
+    results = evaluate(spec=spec, settings=settings, devices=devices,
+                       features_dir=str(features_dir) if features_dir else None)
     path = output or default_output(results)
     write_json(path, results)
     out_console.print(results_table(results))
     out_console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
+
+
+def knn_settings(*, k: str, **options) -> KnnEvalConfig:
+    """The options as a KnnEvalConfig, checked by the schema; problems name the options."""
+    values = {**options, "k": [part.strip() for part in k.split(",") if part.strip()]}
+    return validate_options(values, section=("eval", "knn"), options=KNN_OPTIONS,
+                            fix="Change the options named above (see `flsl knn-eval --help`)")
 
 
 def default_output(results: dict) -> Path:

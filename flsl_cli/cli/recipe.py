@@ -42,7 +42,8 @@ def validate(
     memory the run needs on this machine, and the data when it is here. Exit 0 if it passes, else
     list every problem and exit 2."""
     from flsl_cli.config.load import load_recipe, recheck_with
-    from flsl_cli.train.run import check_recipe, check_data, resolve_devices
+    from flsl_cli.launch.checks import check_data, check_recipe
+    from flsl_cli.launch.devices import resolve_devices
 
     loaded = load_recipe(recipe, overrides=set_ or [])
     nprocs, use_cuda = resolve_devices(devices)

@@ -17,7 +17,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
 ) -> None:
     """Where a run stands: state, step, newest checkpoint, SLURM jobs and requeues, last error."""
-    from flsl_cli.train.status import read_status
+    from flsl_cli.launch.status import read_status
 
     result = read_status(run_dir)
     if as_json:

@@ -56,10 +56,9 @@ DryRunOption = Annotated[bool, typer.Option(
     help="Check the recipe and options, print the sbatch script that would be submitted, and exit.")]
 
 
-def _flags(**values):
-    from flsl_cli.launch.slurm import SlurmFlags
-
-    return SlurmFlags(**values)
+def _slurm_options(**values) -> dict:
+    """The SLURM options as SlurmConfig fields; None: not given (the recipe decides)."""
+    return values
 
 
 def _print_submitted(job, *, resumed: bool) -> None:
@@ -87,9 +86,12 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/demo.yaml.")],
     *,
     set_: SetOption = None,
-    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="Where the run's files go, a path or a URL such as s3://bucket/runs/x (default: runs/RECIPE-TIME).")] = None,
+    run_dir: Annotated[Optional[str], typer.Option(
+        "--run-dir", help="Where the run's files go, a path or a URL such as s3://bucket/runs/x "
+                          "(default: runs/RECIPE-TIME).")] = None,
     devices: DevicesOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Start over in a run dir that holds a run with no checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start over in a run dir that holds a run with no checkpoint.")] = False,
     nodes: NodesOption = None,
     gpus_per_node: GpusOption = None,
     tasks_per_node: TasksOption = None,
@@ -104,23 +106,23 @@ def pretrain(
     dry_run: DryRunOption = False,
 ) -> None:
     """Pretrain a ViT with FLSL from a recipe, here or as a SLURM job (--nodes N ...)."""
-    flags = _flags(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
-                   account=account, qos=qos, time=time, constraint=constraint, mem=mem,
-                   cpus_per_task=cpus_per_task, exclusive=exclusive)
-    if flags.given() or dry_run:
+    slurm = _slurm_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                           partition=partition, account=account, qos=qos, time=time, constraint=constraint, mem=mem,
+                           cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if any(value is not None for value in slurm.values()) or dry_run:
         _refuse_devices_with_slurm(devices)
-        from flsl_cli.train.run import submit_pretrain
+        from flsl_cli.launch.submit import submit_pretrain
 
         update, close = demo_progress()
         try:
-            job = submit_pretrain(recipe, overrides=set_ or [], run_dir=run_dir, force=force, flags=flags,
+            job = submit_pretrain(recipe, overrides=set_ or [], run_dir=run_dir, force=force, slurm_options=slurm,
                                   dry_run=dry_run, on_demo_progress=update, on_note=note, on_script=_print_script)
         finally:
             close()
         if job is not None:
             _print_submitted(job, resumed=False)
         return
-    from flsl_cli.train.run import start_pretrain
+    from flsl_cli.launch.here import start_pretrain
 
     update, close = demo_progress()
     try:
@@ -150,18 +152,18 @@ def resume(
     dry_run: DryRunOption = False,
 ) -> None:
     """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...)."""
-    flags = _flags(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
-                   account=account, qos=qos, time=time, constraint=constraint, mem=mem,
-                   cpus_per_task=cpus_per_task, exclusive=exclusive)
-    if flags.given() or dry_run:
+    slurm = _slurm_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                           partition=partition, account=account, qos=qos, time=time, constraint=constraint, mem=mem,
+                           cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if any(value is not None for value in slurm.values()) or dry_run:
         _refuse_devices_with_slurm(devices)
-        from flsl_cli.train.run import submit_resume
+        from flsl_cli.launch.submit import submit_resume
 
-        job = submit_resume(run_dir, overrides=set_ or [], flags=flags, dry_run=dry_run, on_note=note,
+        job = submit_resume(run_dir, overrides=set_ or [], slurm_options=slurm, dry_run=dry_run, on_note=note,
                             on_script=_print_script)
         if job is not None:
             _print_submitted(job, resumed=True)
         return
-    from flsl_cli.train.run import resume_run
+    from flsl_cli.launch.here import resume_run
 
     resume_run(run_dir, overrides=set_ or [], devices=devices, on_note=note)

@@ -22,7 +22,7 @@ from pydantic_core import PydanticUndefined
 
 from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
-from flsl_cli.errors import RecipeError
+from flsl_cli.errors import FlslError, RecipeError
 
 
 MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
@@ -194,6 +194,34 @@ def validate_recipe(data: dict[str, Any], *, source: str) -> Recipe:
     except ValidationError as exc:
         raise RecipeError(_merge_union_errors([_describe(err) for err in _without_union_tags(exc.errors())]),
                           source=source) from None
+
+
+def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options: dict[str, str], fix: str) -> Any:
+    """The recipe section at `section` (e.g. ("slurm",)) validated from `data`, values that
+    come from command-line options. Every problem is described as for a recipe, its key named
+    by the option (`options`: field -> option, e.g. nodes -> --nodes) where it has one."""
+    model = _section_model(section)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": section + tuple(err["loc"])} for err in _without_union_tags(exc.errors())]
+        prefix = ".".join(section) + "."
+        problems = []
+        for problem in _merge_union_errors([_describe(err) for err in errors]):
+            key, sep, rest = problem.partition(": ")
+            field, _, item = (key[len(prefix):] if key.startswith(prefix) else "").partition(".")
+            option = options.get(field) if sep else None
+            problems.append(f"{option}{f'[{item}]' if item else ''}: {rest}" if option else problem)
+        raise FlslError("; ".join(problems), fix=fix) from None
+
+
+def _section_model(section: tuple[str, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Recipe
+    for part in section:
+        annotation = model.model_fields[part].annotation
+        model = next(c for c in (annotation, *getattr(annotation, "__args__", ()))
+                     if isinstance(c, type) and issubclass(c, BaseModel))
+    return model
 
 
 _UNION_TAGS = {"str", "int", "bool", "float", "none"}

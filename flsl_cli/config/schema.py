@@ -209,7 +209,8 @@ class CheckpointConfig(Section):
 
 
 class KnnEvalConfig(Section):
-    """The k-NN evaluation run during pretraining (same settings as `flsl knn-eval`)."""
+    """A k-NN evaluation: the options of `flsl knn-eval`, and the recipe's `eval.knn` section
+    (run during pretraining)."""
 
     train: str = Field(..., min_length=1, description="Shards of the memory bank (with boxes for bbox mode).")
     val: str = Field(..., min_length=1, description="Shards of the evaluated images.")
@@ -220,10 +221,21 @@ class KnnEvalConfig(Section):
     grid: Int = Field(3, ge=1, le=32, description="Features per box side in bbox mode.")
     resize: Int = Field(256, ge=1, le=4096, description="Shorter side after resizing.")
     crop: Int = Field(224, ge=1, le=4096, description="Center crop side.")
-    batch_size: Int = Field(64, ge=1, le=4096)
-    workers: Int = Field(2, ge=0, le=64)
-    max_train_images: Int | None = Field(None, ge=1, le=1_000_000_000)
-    max_val_images: Int | None = Field(None, ge=1, le=1_000_000_000)
+    batch_size: Int = Field(64, ge=1, le=4096, description="Images per forward pass and process.")
+    workers: Int | None = Field(
+        None, ge=0, le=64,
+        description="Data-loader processes per process (None: up to 4, no more than the CPUs each process has).")
+    max_train_images: Int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Use only the first N train samples.")
+    max_val_images: Int | None = Field(None, ge=1, le=1_000_000_000, description="Use only the first N val samples.")
+    bank: Literal["auto", "device", "host"] = Field(
+        "auto", description="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KnnEvalConfig":
+        if self.resize < self.crop:
+            raise ValueError(f"resize: expected at least crop ({self.crop}), found {self.resize}")
+        return self
 
 
 class EvalConfig(Section):
@@ -326,8 +338,9 @@ class SlurmConfig(Section):
                 raise ValueError(f"time: {exc}") from None
             if limit is not None and self.signal_minutes_before_end * 60 >= limit:
                 raise ValueError(
-                    f"signal_minutes_before_end: expected less than the time limit ({self.time}), "
-                    f"found {self.signal_minutes_before_end} minutes")
+                    f"time: the time limit {self.time} is not longer than slurm.signal_minutes_before_end "
+                    f"({self.signal_minutes_before_end} min), so the job would be told to stop as it starts; "
+                    "ask for more time, or lower slurm.signal_minutes_before_end")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise ValueError(
                 f"tasks_per_node: expected {self.gpus_per_node} (one process per GPU) or null with "

@@ -39,7 +39,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pydantic import ValidationError
+
 from flsl_cli import storage
+from flsl_cli.config.schema import DemoDataConfig
 from flsl_cli.data.shard_writer import ShardWriter
 from flsl_cli.errors import DataError
 
@@ -48,8 +51,6 @@ DEMO_CLASSES: tuple[str, ...] = ("disc", "square", "triangle", "ring", "cross", 
 # Surface pattern of each class, in DEMO_CLASSES order.
 DEMO_TEXTURES: tuple[str, ...] = ("solid", "stripes", "dots", "segments", "checker", "diagonal", "grid")
 
-MAX_IMAGES = 1_000_000  # about an hour of generation and a few GB of shards at the default size
-MAX_SEED = 2**32 - 1
 MIN_TRAIN_SHARDS = 4  # 2 processes x 2 data workers in the tests: every reader slot needs a shard
 _MIN_OBJECT_FRACTION = 0.15
 _MAX_OBJECT_FRACTION = 0.60
@@ -125,12 +126,11 @@ def _check_settings(
     out_dir: Path, images: int, seed: int, image_size: int, val_fraction: float, samples_per_shard: int
 ) -> None:
     problems = []
-    if not 1 <= images <= MAX_IMAGES:
-        problems.append(f"images must be from 1 to {MAX_IMAGES} (got {images})")
-    if not 0 <= seed <= MAX_SEED:
-        problems.append(f"seed must be from 0 to {MAX_SEED} (got {seed})")
-    if not 32 <= image_size <= 1024:
-        problems.append(f"image_size must be from 32 to 1024 (got {image_size})")
+    try:  # the limits of a recipe's data.demo section
+        DemoDataConfig(images=images, seed=seed, image_size=image_size)
+    except ValidationError as exc:
+        problems += [f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()} (got {err['input']})"
+                     for err in exc.errors()]
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction must be in [0, 1) (got {val_fraction})")
     if samples_per_shard < 1:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from flsl_cli.data.shard_dest import Destination, discard
 from flsl_cli.data.shard_plan import SAMPLE_FORMAT, PlannedSample, ProgressFn, ShardJob, ShardPlan, plan_shards
 from flsl_cli.data.shard_workers import WorkerPool
@@ -99,8 +101,6 @@ def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] |
 
 def _encode(job: ShardJob, sample: PlannedSample) -> dict[str, bytes] | str:
     """The sample's fields, or the reason it is skipped."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with open(os.path.join(job.src_root, sample.relpath), "rb") as f:
             data = f.read()

@@ -1,6 +1,6 @@
-"""Entry points of the k-NN evaluation: `knn_eval` (the CLI's: one or N local processes),
-`run_knn_eval` (one process of a job), and `evaluate_during_training` (called by the training
-loop every N epochs with the live teacher backbone).
+"""Entry points of the k-NN evaluation: `run_knn_eval` (one process of a job; started in one or
+N local processes by `flsl_cli.launch.knn`), and `evaluate_during_training` (called by the
+training loop every N epochs with the live teacher backbone).
 
 Flow of one process: load the model; extract the train features (this rank's shards), gather
 them on every rank (the bank: fp16, on the device when it fits, else in host memory); extract
@@ -10,17 +10,17 @@ for top-max(k); score every k from that one search; sum the counts over ranks.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flsl_cli.config.schema import KnnEvalConfig
+from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import ShardSet, resolve_shards
 from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
 from flsl_cli.errors import DataError, FlslError
@@ -42,58 +42,6 @@ from flsl_cli.eval.samples import ReadPlan, SampleSettings
 RESULTS_FORMAT = "flsl-knn-eval/1"
 
 
-@dataclass(frozen=True)
-class KnnSettings:
-    """Everything that defines a k-NN evaluation (besides the model). Option names in messages
-    are the CLI's; the recipe's `eval.knn` section holds the same fields."""
-
-    train: str
-    val: str
-    mode: str = "bbox"  # "bbox" (the paper's, Appendix F) or "global" (DINO's instance k-NN)
-    k: tuple[int, ...] = (10, 20, 100, 200)
-    temperature: float = 0.07
-    grid: int = 3
-    resize: int = 256
-    crop: int = 224
-    batch_size: int = 64
-    workers: int | None = None  # None: default_workers() of the processes that run
-    max_train_images: int | None = None
-    max_val_images: int | None = None
-    bank: str = "auto"  # "auto", "device" or "host"
-    features_dir: str | None = None
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "KnnSettings":
-        """From a dict such as a recipe section; unknown keys (e.g. every_epochs) are ignored."""
-        names = {f.name for f in fields(cls)}
-        data = {key: value for key, value in values.items() if key in names}
-        if "k" in data:
-            data["k"] = tuple(int(v) for v in data["k"])
-        return cls(**data)
-
-    def check(self) -> None:
-        problems = []
-        if self.mode not in ("bbox", "global"):
-            problems.append(f"--mode must be bbox or global (got {self.mode!r})")
-        if not self.k or any(k < 1 for k in self.k):
-            problems.append(f"--k needs positive integers (got {','.join(map(str, self.k)) or 'nothing'})")
-        if not self.temperature > 0:
-            problems.append(f"--temperature must be positive (got {self.temperature})")
-        if self.grid < 1:
-            problems.append(f"--grid must be at least 1 (got {self.grid})")
-        if self.crop < 1 or self.resize < self.crop:
-            problems.append(f"--resize ({self.resize}) must be at least --crop ({self.crop}), and both positive")
-        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
-            problems.append("--batch-size must be at least 1 and --workers at least 0")
-        for name, value in (("--max-train-images", self.max_train_images), ("--max-val-images", self.max_val_images)):
-            if value is not None and value < 1:
-                problems.append(f"{name} must be at least 1 (got {value})")
-        if self.bank not in ("auto", "device", "host"):
-            problems.append(f"--bank must be auto, device or host (got {self.bank!r})")
-        if problems:
-            raise FlslError("invalid k-NN settings: " + "; ".join(problems), fix="Change the options")
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, as PyTorch's DataLoader counts them)."""
     try:
@@ -107,7 +55,7 @@ def default_workers(processes: int) -> int:
     return max(1, min(4, available_cpus() // max(1, processes)))
 
 
-def check_model_fits(model: EvalModel, settings: KnnSettings) -> None:
+def check_model_fits(model: EvalModel, settings: KnnEvalConfig) -> None:
     """The options must agree with the model's architecture."""
     if settings.crop % model.patch_size:
         raise FlslError(
@@ -117,73 +65,26 @@ def check_model_fits(model: EvalModel, settings: KnnSettings) -> None:
                 f"--crop {settings.crop // model.patch_size * model.patch_size or model.patch_size}")
 
 
-def knn_eval(*, spec: ModelSpec, settings: KnnSettings, devices: int | None,
-             show_progress: bool = True) -> dict[str, Any]:
-    """The whole evaluation in this process or in `devices` local processes (GPUs, or CPU/gloo);
-    returns the results dict (see `run_knn_eval`)."""
-    from flsl_cli.train.run import resolve_devices
-
-    settings.check()
-    nprocs, use_cuda = resolve_devices(devices)
-    if settings.workers is None:
-        settings = replace(settings, workers=default_workers(nprocs))
-    if nprocs == 1:
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.pop(name, None)
-        return _process_main(spec=spec, settings=settings, use_cuda=use_cuda, show_progress=show_progress)
-    from flsl_cli.launch.local import run_local_processes
-
-    with tempfile.TemporaryDirectory(prefix="flsl-knn-") as tmp:
-        result_path = Path(tmp) / "results.json"
-        run_local_processes(knn_process, nprocs=nprocs, kwargs={
-            "spec": asdict(spec), "settings": asdict(settings), "use_cuda": use_cuda,
-            "show_progress": show_progress, "result_path": str(result_path)})
-        return json.loads(result_path.read_text())
-
-
-def knn_process(*, spec: dict, settings: dict, use_cuda: bool, show_progress: bool, result_path: str) -> None:
-    """What each spawned process of `knn_eval` runs; rank 0 writes the results to `result_path`."""
-    _process_main(spec=ModelSpec(**spec), settings=KnnSettings.from_mapping(settings), use_cuda=use_cuda,
-                  show_progress=show_progress, result_path=result_path)
-
-
-def _process_main(*, spec: ModelSpec, settings: KnnSettings, use_cuda: bool, show_progress: bool,
-                  result_path: str | None = None) -> dict[str, Any]:
-    """This process's part of the job; the main process also writes the results to `result_path`
-    (decided while the process group is up: after teardown every process reads as rank 0)."""
-    from flsl_cli.distributed import group
-
-    env = group.setup(use_cuda=use_cuda)
-    try:
-        reporter = Reporter(enabled=env.is_main and show_progress)
-        results = run_knn_eval(spec=spec, settings=settings, device=env.device, reporter=reporter)
-        if result_path and env.is_main:
-            Path(result_path).write_text(json.dumps(results))
-        return results
-    finally:
-        group.teardown()
-
-
-def run_knn_eval(*, spec: ModelSpec, settings: KnnSettings, device: torch.device,
-                 reporter: Reporter | None = None) -> dict[str, Any]:
+def run_knn_eval(*, spec: ModelSpec, settings: KnnEvalConfig, device: torch.device,
+                 features_dir: str | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """One process's part of the evaluation (every rank of a job calls it); the results dict,
     the same on every rank: model, settings, image counts, top-1/top-5 per k."""
-    settings.check()
     shard_sets = resolve_eval_shards(settings)  # before the (slow) model load
     model = load_eval_model(spec)
     check_model_fits(model, settings)
     model.module.to(device)
     return evaluate_model(model, settings=settings, device=device, reporter=reporter or Reporter(enabled=False),
-                          shard_sets=shard_sets)
+                          shard_sets=shard_sets, features_dir=features_dir)
 
 
-def resolve_eval_shards(settings: KnnSettings, *, names: tuple[str, str] = ("--train", "--val")) -> dict[str, ShardSet]:
+def resolve_eval_shards(settings: KnnEvalConfig, *,
+                        names: tuple[str, str] = ("--train", "--val")) -> dict[str, ShardSet]:
     """The train and val shard sets, or a DataError naming the option."""
     return {split: resolve_shards(spec, key=name)
             for split, spec, name in (("train", settings.train, names[0]), ("val", settings.val, names[1]))}
 
 
-def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings | Mapping[str, Any],
+def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConfig,
                              device: torch.device, show_progress: bool = False) -> dict[str, float]:
     """k-NN accuracy of a live flsl backbone (the teacher's), for metrics.jsonl.
 
@@ -192,12 +93,6 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings
     "knn_bbox_top5_k20": 80.3, "knn_bbox_images": 48.0}. The backbone's train/eval mode is
     restored; features are never cached (the weights change).
     """
-    if not isinstance(settings, KnnSettings):
-        settings = KnnSettings.from_mapping(settings)
-    settings = KnnSettings.from_mapping({**asdict(settings), "features_dir": None})
-    settings.check()
-    from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
-
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]
     try:
@@ -221,9 +116,9 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnSettings
     return metrics
 
 
-def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.device, reporter: Reporter,
-                   names: tuple[str, str] = ("--train", "--val"),
-                   shard_sets: dict[str, ShardSet] | None = None) -> dict[str, Any]:
+def evaluate_model(model: EvalModel, *, settings: KnnEvalConfig, device: torch.device, reporter: Reporter,
+                   names: tuple[str, str] = ("--train", "--val"), shard_sets: dict[str, ShardSet] | None = None,
+                   features_dir: str | None = None) -> dict[str, Any]:
     """The evaluation of a loaded model (on `device`, eval mode): see `run_knn_eval`."""
     started = time.monotonic()
     shard_sets = shard_sets or resolve_eval_shards(settings, names=names)
@@ -243,7 +138,7 @@ def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.dev
         plan = ReadPlan.from_shards(shard_sets[split], limit=limits[split])
         features, cached[split] = _split_features(
             model, plan, split=split, settings=settings, sample_settings=sample_settings, device=device,
-            reporter=reporter, place=place_bank if split == "train" else _host)
+            reporter=reporter, place=place_bank if split == "train" else _host, features_dir=features_dir)
         _check_split(features, split=split, name=names[split == "val"], mode=settings.mode)
         if split == "train":
             bank_rows = features.images * g
@@ -304,15 +199,15 @@ def evaluate_model(model: EvalModel, *, settings: KnnSettings, device: torch.dev
     }
 
 
-def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: KnnSettings,
+def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: KnnEvalConfig,
                     sample_settings: SampleSettings, device: torch.device, reporter: Reporter,
-                    place: Callable[[int], torch.device]) -> tuple[SplitFeatures, bool]:
+                    place: Callable[[int], torch.device], features_dir: str | None) -> tuple[SplitFeatures, bool]:
     """A split's gathered features from the cache (host memory, memory-mapped) or the model (on
     the device `place` picks); (features, cached)."""
     path = None
-    if settings.features_dir:
+    if features_dir:
         key = cache_key(model=model, plan=plan, settings=sample_settings)
-        path = cache_path(Path(settings.features_dir), split=split, mode=settings.mode, key=key)
+        path = cache_path(Path(features_dir), split=split, mode=settings.mode, key=key)
         found = load_cache(path)
         everyone = int(all_reduce_sum(torch.tensor([int(found is not None)], device=device)).item())
         if everyone == world_size():
@@ -359,17 +254,3 @@ def _bank_device(choice: str, *, device: torch.device, bytes_needed: int) -> tor
 def _split_summary(features: SplitFeatures, *, g: int, cached: bool) -> dict[str, Any]:
     return {"samples": features.seen, "images": features.images, "features": features.images * g,
             "skipped": dict(features.skipped), "cached": cached}
-
-
-def parse_ks(text: str | Sequence[int]) -> tuple[int, ...]:
-    """'10,20,100,200' -> (10, 20, 100, 200); a FlslError for anything else."""
-    if not isinstance(text, str):
-        return tuple(int(v) for v in text)
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise FlslError(f"--k {text!r} is not a comma-separated list of integers",
-                        fix="Use e.g. --k 10,20,100,200") from None
-    if not values:
-        raise FlslError("--k is empty", fix="Use e.g. --k 10,20,100,200")
-    return values

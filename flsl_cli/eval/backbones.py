@@ -11,11 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.errors import CheckpointError, FlslError
+from flsl_cli.models.load import load_backbone
+from flsl_cli.models.vit import build_backbone
 
 TIMM_PREFIX = "timm:"
 EXPORT_CONFIG = "config.json"
@@ -86,9 +91,6 @@ def _timm_name(model: str | None) -> str | None:
 
 
 def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_init: bool) -> EvalModel:
-    from flsl_cli.models.load import load_backbone
-    from flsl_cli.models.vit import build_backbone
-
     try:
         loaded = load_backbone(path, which=which)
     except CheckpointError as exc:
@@ -186,8 +188,6 @@ def _export_config(path: Path, weights: Path) -> tuple[dict | None, str]:
             raise CheckpointError(f"the export's config.json is unreadable ({exc})", where=str(config_file),
                                   fix="Export the model again with `flsl export --format timm`") from None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - any reader failure: not a safetensors file
@@ -202,8 +202,6 @@ def _export_config(path: Path, weights: Path) -> tuple[dict | None, str]:
 
 
 def _load_safetensors(module: nn.Module, weights: Path, *, architecture: str) -> None:
-    from safetensors.torch import load_file
-
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any reader failure: a damaged or foreign file
@@ -229,8 +227,6 @@ def _plain_timm(name: str, *, random_init: bool) -> EvalModel:
 
 
 def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise FlslError(f"timm has no model named {name!r}",

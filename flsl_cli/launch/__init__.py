@@ -1,1 +1,3 @@
-"""Starting training processes: in this process, several local processes, or a SLURM job."""
+"""Starting runs: the checks before any process starts, then the processes themselves (this
+one, several local ones, or a SLURM job) for `flsl pretrain`, `flsl resume` and `flsl knn-eval`;
+the in-job entry point of SLURM tasks; `flsl status`."""

@@ -18,6 +18,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.multiprocessing as mp
+
 from flsl_cli.errors import FlslError, RunStopped
 from flsl_cli.signals import STOP_SIGNALS, held, stop_request
 
@@ -55,8 +57,6 @@ def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: i
 
 def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
     """Call fn(**kwargs) in `nprocs` spawned processes and wait for all of them."""
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory(prefix="flsl-ranks-") as error_dir:
         with held():
             context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir),

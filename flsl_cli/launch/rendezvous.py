@@ -1,5 +1,5 @@
 """Rendezvous for a process started by SLURM (submitit or `srun`): the torchrun-style variables
-that `flsl_cli.distributed.env.setup()` reads, derived from SLURM's own.
+that `flsl_cli.distributed.group.setup()` reads, derived from SLURM's own.
 
     MASTER_ADDR   first host of SLURM_JOB_NODELIST
     MASTER_PORT   first candidate derived from the job id and restart count: concurrent jobs

@@ -25,6 +25,7 @@ requeue`). Requeues are counted per job in run.json, however they happened; at
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -36,8 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flsl_cli import signals, timestamps
+from flsl_cli.config.load import recipe_to_dict, validate_recipe
+from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.errors import FlslError, RunStopped
-from flsl_cli.launch.slurm import JOBS_DIR, SlurmError, job_info, job_state, requeue
+from flsl_cli.distributed.env import in_slurm_job
+from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
+from flsl_cli.launch.slurm import JOBS_DIR
+from flsl_cli.launch.slurm_errors import SlurmError
+from flsl_cli.launch.slurm_queries import job_info, job_state, requeue
+
+# The batch step and every task take charge of the stop signals before anything heavy loads:
+# torch and the training modules take seconds to import, and a stop signal in those seconds
+# must be kept, not end the process. So this module imports no torch at its top; the modules
+# that do (the run directory, checkpoints, the training loop) are imported inside the
+# functions that need them, after `signals.stop_request()` or `signals.held()`.
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
                   "OUT_OF_MEMORY", "BOOT_FAIL")
@@ -121,6 +134,7 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     from flsl_cli.checkpoint.store import newest_step
     from flsl_cli.train import rundir
 
+
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     try:
@@ -137,14 +151,15 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
              else "no checkpoint was written yet")
     if first is not None and (first.signal_name or not own):
         message = f"{first.describe()}; srun ended the other tasks; {saved}"
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": int(first.ranks) if first.ranks.isdigit() else first.ranks, "node": first.node,
+        rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
+        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": rank, "node": first.node,
                  "signal": first.signal_name, "time": timestamps.now(), "message": message}
     elif own:
         error = own
     else:
         error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": timestamps.now(),
                  "message": f"the tasks ended with exit code {code}; {saved}"}
-    allowed = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("requeue_on_failure", 0) or 0)
+    allowed = _saved_slurm_section(recipe_text).requeue_on_failure
     counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
     done = counts.get(job_id, 0)
     if done < allowed:
@@ -156,7 +171,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
                              requeues=sum(rundir.requeues_per_job(record, job_counts).values()),
                              last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
                                            "by": "flsl", "cause": "failure", "time": error["time"]})
-        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure ({done + 1} of at most {allowed}: "
+        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
+             f"({done + 1} of at most {allowed}: "
              "slurm.requeue_on_failure)")
         reason = requeue(job_id)
         if reason is None:
@@ -169,6 +185,17 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
             "slurm.requeue_on_failure)")
     _log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
+
+
+def _saved_slurm_section(recipe_text: str) -> SlurmConfig:
+    """The run's `slurm` section as saved (the schema's defaults where it is missing or invalid:
+    this is read after a failure, when the run may not be readable as a whole)."""
+    from flsl_cli.train import rundir
+
+    try:
+        return SlurmConfig.model_validate(rundir.load_recipe_yaml(recipe_text).get("slurm") or {})
+    except (ValueError, FlslError):
+        return SlurmConfig()
 
 
 # --- Every task ---------------------------------------------------------------------------------
@@ -189,8 +216,6 @@ class _Task:
 def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     """What every task of the job runs. Trains or resumes the run in `run_dir`; after a stop,
     rank 0 settles the job's fate (`_after_stop`)."""
-    from flsl_cli.distributed.env import in_slurm_job
-    from flsl_cli.launch.rendezvous import agree_on_port, torch_env
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
     if not in_slurm_job(os.environ):
@@ -218,7 +243,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
             _log(f"job {task.job_id} (restart {task.restart}) on {os.environ.get('SLURM_JOB_NODELIST', '?')}: "
                  f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
-        from flsl_cli.config.load import recipe_to_dict
+
         from flsl_cli.train.loop import train_process
         from flsl_cli.train.rundir import RECIPE_NAME
 
@@ -248,7 +273,6 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
 
 def _check_master_addr(address: str, *, nodelist: str) -> None:
     """Every rank meets at the first node of the job: its name must resolve here."""
-    from flsl_cli.launch.rendezvous import RendezvousError
 
     try:
         socket.getaddrinfo(address, None)
@@ -265,8 +289,8 @@ def _begin(task: _Task):
     """Read the run; rank 0 claims the run directory and records this attempt. Returns
     (recipe, resume?)."""
     from flsl_cli.checkpoint.store import list_checkpoints
-    from flsl_cli.config.load import validate_recipe
     from flsl_cli.train import rundir
+
 
     recipe_text, record = rundir.read_run(task.run_dir)
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
@@ -301,11 +325,11 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
     if int(info.get("Restarts") or 0) > restart or state in _REQUEUED_STATES:
         return "requeued"
     if state in _ENDING_STATES:
-        from flsl_cli.config.schema import SlurmConfig
 
         try:
             limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
-            ran = SlurmConfig.time_limit_seconds(info.get("RunTime", "0")) if info.get("RunTime") not in (None, "00:00:00") else 0
+            ran_for = info.get("RunTime")
+            ran = SlurmConfig.time_limit_seconds(ran_for) if ran_for not in (None, "00:00:00") else 0
         except ValueError:
             limit, ran = None, 0
         return "time limit" if state == "TIMEOUT" or (limit and ran and ran >= limit) else "cancelled"
@@ -318,13 +342,14 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     from flsl_cli.checkpoint.store import newest_step
     from flsl_cli.train import rundir
 
+
     _, record = rundir.read_run(task.run_dir)
     if record.get("status") == "finished":
         _release(task)
         return
     if max_requeues is None:
         recipe_text, _ = rundir.read_run(task.run_dir)
-        max_requeues = int((rundir.load_recipe_yaml(recipe_text).get("slurm") or {}).get("max_requeues", 20))
+        max_requeues = _saved_slurm_section(recipe_text).max_requeues
     saved_step = newest_step(task.run_dir)
     saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
              else "no checkpoint was written yet")
@@ -360,13 +385,15 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                 "with --set slurm.max_requeues=...",
         )
     counts[task.job_id] = done + 1
-    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()),
+    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
+                         requeues=sum(rundir.requeues_per_job(record, counts).values()),
                          last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                        "by": "flsl", "cause": cause, "time": now})
     reason = requeue(task.job_id)
     if reason is not None:
         counts[task.job_id] = done
-        rundir.update_status(task.run_dir, job_requeues=counts, requeues=sum(rundir.requeues_per_job(record, counts).values()))
+        rundir.update_status(task.run_dir, job_requeues=counts,
+                             requeues=sum(rundir.requeues_per_job(record, counts).values()))
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
@@ -383,6 +410,7 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
     """Note the first error of this job attempt in run.json (a later one on another rank is
     usually a consequence of it). A run dir that vanished is left alone."""
     from flsl_cli.train import rundir
+
 
     if not (task.run_dir / rundir.RUN_NAME).exists():
         return
@@ -412,6 +440,7 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
 def _release(task: _Task) -> None:
     from flsl_cli.train import rundir
 
+
     if task.run_dir.is_dir():
         rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))
 
@@ -420,7 +449,6 @@ def _release(task: _Task) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m flsl_cli.launch.slurm_job")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -442,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         job_main(args.run_dir, use_cuda=False if args.cpu else None)
         return 0
     try:
-        from flsl_cli.train.run import prepare_for_job
+        from flsl_cli.launch.rundir_setup import prepare_for_job
 
         prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
     except FlslError as exc:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
-from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, newest_valid, save_checkpoint
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, list_checkpoints, newest_valid, save_checkpoint
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
@@ -27,6 +27,7 @@ from flsl_cli.distributed import env as dist_env
 from flsl_cli.distributed import group
 from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
+from flsl_cli.eval.api import evaluate_during_training
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
@@ -334,9 +335,7 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
 def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
               metrics: MetricsLog | None, progress: TrainProgress) -> None:
     """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
-    from flsl_cli.eval.api import evaluate_during_training
-
-    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn.model_dump(),
+    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn,
                                        device=env.device)
     if metrics:
         metrics.write({"step": step, "epoch": epoch, **{k: round(v, 4) for k, v in results.items()}})
@@ -365,8 +364,6 @@ def _diverged(step: int, values: dict[str, float], *, last_saved: int | None, ru
 
 def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, step: int, total: int,
                    values: dict[str, float], seconds: float, start_step: int) -> None:
-    from flsl_cli.checkpoint.store import list_checkpoints
-
     checkpoints = list_checkpoints(run_dir)
     rows = [
         ("steps", f"{step} of {total}" + (f" (resumed at {start_step})" if start_step else "")),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,6 @@ _FINISHED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTE
 
 def local_owner() -> dict[str, Any]:
     """The owner record of this process."""
-    import socket
-
     return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
             "started": _process_start(os.getpid()), "since": timestamps.now()}
 
@@ -224,8 +223,6 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
     `slurm_state(job_id)` returns the job's state as squeue/sacct name it ("" when SLURM no longer
     knows the job) or None when SLURM cannot be asked. `me` is the caller's own owner record.
     """
-    import socket
-
     owner = read_owner(run_dir)
     if owner is None or (me is not None and _same_owner(owner, me)):
         return
@@ -256,7 +253,7 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         return
     host, pid = owner.get("host"), owner.get("pid")
     if host == socket.gethostname():
-        if isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid)):
+        if _process_alive(owner):
             raise RunDirError(
                 f"the run directory is being written by flsl process {pid} on this machine; a second "
                 "writer would corrupt it", where=str(run_dir),
@@ -278,12 +275,15 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
 def owner_alive(owner: dict[str, Any] | None) -> bool:
     """Whether a local owner's process still runs (same pid and start time; a reused pid does
     not count). An owner on another machine, or a SLURM job, counts as alive."""
-    import socket
-
     if owner is None:
         return False
     if owner.get("kind") != "local" or owner.get("host") != socket.gethostname():
         return True
+    return _process_alive(owner)
+
+
+def _process_alive(owner: dict[str, Any]) -> bool:
+    """Whether the owner's process (on this machine) still runs: same pid and start time."""
     pid = owner.get("pid")
     return isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid))
 

@@ -47,7 +47,7 @@ def read_curves(run_dir: str) -> RunCurves:
     run_dir = storage.normalize(run_dir)
     record = _read_run_record(run_dir)
     try:
-        text = storage.read_text(storage.join(run_dir, METRICS_NAME))
+        text = storage.read_bytes(storage.join(run_dir, METRICS_NAME)).decode("utf-8")
     except FileNotFoundError:
         text = ""
     except OSError as exc:
@@ -81,7 +81,7 @@ def _read_run_record(run_dir: str) -> dict[str, Any]:
         raise RunDirError(f"the run directory {what}", where=run_dir,
                           fix="Pass the --run-dir of a run started with `flsl pretrain`")
     try:
-        return json.loads(storage.read_text(storage.join(run_dir, RUN_NAME)))
+        return json.loads(storage.read_bytes(storage.join(run_dir, RUN_NAME)).decode("utf-8"))
     except FileNotFoundError:
         raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=run_dir,
                           fix="Pass the --run-dir of a run started with `flsl pretrain`") from None

@@ -17,6 +17,7 @@ from typing import Any
 from flsl_cli import storage
 from flsl_cli.errors import RunDirError
 from flsl_cli.checkpoint.store import MANIFEST_PATTERN, checkpoint_dir
+from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
 from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, RUN_NAME, owner_alive, read_owner, requeues_per_job
 
 
@@ -51,8 +52,9 @@ class RunStatus:
 def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     run_dir = Path(run_dir)
     if run_dir.is_file():
+        holder = f": {run_dir.parent}" if run_dir.name in (RUN_NAME, RECIPE_NAME) else ""
         raise RunDirError("this is a file, not a run directory", where=str(run_dir),
-                          fix=f"Pass the run directory that holds it{': ' + str(run_dir.parent) if run_dir.name in (RUN_NAME, RECIPE_NAME) else ''} (the --run-dir of `flsl pretrain`)")
+                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
     if not run_dir.is_dir():
         raise RunDirError("the run directory does not exist", where=str(run_dir),
                           fix="Pass the --run-dir of a run started with `flsl pretrain`")
@@ -91,8 +93,6 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
         jobs_dir = run_dir / "slurm"
         result.logs = [str(jobs_dir / f"{newest}_0_log.out"), str(jobs_dir / f"{newest}_0_log.err")]
         if ask_slurm:
-            from flsl_cli.launch.slurm import UNKNOWN_TO_SLURM, job_details
-
             result.jobs = job_details(job_ids[-5:])
             for job, details in result.jobs.items():  # what SLURM says, for jobs that never reached flsl
                 if details.get("nodes") and job not in result.job_nodes:

@@ -1,0 +1,60 @@
+"""What is checked before any training process starts: the recipe against the processes that
+will run it (batch split, memory), the data, and the demo data a recipe may ask for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flsl_cli.config.load import check_for_world
+from flsl_cli.config.memory import check_memory
+from flsl_cli.config.schema import Recipe
+from flsl_cli.data.demo import write_demo_dataset
+from flsl_cli.data.shards import resolve_shards
+from flsl_cli.data.stream import plan_layout
+from flsl_cli.errors import RecipeError
+from flsl_cli.eval.api import available_cpus
+from flsl_cli.launch.devices import device_memory
+from flsl_cli.train.tensorboard import check_tensorboard
+
+
+def ensure_demo_data(recipe: Recipe, *, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    """Generate the demo data set at data.train's parent if the recipe asks for it and it is missing."""
+    demo = recipe.data.demo
+    train = Path(recipe.data.train).expanduser()
+    if demo is None or train.exists():
+        return False
+    write_demo_dataset(train.parent, images=demo.images, seed=demo.seed, image_size=demo.image_size,
+                       on_progress=on_progress)
+    return True
+
+
+def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
+    shards = resolve_shards(recipe.data.train)
+    _, notes = plan_layout(shards, world_size=world_size, num_workers=recipe.data.num_workers,
+                           local_batch=recipe.optim.global_batch_size // world_size)
+    return notes
+
+
+def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool) -> None:
+    """The recipe against the processes that will train it on this machine: the global batch
+    splits evenly, and the model, head and batch fit in memory. Every problem at once."""
+    device_bytes, device_name, sharing = device_memory(devices=world_size, use_cuda=use_cuda)
+    problems = []
+    for check in (lambda: check_for_world(recipe, world_size=world_size, source=source),
+                  lambda: check_memory(recipe, world_size=world_size, source=source, device_bytes=device_bytes,
+                                       device_name=device_name, processes_per_device=sharing),
+                  lambda: check_tensorboard(recipe, source=source)):
+        try:
+            check()
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RecipeError(problems, source=source)
+
+
+def note_worker_count(recipe: Recipe, *, on_note: Callable[[str], None]) -> None:
+    cpus = available_cpus()
+    if recipe.data.num_workers > cpus:
+        on_note(f"data.num_workers is {recipe.data.num_workers}, more than the {cpus} CPUs each process may use: "
+                "the worker processes will share them")

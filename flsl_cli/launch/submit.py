@@ -1,0 +1,133 @@
+"""`flsl pretrain RECIPE --nodes N ...` and `flsl resume RUN_DIR --nodes N ...`: the checks of a
+run on this machine, against the job's process count, then one SLURM job (or, with
+`dry_run`, its script)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flsl_cli.config.load import check_for_world, load_recipe
+from flsl_cli.config.schema import Recipe
+from flsl_cli.errors import FlslError
+from flsl_cli.launch.checks import check_data
+from flsl_cli.launch.rundir_setup import (
+    check_resume,
+    default_run_dir,
+    prepare_new,
+    refuse_file_as_run_dir,
+    remove_unsubmitted,
+    save_changed_recipe,
+)
+from flsl_cli.launch.slurm import SubmittedJob, require_sbatch, sbatch_script, submit
+from flsl_cli.launch.slurm_request import SlurmRequest
+from flsl_cli.train import remote
+from flsl_cli.train.rundir import (
+    RECIPE_NAME,
+    RUN_NAME,
+    read_run,
+    slurm_owner,
+    update_status,
+    write_owner,
+    write_text_atomic,
+)
+
+def _refuse_remote_for_slurm(run_dir) -> None:
+    if run_dir is not None and remote.is_remote(str(run_dir)):
+        raise FlslError(
+            "SLURM jobs need their run directory on a filesystem shared by the nodes", where=str(run_dir),
+            fix="Use a path on the cluster's shared filesystem for --run-dir (remote run dirs work for local runs)",
+        )
+
+
+def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: Path | None, force: bool,
+                    slurm_options: Mapping[str, Any], dry_run: bool = False,
+                    on_demo_progress: Callable[[int, int], None] | None = None,
+                    on_note: Callable[[str], None] = lambda _: None,
+                    on_script: Callable[[str], None] = print) -> SubmittedJob | None:
+    """Check everything, create the run dir, submit one job asking for what the recipe's `slurm`
+    section says, with the command line's `slurm_options` (SlurmConfig fields) applied.
+    With `dry_run`, check what can be checked without writing and hand the sbatch script to
+    `on_script` instead."""
+    source = str(recipe_path)
+    recipe = load_recipe(recipe_path, overrides=overrides)
+    request = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
+    _refuse_remote_for_slurm(run_dir)
+    run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
+    if dry_run:
+        check_for_world(recipe, world_size=request.world_size, source=source)
+        if recipe.data.demo is None or Path(recipe.data.train).expanduser().exists():
+            try:
+                for note in check_data(recipe, world_size=request.world_size):
+                    on_note(note)
+            except FlslError as exc:  # the data may only exist on the cluster: say so, still show the job
+                on_note(f"warning: a real submission would stop here: {exc.describe()}")
+        on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with "
+                f"{request.describe()}")
+        on_script(sbatch_script(request, run_dir=run_dir))
+        return None
+    require_sbatch()
+    existed = run_dir.exists()
+    prepare_new(recipe, source=source, run_dir=run_dir, world_size=request.world_size, force=force,
+                on_demo_progress=on_demo_progress, on_note=on_note)
+    try:
+        return _submit(request, run_dir=run_dir)
+    except FlslError:
+        remove_unsubmitted(run_dir, existed=existed)
+        raise
+
+
+def submit_resume(run_dir: Path, *, overrides: list[str], slurm_options: Mapping[str, Any], dry_run: bool = False,
+                  on_note: Callable[[str], None] = lambda _: None,
+                  on_script: Callable[[str], None] = print) -> SubmittedJob | None:
+    """The checks of `flsl resume`, then one job that continues the run."""
+    _refuse_remote_for_slurm(run_dir)
+    run_dir = Path(run_dir).absolute()
+    requests: dict[str, SlurmRequest] = {}
+
+    def world_size_of(recipe: Recipe) -> int:
+        requests["slurm"] = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
+        return requests["slurm"].world_size
+
+    refuse_file_as_run_dir(run_dir)
+    if not dry_run:
+        read_run(run_dir)
+        require_sbatch()
+    recipe, _, step, changed = check_resume(run_dir, overrides=overrides, world_size_of=world_size_of,
+                                            on_note=on_note, note_skipped=True)
+    request = requests["slurm"]
+    start = "from step 0 (it has no checkpoint yet)" if step is None else f"from step {step}"
+    if dry_run:
+        on_note(f"dry run: nothing written, nothing submitted; the job would resume {run_dir} {start} "
+                f"with {request.describe()}")
+        on_script(sbatch_script(request, run_dir=run_dir))
+        return None
+    saved_text, _ = read_run(run_dir)
+    save_changed_recipe(run_dir, recipe, changed, on_note)  # before submitting: the job reads it
+    try:
+        job = _submit(request, run_dir=run_dir)
+    except FlslError:
+        if changed:
+            write_text_atomic(run_dir / RECIPE_NAME, saved_text)
+        raise
+    on_note(f"the job resumes {run_dir} {start}")
+    return job
+
+
+def _submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
+    """Submit the job and record it in run.json; run.json is left as it was when SLURM refuses."""
+    _, before = read_run(run_dir)
+    update_status(run_dir, scheduler="slurm", slurm=request.record(), status="submitting")
+    try:
+        job = submit(request, run_dir=run_dir)
+    except FlslError:
+        write_text_atomic(run_dir / RUN_NAME, json.dumps(before, indent=1) + "\n")
+        raise
+    write_owner(run_dir, slurm_owner(job.job_id))
+    _, record = read_run(run_dir)
+    job_ids = [str(j) for j in record.get("job_ids", [])]
+    if job.job_id not in job_ids:
+        update_status(run_dir, job_ids=job_ids + [job.job_id])
+    return job
