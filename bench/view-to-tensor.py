@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Time to convert one view to a normalised tensor: numpy (data/augment.py `to_tensor`) against
-torchvision (data/normalize.py `normalized_tensor`), one torch thread as in a data worker, 200
+"""Time to convert one view to a normalised tensor: the plain numpy formula (tests/test_normalize.py)
+against torchvision's PIL path (data/normalize.py `normalized_tensor`, what the data workers use), one torch thread as in a data worker, 200
 conversions per turn, alternating turns, best of 5 each.   python3 bench/view-to-tensor.py"""
 import sys
 import time
@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flsl_cli.data.augment import to_tensor  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flsl_cli.data.normalize import normalized_tensor  # noqa: E402
+from test_normalize import numpy_reference as to_tensor  # noqa: E402
 
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)

@@ -24,10 +24,10 @@ PACKAGE = REPO / "flsl_cli"
 # Top to bottom. "flsl_cli" is the package's own __init__ (its version); "__main__" runs the CLI.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__", "cli"),
-    ("launch",),
+    ("launch", "bench", "viz"),
     ("train",),
-    ("bench", "export", "eval", "data", "models", "losses"),
-    ("checkpoint", "config", "storage", "distributed", "signals", "errors", "flsl_cli"),
+    ("export", "eval", "data", "models", "losses"),
+    ("checkpoint", "config", "storage", "distributed", "signals", "errors", "progress", "timestamps", "flsl_cli"),
 )
 RANK = {name: (layer, place) for layer, names in enumerate(LAYERS) for place, name in enumerate(names)}
 

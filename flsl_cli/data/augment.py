@@ -23,10 +23,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from flsl_cli.config.schema import Recipe
+from flsl_cli.data.normalize import normalized_tensor
 from flsl_cli.data.view_plan import RATIO, Box, CropPlan, Photometric, SamplePlan, complete_plan, draw_crops, sample_crop
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 __all__ = ["RATIO", "Box", "CropPlan", "MultiCropAugment", "sample_crop"]
 
@@ -116,6 +115,4 @@ def photometric(image: Image.Image, choice: Photometric) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> normalized float tensor (3, H, W)."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return normalized_tensor(image)

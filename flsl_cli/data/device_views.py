@@ -32,11 +32,10 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
 from flsl_cli.config.schema import Recipe
+from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.view_plan import JITTER_OPS, SamplePlan
 from flsl_cli.errors import DataError, RecipeError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PLAN_KEYS = ("plan_size", "plan_boxes", "plan_jitter", "plan_jitter_order", "plan_gray", "plan_blur", "plan_solarize")
 _IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 _JPEG_MAGIC = b"\xff\xd8\xff"

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
-_MEAN_C11 = torch.tensor(_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD_C11 = torch.tensor(_STD, dtype=torch.float32).view(3, 1, 1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_C11 = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD_C11 = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def normalized_tensor(image: Image.Image) -> torch.Tensor:

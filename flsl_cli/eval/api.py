@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flsl_cli.config.schema import KnnEvalConfig
-from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import ShardSet, resolve_shards
 from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
 from flsl_cli.errors import DataError, FlslError
@@ -96,7 +96,7 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConf
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]
     try:
-        model = wrap_module(backbone, mean=tuple(IMAGENET_MEAN.tolist()), std=tuple(IMAGENET_STD.tolist()),
+        model = wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                             description={"kind": "flsl", "source": "training"}, identity="")
         check_model_fits(model, settings)
         results = evaluate_model(model, settings=settings, device=device,

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from flsl_cli.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.errors import CheckpointError, FlslError
 from flsl_cli.models.load import load_backbone
 from flsl_cli.models.vit import build_backbone
@@ -111,7 +111,7 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
         "random_init": random_init,
     }
     identity = f"flsl|{loaded.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{which}|random={random_init}"
-    return wrap_module(backbone, mean=tuple(IMAGENET_MEAN.tolist()), std=tuple(IMAGENET_STD.tolist()),
+    return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  description=description, identity=identity)
 
 
@@ -173,8 +173,8 @@ def _timm_export(path: Path, *, timm_name: str | None, random_init: bool) -> Eva
                    "step": provenance.get("step"), "which": provenance.get("which"),
                    "exported_from": provenance.get("source")}
     identity = f"export|{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{architecture}|random={random_init}"
-    return wrap_module(module, mean=tuple(cfg.get("mean", IMAGENET_MEAN.tolist())),
-                       std=tuple(cfg.get("std", IMAGENET_STD.tolist())), description=description, identity=identity)
+    return wrap_module(module, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                       std=tuple(cfg.get("std", IMAGENET_STD)), description=description, identity=identity)
 
 
 def _export_config(path: Path, weights: Path) -> tuple[dict | None, str]:
@@ -221,8 +221,8 @@ def _plain_timm(name: str, *, random_init: bool) -> EvalModel:
     module = _create_timm(name, pretrained=not random_init, kwargs={})
     pretrained_cfg = getattr(module, "pretrained_cfg", {}) or {}
     description = {"kind": "timm", "source": f"timm:{name}", "arch": name, "random_init": random_init}
-    return wrap_module(module, mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN.tolist())),
-                 std=tuple(pretrained_cfg.get("std", IMAGENET_STD.tolist())), description=description,
+    return wrap_module(module, mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+                 std=tuple(pretrained_cfg.get("std", IMAGENET_STD)), description=description,
                  identity=f"timm|{name}|random={random_init}")
 
 
