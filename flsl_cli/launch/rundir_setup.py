@@ -4,7 +4,6 @@ never happened wrote: a bad input leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from flsl_cli.config.load import (
     validate_recipe,
 )
 from flsl_cli.config.schema import SHAPE_KEYS, Recipe
+from flsl_cli.distributed.env import slurm_tasks
 from flsl_cli.errors import RecipeError, RunDirError
 from flsl_cli.launch.checks import check_data, ensure_demo_data
 from flsl_cli.launch.slurm import JOBS_DIR
@@ -152,7 +152,7 @@ def prepare_for_job(recipe_path: str | Path, *, overrides: list[str], run_dir: P
         on_note(f"{run_dir} already holds the run; the job continues it")
         return
     recipe = load_recipe(recipe_path, overrides=overrides)
-    world_size = int(os.environ.get("SLURM_NTASKS") or 1)
+    world_size = slurm_tasks()
     prepare_new(recipe, source=str(recipe_path), run_dir=Path(run_dir), world_size=world_size, force=False,
                 on_demo_progress=None, on_note=on_note)
     on_note(f"created {run_dir} for {world_size} process(es)")
