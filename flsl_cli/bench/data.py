@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -302,4 +301,4 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
 
 def write_results(path: str | Path, results: dict) -> None:
     """The figures as JSON, written atomically (a local path or any fsspec URL)."""
-    storage.write_text_atomic(str(path), json.dumps(results, indent=1) + "\n")
+    storage.write_json_atomic(str(path), results)

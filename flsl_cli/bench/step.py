@@ -22,7 +22,6 @@ variant (`warmup`, and compilation) are not timed; the timed steps run in altern
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
@@ -267,4 +266,4 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
 
 def write_results(path: str | Path, results: dict) -> None:
     """The figures as JSON, written atomically (a local path or any fsspec URL)."""
-    storage.write_text_atomic(str(path), json.dumps(results, indent=1) + "\n")
+    storage.write_json_atomic(str(path), results)

@@ -113,11 +113,13 @@ def knn_settings(*, k: str, **options) -> KnnEvalConfig:
 
 def default_output(results: dict) -> Path:
     """Beside the run for a run's checkpoint (RUN_DIR/eval/), else in the current directory."""
+    from flsl_cli.checkpoint.store import CHECKPOINTS_DIR  # torch: imported only when a report is written
+
     described = results["model"]
     mode = results["settings"]["mode"]
     suffix = "-random" if described.get("random_init") else ""
     source = Path(described.get("source", ""))
-    if described.get("kind") == "flsl" and source.parent.name == "checkpoints":
+    if described.get("kind") == "flsl" and source.parent.name == CHECKPOINTS_DIR:
         which = described.get("which", "teacher")
         return source.parent.parent / "eval" / f"knn-{mode}-step-{described['step']:08d}-{which}{suffix}.json"
     return Path(f"knn-{mode}{suffix}.json")

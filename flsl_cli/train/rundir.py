@@ -23,7 +23,7 @@ from flsl_cli import __version__, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
 from flsl_cli.errors import RunDirError
-from flsl_cli.storage import write_text_atomic
+from flsl_cli.storage import write_json_atomic, write_text_atomic
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"
@@ -55,7 +55,7 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
         "recipe_fingerprint": fingerprint(recipe_yaml),
         "status": "created",
     }
-    write_text_atomic(run_dir / RUN_NAME, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(run_dir / RUN_NAME, record)
 
 
 def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
@@ -114,7 +114,7 @@ def update_status(run_dir: Path, **fields: Any) -> None:
     except (OSError, ValueError):
         record = {}
     record.update(fields)
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
 
 
 def record_resume(run_dir: Path, *, step: int) -> None:
@@ -130,7 +130,7 @@ def record_resume(run_dir: Path, *, step: int) -> None:
     if task is not None:
         event.update(job_id=task.job_id, restart=task.restart)
     record["resumes"] = [*record.get("resumes", []), event]
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
 
 
 def job_restarts(record: dict[str, Any]) -> dict[str, int]:
@@ -199,7 +199,7 @@ def read_owner(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_owner(run_dir: Path, owner: dict[str, Any]) -> None:
-    write_text_atomic(Path(run_dir) / OWNER_NAME, json.dumps(owner, indent=1) + "\n")
+    write_json_atomic(Path(run_dir) / OWNER_NAME, owner)
 
 
 def release_owner(run_dir: Path, owner: dict[str, Any]) -> None:
@@ -266,7 +266,7 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         status = None
     if status == "running":
         raise RunDirError(
-            f"the run directory is being written by flsl process {pid} on {host} (run.json says "
+            f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says "
             "running)", where=str(run_dir),
             fix=f"Check whether that process still runs on {host}; {release}",
         )
