@@ -28,14 +28,12 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.losses.queries import grid_query_indices
@@ -262,8 +260,3 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
         "machine": machine_info(device),
         "note": NOTE,
     }
-
-
-def write_results(path: str | Path, results: dict) -> None:
-    """The figures as JSON, written atomically (a local path or any fsspec URL)."""
-    storage.write_json_atomic(str(path), results)
