@@ -9,6 +9,7 @@ import typer
 
 from rich.markup import escape
 
+from flsl_cli.cli.options import comma_list
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import KnnEvalConfig
@@ -106,7 +107,7 @@ def knn_eval(
 
 def knn_settings(*, k: str, **options) -> KnnEvalConfig:
     """The options as a KnnEvalConfig, checked by the schema; problems name the options."""
-    values = {**options, "k": [part.strip() for part in k.split(",") if part.strip()]}
+    values = {**options, "k": comma_list(k)}
     return validate_options(values, section=("eval", "knn"), options=KNN_OPTIONS,
                             fix="Change the options named above (see `flsl knn-eval --help`)")
 
