@@ -22,7 +22,8 @@ import yaml
 from flsl_cli import __version__, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
-from flsl_cli.errors import RunDirError
+from flsl_cli import storage
+from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.storage import write_json_atomic, write_text_atomic
 
 RECIPE_NAME = "recipe.yaml"
@@ -105,6 +106,33 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
     except (OSError, ValueError):
         record = {}
     return recipe_path.read_text(), record
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The run record (run.json) of an existing run, a local path or a URL, for readers that
+    only look (status, plots); every problem is a RunDirError saying what the path is instead."""
+    url = storage.normalize(run_dir)
+    path = storage.local_path(url) if storage.is_local(url) else None
+    if path is not None and path.is_file():
+        holder = f": {path.parent}" if path.name in (RUN_NAME, RECIPE_NAME) else ""
+        raise RunDirError("this is a file, not a run directory", where=url,
+                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
+    if path is not None and not path.is_dir():
+        raise RunDirError("the run directory does not exist", where=url,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+    try:
+        return json.loads(storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=url,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
+    except ValueError as exc:
+        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=url,
+                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+    except FlslError:
+        raise
+    except OSError as exc:
+        raise RunDirError(f"cannot read the run directory ({exc})", where=url,
+                          fix="Check the path or URL and your access to it") from None
 
 
 def update_status(run_dir: Path, **fields: Any) -> None:
