@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -38,7 +37,6 @@ from PIL import features
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.shards import BadShard, Shard, ShardSet, iter_samples, resolve_shards
@@ -298,8 +296,3 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
         "notes": notes,
         "note": NOTE,
     }
-
-
-def write_results(path: str | Path, results: dict) -> None:
-    """The figures as JSON, written atomically (a local path or any fsspec URL)."""
-    storage.write_text_atomic(str(path), json.dumps(results, indent=1) + "\n")

@@ -22,21 +22,18 @@ variant (`warmup`, and compilation) are not timed; the timed steps run in altern
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.losses.queries import grid_query_indices
@@ -263,8 +260,3 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
         "machine": machine_info(device),
         "note": NOTE,
     }
-
-
-def write_results(path: str | Path, results: dict) -> None:
-    """The figures as JSON, written atomically (a local path or any fsspec URL)."""
-    storage.write_text_atomic(str(path), json.dumps(results, indent=1) + "\n")

@@ -11,6 +11,7 @@ from enum import Enum
 import typer
 from rich.markup import escape
 
+from flsl_cli.cli.bench_render import write_figures
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -51,7 +52,7 @@ def data(
 ) -> None:
     """Images/s of decode + FLSL multi-crop augmentation: flsl's shard stream against torchvision's
     ImageFolder with PIL's loader (the released FLSL code), same workers, batch and augmentation."""
-    from flsl_cli.bench.data import DataBenchSettings, run_data_bench, write_results
+    from flsl_cli.bench.data import DataBenchSettings, run_data_bench
 
     settings = DataBenchSettings(url=url, workers=workers, seconds=seconds, max_images=max_images,
                                  imagefolder=imagefolder, device=device.value if device else None)
@@ -68,8 +69,7 @@ def data(
     if results.get("view_cost"):
         out_console.print(view_cost_table(results["view_cost"]))
     if output is not None:
-        write_results(output, results)
-        out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
+        write_figures(output, results)
 
 
 def _load_recipe(path: Path | None, *, url: str, overrides: list[str]):

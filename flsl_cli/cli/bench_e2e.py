@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.markup import escape
 
+from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -41,7 +42,6 @@ def e2e(
     """Images/s of training from shards (data workers, views, step) against the same step on a
     synthetic batch already on the device, as a percentage, and the data workers' CPU time per image."""
     from flsl_cli.bench.e2e import E2EBenchSettings, run_e2e_bench
-    from flsl_cli.bench.step import write_results
     from flsl_cli.config.load import load_recipe
 
     settings = E2EBenchSettings(data=data, steps=steps, warmup=warmup, batch=batch, device=device, workers=workers,
@@ -50,8 +50,7 @@ def e2e(
     results = run_e2e_bench(loaded, settings, on_stage=lambda message: note(escape(message)))
     out_console.print(results_table(results))
     if output is not None:
-        write_results(output, results)
-        out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
+        write_figures(output, results)
 
 
 def results_table(results: dict):
@@ -62,9 +61,7 @@ def results_table(results: dict):
 
     settings, machine = results["settings"], results["machine"]
     view_device = settings["view_device"]
-    table = Table(title=f"training from shards, {settings['arch']}/{settings['patch_size']} ({settings['depth']} "
-                        f"blocks), {settings['images']} images, {settings['global_size']} px + "
-                        f"{settings['local_crops']} x {settings['local_size']} px, views made on {view_device}")
+    table = Table(title=f"training from shards, {measured_shape(settings)}, views made on {view_device}")
     for column in ("measured", "steps", "step ms", "images/s", "% of the step alone"):
         table.add_column(column, justify="left" if column == "measured" else "right")
     step, e2e = results["step"], results["e2e"]
@@ -84,9 +81,8 @@ def results_table(results: dict):
     for path, value in per_image.items():
         ratio = "1.00" if path == "cpu" else f"{results['worker_cpu_ratio']:.3f}"
         workers.add_row(labels[path], f"{value:.2f}", ratio)
-    where = machine.get("gpu") or f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, {machine['torch_threads']} torch threads)"
     lines = [*(f"note: {text}" for text in results["notes"]),
-             f"{where}, load {machine['load_average_1min']}, torch {machine['torch']}, timm {machine['timm']}; "
+             f"{training_machine(machine)}; "
              f"{e2e['epochs']} epoch(s) in the timed steps, {e2e['bad_samples']} bad sample(s)",
              results["note"]]
     return Group(table, workers, Text("\n".join(lines), style="dim"))

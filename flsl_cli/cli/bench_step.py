@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.markup import escape
 
+from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -35,7 +36,7 @@ def step(
 ) -> None:
     """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's
     against an eager baseline run the way the released FLSL code runs it, and their ratio."""
-    from flsl_cli.bench.step import StepBenchSettings, run_step_bench, write_results
+    from flsl_cli.bench.step import StepBenchSettings, run_step_bench
     from flsl_cli.config.load import load_recipe
 
     settings = StepBenchSettings(steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_,
@@ -45,8 +46,7 @@ def step(
     results = run_step_bench(loaded, settings)
     out_console.print(results_table(results))
     if output is not None:
-        write_results(output, results)
-        out_console.print(f"[green]wrote[/] {escape(str(output))}", highlight=False)
+        write_figures(output, results)
 
 
 def results_table(results: dict):
@@ -56,9 +56,7 @@ def results_table(results: dict):
     from rich.text import Text
 
     settings, machine = results["settings"], results["machine"]
-    table = Table(title=f"training step, {settings['arch']}/{settings['patch_size']} ({settings['depth']} blocks), "
-                        f"{settings['images']} images, {settings['global_size']} px + {settings['local_crops']} x "
-                        f"{settings['local_size']} px")
+    table = Table(title=f"training step, {measured_shape(settings)}")
     for column in ("variant", "precision", "step ms", "images/s", "TFLOP/s", "MFU", "peak memory", "flsl / baseline"):
         table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
     labels = {"baseline": "eager baseline (release-style)", "flsl": "flsl"}
@@ -72,9 +70,8 @@ def results_table(results: dict):
                       "-" if memory is None else f"{memory / 2**30:.2f} GiB",
                       f"{results['speedup']:.2f}" if name == "flsl" else "1.00")
     peak = "none" if results["peak_tflops"] is None else f"{results['peak_tflops']:g} TFLOP/s"
-    where = machine.get("gpu") or f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, {machine['torch_threads']} torch threads)"
     footer = Text(f"{results['flops_per_image'] / 1e9:.2f} GFLOP per image counted by torch; peak {peak} "
                   f"({results['peak_source']}); process peak RSS {results['process_peak_rss_bytes'] / 2**30:.2f} GiB\n"
-                  f"{where}, load {machine['load_average_1min']}, torch {machine['torch']}, timm {machine['timm']}\n"
+                  f"{training_machine(machine)}\n"
                   f"{results['note']}", style="dim")
     return Group(table, footer)

@@ -9,6 +9,7 @@ import typer
 
 from rich.markup import escape
 
+from flsl_cli.cli.options import comma_list
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import KnnEvalConfig
@@ -106,18 +107,20 @@ def knn_eval(
 
 def knn_settings(*, k: str, **options) -> KnnEvalConfig:
     """The options as a KnnEvalConfig, checked by the schema; problems name the options."""
-    values = {**options, "k": [part.strip() for part in k.split(",") if part.strip()]}
+    values = {**options, "k": comma_list(k)}
     return validate_options(values, section=("eval", "knn"), options=KNN_OPTIONS,
                             fix="Change the options named above (see `flsl knn-eval --help`)")
 
 
 def default_output(results: dict) -> Path:
     """Beside the run for a run's checkpoint (RUN_DIR/eval/), else in the current directory."""
+    from flsl_cli.checkpoint.store import CHECKPOINTS_DIR  # torch: imported only when a report is written
+
     described = results["model"]
     mode = results["settings"]["mode"]
     suffix = "-random" if described.get("random_init") else ""
     source = Path(described.get("source", ""))
-    if described.get("kind") == "flsl" and source.parent.name == "checkpoints":
+    if described.get("kind") == "flsl" and source.parent.name == CHECKPOINTS_DIR:
         which = described.get("which", "teacher")
         return source.parent.parent / "eval" / f"knn-{mode}-step-{described['step']:08d}-{which}{suffix}.json"
     return Path(f"knn-{mode}{suffix}.json")

@@ -56,8 +56,18 @@ DryRunOption = Annotated[bool, typer.Option(
     help="Check the recipe and options, print the sbatch script that would be submitted, and exit.")]
 
 
-def _slurm_options(**values) -> dict:
-    """The SLURM options as SlurmConfig fields; None: not given (the recipe decides)."""
+def _slurm_job(*, devices: int | None, dry_run: bool, **values) -> dict | None:
+    """The SLURM options as SlurmConfig fields (None: not given, the recipe decides) when a SLURM
+    job is asked for (any of them, or --dry-run); None to train on this machine. --devices is
+    refused with a SLURM job."""
+    if all(value is None for value in values.values()) and not dry_run:
+        return None
+    if devices is not None:
+        from flsl_cli.errors import FlslError
+
+        raise FlslError("--devices is for runs on this machine and cannot be combined with SLURM options",
+                        fix="Use --gpus-per-node (or --gpus-per-node 0 --tasks-per-node N for CPU "
+                            "processes) with --nodes, or leave out the SLURM options")
     return values
 
 
@@ -70,15 +80,6 @@ def _print_submitted(job, *, resumed: bool) -> None:
 
 def _print_script(script: str) -> None:
     typer.echo(script)
-
-
-def _refuse_devices_with_slurm(devices: int | None) -> None:
-    if devices is not None:
-        from flsl_cli.errors import FlslError
-
-        raise FlslError("--devices is for runs on this machine and cannot be combined with SLURM options",
-                        fix="Use --gpus-per-node (or --gpus-per-node 0 --tasks-per-node N for CPU "
-                            "processes) with --nodes, or leave out the SLURM options")
 
 
 @handle_errors
@@ -106,11 +107,10 @@ def pretrain(
     dry_run: DryRunOption = False,
 ) -> None:
     """Pretrain a ViT with FLSL from a recipe, here or as a SLURM job (--nodes N ...)."""
-    slurm = _slurm_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-                           partition=partition, account=account, qos=qos, time=time, constraint=constraint, mem=mem,
-                           cpus_per_task=cpus_per_task, exclusive=exclusive)
-    if any(value is not None for value in slurm.values()) or dry_run:
-        _refuse_devices_with_slurm(devices)
+    slurm = _slurm_job(devices=devices, dry_run=dry_run, nodes=nodes, gpus_per_node=gpus_per_node,
+                       tasks_per_node=tasks_per_node, partition=partition, account=account, qos=qos, time=time,
+                       constraint=constraint, mem=mem, cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if slurm is not None:
         from flsl_cli.launch.submit import submit_pretrain
 
         update, close = demo_progress()
@@ -152,11 +152,10 @@ def resume(
     dry_run: DryRunOption = False,
 ) -> None:
     """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...)."""
-    slurm = _slurm_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-                           partition=partition, account=account, qos=qos, time=time, constraint=constraint, mem=mem,
-                           cpus_per_task=cpus_per_task, exclusive=exclusive)
-    if any(value is not None for value in slurm.values()) or dry_run:
-        _refuse_devices_with_slurm(devices)
+    slurm = _slurm_job(devices=devices, dry_run=dry_run, nodes=nodes, gpus_per_node=gpus_per_node,
+                       tasks_per_node=tasks_per_node, partition=partition, account=account, qos=qos, time=time,
+                       constraint=constraint, mem=mem, cpus_per_task=cpus_per_task, exclusive=exclusive)
+    if slurm is not None:
         from flsl_cli.launch.submit import submit_resume
 
         job = submit_resume(run_dir, overrides=set_ or [], slurm_options=slurm, dry_run=dry_run, on_note=note,

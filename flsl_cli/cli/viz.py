@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.markup import escape
 
+from flsl_cli.cli.options import comma_list
 from flsl_cli.cli.render import err_console, handle_errors, out_console
 from flsl_cli.errors import FlslError
 
@@ -95,7 +96,7 @@ def _parse_layers(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
-        layers = tuple(int(part) for part in value.split(",") if part.strip())
+        layers = tuple(int(part) for part in comma_list(value))
     except ValueError:
         raise FlslError(f"--layers {value!r} is not a comma-separated list of block numbers",
                         fix="Pass e.g. --layers 4,8,12") from None

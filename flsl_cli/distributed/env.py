@@ -63,10 +63,40 @@ def slurm_task(environ: Mapping[str, str] | None = None) -> SlurmTask | None:
         local_rank = 0
     return SlurmTask(
         job_id=environ["SLURM_JOB_ID"], rank=int(environ["SLURM_PROCID"]), local_rank=local_rank,
-        world_size=int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1),
-        nodelist=environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1",
-        restart=int(environ.get("SLURM_RESTART_COUNT") or 0), node=environ.get("SLURMD_NODENAME"),
+        world_size=slurm_tasks(environ),
+        nodelist=environ.get("SLURM_STEP_NODELIST") or slurm_job_nodes(environ) or "127.0.0.1",
+        restart=slurm_restarts(environ), node=slurm_node(environ),
     )
+
+
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """The SLURM job this process runs in (the batch step too), or None outside a job."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SLURM_JOB_ID")
+
+
+def slurm_restarts(environ: Mapping[str, str] | None = None) -> int:
+    """How often SLURM requeued this job (SLURM_RESTART_COUNT); 0 outside a job."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def slurm_job_nodes(environ: Mapping[str, str] | None = None) -> str | None:
+    """The nodes of this SLURM job (SLURM_JOB_NODELIST), or None outside a job."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SLURM_JOB_NODELIST") or None
+
+
+def slurm_tasks(environ: Mapping[str, str] | None = None) -> int:
+    """The tasks of this SLURM job (SLURM_NTASKS, or SLURM_NPROCS); 1 when neither is set."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS") or 1)
+
+
+def slurm_node(environ: Mapping[str, str] | None = None) -> str | None:
+    """This machine's name as SLURM knows it (SLURMD_NODENAME), or None outside a job."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SLURMD_NODENAME") or None
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None) -> int | None:
@@ -80,8 +110,7 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> int | None:
 
 def node_name(environ: Mapping[str, str] | None = None) -> str:
     """This machine's name as SLURM knows it, else its host name."""
-    environ = os.environ if environ is None else environ
-    return environ.get("SLURMD_NODENAME") or socket.gethostname()
+    return slurm_node(environ) or socket.gethostname()
 
 
 def local_processes(environ: Mapping[str, str] | None = None) -> int:

@@ -4,13 +4,12 @@ never happened wrote: a bad input leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flsl_cli.checkpoint.store import list_checkpoints, newest_valid
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints, newest_valid
 from flsl_cli.config.load import (
     apply_overrides,
     changed_keys,
@@ -22,10 +21,12 @@ from flsl_cli.config.load import (
     validate_recipe,
 )
 from flsl_cli.config.schema import SHAPE_KEYS, Recipe
+from flsl_cli.distributed.env import slurm_tasks
 from flsl_cli.errors import RecipeError, RunDirError
 from flsl_cli.launch.checks import check_data, ensure_demo_data
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_queries import job_state
+from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME
 from flsl_cli.train.rundir import (
@@ -37,7 +38,6 @@ from flsl_cli.train.rundir import (
     prepare_new_run,
     read_run,
     refuse_if_owned,
-    write_text_atomic,
 )
 
 
@@ -93,12 +93,12 @@ def refuse_file_as_run_dir(run_dir: str | Path) -> None:
     path = Path(run_dir)
     if remote.is_remote(str(run_dir)) or not path.is_file():
         return
-    if path.parent.name == "checkpoints" and (path.parent.parent / RECIPE_NAME).exists():
+    if path.parent.name == CHECKPOINTS_DIR and (path.parent.parent / RECIPE_NAME).exists():
         fix = f"Pass the run directory that holds it: {path.parent.parent}"
     elif path.name == RECIPE_NAME and (path.parent / RUN_NAME).exists():
         fix = f"Pass the run directory that holds it: {path.parent}"
     else:
-        fix = "Pass the run directory (the --run-dir of `flsl pretrain`, holding recipe.yaml and checkpoints/)"
+        fix = f"Pass the run directory (the --run-dir of `flsl pretrain`, holding {RECIPE_NAME} and {CHECKPOINTS_DIR}/)"
     raise RunDirError("this is a file, not a run directory", where=str(run_dir), fix=fix)
 
 
@@ -152,7 +152,7 @@ def prepare_for_job(recipe_path: str | Path, *, overrides: list[str], run_dir: P
         on_note(f"{run_dir} already holds the run; the job continues it")
         return
     recipe = load_recipe(recipe_path, overrides=overrides)
-    world_size = int(os.environ.get("SLURM_NTASKS") or 1)
+    world_size = slurm_tasks()
     prepare_new(recipe, source=str(recipe_path), run_dir=Path(run_dir), world_size=world_size, force=False,
                 on_demo_progress=None, on_note=on_note)
     on_note(f"created {run_dir} for {world_size} process(es)")

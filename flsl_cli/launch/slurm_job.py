@@ -40,7 +40,8 @@ from flsl_cli import signals, timestamps
 from flsl_cli.config.load import recipe_to_dict, validate_recipe
 from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.errors import FlslError, RunStopped
-from flsl_cli.distributed.env import in_slurm_job
+from flsl_cli.distributed.env import (in_slurm_job, node_name, read_env, slurm_job_id, slurm_job_nodes,
+                                      slurm_node, slurm_restarts, slurm_task)
 from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_errors import SlurmError
@@ -135,8 +136,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     from flsl_cli.train import rundir
 
 
-    job_id = os.environ.get("SLURM_JOB_ID", "?")
-    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    job_id = slurm_job_id() or "?"
+    restart = slurm_restarts()
     try:
         recipe_text, record = rundir.read_run(run_dir)
     except (OSError, FlslError):
@@ -218,7 +219,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     rank 0 settles the job's fate (`_after_stop`)."""
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
-    if not in_slurm_job(os.environ):
+    if not in_slurm_job():
         print("error: this runs as a task of a SLURM job step (SLURM_JOB_ID and SLURM_PROCID are not set). "
               f"Start it with srun inside a job (see slurm/flsl.sbatch), or train here with `flsl resume {run_dir}`.",
               file=sys.stderr, flush=True)
@@ -226,13 +227,13 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     os.environ.update(torch_env(os.environ))
     if use_cuda is False:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    task = _Task(run_dir=Path(run_dir), job_id=os.environ["SLURM_JOB_ID"],
-                 restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0), rank=int(os.environ["RANK"]))
-    _log(f"rank {task.rank} of {os.environ['WORLD_SIZE']} on node {os.environ.get('SLURMD_NODENAME', '?')} "
+    slurm, process = slurm_task(), read_env()
+    task = _Task(run_dir=Path(run_dir), job_id=slurm.job_id, restart=slurm.restart, rank=process.rank)
+    _log(f"rank {task.rank} of {process.world_size} on node {slurm.node or '?'} "
          f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
     max_requeues = None
     try:
-        _check_master_addr(os.environ["MASTER_ADDR"], nodelist=os.environ.get("SLURM_JOB_NODELIST", "?"))
+        _check_master_addr(os.environ["MASTER_ADDR"], nodelist=slurm_job_nodes() or "?")
         recipe, resume = _begin(task)
         max_requeues = recipe.slurm.max_requeues
         if "FLSL_MASTER_PORT" not in os.environ:
@@ -240,8 +241,8 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
                 task.run_dir / JOBS_DIR, attempt=task.attempt, rank=task.rank,
                 first=int(os.environ["MASTER_PORT"])))
         if task.rank == 0:
-            _log(f"job {task.job_id} (restart {task.restart}) on {os.environ.get('SLURM_JOB_NODELIST', '?')}: "
-                 f"{os.environ['WORLD_SIZE']} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
+            _log(f"job {task.job_id} (restart {task.restart}) on {slurm_job_nodes() or '?'}: "
+                 f"{process.world_size} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
 
         from flsl_cli.train.loop import train_process
@@ -279,7 +280,7 @@ def _check_master_addr(address: str, *, nodelist: str) -> None:
     except OSError as exc:
         raise RendezvousError(
             f"the rendezvous host {address} (the first node of {nodelist}) does not resolve to an address "
-            f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()} ({exc.strerror or exc})",
+            f"on {node_name()} ({exc.strerror or exc})",
             fix="Make the node names resolve on every node (DNS or /etc/hosts), or export FLSL_MASTER_ADDR "
                 "with the first node's address before submitting",
         ) from None
@@ -304,7 +305,7 @@ def _begin(task: _Task):
             job_ids.append(task.job_id)
         restarts = rundir.job_restarts(record)
         restarts[task.job_id] = task.restart
-        nodes = os.environ.get("SLURM_JOB_NODELIST")
+        nodes = slurm_job_nodes()
         job_nodes = {str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()}
         job_nodes[task.job_id] = nodes or "?"
         rundir.update_status(task.run_dir, scheduler="slurm", job_ids=job_ids, job_id=task.job_id,
@@ -421,7 +422,7 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
             return
         rundir.update_status(task.run_dir, status=status if task.rank == 0 else record.get("status"),
                              last_error={"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank,
-                                         "node": os.environ.get("SLURMD_NODENAME"),
+                                         "node": slurm_node(),
                                          "time": timestamps.now(), "message": message})
     except (OSError, FlslError):
         pass

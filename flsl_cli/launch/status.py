@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli import storage
-from flsl_cli.errors import RunDirError
 from flsl_cli.checkpoint.store import MANIFEST_PATTERN, checkpoint_dir
 from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
-from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, RUN_NAME, owner_alive, read_owner, requeues_per_job
+from flsl_cli.train.rundir import METRICS_NAME, owner_alive, read_owner, read_run_record, requeues_per_job
 
 
 
@@ -51,21 +50,7 @@ class RunStatus:
 
 def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     run_dir = Path(run_dir)
-    if run_dir.is_file():
-        holder = f": {run_dir.parent}" if run_dir.name in (RUN_NAME, RECIPE_NAME) else ""
-        raise RunDirError("this is a file, not a run directory", where=str(run_dir),
-                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
-    if not run_dir.is_dir():
-        raise RunDirError("the run directory does not exist", where=str(run_dir),
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
-    try:
-        record = json.loads((run_dir / RUN_NAME).read_text())
-    except FileNotFoundError:
-        raise RunDirError("this is not a flsl run directory (no run.json)", where=str(run_dir),
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"run.json cannot be read: {exc}", where=str(run_dir),
-                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+    record = read_run_record(run_dir)
 
     job_ids = [str(j) for j in record.get("job_ids", [])]
     recorded = record.get("status")

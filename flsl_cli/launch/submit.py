@@ -4,7 +4,6 @@ run on this machine, against the job's process count, then one SLURM job (or, wi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from flsl_cli.launch.rundir_setup import (
 )
 from flsl_cli.launch.slurm import SubmittedJob, require_sbatch, sbatch_script, submit
 from flsl_cli.launch.slurm_request import SlurmRequest
+from flsl_cli.storage import write_json_atomic, write_text_atomic
 from flsl_cli.train import remote
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
@@ -31,7 +31,6 @@ from flsl_cli.train.rundir import (
     slurm_owner,
     update_status,
     write_owner,
-    write_text_atomic,
 )
 
 def _refuse_remote_for_slurm(run_dir) -> None:
@@ -123,7 +122,7 @@ def _submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
     try:
         job = submit(request, run_dir=run_dir)
     except FlslError:
-        write_text_atomic(run_dir / RUN_NAME, json.dumps(before, indent=1) + "\n")
+        write_json_atomic(run_dir / RUN_NAME, before)
         raise
     write_owner(run_dir, slurm_owner(job.job_id))
     _, record = read_run(run_dir)

@@ -353,7 +353,7 @@ def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:
 
 def _diverged(step: int, values: dict[str, float], *, last_saved: int | None, run_dir: Path) -> TrainingDiverged:
     terms = ", ".join(f"{name} = {value}" for name, value in values.items())
-    kept = (f"The last good checkpoint (step {last_saved}) in {run_dir}/checkpoints is intact"
+    kept = (f"The last good checkpoint (step {last_saved}) in {checkpoint_dir(run_dir)} is intact"
             if last_saved is not None else "No checkpoint had been written yet")
     return TrainingDiverged(
         f"the loss became non-finite at step {step + 1} ({terms}); training stopped. {kept}",

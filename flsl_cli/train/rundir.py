@@ -22,8 +22,9 @@ import yaml
 from flsl_cli import __version__, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
-from flsl_cli.errors import RunDirError
-from flsl_cli.storage import write_text_atomic
+from flsl_cli import storage
+from flsl_cli.errors import FlslError, RunDirError
+from flsl_cli.storage import write_json_atomic, write_text_atomic
 
 RECIPE_NAME = "recipe.yaml"
 RUN_NAME = "run.json"
@@ -55,7 +56,7 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
         "recipe_fingerprint": fingerprint(recipe_yaml),
         "status": "created",
     }
-    write_text_atomic(run_dir / RUN_NAME, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(run_dir / RUN_NAME, record)
 
 
 def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
@@ -107,6 +108,33 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
     return recipe_path.read_text(), record
 
 
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The run record (run.json) of an existing run, a local path or a URL, for readers that
+    only look (status, plots); every problem is a RunDirError saying what the path is instead."""
+    url = storage.normalize(run_dir)
+    path = storage.local_path(url) if storage.is_local(url) else None
+    if path is not None and path.is_file():
+        holder = f": {path.parent}" if path.name in (RUN_NAME, RECIPE_NAME) else ""
+        raise RunDirError("this is a file, not a run directory", where=url,
+                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
+    if path is not None and not path.is_dir():
+        raise RunDirError("the run directory does not exist", where=url,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+    try:
+        return json.loads(storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=url,
+                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
+    except ValueError as exc:
+        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=url,
+                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+    except FlslError:
+        raise
+    except OSError as exc:
+        raise RunDirError(f"cannot read the run directory ({exc})", where=url,
+                          fix="Check the path or URL and your access to it") from None
+
+
 def update_status(run_dir: Path, **fields: Any) -> None:
     path = Path(run_dir) / RUN_NAME
     try:
@@ -114,7 +142,7 @@ def update_status(run_dir: Path, **fields: Any) -> None:
     except (OSError, ValueError):
         record = {}
     record.update(fields)
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
 
 
 def record_resume(run_dir: Path, *, step: int) -> None:
@@ -130,7 +158,7 @@ def record_resume(run_dir: Path, *, step: int) -> None:
     if task is not None:
         event.update(job_id=task.job_id, restart=task.restart)
     record["resumes"] = [*record.get("resumes", []), event]
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
 
 
 def job_restarts(record: dict[str, Any]) -> dict[str, int]:
@@ -199,7 +227,7 @@ def read_owner(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_owner(run_dir: Path, owner: dict[str, Any]) -> None:
-    write_text_atomic(Path(run_dir) / OWNER_NAME, json.dumps(owner, indent=1) + "\n")
+    write_json_atomic(Path(run_dir) / OWNER_NAME, owner)
 
 
 def release_owner(run_dir: Path, owner: dict[str, Any]) -> None:
@@ -266,7 +294,7 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         status = None
     if status == "running":
         raise RunDirError(
-            f"the run directory is being written by flsl process {pid} on {host} (run.json says "
+            f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says "
             "running)", where=str(run_dir),
             fix=f"Check whether that process still runs on {host}; {release}",
         )

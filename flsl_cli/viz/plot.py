@@ -14,7 +14,7 @@ from typing import Any
 
 from flsl_cli import storage
 from flsl_cli.errors import FlslError, RunDirError
-from flsl_cli.train.rundir import METRICS_NAME, RUN_NAME
+from flsl_cli.train.rundir import METRICS_NAME, read_run_record
 from flsl_cli.viz.extras import require_matplotlib
 
 RESUME_GID = "resume"
@@ -45,7 +45,7 @@ def read_curves(run_dir: str) -> RunCurves:
     """Every numeric series of metrics.jsonl (the last line may be half-written while the run
     trains: unparsable lines are skipped) and the resumes of run.json."""
     run_dir = storage.normalize(run_dir)
-    record = _read_run_record(run_dir)
+    record = read_run_record(run_dir)
     try:
         text = storage.read_bytes(storage.join(run_dir, METRICS_NAME)).decode("utf-8")
     except FileNotFoundError:
@@ -73,26 +73,6 @@ def read_curves(run_dir: str) -> RunCurves:
                           fix=f"Plot it once it has logged a step (every logging.every_steps steps); "
                               f"`flsl status {run_dir}` says where it stands")
     return curves
-
-
-def _read_run_record(run_dir: str) -> dict[str, Any]:
-    if storage.is_local(run_dir) and not Path(run_dir).is_dir():
-        what = "is a file, not a run directory" if Path(run_dir).exists() else "does not exist"
-        raise RunDirError(f"the run directory {what}", where=run_dir,
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
-    try:
-        return json.loads(storage.read_bytes(storage.join(run_dir, RUN_NAME)).decode("utf-8"))
-    except FileNotFoundError:
-        raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=run_dir,
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
-    except ValueError as exc:
-        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=run_dir,
-                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
-    except FlslError:
-        raise
-    except OSError as exc:
-        raise RunDirError(f"cannot read the run directory ({exc})", where=run_dir,
-                          fix="Check the path or URL and your access to it") from None
 
 
 def draw_run(curves: RunCurves):
