@@ -91,7 +91,7 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
     assert run_json(run)["status"] == "finished", job_logs(run)
     assert_same_run(reference, run)
     assert metric_steps(run) == list(range(1, TOTAL_STEPS + 1))  # one writer: no step twice
-    assert sorted(p.name for p in run.iterdir()) == ["bad_samples.jsonl", "checkpoints", "metrics.jsonl",
+    assert sorted(p.name for p in run.iterdir()) == ["bad_samples.jsonl", "checkpoints", "logs", "metrics.jsonl",
                                                       "recipe.yaml", "run.json", "slurm"]
     assert "flsl: rank 0 of 2 on node n1" in _rank_log(run, job, 0)
     assert "flsl: rank 1 of 2 on node n2" in _rank_log(run, job, 1)
