@@ -418,6 +418,46 @@ def test_what_became_of_a_stopped_job(fields, outcome):
     assert stop_outcome(fields, restart=0) == outcome
 
 
+_REQUEUES_ITSELF = """
+import json, os, signal, sys, time
+from flsl_cli.launch.slurm_queries import job_info, requeue
+signal.signal(signal.SIGTERM, lambda *_: None)  # as the batch step: SIGTERM is a stop, passed on
+job, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+if restart == 0:
+    reason = requeue(job, restart=0)
+    info = job_info(job)  # asked while SLURM ends every process of the job
+    answer = {"reason": reason, "restarts": info and info.get("Restarts")}
+    with open(sys.argv[1] + "/" + job + ".part", "w") as out:
+        json.dump(answer, out)
+    os.replace(sys.argv[1] + "/" + job + ".part", sys.argv[1] + "/" + job + ".json")
+    time.sleep(60)
+"""
+
+
+def test_a_job_that_requeues_itself_gets_slurm_s_answer(slurm_cluster, tmp_path):
+    """`scontrol requeue` from inside a job makes SLURM send SIGTERM to every process of the
+    job, the commands that ask SLURM included: they run with the stop signals held, so the
+    requeue is known to have worked and the question asked right after it is answered."""
+    script = tmp_path / "requeue_itself.py"
+    script.write_text(_REQUEUES_ITSELF)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    jobs = []
+    for _ in range(4):
+        sent = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--output=/dev/null",
+                               "--wrap", f"{sys.executable} {script} {tmp_path}"],
+                              capture_output=True, text=True, env=env, timeout=30)
+        assert sent.returncode == 0, sent.stderr
+        jobs.append(sent.stdout.strip())
+    try:
+        for job in jobs:
+            answer = wait_for(lambda: (tmp_path / f"{job}.json").exists() and json.loads(
+                (tmp_path / f"{job}.json").read_text()), what=f"job {job} to requeue itself", run=tmp_path,
+                timeout=90)
+            assert answer == {"reason": None, "restarts": "1"}, (job, answer)
+    finally:
+        slurm("scancel", *jobs)
+
+
 def test_a_job_asks_for_its_data_workers_cpus():
     """--cpus-per-task defaults to data workers + 1; the flag or the recipe wins."""
     from flsl_cli.config.schema import SlurmConfig

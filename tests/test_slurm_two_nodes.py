@@ -170,8 +170,8 @@ def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(
     assert error["rank"] == 0 and error["node"] == "n1", error
     assert "lost contact with another process" in error["message"] and "= 0.25" in error["message"], error
     release_requeued(job, run, restarts=1)
-    wait_for(lambda: _pid(run, job, 1, restart=1) and _past(run, requeued["step"] + 3),
-             what="the requeued job to train", run=run, timeout=120)
+    wait_for(lambda: _pid(run, job, 1, restart=1) and run_json(run).get("status") == "running"
+             and _past(run, requeued["step"] + 3), what="the requeued job to train", run=run, timeout=120)
 
     os.kill(_pid(run, job, 1, restart=1), signal.SIGKILL)
     wait_finished(job, run)

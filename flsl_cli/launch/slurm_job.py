@@ -45,7 +45,7 @@ from flsl_cli.distributed.env import (in_slurm_job, node_name, read_env, slurm_j
 from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_errors import SlurmError
-from flsl_cli.launch.slurm_queries import job_info, job_state, requeue
+from flsl_cli.launch.slurm_queries import job_info, job_state, requeue, requeued_since
 
 # The batch step and every task take charge of the stop signals before anything heavy loads:
 # torch and the training modules take seconds to import, and a stop signal in those seconds
@@ -55,7 +55,6 @@ from flsl_cli.launch.slurm_queries import job_info, job_state, requeue
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
                   "OUT_OF_MEMORY", "BOOT_FAIL")
-_REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED")
 
 
 def _log(message: str) -> None:
@@ -142,8 +141,11 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
         recipe_text, record = rundir.read_run(run_dir)
     except (OSError, FlslError):
         return
-    if record.get("status") not in ("starting", "running", "failed") or record.get("job_id") != job_id:
-        return  # stopped, requeued or finished on purpose; or another job's run now
+    if record.get("job_id") != job_id:
+        return  # another job's run now
+    began = rundir.job_restarts(record).get(job_id) == restart  # else run.json tells of an earlier attempt
+    if began and record.get("status") not in ("starting", "running", "failed"):
+        return  # stopped, requeued or finished on purpose
     first = failures[0] if failures else None
     previous = record.get("last_error") or {}
     own = previous if previous.get("attempt") == f"{job_id}.{restart}" else {}
@@ -175,7 +177,7 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
         _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
              f"({done + 1} of at most {allowed}: "
              "slurm.requeue_on_failure)")
-        reason = requeue(job_id)
+        reason = requeue(job_id, restart=restart)
         if reason is None:
             return
         _log(f"could not requeue job {job_id}: {reason}")
@@ -322,9 +324,9 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
     also when SLURM cannot be asked)."""
     if not info:
         return "running"
-    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
-    if int(info.get("Restarts") or 0) > restart or state in _REQUEUED_STATES:
+    if requeued_since(info, restart=restart):
         return "requeued"
+    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
     if state in _ENDING_STATES:
 
         try:
@@ -390,7 +392,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                          requeues=sum(rundir.requeues_per_job(record, counts).values()),
                          last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                        "by": "flsl", "cause": cause, "time": now})
-    reason = requeue(task.job_id)
+    reason = requeue(task.job_id, restart=task.restart)
     if reason is not None:
         counts[task.job_id] = done
         rundir.update_status(task.run_dir, job_requeues=counts,

@@ -1,11 +1,18 @@
 """Asking SLURM about partitions and jobs (sinfo, squeue, sacct, scontrol), and requeueing a
 job. Every question answers None (or leaves the job out) when the command is missing or does
-not answer, so a caller can tell "SLURM says no" from "SLURM cannot be asked"."""
+not answer, so a caller can tell "SLURM says no" from "SLURM cannot be asked".
+
+Inside a job these commands often run while SLURM is ending it: a job that requeues itself
+gets SIGTERM on every process of the job, the `scontrol requeue` that asked for it included.
+So every command starts with the stop signals held (`signals.held`), and ends with its answer
+rather than of that signal."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+
+from flsl_cli import signals
 
 
 def partition_nodes(partition: str | None) -> tuple[str, int] | None:
@@ -42,7 +49,8 @@ def _ask(command: list[str]) -> subprocess.CompletedProcess | None:
     if shutil.which(command[0]) is None:
         return None
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=20)
+        with signals.held():  # the command inherits them held: SLURM's SIGTERM to the job does not end it
+            return subprocess.run(command, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -98,19 +106,32 @@ def job_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return details
 
 
-def requeue(job_id: str) -> str | None:
-    """`scontrol requeue JOB`; None when it worked (or SLURM had already requeued the job, as it
-    does itself on preemption with PreemptMode=REQUEUE), else the reason."""
+def requeue(job_id: str, *, restart: int) -> str | None:
+    """`scontrol requeue JOB` from the job's attempt `restart` (its SLURM_RESTART_COUNT); None
+    when the job is requeued, by this or already by SLURM (as on preemption with
+    PreemptMode=REQUEUE), else the reason. Whether it is requeued is SLURM's word, not
+    scontrol's exit status: SLURM counts the restart the moment it requeues a job."""
     answer = _ask(["scontrol", "requeue", str(job_id)])
+    if answer is not None and answer.returncode == 0:
+        return None
+    if requeued_since(job_info(job_id), restart=restart):
+        return None
     if answer is None:
         return "scontrol was not found on PATH (or did not answer)"
-    if answer.returncode == 0:
-        return None
-    reason = slurm_reason(answer.stderr.replace("scontrol: error: ", "")) or f"exit code {answer.returncode}"
-    state = job_state(job_id) or ""
-    if state.startswith(("PENDING", "REQUEUE")):
-        return None
-    return reason
+    return slurm_reason(answer.stderr.replace("scontrol: error: ", "")) or f"exit code {answer.returncode}"
+
+
+REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED")
+
+
+def requeued_since(info: dict[str, str] | None, *, restart: int) -> bool:
+    """Whether SLURM requeued the job after its attempt `restart`, from `job_info`: it counted
+    another restart (at once, while the job is still COMPLETING), or the job waits again."""
+    if not info:
+        return False
+    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
+    restarts = info.get("Restarts") or "0"
+    return (restarts.isdigit() and int(restarts) > restart) or state in REQUEUED_STATES
 
 
 def job_info(job_id: str) -> dict[str, str] | None:

@@ -22,7 +22,7 @@ def staged(target: str, *, newest_checkpoint: bool):
     local = remote.staging_dir(url, role="parent")
     try:
         with storage_errors(url):
-            remote.pull(url, local, newest_checkpoint=newest_checkpoint)
+            remote.pull(url, local, rank=None, newest_checkpoint=newest_checkpoint)
         yield local
         with storage_errors(url):
             remote.push(local, url)
