@@ -151,6 +151,30 @@ def test_run_dir_on_s3_and_resume_from_it(s3, tmp_path):
         assert torch.equal(value, remote_final["teacher"][key]), key
 
 
+def test_every_rank_log_of_a_remote_run_lands_there_and_keeps_its_earlier_lines(s3, tmp_path):
+    """--devices 2 --run-dir s3://...: each process uploads its own logs/rank-N.log when it ends;
+    `flsl resume` pulls each rank's log first, so the lines of the earlier attempt stay."""
+    env = _env(s3["endpoint"])
+    fs = s3["fs"]
+    url = "s3://runs/two"
+    common = tiny_overrides("s3://shards/train", optim__max_steps=3)
+    first = _flsl("pretrain", "recipes/demo.yaml", *common, "--devices", "2", "--run-dir", url, env=env)
+    assert first.returncode == 0, first.stderr
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("runs/two/logs")) == ["rank-0.log", "rank-1.log"]
+
+    earlier = {rank: f"2026-12-02 05:00:00,000 rank {rank} WARNING flsl_cli.storage: retrying listing {url}\n"
+               for rank in (0, 1)}
+    for rank, line in earlier.items():  # what the first attempt would have logged
+        fs.pipe_file(f"runs/two/logs/rank-{rank}.log", line.encode())
+    resumed = _flsl("resume", url, "--devices", "2", "--set", "optim.max_steps=5", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    fs.invalidate_cache()
+    for rank, line in earlier.items():
+        assert fs.cat_file(f"runs/two/logs/rank-{rank}.log").decode().startswith(line), rank
+    assert json.loads(fs.cat_file("runs/two/run.json"))["step"] == 5
+
+
 def test_transient_is_told_by_type_errno_and_status_not_by_words():
     """A malformed shard is not retried however its message reads; resets, timeouts, throttling
     and 5xx are, also when a backend translated them into a generic OSError."""

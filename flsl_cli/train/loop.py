@@ -76,12 +76,18 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     try:
         if remote.is_remote(run_dir):
             mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
-            remote.pull(mirror, run_dir, newest_checkpoint=resume)
-        with run_logging(Path(run_dir), rank=env.rank):
-            session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
-                                   resume=resume, show_progress=show_progress, mirror=mirror)
-            session.run()
+            remote.pull(mirror, run_dir, rank=env.rank, newest_checkpoint=resume)
+        try:
+            with run_logging(Path(run_dir), rank=env.rank):
+                session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
+                                       resume=resume, show_progress=show_progress, mirror=mirror)
+                session.run()
+        except BaseException:
+            if mirror:  # the log tells what went wrong: pushed if the storage lets it
+                _try(lambda: remote.push_log(Path(run_dir), mirror, rank=env.rank))
+            raise
         if mirror:  # everything is pushed; on failure the staging copy stays for inspection
+            remote.push_log(Path(run_dir), mirror, rank=env.rank)
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         group.teardown()

@@ -1,9 +1,10 @@
 """Run directories on remote storage (`--run-dir s3://bucket/runs/x`).
 
 A remote run directory is mirrored by a local staging directory: each process pulls what it
-needs (the recipe, the run record, the logs, the checkpoint manifests and, to resume, the newest
-checkpoint that matches its manifest), trains against the local copy, and rank 0 pushes after
-every checkpoint and when it stops. A checkpoint is pushed file first and manifest last, each in
+needs (the recipe, the run record, the metrics, its own log, the checkpoint manifests and, to
+resume, the newest checkpoint that matches its manifest), trains against the local copy, and
+rank 0 pushes after every checkpoint and when it stops. Every process pushes its own log
+(`logs/rank-N.log`) when it ends, however it ends. A checkpoint is pushed file first and manifest last, each in
 one upload (atomic per object), so the remote directory never shows a checkpoint that is not
 complete; checkpoints pruned locally lose their manifest remotely before their file.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, list_checkpoints, verify
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME
-from flsl_cli.train.rundir import METRICS_NAME, OWNER_NAME, RECIPE_NAME, RUN_NAME
+from flsl_cli.train.rundir import LOGS_DIR, METRICS_NAME, OWNER_NAME, RECIPE_NAME, RUN_NAME, rank_log_path
 from flsl_cli.train.tensorboard import TENSORBOARD_DIR
 
 SMALL_FILES = (RECIPE_NAME, RUN_NAME, METRICS_NAME, BAD_SAMPLES_NAME, OWNER_NAME)
@@ -40,13 +41,18 @@ def staging_dir(url: str, *, role: str) -> Path:
     return path
 
 
-def pull(url: str, local: Path, *, newest_checkpoint: bool) -> None:
-    """Copy the run's small files and checkpoint manifests; with `newest_checkpoint`, also the
-    newest checkpoint file whose size and sha256 match its manifest (older ones are tried next)."""
+def pull(url: str, local: Path, *, rank: int | None, newest_checkpoint: bool) -> None:
+    """Copy the run's small files, the log of `rank` (a training process; None for none) and the
+    checkpoint manifests; with `newest_checkpoint`, also the newest checkpoint file whose size
+    and sha256 match its manifest (older ones are tried next)."""
     names = storage.listdir(url)
     for name in SMALL_FILES:
         if name in names:
             (local / name).write_bytes(storage.read_bytes(storage.join(url, name)))
+    log = rank_log_path(local, rank=rank) if rank is not None else None
+    if log is not None and LOGS_DIR in names and log.name in storage.listdir(storage.join(url, LOGS_DIR)):
+        log.parent.mkdir(parents=True, exist_ok=True)  # this attempt's lines follow the earlier ones
+        log.write_bytes(storage.read_bytes(storage.join(url, LOGS_DIR, log.name)))
     remote_checkpoints = storage.join(url, CHECKPOINTS_DIR)
     manifests = [n for n in storage.listdir(remote_checkpoints) if n.endswith(".json")]
     if not manifests:
@@ -62,6 +68,14 @@ def pull(url: str, local: Path, *, newest_checkpoint: bool) -> None:
         if verify(ref) is None:
             return
         ref.path.unlink()
+
+
+def push_log(local: Path, url: str, *, rank: int) -> None:
+    """Upload this process's log (`logs/rank-N.log`), whole, over the remote one."""
+    log = rank_log_path(local, rank=rank)
+    if log.exists():
+        storage.makedirs(storage.join(url, LOGS_DIR))
+        storage.write_bytes_atomic(storage.join(url, LOGS_DIR, log.name), log.read_bytes())
 
 
 def push(local: Path, url: str) -> None:
