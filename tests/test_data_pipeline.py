@@ -31,9 +31,9 @@ def test_student_crops_lie_inside_the_teacher_crop(monkeypatch):
     boxes = []
     real = aug_mod.crop_resize
 
-    def spy(image, box, size):
+    def spy(image, box, size, **scale):
         boxes.append(box)
-        return real(image, box, size)
+        return real(image, box, size, **scale)
 
     monkeypatch.setattr(aug_mod, "crop_resize", spy)
     augment = MultiCropAugment(_recipe())
@@ -170,18 +170,44 @@ def test_jpeg_draft_decoding_only_when_every_view_keeps_its_resolution():
     data = buffer.getvalue()
     plan = CropPlan(teacher=(0, 0, 1600, 1200), student=(100, 100, 1000, 1000), locals_=((200, 200, 400, 400),))
     decoded, scale = decode_for(open_image(data), plan, global_size=224, local_size=96)
-    assert scale <= 0.5 and decoded.width == round(1600 * scale)
+    assert scale[0] <= 0.5 and decoded.size == (round(1600 * scale[0]), round(1200 * scale[1]))
     tight = CropPlan(teacher=(0, 0, 1600, 1200), student=(100, 100, 1000, 1000), locals_=((200, 200, 120, 120),))
     _, full_scale = decode_for(open_image(data), tight, global_size=224, local_size=96)
-    assert full_scale == 1.0
+    assert full_scale == (1.0, 1.0)
 
     augment = MultiCropAugment(Recipe.model_validate({"data": {"train": "x"}}))
     views_draft = augment.render(decoded, plan, scale=scale, rng=np.random.default_rng(1))
     full = Image.open(io.BytesIO(data)).convert("RGB")
-    views_full = augment.render(full, plan, scale=1.0, rng=np.random.default_rng(1))
+    views_full = augment.render(full, plan, scale=(1.0, 1.0), rng=np.random.default_rng(1))
     for key in ("teacher", "global", "locals"):
         assert views_draft[key].shape == views_full[key].shape
         assert (views_draft[key] - views_full[key]).abs().mean() < 0.1
+
+
+def test_a_jpeg_whose_sides_shrink_unevenly_keeps_every_box_inside_its_pixels():
+    """Draft decoding rounds each side up on its own (2001 x 1500 at 1/4: 501 x 375, 0.2504
+    across and 0.25 down): boxes that reach the bottom and right edges are cut at each axis's own
+    scale, from the pixels that are there, and match full-size decoding."""
+    import io
+
+    from flsl_cli.data.augment import CropPlan, decode_for, open_image
+
+    rng = np.random.default_rng(3)
+    big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((2001, 1500),
+                                                                                    Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    plan = CropPlan(teacher=(1, 0, 2000, 1500), student=(801, 600, 1200, 900), locals_=((1601, 1100, 400, 400),))
+    decoded, scale = decode_for(open_image(data), plan, global_size=224, local_size=96)
+    assert decoded.size == (501, 375) and scale == (501 / 2001, 375 / 1500)
+
+    augment = MultiCropAugment(Recipe.model_validate({"data": {"train": "x"}}))
+    views_draft = augment.render(decoded, plan, scale=scale, rng=np.random.default_rng(1))
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    views_full = augment.render(full, plan, scale=(1.0, 1.0), rng=np.random.default_rng(1))
+    for key in ("teacher", "global", "locals"):  # normalised units: 0.15 is about 8/255
+        assert (views_draft[key] - views_full[key]).abs().mean() < 0.15, key
 
 
 @pytest.mark.parametrize("skip", [3, 4])

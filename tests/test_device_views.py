@@ -76,7 +76,8 @@ def test_crop_boxes_and_queries_are_the_same_plan_in_both_paths(demo_data, monke
     layout, _ = plan_layout(shards, world_size=1, num_workers=0, local_batch=4)
     cut = []
     real = aug_mod.crop_resize
-    monkeypatch.setattr(aug_mod, "crop_resize", lambda image, box, size: cut.append(box) or real(image, box, size))
+    monkeypatch.setattr(aug_mod, "crop_resize",
+                        lambda image, box, size, **scale: cut.append(box) or real(image, box, size, **scale))
 
     def samples(device):
         stream = TrainStream(shards, layout=layout, rank=0, seed=5, shuffle_buffer=8,
@@ -88,7 +89,7 @@ def test_crop_boxes_and_queries_are_the_same_plan_in_both_paths(demo_data, monke
     assert [s["key"] for s in pil] == [s["key"] for s in tensor]
     planned = [tuple(box) for s in tensor for box in s["plan_boxes"].tolist()]
     assert len(planned) == len(cut) == 12 * 4
-    np.testing.assert_allclose(np.array(cut), np.array(planned), rtol=0, atol=1e-9)  # 64 px demo: no draft scaling
+    np.testing.assert_allclose(np.array(cut), np.array(planned), rtol=0, atol=1e-9)
     for a, b in zip(pil, tensor):
         assert torch.equal(a["global_queries"], b["global_queries"])
         assert torch.equal(a["local_queries"], b["local_queries"])

@@ -40,15 +40,23 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def crop_resize(image: Image.Image, box: Box, size: int) -> Image.Image:
+Scale = tuple[float, float]  # decoded pixels per original pixel, across and down
+
+
+def crop_resize(image: Image.Image, box: Box, size: int, *, scale: Scale = (1.0, 1.0)) -> Image.Image:
+    """The `box` of the original image (left, top, width, height in its pixels), resized to a
+    square of `size`, from `image` decoded at `scale` of the original size."""
     left, top, w, h = box
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    sx, sy = scale
+    edges = (left * sx, top * sy, min((left + w) * sx, image.width), min((top + h) * sy, image.height))
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=edges)
 
 
-def decode_for(image: Image.Image, plan: CropPlan, *, global_size: int, local_size: int) -> tuple[Image.Image, float]:
+def decode_for(image: Image.Image, plan: CropPlan, *, global_size: int, local_size: int) -> tuple[Image.Image, Scale]:
     """Decode the pixels, at reduced resolution when every view still gets at least as many source
     pixels as it outputs (JPEG draft mode: scaling in the DCT, 2-8x less decoding work).
-    Returns the RGB image and its scale relative to the original."""
+    Returns the RGB image and its scale relative to the original, per axis: the decoder rounds
+    each side up on its own (2001 x 1500 at 1/4 is 501 x 375)."""
     width, height = image.size
     needed = max(size / min(box[2], box[3])
                  for box, size in [(plan.teacher, global_size), (plan.student, global_size),
@@ -56,7 +64,7 @@ def decode_for(image: Image.Image, plan: CropPlan, *, global_size: int, local_si
     if image.format == "JPEG" and needed <= 0.5:
         image.draft("RGB", (math.ceil(width * needed), math.ceil(height * needed)))
     rgb = image.convert("RGB")
-    return rgb, rgb.width / width
+    return rgb, (rgb.width / width, rgb.height / height)
 
 
 @dataclass(frozen=True)
@@ -75,15 +83,15 @@ class MultiCropAugment:
         """The crop boxes, the first draws of a sample's plan."""
         return draw_crops(self.recipe.augment, size, rng=rng)
 
-    def render(self, image: Image.Image, crops: CropPlan, *, scale: float, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def render(self, image: Image.Image, crops: CropPlan, *, scale: Scale, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Draw the rest of the plan, then make the views."""
         return self.execute(image, complete_plan(self.recipe, crops, rng=rng), scale=scale)
 
-    def execute(self, image: Image.Image, plan: SamplePlan, *, scale: float) -> dict[str, torch.Tensor]:
-        """The views of `plan` from `image`, decoded at `scale` times the original size."""
+    def execute(self, image: Image.Image, plan: SamplePlan, *, scale: Scale) -> dict[str, torch.Tensor]:
+        """The views of `plan` from `image`, decoded at `scale` of the original size."""
         aug = self.recipe.augment
         sizes = [aug.global_size, aug.global_size] + [aug.local_size] * len(plan.crops.locals_)
-        views = [photometric(crop_resize(image, tuple(v * scale for v in box), size), choice)
+        views = [photometric(crop_resize(image, box, size, scale=scale), choice)
                  for box, size, choice in zip(plan.crops.boxes, sizes, plan.photometric)]
         made = {
             "teacher": to_tensor(views[0]),
