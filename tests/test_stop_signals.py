@@ -218,3 +218,43 @@ def test_sigkill_during_a_checkpoint_write_then_status_and_resume(demo_data, str
     assert resumed.returncode == 0, resumed.stderr
     assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]
     assert_same_run(straight[1], run)
+
+
+_SIGNAL_WHILE_SPAWNING = """
+import os, signal, subprocess, sys
+import flsl_cli.launch.local as local
+
+child = subprocess.Popen(["sleep", "60"])  # stands for a training process being spawned
+
+
+class Context:
+    processes = [type("Process", (), {"pid": child.pid, "is_alive": lambda self: child.poll() is None})()]
+
+    def join(self):
+        child.wait(timeout=30)
+        return True
+
+
+def start_processes(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the stop comes while the processes start
+    return Context()
+
+
+local.mp.start_processes = start_processes
+try:
+    local.run_local_processes(print, nprocs=2, kwargs={})
+finally:
+    child.kill()
+print("the training process ended by", signal.Signals(-child.returncode).name)
+"""
+
+
+def test_a_signal_while_the_processes_start_reaches_them(tmp_path):
+    """`--devices N`: a stop signal to the parent while it spawns the training processes is
+    passed on to them once they exist; the parent lives on to wait for them."""
+    script = tmp_path / "spawning.py"
+    script.write_text(_SIGNAL_WHILE_SPAWNING)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "the training process ended by SIGTERM" in done.stdout, done.stdout

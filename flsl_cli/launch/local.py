@@ -58,11 +58,23 @@ def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: i
 def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
     """Call fn(**kwargs) in `nprocs` spawned processes and wait for all of them."""
     with tempfile.TemporaryDirectory(prefix="flsl-ranks-") as error_dir:
-        with held():
-            context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir),
-                                         nprocs=nprocs, join=False, start_method="spawn")
-        previous = {signum: signal.signal(signum, _pass_on(context)) for signum in STOP_SIGNALS
-                    if signal.getsignal(signum) is not signal.SIG_IGN}
+        # A stop signal that comes while the processes start is kept and passed on once they are
+        # up. Holding it back is not enough here: torch's threads would take it and end this process.
+        early: list[int] = []
+        previous = {signum: signal.signal(signum, lambda signum, _frame: early.append(signum))
+                    for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
+        try:
+            with held():  # the processes start with the stop signals held, until they can take them
+                context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir),
+                                             nprocs=nprocs, join=False, start_method="spawn")
+        except BaseException:
+            _restore(previous)
+            raise
+        pass_on = _pass_on(context)
+        for signum in previous:
+            signal.signal(signum, pass_on)
+        for signum in early:
+            pass_on(signum, None)
         try:
             while not context.join():
                 pass
@@ -73,8 +85,12 @@ def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
                 raise KeyboardInterrupt from None
             _raise_recorded(error_dir, fallback=f"a training process exited with code {exc.exit_code}")
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def _pass_on(context):

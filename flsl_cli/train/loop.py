@@ -259,6 +259,7 @@ class TrainSession:
             self._account_bad_samples(reports)
         except DataError:
             self.save()  # the step itself trained fine: keep it
+            barrier()  # no rank ends (and has the others ended) before rank 0 has written it
             raise
         self._log()
         if runner.stop_agreed:
