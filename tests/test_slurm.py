@@ -409,6 +409,8 @@ def test_ports_of_concurrent_jobs_and_restarts_differ():
     ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:00:30", "TimeLimit": "00:10:00"}, "cancelled"),
     ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:10:00", "TimeLimit": "00:10:00"}, "time limit"),
     ({"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
+    ({"JobState": "PREEMPTED", "Restarts": "0"}, "cancelled"),  # PreemptMode=CANCEL: it does not come back
+    ({"JobState": "PREEMPTED", "Restarts": "1"}, "requeued"),
     (None, "running"),  # scontrol did not answer: try to requeue
 ])
 def test_what_became_of_a_stopped_job(fields, outcome):

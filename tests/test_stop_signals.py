@@ -170,9 +170,9 @@ def test_a_signal_before_the_first_step_stops_with_nothing_to_save(demo_data, tm
         _committed(run, _stopped_cleanly(result, signum=signal.SIGTERM))
         return
     assert result.returncode == 75 and "Traceback" not in err, err
-    assert "before its first step" in err and "nothing to save" in err
+    assert "before its first step" in err and "nothing to save" in err and f"flsl resume {run}" in err
     assert not list((run / "checkpoints").glob("*.json")) if (run / "checkpoints").exists() else True
-    again = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__epochs=1), "--run-dir", run, "--force")
+    again = run_flsl("resume", run)  # as the message says
     assert again.returncode == 0, again.stderr
 
 

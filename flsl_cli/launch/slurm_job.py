@@ -54,7 +54,7 @@ from flsl_cli.launch.slurm_queries import job_info, job_state, requeue, requeued
 # functions that need them, after `signals.stop_request()` or `signals.held()`.
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
-                  "OUT_OF_MEMORY", "BOOT_FAIL")
+                  "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED")
 
 
 def _log(message: str) -> None:
@@ -182,7 +182,8 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
             return
         _log(f"could not requeue job {job_id}: {reason}")
         counts[job_id] = done
-        rundir.update_status(run_dir, failure_requeues=counts)
+        rundir.update_status(run_dir, failure_requeues=counts, job_requeues=record.get("job_requeues") or {},
+                             requeues=record.get("requeues") or 0, last_requeue=record.get("last_requeue"))
     rundir.update_status(run_dir, status="failed", last_error=error)
     rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
     then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
@@ -396,7 +397,8 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     if reason is not None:
         counts[task.job_id] = done
         rundir.update_status(task.run_dir, job_requeues=counts,
-                             requeues=sum(rundir.requeues_per_job(record, counts).values()))
+                             requeues=sum(rundir.requeues_per_job(record, counts).values()),
+                             last_requeue=record.get("last_requeue"))
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",

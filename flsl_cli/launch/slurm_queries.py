@@ -121,7 +121,7 @@ def requeue(job_id: str, *, restart: int) -> str | None:
     return slurm_reason(answer.stderr.replace("scontrol: error: ", "")) or f"exit code {answer.returncode}"
 
 
-REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED")
+REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # PREEMPTED is an end: PreemptMode=CANCEL
 
 
 def requeued_since(info: dict[str, str] | None, *, restart: int) -> bool:

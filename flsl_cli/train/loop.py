@@ -225,13 +225,13 @@ class TrainSession:
         if asked:
             kept = (f"the run stays resumable from step {self.last_saved}" if self.last_saved is not None
                     else "nothing was trained, so there is nothing to save")
-            raise self._stop_error(f"before its first step; {kept}", resumable=self.last_saved is not None)
+            raise self._stop_error(f"before its first step; {kept}")
 
-    def _stop_error(self, when: str, *, resumable: bool) -> RunStopped:
+    def _stop_error(self, when: str) -> RunStopped:
+        """A run without a checkpoint resumes too: from step 0, with its saved recipe."""
         name = self.runner.stop_request.signal_name or "a stop request on another process"
-        how = f"`flsl resume {self.shown_as}`" if resumable else "the same `flsl pretrain` command"
         return RunStopped(f"stopped by {name} {when}", step=self.step, signal_name=name,
-                          fix=f"Continue with {how}")
+                          fix=f"Continue with `flsl resume {self.shown_as}`")
 
     def _run_epoch(self) -> None:
         """The rest of the current epoch, or up to the stop step."""
@@ -262,7 +262,7 @@ class TrainSession:
             barrier()  # no rank ends (and has the others ended) before rank 0 has written it
             raise
         self._log()
-        if runner.stop_agreed:
+        if runner.stop_agreed and self.step < self.stop_at:  # on the last step the run just ends
             raise self._stopped()
         if self.step % layout.steps_per_epoch == 0 and _eval_due(recipe, epoch=self.step // layout.steps_per_epoch):
             _evaluate(runner, recipe=recipe, env=self.env, step=self.step, epoch=self.step / layout.steps_per_epoch,
@@ -306,7 +306,7 @@ class TrainSession:
             self.save()
         barrier()
         return self._stop_error(f"after step {self.step}; its checkpoint is saved in "
-                                f"{storage.join(self.shown_as, CHECKPOINTS_DIR)}", resumable=True)
+                                f"{storage.join(self.shown_as, CHECKPOINTS_DIR)}")
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; every rank records it)."""
