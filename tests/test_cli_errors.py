@@ -180,6 +180,29 @@ def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_damaged_checkpoint_set_aside_never_crowds_out_the_good_ones(finished_run, tmp_path):
+    """Resumed past a damaged newest checkpoint with checkpoint.keep_last=1 and stopped before
+    that step again: the damaged one was set aside (`*.damaged`), so the one kept is the step the
+    resumed run saved, and the run resumes from it."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    *_, older, newest = sorted((run / "checkpoints").glob("*.pt"))
+    damaged_step, resumed_step = (int(path.stem.split("-")[1]) for path in (newest, older))
+    assert damaged_step - resumed_step >= 2
+    with open(newest, "r+b") as handle:
+        handle.truncate(newest.stat().st_size // 2)
+    stop = resumed_step + 1
+    result = run_flsl("resume", run, "--set", "checkpoint.keep_last=1", "--set", "checkpoint.every_steps=1",
+                      "--set", f"optim.max_steps={stop}")
+    assert result.returncode == 0, result.stderr
+    assert f"set the damaged {newest.name} aside as {newest.name}.damaged" in " ".join(result.stderr.split())
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == sorted([
+        f"{newest.name}.damaged", f"{newest.stem}.json.damaged", f"step-{stop:08d}.json", f"step-{stop:08d}.pt"])
+    again = run_flsl("resume", run, "--set", "optim.max_steps=null")
+    assert again.returncode == 0, again.stderr
+    assert f"(step {stop})" in " ".join(again.stderr.split())
+
+
 def test_resume_names_a_skipped_damaged_checkpoint_once(finished_run, tmp_path):
     """A damaged newest checkpoint: resume continues from the previous one and says once which
     file it skipped and why."""

@@ -84,6 +84,24 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
     return sorted(found, key=lambda ref: ref.step)
 
 
+DAMAGED_SUFFIX = ".damaged"
+
+
+def set_aside_newer(run_dir: Path, *, step: int) -> list[str]:
+    """After resuming from `step`: rename the checkpoints newer than it (those that were found
+    damaged) to `*.damaged`, so that they are never loaded and never count among the
+    `keep_last` kept. Returns the names of the checkpoint files set aside."""
+    moved = []
+    for ref in list_checkpoints(run_dir):
+        if ref.step <= step:
+            continue
+        for path in (ref.path, ref.path.with_suffix(".json")):
+            if path.exists():
+                path.replace(path.with_name(path.name + DAMAGED_SUFFIX))
+        moved.append(ref.path.name)
+    return moved
+
+
 def prune(run_dir: Path, *, keep_last: int) -> None:
     for ref in list_checkpoints(run_dir)[:-keep_last]:
         ref.path.with_suffix(".json").unlink(missing_ok=True)

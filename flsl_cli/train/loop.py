@@ -15,7 +15,8 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
-from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, list_checkpoints, newest_valid, save_checkpoint
+from flsl_cli.checkpoint.store import (CHECKPOINTS_DIR, DAMAGED_SUFFIX, checkpoint_dir, list_checkpoints, newest_valid,
+                                       save_checkpoint, set_aside_newer)
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
@@ -157,6 +158,9 @@ class TrainSession:
             for leftover in storage.leftover_temp_files(checkpoint_dir(self.run_dir)):
                 leftover.unlink(missing_ok=True)
                 self.notes.append(f"removed {leftover.name}, left by a checkpoint write that was cut off")
+            for name in set_aside_newer(self.run_dir, step=self.start_step):
+                self.notes.append(f"set the damaged {name} aside as {name}{DAMAGED_SUFFIX}: it no longer counts "
+                                  "among checkpoint.keep_last" + (" (the remote copy is removed)" if self.mirror else ""))
             truncate_metrics(self.run_dir, after_step=self.start_step)
             truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
             record_resume(self.run_dir, step=self.start_step)
