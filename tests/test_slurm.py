@@ -148,6 +148,16 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
     first = wait_for(lambda: run_json(run).get("last_requeue"), what="the requeue", run=run, timeout=60)
     assert first["signal"] == "SIGTERM"
     assert (run / "checkpoints" / f"step-{first['step']:08d}.json").exists()
+
+    # The same job script submitted again by hand: its rank 0 is refused and leaves run.json alone.
+    script = next((run / "slurm").glob("*.sbatch"))
+    other = slurm("sbatch", "--parsable", str(script)).stdout.strip()
+    assert other.isdigit()
+    wait_finished(other, run)
+    assert f"being written by SLURM job {job}" in (run / "slurm" / f"{other}_0_log.err").read_text()
+    record = run_json(run)
+    assert record["status"] == "requeued" and record["job_id"] == job and other not in record["job_ids"], record
+    assert (record.get("last_error") or {}).get("job_id") != other, record
     release_requeued(job, run, restarts=1)
 
     _signal_mid_run(job, run, "TERM", after_step=first["step"] + 3)

@@ -261,6 +261,9 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
             except FlslError as exc:
                 _fail(task, exc, status="stopped")  # resumable: its checkpoint is saved
         return
+    except _Refused as refused:  # the run is another job's: its run.json and owner stay as they are
+        print(f"error: {refused.error.describe()}", file=sys.stderr, flush=True)
+        raise SystemExit(refused.error.exit_code) from None
     except FlslError as exc:
         _fail(task, exc)
     except BaseException as exc:
@@ -273,6 +276,14 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     if task.rank == 0:
         _release(task)
         _log(f"job {task.job_id} done")
+
+
+class _Refused(Exception):
+    """Rank 0 may not take the run directory: another live job or process writes it."""
+
+    def __init__(self, error: FlslError) -> None:
+        super().__init__(error.what)
+        self.error = error
 
 
 def _check_master_addr(address: str, *, nodelist: str) -> None:
@@ -301,7 +312,10 @@ def _begin(task: _Task):
     resume = bool(list_checkpoints(task.run_dir))
     if task.rank == 0:
         me = rundir.slurm_owner(task.job_id)
-        rundir.refuse_if_owned(task.run_dir, slurm_state=job_state, me=me)
+        try:
+            rundir.refuse_if_owned(task.run_dir, slurm_state=job_state, me=me)
+        except FlslError as exc:
+            raise _Refused(exc) from None
         rundir.write_owner(task.run_dir, me)
         job_ids = [str(j) for j in record.get("job_ids", [])]
         if task.job_id not in job_ids:
@@ -424,10 +438,10 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
         previous = record.get("last_error") or {}
         if previous.get("attempt") == task.attempt:
             return
-        rundir.update_status(task.run_dir, status=status if task.rank == 0 else record.get("status"),
-                             last_error={"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank,
-                                         "node": slurm_node(),
-                                         "time": timestamps.now(), "message": message})
+        error = {"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank, "node": slurm_node(),
+                 "time": timestamps.now(), "message": message}
+        # Only rank 0 sets the status; another rank adds its error to run.json as it is then.
+        rundir.update_status(task.run_dir, last_error=error, **({"status": status} if task.rank == 0 else {}))
     except (OSError, FlslError):
         pass
 
