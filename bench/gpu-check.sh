@@ -55,7 +55,9 @@ PY
 cat "$RESULTS/machine.txt"
 
 part cuda-tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-step=(bench step recipes/vits16_300ep.yaml --device "$DEVICE" --steps "$BENCH_STEPS" "${BATCH[@]}" "${EXTRA[@]}")
+# bf16 autocast (optim.precision=auto) is what this check measures; the recipes default to fp32 until it has.
+BF16=(--set optim.precision=auto)
+step=(bench step recipes/vits16_300ep.yaml --device "$DEVICE" --steps "$BENCH_STEPS" "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}")
 part bench-step 120 "${FLSL[@]}" "${step[@]}" --json "$RESULTS/step.json"
 part bench-step-fused 120 "${FLSL[@]}" "${step[@]}" --set optim.fused_modes=true --json "$RESULTS/step-fused.json"
 if [ -z "${SKIP_COMPILE:-}" ]; then
@@ -66,13 +68,13 @@ fi
 # Peak memory at 64 images per GPU for the larger models (must fit in 80 GB).
 for model in vitb16 vits8; do
     part "bench-step-$model" 120 "${FLSL[@]}" bench step "recipes/${model}_300ep.yaml" --device "$DEVICE" --steps 2 \
-        --warmup 1 "${BATCH[@]}" "${EXTRA[@]}" --json "$RESULTS/step-$model.json"
+        --warmup 1 "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}" --json "$RESULTS/step-$model.json"
 done
 
 part demo-data 120 "${FLSL[@]}" data demo "$WORK/demo400" --images "$DEMO_IMAGES" --image-size 400
 if "${FLSL[@]}" bench e2e --help > /dev/null 2>&1; then
     part bench-e2e 150 "${FLSL[@]}" bench e2e recipes/vits16_300ep.yaml --data "$WORK/demo400/train" \
-        --device "$DEVICE" --steps "$BENCH_STEPS" --workers "$WORKERS" "${BATCH[@]}" "${EXTRA[@]}" \
+        --device "$DEVICE" --steps "$BENCH_STEPS" --workers "$WORKERS" "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}" \
         --json "$RESULTS/e2e.json"
 else
     echo "== bench-e2e: this flsl has no \`flsl bench e2e\`; skipped"
@@ -80,7 +82,7 @@ fi
 part pretrain 240 "${FLSL[@]}" pretrain recipes/vits16_300ep.yaml --devices 1 --run-dir "$WORK/run" --force \
     --set "data.train=$WORK/demo400/train" --set "data.num_workers=$WORKERS" --set data.shuffle_buffer=500 \
     --set optim.global_batch_size=64 --set "optim.max_steps=$PRETRAIN_STEPS" --set logging.every_steps=10 \
-    --set checkpoint.every_minutes=null --set checkpoint.every_steps=null "${EXTRA[@]}"
+    --set checkpoint.every_minutes=null --set checkpoint.every_steps=null "${BF16[@]}" "${EXTRA[@]}"
 cp "$WORK/run/metrics.jsonl" "$RESULTS/pretrain-metrics.jsonl" 2> /dev/null
 
 "$PY" - "$RESULTS" <<'PY'

@@ -4,8 +4,8 @@ Both variants train the same networks (built from the recipe with the same seed)
 synthetic batch, resident on the device, so only the step differs:
 
 * flsl: `StepRunner` as `flsl pretrain` builds it: timm's fused attention in the backbone, the
-  recipe's precision (bf16 autocast without a gradient scaler on GPUs that have it, fp32 on
-  CPU), the recipe's `optim.fused_modes`, `optim.compile` (or `--compile`), the fused AdamW on
+  recipe's precision (`auto`: bf16 autocast without a gradient scaler on GPUs that have it, fp32
+  on CPU), the recipe's `optim.fused_modes`, `optim.compile` (or `--compile`), the fused AdamW on
   CUDA, and one host sync per step.
 * eager baseline: the step the way the authors' release runs it: explicit softmax attention in
   every block and in the mean-shift modes, fp16 autocast with a gradient scaler on CUDA (fp32 on

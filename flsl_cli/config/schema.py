@@ -173,7 +173,8 @@ class OptimConfig(Section):
     freeze_last_layer_epochs: Float = Field(1, ge=0.0, le=10_000, description="Epochs with the last head layer frozen.")
     betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
+        "fp32", description="fp32 (the default until bf16 autocast has run on a GPU: see README, Benchmarks); "
+                            "auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
     )
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice in the run.")
     fused_modes: bool = Field(
