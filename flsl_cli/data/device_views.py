@@ -181,29 +181,23 @@ def _decode_one(tensor: torch.Tensor, data: bytes, *, device: torch.device, jpeg
 
 def cut_views(images: list[torch.Tensor], *, boxes_nv4: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     """Crop-and-resize of every box (left, top, width, height in each image's pixels) to its
-    view's side: float (N, 3, S, S) in [0, 1] per view index. Images of different sizes are
-    padded by repeating their last row and column, which bilinear sampling at the border
-    would read anyway."""
-    height = max(image.shape[1] for image in images)
-    width = max(image.shape[2] for image in images)
-    stacked = torch.stack([
-        F.pad(image[None].float(), (0, width - image.shape[2], 0, height - image.shape[1]), mode="replicate")[0]
-        if image.shape[1:] != (height, width) else image.float()
-        for image in images
-    ]).div_(255.0)
-    count, views = boxes_nv4.shape[:2]
-    left, top, w, h = boxes_nv4.unbind(-1)
-    rois = torch.stack([torch.arange(count, device=boxes_nv4.device, dtype=boxes_nv4.dtype)[:, None].expand(count, views),
-                        left, top, left + w, top + h], dim=-1).to(stacked.dtype)
-    made: list[torch.Tensor | None] = [None] * views
-    for size in sorted(set(sizes)):
-        index = [v for v in range(views) if sizes[v] == size]
-        selected = rois[:, index].transpose(0, 1).reshape(-1, 5)  # view-major: (len(index) * N, 5)
-        # sampling_ratio <= 0: ceil(box side / output side) samples per output pixel and axis.
-        out = roi_align(stacked, selected, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-        for k, v in enumerate(index):
-            made[v] = out[k * count:(k + 1) * count].clamp_(0.0, 1.0)
-    return made
+    view's side: float (N, 3, S, S) in [0, 1] per view index. Each image is cut on its own, in
+    float only while it is cut, so a batch never holds more than one image's float pixels (a
+    batch padded to its largest height and width would grow with the largest photo in it)."""
+    views = boxes_nv4.shape[1]
+    by_size = {size: [v for v in range(views) if sizes[v] == size] for size in sorted(set(sizes))}
+    made: list[list[torch.Tensor]] = [[] for _ in range(views)]
+    for n, image in enumerate(images):
+        pixels = image[None].float().div_(255.0)
+        left, top, w, h = boxes_nv4[n].unbind(-1)
+        rois_v5 = torch.stack([torch.zeros_like(left), left, top, left + w, top + h], dim=-1).to(pixels.dtype)
+        for size, index in by_size.items():
+            # sampling_ratio <= 0: ceil(box side / output side) samples per output pixel and axis.
+            out = roi_align(pixels, rois_v5[index], output_size=size, spatial_scale=1.0, sampling_ratio=0,
+                            aligned=True)
+            for k, v in enumerate(index):
+                made[v].append(out[k])
+    return [torch.stack(per_view).clamp_(0.0, 1.0) for per_view in made]
 
 
 def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
