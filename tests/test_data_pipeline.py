@@ -284,3 +284,18 @@ def test_a_data_error_in_a_loader_worker_arrives_as_itself(tmp_path):
     assert type(raised.value) is DataError
     assert raised.value.what.startswith("no readable sample near ") and raised.value.fix
     assert "Traceback" not in str(raised.value)
+
+
+def test_an_epoch_that_leaves_samples_out_says_how_many(demo_data):
+    """The demo's 8 shards of 24 over 3 reader slots: each slot reads 2 shards' worth, 144 of the
+    192 samples an epoch, and the layout says so; over 2 slots every sample is read, no note."""
+    from flsl_cli.data.stream import plan_layout
+
+    shards = resolve_shards(str(demo_data / "train"))
+    assert [shard.samples for shard in shards.shards] == [24] * 8
+    layout, notes = plan_layout(shards, world_size=1, num_workers=3, local_batch=8)
+    assert layout.steps_per_epoch * 8 == 144
+    assert any("each epoch reads 144 of the 192 samples (75.0%)" in note for note in notes), notes
+    layout, notes = plan_layout(shards, world_size=2, num_workers=1, local_batch=8)
+    assert layout.steps_per_epoch * 8 * 2 == 192
+    assert not any("each epoch reads" in note for note in notes), notes

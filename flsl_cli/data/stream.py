@@ -84,6 +84,13 @@ def plan_layout(shards: ShardSet, *, world_size: int, num_workers: int, local_ba
             f"{slots} reader slot(s) cannot fill a batch of {local_batch} per process",
             where=source, fix="Use a smaller optim.global_batch_size, fewer workers, or more data",
         )
+    read = slots * batches * local_batch
+    if read < 0.99 * shards.num_samples:
+        notes.append(f"each epoch reads {read} of the {shards.num_samples} samples ({read / shards.num_samples:.1%}): "
+                     f"{count} shards do not split evenly over {slots} reader slot(s) ({world_size} process(es) x "
+                     f"{workers} data worker(s)), and each slot reads as many samples as the others; the ones "
+                     "left out change from epoch to epoch. A shard count that is a multiple of the slots reads "
+                     "them all")
     return StreamLayout(world_size=world_size, loader_workers=loader_workers, local_batch=local_batch,
                         batches_per_slot=batches), notes
 
