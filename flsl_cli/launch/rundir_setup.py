@@ -55,8 +55,7 @@ def prepare_new(recipe: Recipe, *, source: str, run_dir: Path, world_size: int, 
     check_for_world(recipe, world_size=world_size, source=source)
     if ensure_demo_data(recipe, on_progress=on_demo_progress):
         on_note(f"generated the demo data set in {Path(recipe.data.train).expanduser().parent}")
-    for note in check_data(recipe, world_size=world_size):
-        on_note(note)
+    check_data(recipe, world_size=world_size)  # its notes: the training processes show them as they start
     refuse_second_writer(run_dir)
     try:
         prepare_new_run(run_dir, recipe_yaml=recipe_to_yaml(recipe), force=force)
