@@ -269,9 +269,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            _record_error(task, f"{last} (traceback in {_log_path(task)})")
-            if task.rank == 0:
-                _release(task)
+            _record_error(task, f"{last} (traceback in {_log_path(task)})")  # the batch step releases the run
         raise
     if task.rank == 0:
         _release(task)
@@ -451,7 +449,7 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
     # run.json lives in the run dir: its record need not name it again.
     shown = FlslError(exc.what, fix=exc.fix) if exc.where == str(task.run_dir) else exc
     _record_error(task, shown.describe(), status=status)
-    if task.rank == 0:
+    if task.rank == 0 and status != "failed":  # after a failure the batch step requeues the job or releases the run
         _release(task)
     raise SystemExit(exc.exit_code)
 
