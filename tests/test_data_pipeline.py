@@ -3,11 +3,16 @@ across ranks and workers, and exact continuation after a skip."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data import augment as aug_mod
 from flsl_cli.data.augment import MultiCropAugment, sample_crop
@@ -299,3 +304,30 @@ def test_an_epoch_that_leaves_samples_out_says_how_many(demo_data):
     layout, notes = plan_layout(shards, world_size=2, num_workers=1, local_batch=8)
     assert layout.steps_per_epoch * 8 * 2 == 192
     assert not any("each epoch reads" in note for note in notes), notes
+
+
+_READER_GONE = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+from flsl_cli.data.stream import quiet_when_the_reader_is_gone
+
+quiet_when_the_reader_is_gone()  # as every data worker does
+dup = resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # a tensor's file descriptor, offered
+address, _ = dup._id
+reader = socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM)
+reader.connect(address)
+reader.close()  # the training process ends while it takes the descriptor
+time.sleep(1)
+sys.excepthook(ValueError, ValueError("any other error"), None)
+"""
+
+
+def test_a_data_worker_prints_no_traceback_when_its_reader_is_gone(tmp_path):
+    """The thread that hands a batch's file descriptors over loses its reader (the training
+    process was killed mid-handshake): no traceback; any other error is still printed."""
+    script = tmp_path / "reader_gone.py"
+    script.write_text(_READER_GONE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "resource_sharer" not in done.stderr and "ValueError: any other error" in done.stderr, done.stderr

@@ -22,6 +22,8 @@ import multiprocessing
 import random
 import re
 import signal
+import sys
+import traceback
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -300,6 +302,24 @@ def build_loader(stream: TrainStream, *, pin_memory: bool) -> DataLoader:
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
     signals.for_data_worker()
+    quiet_when_the_reader_is_gone()
+
+
+def quiet_when_the_reader_is_gone() -> None:
+    """A data worker hands each batch's tensors over by file descriptor, from a thread of
+    `multiprocessing.resource_sharer`. When the training process ends (killed, or ended by the
+    job) while it takes one, that thread's connection breaks and it passes the error to
+    `sys.excepthook`, which would print a traceback. Nothing is lost then (the reader is gone),
+    so that error is not printed; any other error is, as before."""
+    before = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, (OSError, EOFError)) and any(
+                frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)):
+            return
+        before(exc_type, exc, tb)
+
+    sys.excepthook = hook
 
 
 class WorkerDied(RuntimeError):
