@@ -45,7 +45,7 @@ from flsl_cli.distributed.env import (in_slurm_job, node_name, read_env, slurm_j
 from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_errors import SlurmError
-from flsl_cli.launch.slurm_queries import job_info, job_state, requeue, requeued_since
+from flsl_cli.launch.slurm_queries import info_state, job_info, job_state, requeue, requeued_since
 
 # The batch step and every task take charge of the stop signals before anything heavy loads:
 # torch and the training modules take seconds to import, and a stop signal in those seconds
@@ -339,7 +339,7 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
         return "running"
     if requeued_since(info, restart=restart):
         return "requeued"
-    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
+    state = info_state(info)
     if state in _ENDING_STATES:
 
         try:

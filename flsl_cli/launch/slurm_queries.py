@@ -4,8 +4,8 @@ not answer, so a caller can tell "SLURM says no" from "SLURM cannot be asked".
 
 Inside a job these commands often run while SLURM is ending it: a job that requeues itself
 gets SIGTERM on every process of the job, the `scontrol requeue` that asked for it included.
-So every command starts with the stop signals held (`signals.held`), and ends with its answer
-rather than of that signal."""
+So every command starts with the stop signals held (`signals.held`): it ends with its answer,
+not killed by that signal."""
 
 from __future__ import annotations
 
@@ -129,9 +129,14 @@ def requeued_since(info: dict[str, str] | None, *, restart: int) -> bool:
     another restart (at once, while the job is still COMPLETING), or the job waits again."""
     if not info:
         return False
-    state = info.get("JobState", "").split()[0].rstrip("+") if info.get("JobState") else ""
     restarts = info.get("Restarts") or "0"
-    return (restarts.isdigit() and int(restarts) > restart) or state in REQUEUED_STATES
+    return (restarts.isdigit() and int(restarts) > restart) or info_state(info) in REQUEUED_STATES
+
+
+def info_state(info: dict[str, str]) -> str:
+    """The job's base state in `job_info` ("COMPLETING+" and flags dropped; "" when not given)."""
+    words = info.get("JobState", "").split()
+    return words[0].rstrip("+") if words else ""
 
 
 def job_info(job_id: str) -> dict[str, str] | None:
