@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from flsl_cli.cli import bench, data, eval, export, recipe, train, viz
+from flsl_cli.cli import bench, data, davis, eval, export, recipe, train, viz
 from flsl_cli.cli.status import status
 
 app = typer.Typer(
@@ -25,6 +25,11 @@ app.command("plot")(viz.plot)
 app.add_typer(recipe.app, name="recipe", help="Show or validate recipes.")
 app.add_typer(data.app, name="data", help="Make data sets.")
 app.add_typer(bench.app, name="bench", help="Measure throughput.")
+# `flsl eval knn` is `flsl knn-eval` under the group of evaluations (both names work).
+eval_app = typer.Typer(no_args_is_help=True)
+eval_app.command("davis")(davis.davis_eval)
+eval_app.command("knn")(eval.knn_eval)
+app.add_typer(eval_app, name="eval", help="Evaluate pretrained backbones (DAVIS 2017, k-NN).")
 
 
 def main() -> None:

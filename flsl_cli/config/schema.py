@@ -239,15 +239,36 @@ class KnnEvalConfig(Section):
         return self
 
 
+class DavisEvalConfig(Section):
+    """DAVIS 2017 video object segmentation by label propagation (DINO's protocol): the options
+    of `flsl eval davis`, and the recipe's `eval.davis` section (run during pretraining)."""
+
+    davis: str = Field(..., min_length=1, description="DAVIS 2017 root (JPEGImages/480p, Annotations/480p, "
+                       "ImageSets/2017), on any storage.")
+    split: str = Field("val", min_length=1, description="The sequence list ImageSets/2017/SPLIT.txt.")
+    sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=10_000, description="Only these sequences of the split (None: all).")
+    max_sequences: Int | None = Field(None, ge=1, le=100_000, description="Only the first N sequences.")
+    short_side: Int = Field(480, ge=16, le=4096, description="Short side of the frames the model sees, in pixels.")
+    n_last_frames: Int = Field(7, ge=0, le=1000, description="Previous frames used as context besides the first.")
+    size_mask_neighborhood: Int = Field(
+        12, ge=0, le=10_000, description="Window radius in tokens around each target token (0: the whole frame).")
+    topk: Int = Field(5, ge=1, le=10_000, description="Source tokens whose labels each target token takes.")
+    temperature: Float = Field(0.1, ge=1e-3, le=100.0, description="Affinity exp(cosine / T).")
+    batch_size: Int = Field(8, ge=1, le=1024, description="Frames per forward pass and process.")
+
+
 class EvalConfig(Section):
     every_epochs: Int | None = Field(
-        None, ge=1, le=10_000, description="Run the k-NN evaluation every N epochs (None: off).")
+        None, ge=1, le=10_000, description="Run the evaluations (k-NN, DAVIS) every N epochs (None: off).")
     knn: KnnEvalConfig | None = None
+    davis: DavisEvalConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
-        if self.every_epochs and self.knn is None:
-            raise ValueError("knn: expected a k-NN section (train, val, ...) when every_epochs is set, found none")
+        if self.every_epochs and self.knn is None and self.davis is None:
+            raise ValueError("knn: expected a k-NN section (train, val, ...) or a davis section (davis: ROOT, ...) "
+                             "when every_epochs is set, found neither")
         return self
 
 
