@@ -14,6 +14,7 @@ from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import plan_layout
 from flsl_cli.errors import RecipeError
 from flsl_cli.eval.api import available_cpus
+from flsl_cli.eval.davis.layout import read_layout
 from flsl_cli.launch.devices import device_memory
 from flsl_cli.train.tensorboard import check_tensorboard
 
@@ -31,6 +32,9 @@ def ensure_demo_data(recipe: Recipe, *, on_progress: Callable[[int, int], None] 
 
 def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
     shards = resolve_shards(recipe.data.train)
+    if recipe.eval.davis is not None:  # a bad DAVIS folder fails now, not at the first evaluation
+        davis = recipe.eval.davis
+        read_layout(davis.davis, split=davis.split, sequences=davis.sequences, max_sequences=davis.max_sequences)
     _, notes = plan_layout(shards, world_size=world_size, num_workers=recipe.data.num_workers,
                            local_batch=recipe.optim.global_batch_size // world_size)
     return notes

@@ -29,6 +29,7 @@ from flsl_cli.distributed import group
 from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.eval.api import evaluate_during_training
+from flsl_cli.eval.davis.api import evaluate_davis_during_training
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
@@ -340,18 +341,23 @@ def _try(action) -> None:
 
 def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
     every = recipe.eval.every_epochs
-    return bool(every) and recipe.eval.knn is not None and epoch % every == 0
+    return bool(every) and (recipe.eval.knn is not None or recipe.eval.davis is not None) and epoch % every == 0
 
 
 def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
               metrics: MetricsLog | None, progress: TrainProgress) -> None:
-    """The k-NN evaluation of the teacher's backbone on every rank; rank 0 logs it."""
-    results = evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn,
-                                       device=env.device)
+    """The evaluations of the teacher's backbone (k-NN, DAVIS) on every rank; rank 0 logs them."""
+    results = {}
+    if recipe.eval.knn is not None:
+        results.update(evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn,
+                                                device=env.device))
+    if recipe.eval.davis is not None:
+        results.update(evaluate_davis_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.davis,
+                                                      device=env.device))
     if metrics:
         metrics.write({"step": step, "epoch": epoch, **{k: round(v, 4) for k, v in results.items()}})
-    shown = ", ".join(f"{k} {v:.1f}" for k, v in results.items() if "top1" in k)
-    progress.note(f"[cyan]k-NN at epoch {epoch:.0f}:[/] {shown}")
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in results.items() if "top1" in k or k == "davis_JF_mean")
+    progress.note(f"[cyan]evaluation at epoch {epoch:.0f}:[/] {shown}")
 
 
 def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:
