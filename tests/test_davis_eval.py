@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import fails, run_flsl, tiny_overrides
 from davis_support import ColourBackbone, NoiseBackbone, palette_png, write_davis
+from PIL import Image
+
 from flsl_cli.config.schema import DavisEvalConfig
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.eval.backbones import wrap_module
@@ -182,7 +182,7 @@ def test_davis_every_epoch_lands_in_metrics(demo_data, davis_root, tmp_path):
     """The recipe's eval.davis runs on the teacher during pretraining and logs J&F."""
     run = tmp_path / "run"
     extra = ["--set", "eval.every_epochs=1",
-             "--set", "eval.davis={davis: %s, short_side: 64, max_sequences: 1}" % davis_root]
+             "--set", f"eval.davis={{davis: {davis_root}, short_side: 64, max_sequences: 1}}"]
     result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1), *extra,
                       "--run-dir", run)
     assert result.returncode == 0, result.stderr

@@ -36,7 +36,12 @@ from flsl_cli.eval.davis.measures import (
     region_similarity,
     statistics,
 )
-from flsl_cli.eval.davis.propagation import PropagationSettings, Propagator, upsample_labels, window_mask
+from flsl_cli.eval.davis.propagation import (
+    PropagationSettings,
+    Propagator,
+    upsample_labels,
+    window_mask,
+)
 
 skimage_morphology = pytest.importorskip("skimage.morphology")
 
@@ -95,7 +100,7 @@ def official_db_statistics(per_frame_values):
         N_bins = 4
         ids = np.round(np.linspace(1, len(per_frame_values), N_bins + 1) + 1e-10) - 1
         ids = ids.astype(np.uint8)
-        D_bins = [per_frame_values[ids[i]:ids[i + 1] + 1] for i in range(0, 4)]
+        D_bins = [per_frame_values[ids[i]:ids[i + 1] + 1] for i in range(4)]
         D = np.nanmean(D_bins[0]) - np.nanmean(D_bins[3])
     return M, O, D
 
@@ -287,7 +292,7 @@ def dino_label_propagation(args, feat_tar, h, w, list_frame_feats, list_segs, ma
 
 
 def dino_norm_mask(mask):
-    c, h, w = mask.size()
+    c, _h, _w = mask.size()
     for cnt in range(c):
         mask_cnt = mask[cnt, :, :]
         if mask_cnt.max() > 0:
@@ -339,7 +344,7 @@ def test_propagation_equals_dinos(n_last_frames, size_mask_neighborhood, topk):
                                    topk=topk, temperature=0.1)
     for chunked in (False, True):
         if chunked:
-            import flsl_cli.eval.davis.propagation as propagation
+            from flsl_cli.eval.davis import propagation
             previous, propagation.CHUNK_ELEMENTS = propagation.CHUNK_ELEMENTS, 5 * h * w
         try:
             propagator = Propagator(features[0], F.one_hot(first_ids.reshape(-1), channels), grid_hw=(h, w),

@@ -4,7 +4,7 @@ features (DINO's protocol), scored with the official J&F measures."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -34,12 +34,12 @@ def davis_eval(
         "--davis", help="DAVIS 2017 folder (JPEGImages/480p, Annotations/480p, ImageSets/2017), local or remote.")],
     split: Annotated[str, typer.Option("--split", help="Sequence list ImageSets/2017/SPLIT.txt.")] = _DAVIS[
         "split"].default,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the predicted masks (one folder of palette PNGs per sequence, DAVIS's layout); "
                       "written only when the evaluation has finished.")] = None,
-    sequences: Annotated[Optional[str], typer.Option(
+    sequences: Annotated[str | None, typer.Option(
         "--sequences", help="Only these sequences, comma-separated.")] = None,
-    max_sequences: Annotated[Optional[int], typer.Option(
+    max_sequences: Annotated[int | None, typer.Option(
         "--max-sequences", help="Only the first N sequences of the list (a quick check).")] = None,
     which: WhichOption = None,
     model: ModelOption = None,
@@ -63,7 +63,7 @@ def davis_eval(
     draw: Annotated[bool, typer.Option(
         "--draw", help="Also draw one PNG per sequence into OUT/pictures/ (first frame, four propagated frames, "
                        "their annotations).")] = False,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Results JSON (default: OUT/results.json with --out, else "
                                "RUN_DIR/eval/davis-SPLIT-step-N-WHICH.json for a run's checkpoint, else "
                                "davis-SPLIT.json).")] = None,
@@ -103,7 +103,9 @@ def default_output(results: dict, *, out: Path | None) -> Path:
     split = results["settings"]["split"]
     if out is not None:
         return Path(out) / "results.json"
-    from flsl_cli.checkpoint.store import CHECKPOINTS_DIR  # torch: imported only when a report is written
+    from flsl_cli.checkpoint.store import (
+        CHECKPOINTS_DIR,  # torch: imported only when a report is written
+    )
 
     described = results["model"]
     suffix = "-random" if described.get("random_init") else ""

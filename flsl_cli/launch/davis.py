@@ -39,12 +39,12 @@ def davis_eval(*, spec: ModelSpec, settings: DavisEvalConfig, devices: int | Non
                 "show_progress": show_progress, "staging": str(staging) if staging else None,
                 "result_path": str(result_path)})
             results = json.loads(result_path.read_text())
-        if staging is not None and draw:
-            from flsl_cli.viz.davis import draw_sequences
+        if staging is not None and out is not None:
+            if draw:
+                from flsl_cli.viz.davis import draw_sequences
 
-            draw_sequences(settings, predictions=staging, out=staging / PICTURES_DIR,
-                           names=list(results["sequences"]))
-        if staging is not None:
+                draw_sequences(settings, predictions=staging, out=staging / PICTURES_DIR,
+                               names=list(results["sequences"]))
             publish(staging, out)
             staging = None
         return results

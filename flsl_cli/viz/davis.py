@@ -58,7 +58,7 @@ def _panel(frame: Image.Image, ids_hw: np.ndarray, palette: np.ndarray, *, label
     blended = np.where((ids > 0)[..., None], (1 - ALPHA) * pixels + ALPHA * colours, pixels)
     image = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
     height = round(PANEL_WIDTH * image.height / image.width)
-    image = image.resize((PANEL_WIDTH, height), Image.BILINEAR)
+    image = image.resize((PANEL_WIDTH, height), Image.Resampling.BILINEAR)
     panel = Image.new("RGB", (PANEL_WIDTH, height + LABEL_PX), "white")
     panel.paste(image, (0, LABEL_PX))
     ImageDraw.Draw(panel).text((4, 2), label, fill="black")

@@ -37,8 +37,18 @@ from flsl_cli.eval.davis.frames import (
     write_palette_png,
 )
 from flsl_cli.eval.davis.layout import Sequence, read_layout
-from flsl_cli.eval.davis.measures import VOID_LABEL, boundary_tolerance, frame_measures, overall, statistics
-from flsl_cli.eval.davis.propagation import PropagationSettings, Propagator, upsample_labels
+from flsl_cli.eval.davis.measures import (
+    VOID_LABEL,
+    boundary_tolerance,
+    frame_measures,
+    overall,
+    statistics,
+)
+from flsl_cli.eval.davis.propagation import (
+    PropagationSettings,
+    Propagator,
+    upsample_labels,
+)
 from flsl_cli.eval.report import Reporter
 
 RESULTS_FORMAT = "flsl-davis-eval/1"

@@ -80,7 +80,7 @@ def grid_labels(ids_hw: np.ndarray, *, grid_hw: tuple[int, int], channels: int) 
     """(h x w tokens, channels) one-hot labels of the first mask on the token grid: the mask
     resized straight to the grid by nearest neighbour (PIL's, as DINO's `read_seg`); void (255)
     counts as background."""
-    small = np.asarray(Image.fromarray(ids_hw).resize((grid_hw[1], grid_hw[0]), Image.NEAREST)).astype(np.int64)
+    small = np.asarray(Image.fromarray(ids_hw).resize((grid_hw[1], grid_hw[0]), Image.Resampling.NEAREST)).astype(np.int64)
     small[small >= channels] = 0
     return F.one_hot(torch.from_numpy(small).reshape(-1), channels).float()
 
@@ -89,7 +89,7 @@ def to_original_size(ids_hw: torch.Tensor, *, size_hw: tuple[int, int]) -> np.nd
     """Predicted ids (model size) resized to the annotation's size by nearest neighbour (PIL's,
     as DINO's)."""
     small = Image.fromarray(ids_hw.to(torch.uint8).cpu().numpy())
-    return np.array(small.resize((size_hw[1], size_hw[0]), Image.NEAREST))
+    return np.array(small.resize((size_hw[1], size_hw[0]), Image.Resampling.NEAREST))
 
 
 def write_palette_png(ids_hw: np.ndarray, *, palette: list[int]) -> bytes:
