@@ -63,7 +63,7 @@ def test_features_that_see_the_shapes_track_them(davis_root, tmp_path):
 def test_command_writes_masks_pictures_and_results(davis_root, tmp_path):
     """`flsl eval davis --out DIR --draw`: a table, DIR/SEQ/*.png in DAVIS's layout, one picture
     per sequence, DIR/results.json with every setting; `--devices 2` gives the same masks and
-    figures; nothing is left beside DIR."""
+    figures and shows every process's sequences as they finish; nothing is left beside DIR."""
     out = tmp_path / "masks"
     result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", davis_root, "--out", out, "--draw", *SMALL)
     assert result.returncode == 0, result.stderr
@@ -85,6 +85,7 @@ def test_command_writes_masks_pictures_and_results(davis_root, tmp_path):
     assert result.returncode == 0, result.stderr
     parallel = json.loads((two / "results.json").read_text())
     assert parallel["overall"] == results["overall"] and parallel["settings"]["world_size"] == 2
+    assert "shapes-a: J&F" in result.stderr and "shapes-b: J&F" in result.stderr  # either process's sequences
     for name in ("shapes-a", "shapes-b"):
         for path in sorted((out / name).iterdir()):
             assert (two / name / path.name).read_bytes() == path.read_bytes()

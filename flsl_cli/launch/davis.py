@@ -37,7 +37,7 @@ def davis_eval(*, spec: ModelSpec, settings: DavisEvalConfig, devices: int | Non
             run_processes(davis_process, nprocs=nprocs, stop_at_step=False, kwargs={
                 "spec": asdict(spec), "settings": settings.model_dump(), "use_cuda": use_cuda,
                 "show_progress": show_progress, "staging": str(staging) if staging else None,
-                "result_path": str(result_path)})
+                "progress_dir": tmp, "result_path": str(result_path)})
             results = json.loads(result_path.read_text())
         if staging is not None and out is not None:
             if draw:
@@ -53,13 +53,13 @@ def davis_eval(*, spec: ModelSpec, settings: DavisEvalConfig, devices: int | Non
 
 
 def davis_process(*, spec: dict, settings: dict, use_cuda: bool, show_progress: bool, staging: str | None,
-                  result_path: str) -> None:
+                  progress_dir: str, result_path: str) -> None:
     """One process's part; the main process writes the results to `result_path`."""
     env = group.setup(use_cuda=use_cuda)
     try:
         reporter = Reporter(enabled=env.is_main and show_progress)
         results = run_davis_eval(spec=ModelSpec(**spec), settings=DavisEvalConfig.model_validate(settings),
-                                 device=env.device, staging=staging, reporter=reporter)
+                                 device=env.device, staging=staging, reporter=reporter, progress_dir=progress_dir)
         if env.is_main:
             Path(result_path).write_text(json.dumps(results))
     finally:

@@ -1,7 +1,7 @@
 """Pictures of a DAVIS evaluation (`flsl eval davis --out DIR --draw`): one PNG per sequence,
 the first frame with its annotation and a few propagated frames spread over the sequence (top
 row: the prediction; bottom row: the annotation), masks blended over the frames in the DAVIS
-palette. Drawn with PIL alone, from the predicted PNGs and the DAVIS folder."""
+palette with each object outlined. Drawn with PIL alone, from the predicted PNGs and the DAVIS folder."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ def _panel(frame: Image.Image, ids_hw: np.ndarray, palette: np.ndarray, *, label
     ids = np.where(ids_hw == 255, 0, ids_hw).astype(np.int64)
     colours = palette[ids].astype(np.float32)
     blended = np.where((ids > 0)[..., None], (1 - ALPHA) * pixels + ALPHA * colours, pixels)
+    edges = np.zeros(ids.shape, bool)  # each object's outline in its full colour
+    edges[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edges[1:, :] |= ids[1:, :] != ids[:-1, :]
+    outline = edges & (ids > 0)
+    blended[outline] = colours[outline]
     image = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
     height = round(PANEL_WIDTH * image.height / image.width)
     image = image.resize((PANEL_WIDTH, height), Image.Resampling.BILINEAR)

@@ -49,6 +49,7 @@ from flsl_cli.eval.davis.propagation import (
     Propagator,
     upsample_labels,
 )
+from flsl_cli.eval.davis.progress import SequenceLog
 from flsl_cli.eval.report import Reporter
 
 RESULTS_FORMAT = "flsl-davis-eval/1"
@@ -56,7 +57,8 @@ READ_AHEAD_THREADS = 4
 
 
 def run_davis_eval(*, spec: ModelSpec, settings: DavisEvalConfig, device: torch.device,
-                   staging: str | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
+                   staging: str | None = None, reporter: Reporter | None = None,
+                   progress_dir: str | None = None) -> dict[str, Any]:
     """One process's part of the evaluation (every rank of a job calls it); the results dict,
     the same on every rank. Predicted PNGs go to `staging`/SEQ/ when given."""
     sequences = read_layout(settings.davis, split=settings.split, sequences=settings.sequences,
@@ -64,7 +66,7 @@ def run_davis_eval(*, spec: ModelSpec, settings: DavisEvalConfig, device: torch.
     model = load_eval_model(spec)
     model.module.to(device)
     return evaluate_model(model, settings=settings, device=device, sequences=sequences, staging=staging,
-                          reporter=reporter or Reporter(enabled=False))
+                          reporter=reporter or Reporter(enabled=False), progress_dir=progress_dir)
 
 
 def evaluate_davis_during_training(*, backbone: torch.nn.Module, settings: DavisEvalConfig,
@@ -89,8 +91,11 @@ def evaluate_davis_during_training(*, backbone: torch.nn.Module, settings: Davis
 
 
 def evaluate_model(model: EvalModel, *, settings: DavisEvalConfig, device: torch.device, reporter: Reporter,
-                   sequences: list[Sequence] | None = None, staging: str | None = None) -> dict[str, Any]:
-    """The evaluation of a loaded model (on `device`, eval mode): see `run_davis_eval`."""
+                   sequences: list[Sequence] | None = None, staging: str | None = None,
+                   progress_dir: str | None = None) -> dict[str, Any]:
+    """The evaluation of a loaded model (on `device`, eval mode): see `run_davis_eval`. With
+    `progress_dir` (a folder every process of the job sees) the main process shows every
+    process's sequences as they finish."""
     started = time.monotonic()
     if sequences is None:
         sequences = read_layout(settings.davis, split=settings.split, sequences=settings.sequences,
@@ -107,17 +112,26 @@ def evaluate_model(model: EvalModel, *, settings: DavisEvalConfig, device: torch
                                       size_mask_neighborhood=settings.size_mask_neighborhood,
                                       topk=settings.topk, temperature=settings.temperature)
     mine = share(sequences, slot=rank(), slots=world_size())
+    shared = progress_dir is not None and world_size() > 1
+    shown = sequences if shared else mine
     done: list[dict[str, Any]] = []
-    with reporter.stage(f"DAVIS {settings.split}", total=sum(len(s.frames) for s in mine), unit="frames") as stage:
+    with reporter.stage(f"DAVIS {settings.split}", total=sum(len(s.frames) for s in shown), unit="frames") as stage:
+        log = SequenceLog(progress_dir if shared else None, is_main=rank() == 0, on_line=reporter.note,
+                          on_frames=stage.advance)
+
+        def on_frame() -> None:
+            stage.advance(1)
+            log.poll()
+
         for sequence in mine:
             result = evaluate_sequence(model, sequence, settings=settings, propagation=propagation, device=device,
-                                       staging=staging, on_frame=lambda: stage.advance(1))
+                                       staging=staging, on_frame=on_frame)
             done.append(result)
-            reporter.note(f"{sequence.name}: J&F {result['JF_mean']:.1f} (J {result['J_mean']:.1f}, "
-                          f"F {result['F_mean']:.1f}), {result['frames']} frames, {result['objects']} object(s), "
-                          f"{result['seconds']:.1f} s")
-            for line in result["notes"]:
-                reporter.note(line)
+            line = (f"{sequence.name}: J&F {result['JF_mean']:.1f} (J {result['J_mean']:.1f}, "
+                    f"F {result['F_mean']:.1f}), {result['frames']} frames, {result['objects']} object(s), "
+                    f"{result['seconds']:.1f} s")
+            log.finished(sequence.name, frames=result["frames"], lines=[line, *result["notes"]])
+        log.wait_for([s.name for s in shown])
     by_name = {result["name"]: result for result in gather_objects(done)}
     ordered = [by_name[s.name] for s in sequences]
     return summarize(model, ordered, settings=settings, device=device, seconds=time.monotonic() - started)
