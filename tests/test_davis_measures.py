@@ -222,6 +222,26 @@ def test_measures_equal_the_official_code(shape):
         assert f == pytest.approx(official_f_measure(pred, truth), abs=1e-12)
 
 
+def test_frame_measures_equal_the_official_code_on_whole_frames():
+    """`frame_measures` (each object measured on a crop around it) gives, for every object of
+    random id maps (objects at the borders and in the middle, objects only predicted, only
+    true, or absent), the official J and F computed on the whole frame."""
+    rng = np.random.default_rng(5)
+    for shape in ((480, 854), (64, 128), (37, 53)):
+        for _ in range(3):
+            truth, pred = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+            for obj in (1, 2, 3):
+                truth[blobs(rng, shape, count=2)] = obj
+                shifted = np.roll(truth == obj, (rng.integers(-6, 7), rng.integers(-6, 7)), axis=(0, 1))
+                pred[shifted] = obj
+            pred[blobs(rng, shape, count=1)] = 4  # predicted only
+            truth[:3, :3] = 5  # true only, in the corner
+            j, f = frame_measures(torch.from_numpy(pred), torch.from_numpy(truth), objects=6)
+            for obj in range(1, 7):
+                assert j[obj - 1] == pytest.approx(official_db_eval_iou(truth == obj, pred == obj), abs=1e-12)
+                assert f[obj - 1] == pytest.approx(official_f_measure(pred == obj, truth == obj), abs=1e-12)
+
+
 def test_boundary_map_and_dilation_equal_the_official_ones():
     """`boundary_map` is `_seg2bmap` and `dilate` is a binary dilation by skimage's disk."""
     rng = np.random.default_rng(3)

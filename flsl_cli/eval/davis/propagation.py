@@ -14,8 +14,9 @@ and the argmax taken.
 
 Differences from DINO's code, none of which changes a result: the window is built with
 broadcast comparisons instead of four nested Python loops over token pairs (minutes at 480p),
-and target tokens are processed in chunks, so memory is bounded by the chunk, not by
-(context frames x tokens^2).
+once per sequence, and target tokens are processed in chunks, so memory is bounded by the
+chunk, not by (context frames x tokens^2); the affinities are computed in place, the window
+applied as -inf before the exponential (exp(-inf) = 0 is DINO's product with the 0/1 mask).
 
 Tensor legend: t tokens of a frame (h x w grid, row-major), d feature width, n context frames,
 s = n x t source tokens, q target tokens of a chunk, k label channels (background + objects).
@@ -51,9 +52,11 @@ def window_mask(grid_hw: tuple[int, int], *, radius: int, targets_q: torch.Tenso
 
 
 def propagate(target_td: torch.Tensor, context_ntd: torch.Tensor, labels_ntk: torch.Tensor, *,
-              grid_hw: tuple[int, int], settings: PropagationSettings) -> torch.Tensor:
+              grid_hw: tuple[int, int], settings: PropagationSettings,
+              window_tt: torch.Tensor | None = None) -> torch.Tensor:
     """Soft labels (t, k) of the target frame from the context frames' features and labels.
-    Features need not be normalised; they are compared in fp32."""
+    Features need not be normalised; they are compared in fp32. `window_tt` is the window of
+    every target token (`window_mask` of all tokens), when the caller keeps it between frames."""
     n, t, _ = context_ntd.shape
     target = F.normalize(target_td.float(), dim=1)
     sources_sd = F.normalize(context_ntd.float(), dim=2).reshape(n * t, -1)
@@ -63,13 +66,16 @@ def propagate(target_td: torch.Tensor, context_ntd: torch.Tensor, labels_ntk: to
     chunk = max(1, CHUNK_ELEMENTS // (n * t))
     for start in range(0, t, chunk):
         rows = torch.arange(start, min(t, start + chunk), device=target.device)
-        affinity_qs = torch.exp(target[rows] @ sources_sd.T / settings.temperature)
+        affinity_qs = (target[rows] @ sources_sd.T).div_(settings.temperature)
         if settings.size_mask_neighborhood > 0:
-            mask_qt = window_mask(grid_hw, radius=settings.size_mask_neighborhood, targets_q=rows)
-            affinity_qs = (affinity_qs.view(len(rows), n, t) * mask_qt[:, None, :]).view(len(rows), n * t)
+            # exp(-inf) = 0: DINO's product with the 0/1 window, without a pass over the matrix
+            mask_qt = window_tt[rows] if window_tt is not None else window_mask(
+                grid_hw, radius=settings.size_mask_neighborhood, targets_q=rows)
+            affinity_qs.view(len(rows), n, t).masked_fill_(~mask_qt[:, None, :], float("-inf"))
+        affinity_qs.exp_()
         kth_q1 = affinity_qs.topk(topk, dim=1).values[:, -1:]
-        affinity_qs = torch.where(affinity_qs < kth_q1, torch.zeros_like(affinity_qs), affinity_qs)
-        affinity_qs = affinity_qs / affinity_qs.sum(dim=1, keepdim=True)
+        affinity_qs.masked_fill_(affinity_qs < kth_q1, 0.0)
+        affinity_qs.div_(affinity_qs.sum(dim=1, keepdim=True))
         out_tk[rows] = affinity_qs @ labels_sk
     return out_tk
 
@@ -85,11 +91,15 @@ class Propagator:
         self.grid_hw = grid_hw
         self.settings = settings
         self.recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=settings.n_last_frames or None)
+        self.window_tt = None
+        if settings.size_mask_neighborhood > 0:  # the same for every frame: built once
+            tokens = torch.arange(grid_hw[0] * grid_hw[1], device=first_td.device)
+            self.window_tt = window_mask(grid_hw, radius=settings.size_mask_neighborhood, targets_q=tokens)
 
     def step(self, target_td: torch.Tensor) -> torch.Tensor:
         frames = [self.first, *self.recent]
         labels_tk = propagate(target_td, torch.stack([f for f, _ in frames]), torch.stack([lab for _, lab in frames]),
-                              grid_hw=self.grid_hw, settings=self.settings)
+                              grid_hw=self.grid_hw, settings=self.settings, window_tt=self.window_tt)
         if self.settings.n_last_frames:
             self.recent.append((target_td, labels_tk))
         return labels_tk
