@@ -28,13 +28,23 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flsl_cli.config.schema import DavisEvalConfig  # noqa: E402 - after the path set-up above
-from flsl_cli.eval.backbones import ModelSpec, load_eval_model  # noqa: E402
-from flsl_cli.eval.davis.api import evaluate_model  # noqa: E402
-from flsl_cli.eval.davis.frames import frame_tensor, model_size, read_image, to_original_size, write_palette_png  # noqa: E402
-from flsl_cli.eval.davis.measures import frame_measures  # noqa: E402
-from flsl_cli.eval.davis.propagation import PropagationSettings, Propagator, upsample_labels  # noqa: E402
-from flsl_cli.eval.report import Reporter  # noqa: E402
+from flsl_cli.config.schema import DavisEvalConfig
+from flsl_cli.eval.backbones import ModelSpec, load_eval_model
+from flsl_cli.eval.davis.api import evaluate_model
+from flsl_cli.eval.davis.frames import (
+    frame_tensor,
+    model_size,
+    read_image,
+    to_original_size,
+    write_palette_png,
+)
+from flsl_cli.eval.davis.measures import frame_measures
+from flsl_cli.eval.davis.propagation import (
+    PropagationSettings,
+    Propagator,
+    upsample_labels,
+)
+from flsl_cli.eval.report import Reporter
 
 DAVIS_VAL_FRAMES = 1999
 DAVIS_VAL_SEQUENCES = 30

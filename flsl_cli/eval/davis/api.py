@@ -44,12 +44,12 @@ from flsl_cli.eval.davis.measures import (
     overall,
     statistics,
 )
+from flsl_cli.eval.davis.progress import SequenceLog
 from flsl_cli.eval.davis.propagation import (
     PropagationSettings,
     Propagator,
     upsample_labels,
 )
-from flsl_cli.eval.davis.progress import SequenceLog
 from flsl_cli.eval.report import Reporter
 
 RESULTS_FORMAT = "flsl-davis-eval/1"
