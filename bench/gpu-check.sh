@@ -9,7 +9,9 @@
 #    images for their peak memory;
 # 3. demo shards made at 400 px (`flsl data demo --image-size 400`), `flsl bench e2e` on them when
 #    that command exists, and a 200-step `flsl pretrain` of vits16 on them with `--devices 1`;
-# 4. a summary table, also written as $OUT/gpu-check.json.
+# 4. the DAVIS estimate (`bench/davis-estimate.py`: `flsl eval davis`'s stages at ViT-S/16 on synthetic
+#    854 x 480 frames, extrapolated to the 1,999 frames of DAVIS 2017 val);
+# 5. a summary table, also written as $OUT/gpu-check.json.
 #
 # A failed part is reported and the next one runs. Environment knobs, for a dry run on a CPU:
 #   DEVICE=cpu  BENCH_STEPS=N  BENCH_BATCH=N  PRETRAIN_STEPS=N  DEMO_IMAGES=N  SKIP_COMPILE=1
@@ -84,6 +86,8 @@ part pretrain 240 "${FLSL[@]}" pretrain recipes/vits16_300ep.yaml --devices 1 --
     --set optim.global_batch_size=64 --set "optim.max_steps=$PRETRAIN_STEPS" --set logging.every_steps=10 \
     --set checkpoint.every_minutes=null --set checkpoint.every_steps=null "${BF16[@]}" "${EXTRA[@]}"
 cp "$WORK/run/metrics.jsonl" "$RESULTS/pretrain-metrics.jsonl" 2> /dev/null
+# DAVIS 2017 val at ViT-S/16 (`flsl eval davis`): per-frame stages on synthetic 854 x 480 frames, extrapolated.
+part davis-estimate 150 "$PY" bench/davis-estimate.py --device "$DEVICE" --frames 24 --json "$RESULTS/davis.json"
 
 "$PY" - "$RESULTS" <<'PY'
 import json, sys
@@ -127,6 +131,12 @@ if metrics.exists():
         rate = "-" if p["images_per_s_second_half"] is None else f"{p['images_per_s_second_half']:.1f}"
         print(f"\npretrain vits16 on 400 px demo shards: {p['steps']} steps, loss {p['first_loss']:.4f} -> "
               f"{p['last_loss']:.4f}, {rate} images/s (second half)")
+if (out / "davis.json").exists():
+    summary["davis"] = davis = json.loads((out / "davis.json").read_text())
+    stages = ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in davis["seconds_per_frame"].items())
+    print(f"\nflsl eval davis, ViT-S/16 at {davis['model_size_hw'][1]} x {davis['model_size_hw'][0]}: "
+          f"{davis['seconds_per_frame_total'] * 1000:.0f} ms per frame ({stages} ms); estimate for DAVIS 2017 val "
+          f"({davis['davis_val_frames']} frames): {davis['estimate_davis_val_seconds'] / 60:.1f} min (extrapolated)")
 (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"\nwrote {out / 'gpu-check.json'}")
 failed = [name for name, rc, _ in parts if rc != "0"]
