@@ -31,7 +31,7 @@ def davis_root(tmp_path_factory) -> Path:
     return write_davis(tmp_path_factory.mktemp("davis") / "DAVIS")
 
 
-def evaluate(backbone, root: Path, staging: Path | None = None) -> dict:
+def evaluate(backbone, root: Path | str, staging: Path | None = None) -> dict:
     model = wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description={"kind": "test"}, identity="")
     return evaluate_model(model, settings=DavisEvalConfig(davis=str(root), short_side=64), device=torch.device("cpu"),
                           reporter=Reporter(enabled=False), staging=str(staging) if staging else None)
@@ -58,6 +58,25 @@ def test_features_that_see_the_shapes_track_them(davis_root, tmp_path):
             assert image.mode == "P" and image.getpalette() == Image.open(annotations[0]).getpalette()
             assert set(np.unique(np.asarray(image)).tolist()) <= set(range(objects + 1))
             assert image.size == (128, 64)
+
+
+def test_remote_davis_folder_reads_as_a_local_one(davis_root, tmp_path):
+    """A DAVIS folder on remote storage (fsspec's memory://) gives the same masks and figures
+    as the same folder on disk."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for path in davis_root.rglob("*"):
+        if path.is_file():
+            memory.pipe_file(f"/davis-remote/{path.relative_to(davis_root).as_posix()}", path.read_bytes())
+    local = evaluate(ColourBackbone(), davis_root, staging=tmp_path / "local")
+    remote = evaluate(ColourBackbone(), "memory://davis-remote", staging=tmp_path / "remote")
+    assert remote["overall"] == local["overall"]
+    for name, row in local["sequences"].items():
+        assert {k: v for k, v in remote["sequences"][name].items() if k != "seconds"} == \
+            {k: v for k, v in row.items() if k != "seconds"}
+    for path in sorted((tmp_path / "local").rglob("*.png")):
+        assert (tmp_path / "remote" / path.relative_to(tmp_path / "local")).read_bytes() == path.read_bytes()
 
 
 def test_command_writes_masks_pictures_and_results(davis_root, tmp_path):
