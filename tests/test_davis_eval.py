@@ -123,9 +123,9 @@ def copy_root(davis_root: Path, tmp_path: Path) -> Path:
     return root
 
 
-def refused(root: Path, tmp_path: Path, *needles: str) -> None:
+def refused(root: Path, tmp_path: Path, *needles: str, extra: tuple[str, ...] = ()) -> None:
     out = tmp_path / "out"
-    result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", root, "--out", out, *SMALL)
+    result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", root, "--out", out, *SMALL, *extra)
     fails(result, *needles)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*")), "something was written"
 
@@ -147,12 +147,14 @@ def test_frames_and_masks_disagree_in_count(davis_root, tmp_path):
     refused(root, tmp_path, "sequence shapes-b has 10 frames but 9 annotations", "no annotation for 00004")
 
 
-def test_frame_of_another_size_leaves_nothing_written(davis_root, tmp_path):
-    """A frame of another size in the second sequence: refused once it is reached, and the
-    first sequence's finished masks are not left in --out."""
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_frame_of_another_size_leaves_nothing_written(davis_root, tmp_path, devices):
+    """A frame of another size: refused once it is reached, and the other sequence's finished
+    masks are not left in --out; with two processes the one that finished first stops too."""
     root = copy_root(davis_root, tmp_path)
-    Image.new("RGB", (100, 50)).save(root / "JPEGImages" / "480p" / "shapes-b" / "00006.jpg")
-    refused(root, tmp_path, "sequence shapes-b: the frame is 100 x 50 px but the first annotation is 128 x 64")
+    Image.new("RGB", (100, 50)).save(root / "JPEGImages" / "480p" / "shapes-a" / "00006.jpg")
+    refused(root, tmp_path, "sequence shapes-a: the frame is 100 x 50 px but the first annotation is 128 x 64",
+            extra=("--devices", devices))
 
 
 def test_first_mask_not_a_palette_png(davis_root, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -46,6 +48,22 @@ def gather_objects(items: list) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def barrier_started() -> Callable[[], bool]:
+    """Enter a barrier without waiting in it; returns `passed()`: False while other processes
+    have not arrived, True once all have; it raises if the barrier failed (a peer died)."""
+    if not is_distributed():
+        return lambda: True
+    work = dist.barrier(async_op=True)
+
+    def passed() -> bool:
+        if not work.is_completed():
+            return False
+        work.wait()  # raises the barrier's error, if any
+        return True
+
+    return passed
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:

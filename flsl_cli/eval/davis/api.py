@@ -23,7 +23,7 @@ import torch
 from flsl_cli import storage
 from flsl_cli.config.schema import DavisEvalConfig
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from flsl_cli.distributed.ops import gather_objects, rank, world_size
+from flsl_cli.distributed.ops import barrier_started, gather_objects, rank, world_size
 from flsl_cli.errors import DataError, FlslError
 from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model, wrap_module
 from flsl_cli.eval.davis.frames import (
@@ -131,7 +131,8 @@ def evaluate_model(model: EvalModel, *, settings: DavisEvalConfig, device: torch
                     f"F {result['F_mean']:.1f}), {result['frames']} frames, {result['objects']} object(s), "
                     f"{result['seconds']:.1f} s")
             log.finished(sequence.name, frames=result["frames"], lines=[line, *result["notes"]])
-        log.wait_for([s.name for s in shown])
+        if shared:
+            log.wait_for(barrier_started())
     by_name = {result["name"]: result for result in gather_objects(done)}
     ordered = [by_name[s.name] for s in sequences]
     return summarize(model, ordered, settings=settings, device=device, seconds=time.monotonic() - started)

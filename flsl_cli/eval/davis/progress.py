@@ -1,7 +1,8 @@
 """Progress of a DAVIS evaluation over every process: each process drops one small JSON file per
 finished sequence into a folder the launcher shares with them; the main process shows the
 lines of the others' sequences and moves one bar over all the frames of the job as the files
-appear, between its own frames and, once its share is done, until every sequence is in.
+appear, between its own frames and, once its share is done, until every process has passed a
+barrier after its last sequence (a barrier that fails when a process dies, so nothing hangs).
 Without a shared folder (one process, or during training) only its own sequences are shown.
 """
 
@@ -51,12 +52,10 @@ class SequenceLog:
             for line in record["lines"]:
                 self.on_line(line)
 
-    def wait_for(self, names: list[str]) -> None:
-        """Show the others' sequences until all of `names` are in (main process). The launcher
-        ends every process when one fails, so this waits only on processes still working."""
-        if not self.is_main or self.folder is None:
-            return
-        self.poll()
-        while not set(names) <= self.shown:
-            time.sleep(POLL_SECONDS)
+    def wait_for(self, passed: Callable[[], bool]) -> None:
+        """Show the others' sequences until `passed()` (every process has finished: a barrier
+        they all enter after their last sequence) says so, then the last ones (main process)."""
+        while not passed():
             self.poll()
+            time.sleep(POLL_SECONDS)
+        self.poll()
