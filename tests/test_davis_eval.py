@@ -149,11 +149,12 @@ def test_frames_and_masks_disagree_in_count(davis_root, tmp_path):
 
 @pytest.mark.parametrize("devices", ["1", "2"])
 def test_frame_of_another_size_leaves_nothing_written(davis_root, tmp_path, devices):
-    """A frame of another size: refused once it is reached, and the other sequence's finished
-    masks are not left in --out; with two processes the one that finished first stops too."""
+    """A frame of another size in shapes-b: refused once it is reached, and the masks of
+    shapes-a, finished before (one process) or beside it (two: the other process, waiting for
+    the failed one, stops too), are not left in --out."""
     root = copy_root(davis_root, tmp_path)
-    Image.new("RGB", (100, 50)).save(root / "JPEGImages" / "480p" / "shapes-a" / "00006.jpg")
-    refused(root, tmp_path, "sequence shapes-a: the frame is 100 x 50 px but the first annotation is 128 x 64",
+    Image.new("RGB", (100, 50)).save(root / "JPEGImages" / "480p" / "shapes-b" / "00006.jpg")
+    refused(root, tmp_path, "sequence shapes-b: the frame is 100 x 50 px but the first annotation is 128 x 64",
             extra=("--devices", devices))
 
 
