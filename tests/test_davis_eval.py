@@ -176,20 +176,25 @@ def test_first_mask_without_objects(davis_root, tmp_path):
 def test_later_object_and_patch_notes(davis_root, tmp_path):
     """An object id that appears only after the first frame is noted once and ignored (as the
     benchmark does); a short side the patch size does not divide is noted and floored to whole
-    patches. Both still evaluate."""
+    patches. Both still evaluate; the options reach the settings recorded in the results."""
     root = copy_root(davis_root, tmp_path)
     for index in (3, 4):
         path = root / "Annotations" / "480p" / "shapes-a" / f"{index:05d}.png"
         ids = np.array(Image.open(path))
         ids[:4, :4] = 7
         path.write_bytes(palette_png(ids))
-    result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", root, "--short-side", "72",
+    result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", root, "--short-side", "72", "--sequences", "shapes-a",
+                      "--n-last-frames", "2", "--size-mask-neighborhood", "3", "--topk", "3", "--temperature", "0.2",
                       "--output", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr
     flat = " ".join(result.stderr.split())
     assert flat.count("object id(s) 7 appear after the first frame but not in it; the benchmark ignores them") == 1
     assert "the patch size 16 does not divide --short-side 72" in flat
     results = json.loads((tmp_path / "r.json").read_text())
+    assert list(results["sequences"]) == ["shapes-a"] and results["settings"]["sequences"] == ["shapes-a"]
+    assert {key: results["settings"][key] for key in ("n_last_frames", "size_mask_neighborhood", "topk",
+                                                      "temperature", "short_side")} == \
+        {"n_last_frames": 2, "size_mask_neighborhood": 3, "topk": 3, "temperature": 0.2, "short_side": 72}
     assert results["sequences"]["shapes-a"]["objects"] == 2 and results["sequences"]["shapes-a"]["model_size"] == [128, 64]
 
 
