@@ -110,6 +110,20 @@ def test_command_writes_masks_pictures_and_results(davis_root, tmp_path):
             assert (two / name / path.name).read_bytes() == path.read_bytes()
 
 
+def test_a_flsl_run_is_evaluated_beside_it(tiny_run, davis_root, tmp_path):
+    """A flsl run dir (its newest checkpoint's teacher, patch 8) is evaluated, and without
+    --out or --output the results land in RUN_DIR/eval/davis-val-step-N-teacher.json."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = run_flsl("eval", "davis", run, "--davis", davis_root, *SMALL, "--max-sequences", "1")
+    assert result.returncode == 0, result.stderr
+    written = sorted((run / "eval").glob("davis-val-step-*-teacher.json"))
+    assert len(written) == 1
+    results = json.loads(written[0].read_text())
+    assert results["model"]["kind"] == "flsl" and results["settings"]["patch_size"] == 8
+    assert results["sequences"]["shapes-a"]["model_size"] == [128, 64] and results["overall"]["sequences"] == 1
+
+
 def test_knn_eval_is_also_under_eval(flsl):
     """`flsl eval knn` is `flsl knn-eval`; the old name keeps working."""
     for args in (("eval", "knn", "--help"), ("knn-eval", "--help")):

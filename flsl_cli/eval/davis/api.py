@@ -234,7 +234,7 @@ def summarize(model: EvalModel, per_sequence: list[dict[str, Any]], *, settings:
             "n_last_frames": settings.n_last_frames, "size_mask_neighborhood": settings.size_mask_neighborhood,
             "topk": settings.topk, "temperature": settings.temperature, "batch_size": settings.batch_size,
             "patch_size": model.patch_size, "mean": list(model.mean), "std": list(model.std),
-            "features": "last layer, after the final norm, L2-normalised",
+            "features": "last layer, after the final norm, L2-normalised", "precision": "float32",
             "resize": "bilinear (frames), nearest (masks)", "long_side_multiple": 64,
             "boundary_tolerance_px": boundary_tolerance(first["size"][1], first["size"][0]),
             "scored_frames": "all but the first and the last of each sequence",
