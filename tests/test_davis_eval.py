@@ -60,6 +60,34 @@ def test_features_that_see_the_shapes_track_them(davis_root, tmp_path):
             assert image.size == (128, 64)
 
 
+def test_whole_sequence_equals_dinos_pipeline(davis_root, tmp_path):
+    """Given the same frame features, the PNGs written for every frame equal what DINO's script
+    computes from them: its `read_seg` (the first mask resized to the token grid by PIL's
+    nearest, one-hot over its ids), its loop over frames (`label_propagation` with the queue of
+    the first and the 7 previous frames), upsampling, `norm_mask`, argmax and the final nearest
+    resize; the first frame is the annotation itself."""
+    from test_davis_measures import dino_track
+
+    from flsl_cli.eval.davis.frames import frame_tensor, read_image
+
+    backbone = ColourBackbone()
+    evaluate(backbone, davis_root, staging=tmp_path)
+    model = wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description={}, identity="")
+    for name in ("shapes-a", "shapes-b"):
+        frames = sorted((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))
+        with torch.no_grad():
+            features = [model.tokens(frame_tensor(read_image(str(f)), size_hw=(64, 128), mean=model.mean,
+                                                  std=model.std)[None])[0] for f in frames]
+        seg = Image.open(davis_root / "Annotations" / "480p" / name / "00000.png")
+        small = torch.from_numpy(np.array(seg.resize((128 // 8, 64 // 8), 0)).copy()).long()
+        first_seg = torch.nn.functional.one_hot(small, int(small.max()) + 1).permute(2, 0, 1)[None].float()
+        args = {"n_last_frames": 7, "size_mask_neighborhood": 12, "topk": 5}
+        _, ids = dino_track(args, features, first_seg, patch=8)
+        for index, predicted in enumerate(ids, start=1):
+            expected = np.array(Image.fromarray(predicted.numpy().astype(np.uint8)).resize((128, 64), 0))
+            assert np.array_equal(np.array(Image.open(tmp_path / name / f"{index:05d}.png")), expected), (name, index)
+
+
 def test_remote_davis_folder_reads_as_a_local_one(davis_root, tmp_path):
     """A DAVIS folder on remote storage (fsspec's memory://) gives the same masks and figures
     as the same folder on disk."""
