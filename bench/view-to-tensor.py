@@ -12,8 +12,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flsl_cli.data.normalize import normalized_tensor  # noqa: E402
 from test_normalize import numpy_reference as to_tensor  # noqa: E402
+
+from flsl_cli.data.normalize import normalized_tensor  # noqa: E402
 
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)

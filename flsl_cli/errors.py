@@ -45,6 +45,13 @@ def _restore(cls: type[FlslError], args: tuple, state: dict) -> FlslError:
     return error
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's type and the first line of its message, for a reason quoted to the user
+    ("OSError: image file is truncated")."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class RecipeError(FlslError):
     """The recipe (or a --set override) is invalid. Holds every problem found, each naming its
     key and what to write instead; `recheck` is the command that checks the recipe again."""

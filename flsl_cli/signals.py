@@ -30,7 +30,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.count = 0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, signal._HANDLER] = {}
 
     @property
     def requested(self) -> bool:
@@ -46,7 +46,7 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Handle the stop signals in this process; a signal the process was started with
         ignored (SIGINT in a background job, SIGHUP under nohup) stays ignored. Signals held
         back by the parent (see `held`) arrive now."""

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, run_flsl, tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import REPO, run_flsl, tiny_overrides
 from flsl_cli.cli.app import app
 from flsl_cli.config.load import load_recipe, recipe_to_yaml
 

@@ -23,7 +23,8 @@ def test_bench_data_reports_both_pipelines_and_their_ratio(flsl, demo_data, tmp_
         assert run["images"] > 0 and run["images_per_second"] > 0
         assert run["images_per_second_per_worker"] == pytest.approx(run["images_per_second"])
     assert figures["ratio"] == pytest.approx(flsl_run["images_per_second"] / reference["images_per_second"])
-    assert figures["settings"]["samples"] <= 64 and figures["settings"]["reference_samples"] == figures["settings"]["samples"]
+    settings = figures["settings"]
+    assert settings["samples"] <= 64 and settings["reference_samples"] == settings["samples"]
     assert "flsl / reference" in result.stdout and "pillow-simd" in result.stdout
 
 

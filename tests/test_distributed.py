@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run_flsl, tiny_overrides
 from dist_workers import train_on_fixed_batches
+
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.shards import resolve_shards

@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fails, run_flsl
 from PIL import Image, ImageDraw
 
-from conftest import fails, run_flsl
 from flsl_cli.eval.geometry import EvalGeometry, cell_token_indices, largest_mapped_box
 from flsl_cli.eval.knn import chance_level, count_correct, search_topk, vote_scores
 from flsl_cli.eval.samples import parse_annotation

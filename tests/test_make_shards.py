@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fails, run_flsl
 from PIL import Image
 
-from conftest import fails, run_flsl
 from flsl_cli.data.make_shards import make_shards
 from flsl_cli.data.shards import resolve_shards
 
@@ -41,7 +41,8 @@ def _jpeg(path: Path, rng: np.random.Generator, width: int, height: int) -> None
 def _voc_xml(stem: str, boxes: list[tuple]) -> str:
     objects = "".join(f"<object><name>{s}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
                       f"<ymax>{y1}</ymax></bndbox></object>" for s, x0, y0, x1, y1 in boxes)
-    return f"<annotation><filename>{stem}</filename><size><width>48</width><height>40</height></size>{objects}</annotation>"
+    size = "<size><width>48</width><height>40</height></size>"
+    return f"<annotation><filename>{stem}</filename>{size}{objects}</annotation>"
 
 
 def _loc_csv(boxes: dict[str, list[tuple]]) -> str:
@@ -274,7 +275,7 @@ def test_memory_destination(reference: Path, imagenet: Path) -> None:
         written = {path.rsplit("/", 1)[-1]: fs.cat_file(path) for path in fs.ls(f"/flsl-test-{workers}/train",
                                                                                 detail=False)}
         expected = _files(reference)
-        assert {name for name in written} == set(expected)
+        assert set(written) == set(expected)
         assert all(written[name] == expected[name] for name in expected if name != "index.json")
         index, local = json.loads(written["index.json"]), json.loads(expected["index.json"])
         assert index == local

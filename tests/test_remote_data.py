@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, tiny_overrides
 from servers import S3_ENV, http_server, moto_server, tcp_proxy
 

@@ -24,7 +24,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +123,7 @@ def _safe_name(text: str) -> str:
     return text.replace("/", "_").replace(os.sep, "_").lstrip(".") or "_"
 
 
-def measure(batches: Callable[[], Iterator[int]], *, seconds: float, warmup: int) -> Measurement:
+def measure(batches: Callable[[], Generator[int, None, None]], *, seconds: float, warmup: int) -> Measurement:
     """Images per second over `seconds` of measured time: each `batches()` call yields the batch
     sizes of one epoch, whose first `warmup` batches start the clock and are not counted."""
     images, elapsed = 0, 0.0
@@ -138,7 +138,7 @@ def measure(batches: Callable[[], Iterator[int]], *, seconds: float, warmup: int
                     images += size
                     if elapsed + (last - start) >= seconds:
                         break
-        if start is None or last == start:
+        if start is None or last is None or last == start:
             raise DataError(f"too few samples to measure: an epoch ends within the warm-up ({warmup} batch(es))",
                             fix="Raise --max-images, or use fewer --workers")
         elapsed += last - start
@@ -155,7 +155,7 @@ def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int, batch: int):
     loader = build_loader(stream, pin_memory=False)
     epochs = itertools.count()
 
-    def batches() -> Iterator[int]:
+    def batches() -> Generator[int, None, None]:
         stream.set_epoch(next(epochs))
         for item in loader:
             yield len(item["key"])
@@ -186,7 +186,7 @@ def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int,
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False, drop_last=True,
                         prefetch_factor=2, persistent_workers=False, worker_init_fn=_one_thread)
 
-    def batches() -> Iterator[int]:
+    def batches() -> Generator[int, None, None]:
         for _views, labels in loader:
             yield len(labels)
 
@@ -242,7 +242,7 @@ def reference_copy(shards: ShardSet, target: Path | None, *, stage: Callable[[st
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def measure_in_turns(pipelines: dict[str, Callable[[], Iterator[int]]], *, seconds: float,
+def measure_in_turns(pipelines: dict[str, Callable[[], Generator[int, None, None]]], *, seconds: float,
                      warmup: int) -> dict[str, list[Measurement]]:
     """ROUNDS turns per pipeline, taken in order, each of seconds / ROUNDS."""
     turns: dict[str, list[Measurement]] = {name: [] for name in pipelines}

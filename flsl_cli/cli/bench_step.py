@@ -4,7 +4,7 @@ side by side in one run on a synthetic batch resident on the device."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -21,17 +21,17 @@ def step(
     steps: Annotated[int, typer.Option("--steps", "-n", min=1, help="Timed steps per variant.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per variant first (compilation "
                                                                  "happens there).")] = 3,
-    batch: Annotated[Optional[int], typer.Option(
+    batch: Annotated[int | None, typer.Option(
         "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile flsl's backbones "
                                                              "(as optim.compile: true).")] = False,
-    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(
+    device: Annotated[Literal["cpu", "cuda"] | None, typer.Option(
         "--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option(
+    peak_tflops: Annotated[float | None, typer.Option(
         "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
                                          "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
     set_: SetOption = None,
-    output: Annotated[Optional[Path], typer.Option("--json", "-o", metavar="FILE.json",
+    output: Annotated[Path | None, typer.Option("--json", "-o", metavar="FILE.json",
                                                    help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's

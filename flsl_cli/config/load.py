@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import shlex
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from pydantic_core import PydanticUndefined
 from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError, RecipeError
-
 
 MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
 
@@ -49,7 +49,7 @@ class YamlProblems(yaml.YAMLError):
     """Keys given twice: (dotted key, line of the first, line of the second) each; `other`
     holds the problems that are not duplicates (recursive or exploding aliases)."""
 
-    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: list[str] = ()) -> None:
+    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: tuple[str, ...] | list[str] = ()) -> None:
         self.duplicates = duplicates
         self.other = list(other)
         super().__init__(", ".join(key for key, _, _ in duplicates))
@@ -227,7 +227,7 @@ def _section_model(section: tuple[str, ...]) -> type[BaseModel]:
 _UNION_TAGS = {"str", "int", "bool", "float", "none"}
 
 
-def _without_union_tags(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _without_union_tags(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """pydantic names the member of a union (`str`, `int`, ...) in the location; drop it."""
     return [{**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
             for err in errors]
@@ -354,7 +354,7 @@ def _number(value: float) -> str:
 
 def _field_info(loc: list[str]) -> FieldInfo | None:
     """The schema field at a dotted location (list indices dropped), or None."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     info = None
     for part in loc:
         if part.isdigit():

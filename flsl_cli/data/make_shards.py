@@ -184,6 +184,7 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
     names = [job.name for job in plan.jobs]
     if records is None:  # already complete
         index = destination.read_json(INDEX_NAME)
+        assert index is not None, "complete shards are the ones with an index"
         return ShardReport(destination.url, len(plan.jobs), index["num_samples"], len(plan.classes),
                            len(index.get("skipped", [])), written=0, kept=len(plan.jobs), already_complete=True)
 

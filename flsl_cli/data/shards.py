@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import braceexpand
 
 from flsl_cli import storage
-from flsl_cli.errors import DataError
+from flsl_cli.errors import DataError, first_line
 
 INDEX_NAME = "index.json"
 FIX = "Point it at shards written by `flsl data demo` or `flsl data shards`"
@@ -101,7 +101,7 @@ def _safe(action, url: str, *, key: str):
         raise DataError(f"{key}: access denied", where=url,
                         fix="Check that your credentials allow reading this location") from None
     except Exception as exc:  # noqa: BLE001 - any other storage failure
-        raise DataError(f"{key}: cannot reach the storage ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        raise DataError(f"{key}: cannot reach the storage ({first_line(exc)})",
                         where=url, fix="Check the URL, the network and your credentials") from None
 
 
@@ -203,8 +203,8 @@ def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current_key, fields
 
 
-def iter_samples(url: str, *, expected: int | None = None,
-                 attempts: int = storage.RETRY_ATTEMPTS) -> Iterator[tuple[str, dict[str, bytes]] | BadShard]:
+def iter_samples(url: str, *, expected: int | None = None, attempts: int = storage.RETRY_ATTEMPTS
+                 ) -> Generator[tuple[str, dict[str, bytes]] | BadShard, None, None]:
     """(key, {extension: bytes}) for each sample of a shard, in file order, then a BadShard
     record if the shard could not be read to its end."""
     delivered = 0

@@ -210,7 +210,7 @@ def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: K
         path = cache_path(Path(features_dir), split=split, mode=settings.mode, key=key)
         found = load_cache(path)
         everyone = int(all_reduce_sum(torch.tensor([int(found is not None)], device=device)).item())
-        if everyone == world_size():
+        if everyone == world_size() and found is not None:  # found here, as on every rank
             reporter.note(f"{split} features: reusing {path}")
             return found, True
     expected = plan.expected(slot=rank(), slots=world_size())

@@ -66,7 +66,7 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
     per_side = settings.crop // settings.patch_size
     amp = autocast_dtype(device)
     features, labels, ids = [], [], []
-    seen, skipped = 0, Counter()
+    seen, skipped = 0, Counter[str]()
     for batch in batches:
         if "error" in batch:
             raise batch["error"]

@@ -20,6 +20,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class ReadPlan:
     limit: int | None = None
 
     @classmethod
-    def from_shards(cls, shards: ShardSet, *, limit: int | None = None) -> "ReadPlan":
+    def from_shards(cls, shards: ShardSet, *, limit: int | None = None) -> ReadPlan:
         return cls(urls=tuple(s.url for s in shards.shards), counts=tuple(s.samples for s in shards.shards),
                    limit=limit)
 
@@ -103,7 +104,7 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
         except ValueError as exc:
             raise DataError(f"the sample's json is unreadable ({exc})", where=where,
                             fix="Regenerate the shards with `flsl data shards --boxes`") from None
-    label = annotation.get("label")
+    label: Any = annotation.get("label")
     if label is None and "cls" in fields:
         label = fields["cls"].decode("ascii", "replace").strip()
     try:
@@ -114,9 +115,9 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
     try:
         entries = [(box["bbox"], box.get("class")) if isinstance(box, dict) else (box, None)
                    for box in annotation.get("boxes") or []]
-        boxes = [(tuple(float(v) for v in bbox), cls) for bbox, cls in entries]
-        if any(len(bbox) != 4 for bbox, _ in boxes):
+        if any(len(bbox) != 4 for bbox, _ in entries):
             raise ValueError("a bbox is not [x0, y0, x1, y1]")
+        boxes = [((float(x0), float(y0), float(x1), float(y1)), cls) for (x0, y0, x1, y1), cls in entries]
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"the sample's boxes are malformed ({exc})", where=where,
                         fix="Boxes are {\"bbox\": [x0, y0, x1, y1], \"class\": label} in pixels") from None
@@ -161,8 +162,8 @@ def prepare(fields: dict[str, bytes], *, settings: SampleSettings, where: str) -
             return {"label": label, "skip": SKIP_OUTSIDE_CROP}
         cells = cell_token_indices(box, grid=settings.grid, patch=settings.patch_size, crop=settings.crop)
     array = np.asarray(geometry.transform_image(image), dtype=np.float32) / 255.0
-    array = (array - np.asarray(settings.mean, dtype=np.float32)) / np.asarray(settings.std, dtype=np.float32)
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    normalized = (array - np.asarray(settings.mean, dtype=np.float32)) / np.asarray(settings.std, dtype=np.float32)
+    pixels = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
     return {"label": label, "skip": None, "image": pixels, "cells": torch.tensor(cells, dtype=torch.int64)}
 
 

@@ -73,8 +73,8 @@ def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
         pass_on = _pass_on(context)
         for signum in previous:
             signal.signal(signum, pass_on)
-        for signum in early:
-            pass_on(signum, None)
+        for early_signum in early:
+            pass_on(early_signum, None)
         try:
             while not context.join():
                 pass

@@ -18,9 +18,9 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.distributed.ops import all_reduce_sum, world_size
 from flsl_cli.losses.flsl import LossWeights, StudentView, flsl_loss
 from flsl_cli.models.flsl import Network, ema_update
+from flsl_cli.signals import StopRequest
 from flsl_cli.train.optim import set_schedule
 from flsl_cli.train.schedules import Schedules
-from flsl_cli.signals import StopRequest
 
 TERMS = ("loss", "intra", "inter", "volume")
 
@@ -67,7 +67,9 @@ def compile_backbones(*networks: Network) -> None:
     per view size). Parameters and state-dict keys stay those of the plain module."""
     for network in networks:
         backbone = network.backbone
-        backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
+        # Replacing the bound method on this instance is the point: state-dict keys stay the module's.
+        backbone.forward_features = torch.compile(  # type: ignore[method-assign]
+            backbone.forward_features, dynamic=False)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -128,7 +128,7 @@ def _twins(axes) -> list:
 
 
 def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
-    for index, event in enumerate(resumes):
+    for event in resumes:
         requeue = bool(event.get("restart"))
         label = (f"requeued (job {event.get('job_id')}), resumed at {event['step']}" if requeue
                  else f"resumed at {event['step']}")
