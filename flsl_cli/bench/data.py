@@ -39,13 +39,13 @@ from torchvision.datasets import ImageFolder
 
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
-from flsl_cli.data.shards import BadShard, Shard, ShardSet, iter_samples, resolve_shards
+from flsl_cli.data.shards import BadShard, Shard, ShardSet, image_field, iter_samples, resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
+from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.errors import DataError
 
 ROUNDS = 2  # turns per pipeline; each measures seconds / ROUNDS
 BATCH_CAP = 64  # a loader's batch on one GPU; larger batches only add collation memory
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the stream's order of preference
 NOTE = ("Figures are for this machine only; both pipelines ran in the same invocation, one after "
         "the other in alternating turns, with the same augmentation, workers and batch size.")
 
@@ -106,7 +106,7 @@ def extract_imagefolder(shards: ShardSet, dest: Path, *, on_progress: Progress |
                     raise DataError(f"cannot read the shard for the ImageFolder copy: {item.reason}",
                                     where=item.url, fix="Check the shard, or pick other data")
                 key, fields = item
-                ext = next((name for name in IMAGE_FIELDS if fields.get(name)), None)
+                ext = image_field(fields)
                 if ext is None:
                     continue
                 label = fields["cls"].decode("ascii", "replace").strip() if fields.get("cls") else "unlabelled"
@@ -204,9 +204,8 @@ def machine_info() -> dict:
         simd = True
     except importlib.metadata.PackageNotFoundError:
         simd = False
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpus": os.cpu_count(), "usable_cpus": usable, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "machine": platform.machine(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "pillow": PIL.__version__, "pillow_simd": simd,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),

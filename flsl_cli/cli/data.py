@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -81,6 +80,7 @@ def shards(
     missing shards are written.
     """
     from flsl_cli.data.make_shards import make_shards
+    from flsl_cli.distributed.env import usable_cpus
 
     update, close = _shard_progress()
     try:
@@ -88,7 +88,7 @@ def shards(
         try:
             report = make_shards(src, dest, labels=labels, boxes=boxes, class_names=class_names,
                                  shard_size=shard_size, samples_per_shard=samples_per_shard, prefix=prefix,
-                                 workers=workers or os.cpu_count() or 1, on_progress=update)
+                                 workers=workers or usable_cpus(), on_progress=update)
         finally:
             close()
         shard_word = "shard" if report.shards == 1 else "shards"

@@ -83,7 +83,7 @@ def knn_eval(
     output: OutputOption = None,
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
-    from flsl_cli.eval.api import available_cpus
+    from flsl_cli.distributed.env import usable_cpus
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
     from flsl_cli.launch.knn import knn_eval as evaluate
@@ -93,8 +93,8 @@ def knn_eval(
                             max_val_images=max_val_images, bank=bank)
     spec = ModelSpec(checkpoint=str(checkpoint) if checkpoint is not None else None, model=model, which=which,
                      random_init=random_init)
-    if workers is not None and workers > available_cpus():
-        note(f"--workers {workers} is more than the {available_cpus()} CPUs this process may use: the data-loader "
+    if workers is not None and workers > usable_cpus():
+        note(f"--workers {workers} is more than the {usable_cpus()} CPUs this process may use: the data-loader "
              "processes will share them")
     results = evaluate(spec=spec, settings=settings, devices=devices,
                        features_dir=str(features_dir) if features_dir else None)

@@ -37,7 +37,7 @@ from flsl_cli import signals
 from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import plan_tensors
-from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.shards import BadShard, ShardSet, image_field, iter_samples
 from flsl_cli.data.view_plan import complete_plan
 from flsl_cli.errors import DataError, FlslError, first_line
 
@@ -199,9 +199,10 @@ class TrainStream(IterableDataset):
 
     def _make(self, record: RawRecord, *, rng_key: str | None = None) -> dict:
         fields = record.fields
-        image_bytes = fields.get("jpg") or fields.get("jpeg") or fields.get("png") or fields.get("webp")
-        if image_bytes is None:
+        field = image_field(fields)
+        if field is None:
             raise BadSample(f"no image field (found: {', '.join(sorted(fields)) or 'nothing'})")
+        image_bytes = fields[field]
         rng = sample_rng(self.seed, self.epoch, rng_key or record.key)
         aug = self.augment.recipe.augment
         try:

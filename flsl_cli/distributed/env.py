@@ -124,6 +124,14 @@ def local_processes(environ: Mapping[str, str] | None = None) -> int:
     return 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (as PyTorch's DataLoader counts them),
+    else every CPU of the machine where there is no mask (not Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_threads(*, data_workers: int, environ: Mapping[str, str] | None = None) -> int:
     """Threads of a training process on CPU: its share of the CPUs it may run on, less one per
     data worker (they compute too: more threads than CPUs slows every step several times over
@@ -132,5 +140,4 @@ def cpu_threads(*, data_workers: int, environ: Mapping[str, str] | None = None) 
     chosen = environ.get("OMP_NUM_THREADS", "").split(",")[0]
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // local_processes(environ) - data_workers)
+    return max(1, usable_cpus() // local_processes(environ) - data_workers)

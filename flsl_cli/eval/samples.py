@@ -27,11 +27,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flsl_cli.data.augment import decode_image
-from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.shards import IMAGE_FIELDS, BadShard, ShardSet, image_field, iter_samples
 from flsl_cli.errors import DataError
 from flsl_cli.eval.geometry import BoxXYXY, EvalGeometry, cell_token_indices, largest_mapped_box
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_NO_BOXES = "no boxes"
 SKIP_OUTSIDE_CROP = "boxes outside the crop"
 
@@ -130,22 +129,16 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
     return label, chosen, size
 
 
-def _image_bytes(fields: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in fields:
-            return fields[ext]
-    return None
-
-
 def prepare(fields: dict[str, bytes], *, settings: SampleSettings, where: str) -> dict:
     """One sample as the model input: label, image (3, crop, crop), token indices per cell (g),
     or `skip` with the reason."""
     label, boxes, size = parse_annotation(fields, where=where)
     if settings.mode == "bbox" and not boxes:
         return {"label": label, "skip": SKIP_NO_BOXES}
-    data = _image_bytes(fields)
+    field = image_field(fields)
+    data = None if field is None else fields[field]
     if data is None:
-        raise DataError(f"the sample has no image (looked for {', '.join(IMAGE_EXTENSIONS)})", where=where,
+        raise DataError(f"the sample has no image (looked for {', '.join(IMAGE_FIELDS)})", where=where,
                         fix="Write shards with the image as .jpg or .png")
     try:
         image = decode_image(data)
