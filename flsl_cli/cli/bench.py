@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import write_figures
+from flsl_cli.cli.options import OldOutputOption, OutOption, renamed_option
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -45,8 +46,8 @@ def data(
              "files, else written there and kept (default: a temporary copy, removed after).")] = None,
     max_images: Annotated[int, typer.Option(
         "--max-images", min=1, help="Samples read from the shards (and copied for the reference).")] = 2000,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")] = None,
+    out: OutOption = None,
+    old_out: OldOutputOption = None,
     device: Annotated[ViewDevice | None, typer.Option(
         "--device",
         help="Also measure the CPU time a data worker spends per image when the training process makes the views "
@@ -54,6 +55,7 @@ def data(
 ) -> None:
     """Images/s of decode + FLSL multi-crop augmentation: flsl's shard stream against torchvision's
     ImageFolder with PIL's loader (the released FLSL code), same workers, batch and augmentation."""
+    output = renamed_option(out, old_out, name="--out", old_name="--output")
     from flsl_cli.bench.data import DataBenchSettings, run_data_bench
 
     settings = DataBenchSettings(url=url, workers=workers, seconds=seconds, max_images=max_images,

@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -36,11 +37,12 @@ def e2e(
     worker_images: Annotated[int, typer.Option(
         "--worker-images", min=1, help="Samples read to measure a data worker's CPU time per image.")] = 256,
     set_: SetOption = None,
-    output: Annotated[Path | None, typer.Option("--json", "-o", metavar="FILE.json",
-                                                   help="Also write the figures to this JSON file.")] = None,
+    out: OutOption = None,
+    old_out: OldJsonFileOption = None,
 ) -> None:
     """Images/s of training from shards (data workers, views, step) against the same step on a
     synthetic batch already on the device, as a percentage, and the data workers' CPU time per image."""
+    output = renamed_option(out, old_out, name="--out", old_name="--json")
     from flsl_cli.bench.e2e import E2EBenchSettings, run_e2e_bench
     from flsl_cli.config.load import load_recipe
 

@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
 
@@ -31,11 +32,12 @@ def step(
         "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
                                          "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
     set_: SetOption = None,
-    output: Annotated[Path | None, typer.Option("--json", "-o", metavar="FILE.json",
-                                                   help="Also write the figures to this JSON file.")] = None,
+    out: OutOption = None,
+    old_out: OldJsonFileOption = None,
 ) -> None:
     """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's
     against an eager baseline run the way the released FLSL code runs it, and their ratio."""
+    output = renamed_option(out, old_out, name="--out", old_name="--json")
     from flsl_cli.bench.step import StepBenchSettings, run_step_bench
     from flsl_cli.config.load import load_recipe
 

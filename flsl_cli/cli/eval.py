@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.options import comma_list
+from flsl_cli.cli.options import OldOutputOption, comma_list, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import KnnEvalConfig
@@ -30,7 +30,7 @@ DevicesOption = Annotated[int | None, typer.Option(
 BankOption = Annotated[Literal["auto", "device", "host"], typer.Option(
     "--bank", help="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")]
 OutputOption = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Results JSON (default: RUN_DIR/eval/knn-MODE-step-N-WHICH.json for a run's "
+    "--out", "-o", help="Results JSON (default: RUN_DIR/eval/knn-MODE-step-N-WHICH.json for a run's "
                            "checkpoint, else knn-MODE.json).")]
 
 
@@ -81,8 +81,10 @@ def knn_eval(
     features_dir: Annotated[Path | None, typer.Option(
         "--features-dir", help="Cache extracted features here; reused while weights, data and settings match.")] = None,
     output: OutputOption = None,
+    old_output: OldOutputOption = None,
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
+    output = renamed_option(output, old_output, name="--out", old_name="--output")
     from flsl_cli.distributed.env import usable_cpus
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
