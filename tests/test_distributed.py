@@ -70,3 +70,21 @@ def test_pretrain_with_two_cpu_processes(demo_data, tmp_path):
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == len(set(metrics)) > 0  # one writer: no duplicated lines
     assert list((run / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize("error", ["DataError", "CheckpointError", "RunStopped"])
+def test_an_error_in_a_spawned_process_arrives_with_its_type_and_fields(error):
+    """A user error raised in one of 2 spawned processes is raised in the launcher as itself:
+    same class, message, where, fix, exit code and extra fields (a RunStopped's step)."""
+    from dist_workers import fail_on_rank
+
+    from flsl_cli import errors
+
+    with pytest.raises(errors.FlslError) as caught:
+        run_local_processes(fail_on_rank, nprocs=2, kwargs={"rank": 1, "error": error})
+    raised = caught.value
+    assert type(raised) is getattr(errors, error)
+    if error == "RunStopped":
+        assert (raised.step, raised.signal_name, raised.exit_code) == (7, "SIGTERM", 75)
+    else:
+        assert (raised.what, raised.where, raised.fix) == (f"a {error} on rank 1", "somewhere", "Do this")
