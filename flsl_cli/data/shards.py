@@ -56,6 +56,13 @@ class BadShard:
     delivered: int
 
 
+def reader_slot(*, rank: int, worker: int, workers: int) -> int:
+    """The reader slot of data worker `worker` of process `rank`, each process running `workers`
+    of them: processes hold consecutive slots, and there are world size x `workers` in all. The
+    training stream and the k-NN reader split the shards over these slots."""
+    return rank * workers + worker
+
+
 def image_field(fields: Mapping[str, bytes]) -> str | None:
     """The field that holds the sample's image (see IMAGE_FIELDS), or None."""
     return next((name for name in IMAGE_FIELDS if fields.get(name)), None)

@@ -37,7 +37,7 @@ from flsl_cli import signals
 from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import plan_tensors
-from flsl_cli.data.shards import BadShard, ShardSet, image_field, iter_samples
+from flsl_cli.data.shards import BadShard, ShardSet, image_field, iter_samples, reader_slot
 from flsl_cli.data.view_plan import complete_plan
 from flsl_cli.errors import DataError, FlslError, first_line
 
@@ -128,7 +128,7 @@ class TrainStream(IterableDataset):
 
     def slot_shards(self, epoch: int, worker: int) -> list[str]:
         slots = self.layout.world_size * self.layout.workers
-        return self.shard_order(epoch)[self.rank * self.layout.workers + worker::slots]
+        return self.shard_order(epoch)[reader_slot(rank=self.rank, worker=worker, workers=self.layout.workers)::slots]
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -147,7 +147,7 @@ class TrainStream(IterableDataset):
         batch = self.layout.local_batch
         take = self.layout.batches_per_slot * batch
         skip = max(0, math.ceil((self.skip_batches - worker) / workers)) * batch
-        slot = self.rank * workers + worker
+        slot = reader_slot(rank=self.rank, worker=worker, workers=workers)
         lost: list[dict] = []
         raw = _Peekable(self._shuffled(self._raw(self.slot_shards(self.epoch, worker), lost),
                                        rng=random.Random(f"{self.seed}-{self.epoch}-{slot}")))

@@ -1,6 +1,7 @@
 """The one place that reads the process environment: which process of a run this is (torchrun,
-`flsl --devices`, SLURM, or a single plain process), its local rank, the SLURM job it runs in,
-and the CPUs it may use. Pure reads of a mapping (`os.environ` by default); torch is not imported.
+`flsl --devices`, SLURM, or a single plain process), whether torchrun started it, its local
+rank, the SLURM job it runs in, and the CPUs it may use. Pure reads of a mapping (`os.environ`
+by default); torch is not imported.
 
 One local-rank rule: LOCAL_RANK when a launcher set it, else SLURM_LOCALID, except that a task
 to which SLURM binds exactly one GPU (CUDA_VISIBLE_DEVICES names one) uses device 0.
@@ -45,6 +46,15 @@ def read_env(environ: Mapping[str, str] | None = None) -> ProcessEnv:
     if task is not None and "SLURM_NTASKS" in environ:
         return ProcessEnv(rank=task.rank, local_rank=task.local_rank, world_size=task.world_size)
     return ProcessEnv(rank=0, local_rank=0, world_size=1)
+
+
+def torchrun_process(environ: Mapping[str, str] | None = None) -> ProcessEnv | None:
+    """This process's place in a launch by torchrun (which sets TORCHELASTIC_RUN_ID beside RANK,
+    LOCAL_RANK and WORLD_SIZE; flsl's own processes do not), or None."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ or "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return None
+    return read_env(environ)
 
 
 def in_slurm_job(environ: Mapping[str, str] | None = None) -> bool:

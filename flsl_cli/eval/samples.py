@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flsl_cli.data.augment import decode_image
-from flsl_cli.data.shards import IMAGE_FIELDS, BadShard, ShardSet, image_field, iter_samples
+from flsl_cli.data.shards import IMAGE_FIELDS, BadShard, ShardSet, image_field, iter_samples, reader_slot
 from flsl_cli.errors import DataError
 from flsl_cli.eval.geometry import BoxXYXY, EvalGeometry, cell_token_indices, largest_mapped_box
 
@@ -173,7 +173,7 @@ class EvalSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = self.world_size * workers, self.rank * workers + worker
+        slots, slot = self.world_size * workers, reader_slot(rank=self.rank, worker=worker, workers=workers)
         by_shard = len(self.plan.urls) >= slots
         limit = self.plan.limit
         try:
