@@ -8,6 +8,8 @@ one process to another.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FlslError(Exception):
     """An error the user can fix. `what` says what is wrong, `where` names the file/key/path,
@@ -31,7 +33,7 @@ class FlslError(Exception):
             parts.append(self.fix)
         return " ".join(p.rstrip() if p.rstrip().endswith(".") else p.rstrip() + "." for p in parts)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         """Pickled whole (message, `where`, `fix`, exit code and any fields of a subclass), so
         that an error raised in another process (a spawned rank, a data worker, a pool worker)
         is raised again here as itself."""

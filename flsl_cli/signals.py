@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
 
@@ -83,7 +84,7 @@ def release() -> None:
 
 
 @contextlib.contextmanager
-def held():
+def held() -> Iterator[None]:
     """Hold the stop signals back for the block (they stay pending, then arrive): processes
     forked inside start with them held and release them once they are ready."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

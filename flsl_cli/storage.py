@@ -73,7 +73,7 @@ def basename(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
-def filesystem(url: str):
+def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it), or a DataError when the protocol is not available."""
     try:
         return url_to_fs(str(url))

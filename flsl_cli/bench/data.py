@@ -33,7 +33,7 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import features
+from PIL import Image, features
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
@@ -145,7 +145,8 @@ def measure(batches: Callable[[], Generator[int, None, None]], *, seconds: float
     return Measurement(images=images, seconds=elapsed)
 
 
-def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int, batch: int):
+def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int,
+                 batch: int) -> tuple[Callable[[], Generator[int, None, None]], int, list[str]]:
     """(batches(), workers used, notes) of the training stream over `shards`, a new epoch per call."""
     layout, notes = plan_layout(shards, world_size=1, num_workers=workers, local_batch=batch, source="URL")
     # A shuffle buffer of 1 keeps file order, so this pipeline decodes exactly the samples copied
@@ -169,11 +170,12 @@ class ReferenceTransform:
 
     augment: MultiCropAugment
 
-    def __call__(self, image):
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         return self.augment(image, rng=np.random.default_rng())
 
 
-def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int, max_images: int):
+def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int,
+                      max_images: int) -> tuple[Callable[[], Generator[int, None, None]], int]:
     """(batches(), images) of torchvision's ImageFolder + DataLoader, read with PIL's
     default loader."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -14,6 +14,10 @@ from flsl_cli.cli.bench_render import write_figures
 from flsl_cli.cli.options import OldOutputOption, OutOption, renamed_option
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -90,7 +94,7 @@ def _load_recipe(path: Path | None, *, url: str, overrides: list[str]):
     return validate_recipe(apply_overrides({"data": {"train": url}}, overrides, source=source), source=source)
 
 
-def results_table(results: dict):
+def results_table(results: dict) -> Group:
     """Both pipelines, their ratio, and the machine the figures belong to."""
     from rich.console import Group
     from rich.table import Table
@@ -114,7 +118,7 @@ def results_table(results: dict):
     return Group(table, footer)
 
 
-def view_cost_table(cost: dict):
+def view_cost_table(cost: dict) -> Table:
     """Data-worker CPU time per image of both view paths, their ratio, and the training process's share."""
     from rich.table import Table
 

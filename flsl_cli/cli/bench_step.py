@@ -4,7 +4,7 @@ side by side in one run on a synthetic batch resident on the device."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from flsl_cli.cli.bench_render import measured_shape, training_machine, write_fi
 from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 @handle_errors
@@ -51,7 +54,7 @@ def step(
         write_figures(output, results)
 
 
-def results_table(results: dict):
+def results_table(results: dict) -> Group:
     """Both variants, their ratio, the FLOPs and peak used for utilisation, and the machine."""
     from rich.console import Group
     from rich.table import Table

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -106,7 +106,7 @@ def knn_eval(
     out_console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
-def knn_settings(*, k: str, **options) -> KnnEvalConfig:
+def knn_settings(*, k: str, **options: Any) -> KnnEvalConfig:
     """The options as a KnnEvalConfig, checked by the schema; problems name the options."""
     values = {**options, "k": comma_list(k)}
     return validate_options(values, section=("eval", "knn"), options=KNN_OPTIONS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,8 @@ def recheck_command(path: str | Path, overrides: list[str] | None = None, *, dev
 
 
 @contextmanager
-def recheck_with(path: str | Path, overrides: list[str] | None = None, *, devices: int | None = None):
+def recheck_with(path: str | Path, overrides: list[str] | None = None, *,
+                 devices: int | None = None) -> Iterator[None]:
     """A RecipeError raised in the block says how to check the recipe again (once fixed)."""
     try:
         yield

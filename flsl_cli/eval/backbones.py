@@ -269,7 +269,8 @@ def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
     return red, green, blue
 
 
-def wrap_module(module: nn.Module, *, mean, std, description: dict[str, Any], identity: str) -> EvalModel:
+def wrap_module(module: nn.Module, *, mean: Iterable[float], std: Iterable[float],
+                description: dict[str, Any], identity: str) -> EvalModel:
     """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module."""
     module.eval()
     for parameter in module.parameters():

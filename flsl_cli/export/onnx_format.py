@@ -13,7 +13,7 @@ import importlib.util
 import io
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ def write(backbone: VisionTransformer, path: Path, *, img_size: int, metadata: d
     onnx.save(model, str(path))
 
 
-def session(path: Path):
+def session(path: Path) -> Any:
     """An onnxruntime session on the CPU; call `run_tokens(session, images)` on it."""
     import onnxruntime
 
@@ -83,5 +83,5 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_tokens(ort_session, images: torch.Tensor):
+def run_tokens(ort_session: Any, images: torch.Tensor) -> Any:
     return ort_session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
