@@ -193,8 +193,7 @@ def validate_recipe(data: dict[str, Any], *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_merge_union_errors([_describe(err) for err in _without_union_tags(exc.errors())]),
-                          source=source) from None
+        raise RecipeError(validation_problems(exc), source=source) from None
 
 
 def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options: dict[str, str], fix: str) -> Any:
@@ -205,15 +204,22 @@ def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{**err, "loc": section + tuple(err["loc"])} for err in _without_union_tags(exc.errors())]
         prefix = ".".join(section) + "."
         problems = []
-        for problem in _merge_union_errors([_describe(err) for err in errors]):
+        for problem in validation_problems(exc, section=section):
             key, sep, rest = problem.partition(": ")
             field, _, item = (key[len(prefix):] if key.startswith(prefix) else "").partition(".")
             option = options.get(field) if sep else None
             problems.append(f"{option}{f'[{item}]' if item else ''}: {rest}" if option else problem)
         raise FlslError("; ".join(problems), fix=fix) from None
+
+
+def validation_problems(exc: ValidationError, *, section: tuple[str, ...] = ()) -> list[str]:
+    """Every problem pydantic found, one line each: the dotted key (under `section`, for a model
+    of one recipe section), what is wrong, and what to write instead. The one way a schema
+    error becomes a message."""
+    errors = [{**err, "loc": section + tuple(err["loc"])} for err in _without_union_tags(exc.errors())]
+    return _merge_union_errors([_describe(err) for err in errors])
 
 
 def _section_model(section: tuple[str, ...]) -> type[BaseModel]:

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 from flsl_cli import storage
+from flsl_cli.config.load import validation_problems
 from flsl_cli.config.schema import DemoDataConfig
 from flsl_cli.data.shard_writer import ShardWriter
 from flsl_cli.errors import DataError
@@ -128,8 +129,7 @@ def _check_settings(
     try:  # the limits of a recipe's data.demo section
         DemoDataConfig(images=images, seed=seed, image_size=image_size)
     except ValidationError as exc:
-        problems += [f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()} (got {err['input']})"
-                     for err in exc.errors()]
+        problems += validation_problems(exc, section=("data", "demo"))
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction must be in [0, 1) (got {val_fraction})")
     if samples_per_shard < 1:
