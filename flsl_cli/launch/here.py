@@ -60,9 +60,14 @@ def _quiet_worker_warning():
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc)
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or any(sign in text for sign in ("DefaultCPUAllocator", "out of memory", "can't allocate memory")))
+    """Told by type where there is one (MemoryError, torch.OutOfMemoryError on a GPU); torch
+    reports a failed CPU allocation, and a spawned process's out-of-memory error reaches here,
+    only as a RuntimeError whose words say so, so those are read."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(sign in str(exc) for sign in ("DefaultCPUAllocator", "out of memory", "can't allocate memory"))
 
 
 def train_here(*, recipe: Recipe, source: str, run_dir: str | Path, resume: bool, devices: int,
