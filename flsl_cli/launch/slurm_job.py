@@ -39,17 +39,9 @@ from pathlib import Path
 from flsl_cli import signals, timestamps
 from flsl_cli.config.load import recipe_to_dict, validate_recipe
 from flsl_cli.config.schema import SlurmConfig
-from flsl_cli.distributed.env import (
-    in_slurm_job,
-    node_name,
-    read_env,
-    slurm_job_id,
-    slurm_job_nodes,
-    slurm_node,
-    slurm_restarts,
-    slurm_task,
-)
 from flsl_cli.errors import FlslError, RunStopped
+from flsl_cli.distributed.env import (in_slurm_job, node_name, read_env, slurm_job_id, slurm_job_nodes,
+                                      slurm_node, slurm_restarts, slurm_task)
 from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
 from flsl_cli.launch.slurm import JOBS_DIR
 from flsl_cli.launch.slurm_errors import SlurmError

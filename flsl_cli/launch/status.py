@@ -20,6 +20,7 @@ from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
 from flsl_cli.train.rundir import METRICS_NAME, owner_alive, read_owner, read_run_record, requeues_per_job
 
 
+
 @dataclass
 class RunStatus:
     run_dir: str

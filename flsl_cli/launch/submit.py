@@ -33,7 +33,6 @@ from flsl_cli.train.rundir import (
     write_owner,
 )
 
-
 def _refuse_remote_for_slurm(run_dir) -> None:
     if run_dir is not None and remote.is_remote(str(run_dir)):
         raise FlslError(

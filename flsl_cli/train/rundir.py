@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from flsl_cli import __version__, storage, timestamps
+from flsl_cli import __version__, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
+from flsl_cli import storage
 from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.storage import write_json_atomic, write_text_atomic
 
