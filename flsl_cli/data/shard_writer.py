@@ -30,8 +30,8 @@ from typing import IO, Any
 import webdataset
 
 from flsl_cli import storage
+from flsl_cli.data.shards import INDEX_NAME
 
-INDEX_NAME = "index.json"
 INDEX_FORMAT = "flsl-shards/1"
 
 

@@ -24,7 +24,7 @@ from flsl_cli.viz.grid import Panel, render_grid, write_index
 from flsl_cli.viz.images import PreparedImage, point_token, prepare_image
 from flsl_cli.viz.similarity import ass_map, probe_map
 
-INDEX_NAME = "index.html"
+PAGE_NAME = "index.html"  # the page that shows every grid
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: Visual
             entries.append((name, f"{image.source}: " + " | ".join(s.name for s in subjects)))
             if on_progress:
                 on_progress(index + 1, len(prepared))
-        write_index(staging / INDEX_NAME, entries=entries, heading="flsl visualize")
-        return _publish(staging, out, names=[n for n, _ in entries] + [INDEX_NAME])
+        write_index(staging / PAGE_NAME, entries=entries, heading="flsl visualize")
+        return _publish(staging, out, names=[n for n, _ in entries] + [PAGE_NAME])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -145,7 +145,7 @@ def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> l
 def _png_name(source: str, *, taken: set[str]) -> str:
     stem = Path(source).stem or "image"
     name, count = f"{stem}.png", 1
-    while name in taken or name == INDEX_NAME:
+    while name in taken or name == PAGE_NAME:
         count += 1
         name = f"{stem}-{count}.png"
     return name
