@@ -8,6 +8,8 @@ one process to another.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FlslError(Exception):
     """An error the user can fix. `what` says what is wrong, `where` names the file/key/path,
@@ -31,7 +33,7 @@ class FlslError(Exception):
             parts.append(self.fix)
         return " ".join(p.rstrip() if p.rstrip().endswith(".") else p.rstrip() + "." for p in parts)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         """Pickled whole (message, `where`, `fix`, exit code and any fields of a subclass), so
         that an error raised in another process (a spawned rank, a data worker, a pool worker)
         is raised again here as itself."""
@@ -43,6 +45,13 @@ def _restore(cls: type[FlslError], args: tuple, state: dict) -> FlslError:
     Exception.__init__(error, *args)
     error.__dict__.update(state)
     return error
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's type and the first line of its message, for a reason quoted to the user
+    ("OSError: image file is truncated")."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class RecipeError(FlslError):

@@ -4,9 +4,10 @@ decide whether to show bars at all (off a terminal they print plain lines instea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -19,7 +20,7 @@ def default_columns() -> tuple[ProgressColumn, ...]:
 class _BarsWithFooter(Progress):
     footer = ""
 
-    def get_renderables(self):
+    def get_renderables(self) -> Iterator[RenderableType]:
         yield self.make_tasks_table(self.tasks)
         if self.footer:
             yield Text(self.footer)
@@ -52,6 +53,6 @@ class ProgressBars:
             self._progress.stop()
             self._running = False
 
-    def callback(self, label: str):
+    def callback(self, label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
         """A (done, total) callback that moves the bar `label`, and a function that closes the bars."""
         return (lambda done, total: self.update(label, done=done, total=total)), self.close

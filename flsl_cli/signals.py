@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
 
@@ -30,7 +31,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.count = 0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, signal._HANDLER] = {}
 
     @property
     def requested(self) -> bool:
@@ -46,7 +47,7 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Handle the stop signals in this process; a signal the process was started with
         ignored (SIGINT in a background job, SIGHUP under nohup) stays ignored. Signals held
         back by the parent (see `held`) arrive now."""
@@ -83,7 +84,7 @@ def release() -> None:
 
 
 @contextlib.contextmanager
-def held():
+def held() -> Iterator[None]:
     """Hold the stop signals back for the block (they stay pending, then arrive): processes
     forked inside start with them held and release them once they are ready."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

@@ -73,7 +73,7 @@ def basename(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
-def filesystem(url: str):
+def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it), or a DataError when the protocol is not available."""
     try:
         return url_to_fs(str(url))
@@ -425,7 +425,15 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
-def open_read(url: str, **options: Any):
+def open_read(url: str, **options: Any) -> Any:
+    """A binary fsspec stream reading `url` (opened with retries)."""
     fs, path = filesystem(url)
     return with_retries(lambda: fs.open(path, "rb", **options), url=url, what="opening")
+
+
+def open_write(url: str) -> Any:
+    """A binary fsspec stream writing `url`. Not atomic: write a staging name, then
+    `commit_file` it (as the shard writers do)."""
+    fs, path = filesystem(url)
+    return fs.open(path, "wb")
 

@@ -25,3 +25,15 @@ def train_on_fixed_batches(*, recipe_data: dict, batches_path: str, out_path: st
                         "teacher": runner.teacher.state_dict()}, out_path)
     finally:
         group.teardown()
+
+
+def fail_on_rank(*, rank: int, error: str) -> None:
+    """Raise a user error of the kind named by `error` on process `rank`; the others return."""
+    import os
+
+    from flsl_cli import errors
+
+    if int(os.environ["RANK"]) == rank:
+        if error == "RunStopped":
+            raise errors.RunStopped("stopped by SIGTERM at step 7", step=7, signal_name="SIGTERM")
+        raise getattr(errors, error)(f"a {error} on rank {rank}", where="somewhere", fix="Do this")

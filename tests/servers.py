@@ -40,7 +40,7 @@ class Process:
         self.args, self.port, self.cwd, self.env = args, port, cwd, env
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Process":
+    def start(self) -> Process:
         self.process = subprocess.Popen(self.args, cwd=self.cwd, env={**os.environ, **(self.env or {})},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, run_flsl, tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import REPO, run_flsl, tiny_overrides
 from flsl_cli.cli.app import app
 from flsl_cli.config.load import load_recipe, recipe_to_yaml
 
@@ -389,7 +389,8 @@ def test_more_data_workers_than_cpus_is_said_once_in_flsl_words(demo_data, tmp_p
 
 def test_knn_eval_default_workers_fit_the_cpus():
     """knn-eval's default loader workers never exceed the CPUs each process has (at least one)."""
-    from flsl_cli.eval.api import available_cpus, default_workers
+    from flsl_cli.distributed.env import usable_cpus
+    from flsl_cli.eval.api import default_workers
 
-    assert 1 <= default_workers(1) <= max(1, min(4, available_cpus()))
-    assert default_workers(available_cpus() * 2) == 1
+    assert 1 <= default_workers(1) <= max(1, min(4, usable_cpus()))
+    assert default_workers(usable_cpus() * 2) == 1

@@ -14,7 +14,7 @@ def test_bench_data_reports_both_pipelines_and_their_ratio(flsl, demo_data, tmp_
     is their quotient (no timing is asserted: the machine is shared)."""
     out = tmp_path / "bench.json"
     result = flsl("bench", "data", demo_data / "train", "--seconds", "2", "--max-images", "64",
-                  "--workers", "1", "--output", out)
+                  "--workers", "1", "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     flsl_run, reference = figures["pipelines"]["flsl"], figures["pipelines"]["reference"]
@@ -23,7 +23,8 @@ def test_bench_data_reports_both_pipelines_and_their_ratio(flsl, demo_data, tmp_
         assert run["images"] > 0 and run["images_per_second"] > 0
         assert run["images_per_second_per_worker"] == pytest.approx(run["images_per_second"])
     assert figures["ratio"] == pytest.approx(flsl_run["images_per_second"] / reference["images_per_second"])
-    assert figures["settings"]["samples"] <= 64 and figures["settings"]["reference_samples"] == figures["settings"]["samples"]
+    settings = figures["settings"]
+    assert settings["samples"] <= 64 and settings["reference_samples"] == settings["samples"]
     assert "flsl / reference" in result.stdout and "pillow-simd" in result.stdout
 
 
@@ -32,7 +33,7 @@ def test_bench_data_keeps_the_imagefolder_copy_it_is_given(flsl, demo_data, tmp_
     with one file per sample measured, and kept for the next run."""
     copy, out = tmp_path / "copy", tmp_path / "bench.json"
     result = flsl("bench", "data", demo_data / "train", "--seconds", "1", "--max-images", "48",
-                  "--workers", "1", "--imagefolder", copy, "--output", out)
+                  "--workers", "1", "--imagefolder", copy, "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     files = sorted(copy.glob("*/*.jpg"))

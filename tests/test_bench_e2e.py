@@ -17,7 +17,7 @@ def test_bench_e2e_from_shards_with_views_made_in_the_training_process(flsl, dem
     out = tmp_path / "e2e.json"
     result = flsl("bench", "e2e", "recipes/demo.yaml", "--data", demo_data / "train", "--device", "tensor-cpu",
                   "--batch", "32", "--steps", "6", "--warmup", "1", "--worker-images", "8",
-                  "--set", "model.depth=1", "--json", out)
+                  "--set", "model.depth=1", "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     settings, step, e2e = figures["settings"], figures["step"], figures["e2e"]
@@ -43,7 +43,7 @@ def test_bench_e2e_defaults_to_the_recipes_views_on_a_cpu(flsl, demo_data, tmp_p
         pytest.skip("the default is cuda where torch sees a GPU")
     out = tmp_path / "e2e.json"
     result = flsl("bench", "e2e", "recipes/demo.yaml", "--data", demo_data / "train", "--batch", "8",
-                  "--steps", "2", "--warmup", "0", "--worker-images", "4", "--set", "model.depth=1", "--json", out)
+                  "--steps", "2", "--warmup", "0", "--worker-images", "4", "--set", "model.depth=1", "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["settings"]["view_device"] == "cpu" and figures["settings"]["workers"] == 2

@@ -14,7 +14,7 @@ def test_bench_step_reports_both_variants_on_the_demo_recipe(flsl, tmp_path):
     stated peak (--peak-tflops) and the MFU it gives, and the baseline / flsl ratio."""
     out = tmp_path / "step.json"
     result = flsl("bench", "step", "recipes/demo.yaml", "--steps", "2", "--warmup", "0", "--batch", "4",
-                  "--device", "cpu", "--peak-tflops", "0.5", "--json", out)
+                  "--device", "cpu", "--peak-tflops", "0.5", "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     baseline, fast = figures["variants"]["baseline"], figures["variants"]["flsl"]
@@ -34,7 +34,7 @@ def test_bench_step_compile_and_fused_modes_are_what_the_flsl_variant_runs(flsl,
     explicit modes (its recipe is the release's way)."""
     out = tmp_path / "step.json"
     result = flsl("bench", "step", "recipes/demo.yaml", "--steps", "1", "--warmup", "0", "--batch", "2",
-                  "--set", "optim.fused_modes=true", "--json", out)
+                  "--set", "optim.fused_modes=true", "--out", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["variants"]["flsl"]["fused_modes"] and not figures["variants"]["baseline"]["fused_modes"]

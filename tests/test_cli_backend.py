@@ -149,3 +149,18 @@ def test_bad_knn_options_are_refused_by_the_schema(evaluations, args, needles):
     for needle in needles:
         assert needle in flat, (needle, flat)
     assert evaluations == []
+
+
+def test_out_names_the_results_file_and_the_old_spelling_still_works(evaluations, tmp_path):
+    """`--out` names what a command writes; `--output` (its old spelling) still works for a release,
+    with a note, and both at once is an error before anything runs."""
+    result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", "--out", tmp_path / "new.json")
+    assert result.exit_code == 0, result.output
+    assert "new.json" in result.output and "old spelling" not in result.output
+    result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", "--output", tmp_path / "old.json")
+    assert result.exit_code == 0, result.output
+    assert "old.json" in result.output and "--output is now --out" in result.output
+    result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", "--out", tmp_path / "a.json",
+                     "--output", tmp_path / "b.json")
+    assert result.exit_code == 2 and "both were given" in result.output
+    assert len(evaluations) == 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO, run_flsl, tiny_overrides
+
 from flsl_cli.checkpoint.store import list_checkpoints, load_file, verify
 
 

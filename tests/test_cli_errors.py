@@ -8,7 +8,6 @@ import pickle
 import shutil
 
 import pytest
-
 from conftest import fails, run_flsl, tiny_overrides
 
 

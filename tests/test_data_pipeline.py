@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data import augment as aug_mod
 from flsl_cli.data.augment import MultiCropAugment, sample_crop
@@ -123,7 +123,8 @@ def test_every_sample_at_most_once_per_epoch_across_ranks_and_workers(demo_data)
     assert len(seen) == len(set(seen))
     assert len(seen) >= 0.8 * shards.num_samples
     next_epoch, _ = _keys(shards, recipe, world=2, workers=2, rank=0, epoch=1)
-    assert [k for b in next_epoch for k in b] != [k for b in _keys(shards, recipe, world=2, workers=2, rank=0, epoch=0)[0] for k in b]
+    this_epoch, _ = _keys(shards, recipe, world=2, workers=2, rank=0, epoch=0)
+    assert [k for b in next_epoch for k in b] != [k for b in this_epoch for k in b]
 
 
 @pytest.mark.parametrize("skip", [1, 2, 5])

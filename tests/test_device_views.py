@@ -12,15 +12,24 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF2
+from conftest import assert_same_run, final_checkpoint, run_flsl, tiny_overrides
 from PIL import Image
 
-from conftest import assert_same_run, final_checkpoint, run_flsl, tiny_overrides
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data import augment as aug_mod
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import (
-    DeviceViews, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, blur_kernel_size, gaussian_blur,
-    grayscale, photometric, plan_tensors, solarize,
+    DeviceViews,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    blur_kernel_size,
+    gaussian_blur,
+    grayscale,
+    photometric,
+    plan_tensors,
+    solarize,
 )
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import TrainStream, collate, plan_layout
@@ -100,7 +109,8 @@ def test_views_equal_the_pil_views_within_interpolation_tolerance(fmt):
     """With photometric ops off, the paper's 224/96 px views made from the same plan differ from
     PIL's by less than 2/255 on average (PNG: decoded on the CPU fallback)."""
     recipe = _recipe(small=False, **PHOTOMETRIC_OFF)
-    encoded = [_encoded(_photo_like(500, 375, seed), fmt) for seed in range(3)] + [_encoded(_photo_like(300, 420, 9), fmt)]
+    encoded = [_encoded(_photo_like(500, 375, seed), fmt) for seed in range(3)]
+    encoded.append(_encoded(_photo_like(300, 420, 9), fmt))
     seeds = [11, 12, 13, 14]
     batch, plans = _batch(recipe, encoded, seeds=seeds)
     made = DeviceViews(recipe, device=torch.device("cpu"))(batch)
@@ -220,7 +230,8 @@ def test_the_executor_applies_the_drawn_grayscale_and_solarize():
     batch, plans = _batch(recipe, encoded, seeds=list(range(40)))
     made = DeviceViews(recipe, device=torch.device("cpu"))(batch)
     for index, plan in enumerate(plans):
-        for view, choice in zip([made["teacher"][index], made["global"][index], *made["locals"][index]], plan.photometric):
+        views = [made["teacher"][index], made["global"][index], *made["locals"][index]]
+        for view, choice in zip(views, plan.photometric):
             pixels = _pixels(view)
             grey = bool(((pixels[0] - pixels[1]).abs().max() < 1e-5) and ((pixels[1] - pixels[2]).abs().max() < 1e-5))
             assert grey == choice.grayscale

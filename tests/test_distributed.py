@@ -1,18 +1,23 @@
 """Several processes: a 2-process gloo run equals a 1-process run on the same global batches,
-and `flsl pretrain --devices 2` trains end to end with real processes."""
+and `flsl pretrain --devices 2` and `torchrun --nproc-per-node 2 -m flsl_cli pretrain` train end
+to end with real processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-
-from conftest import run_flsl, tiny_overrides
+from conftest import REPO, run_flsl, tiny_overrides
 from dist_workers import train_on_fixed_batches
+
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
-from flsl_cli.launch.local import run_local_processes
+from flsl_cli.launch.local import free_port, run_local_processes
 
 
 def _recipe(train) -> Recipe:
@@ -70,3 +75,40 @@ def test_pretrain_with_two_cpu_processes(demo_data, tmp_path):
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == len(set(metrics)) > 0  # one writer: no duplicated lines
     assert list((run / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.parametrize("error", ["DataError", "CheckpointError", "RunStopped"])
+def test_an_error_in_a_spawned_process_arrives_with_its_type_and_fields(error):
+    """A user error raised in one of 2 spawned processes is raised in the launcher as itself:
+    same class, message, where, fix, exit code and extra fields (a RunStopped's step)."""
+    from dist_workers import fail_on_rank
+
+    from flsl_cli import errors
+
+    with pytest.raises(errors.FlslError) as caught:
+        run_local_processes(fail_on_rank, nprocs=2, kwargs={"rank": 1, "error": error})
+    raised = caught.value
+    assert type(raised) is getattr(errors, error)
+    if error == "RunStopped":
+        assert (raised.step, raised.signal_name, raised.exit_code) == (7, "SIGTERM", 75)
+    else:
+        assert (raised.what, raised.where, raised.fix) == (f"a {error} on rank 1", "somewhere", "Do this")
+
+
+def test_pretrain_under_torchrun_with_two_cpu_processes(demo_data, tmp_path):
+    """`torchrun --nproc-per-node 2 -m flsl_cli pretrain ...` trains one run with two gloo ranks:
+    rank 0 alone sets up the run dir and prints; the run finishes and checkpoints."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1),
+         "--run-dir", str(run)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("run dir:") == 1 and "(2 CPU process(es)) under torchrun" in output
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == len(set(metrics)) > 0  # one writer: no duplicated lines
+    assert list((run / "checkpoints").glob("*.pt"))
+    assert not (run / "owner.json").exists()  # released by rank 0 at the end

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_flsl
 from torch import nn
 
-from conftest import REPO, run_flsl
 from flsl_cli.export import ExportError, framework_format, keymaps, timm_format
 from flsl_cli.export.api import export_checkpoint
 from flsl_cli.export.onnx_format import require_onnx

@@ -9,8 +9,8 @@ import shutil
 import tarfile
 
 import pytest
-
 from conftest import run_flsl, tiny_overrides
+
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
 from flsl_cli.data.shards import resolve_shards

@@ -1,7 +1,7 @@
 """`flsl knn-eval`: the k-NN vote, the any-of-grid rule and top-5 on hand-made features with known
 answers; box geometry on a non-square image; caching, several processes, exports and
 training-time use; every bad input gives one clear message. Whether a briefly pretrained demo
-model beats a random one is a measurement (bench/demo-knn.sh), not a test."""
+model beats a random one is a measurement (scripts/demo-knn.sh), not a test."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fails, run_flsl
 from PIL import Image, ImageDraw
 
-from conftest import fails, run_flsl
 from flsl_cli.eval.geometry import EvalGeometry, cell_token_indices, largest_mapped_box
 from flsl_cli.eval.knn import chance_level, count_correct, search_topk, vote_scores
 from flsl_cli.eval.samples import parse_annotation

@@ -157,14 +157,14 @@ def test_query_sampling_picks_one_token_per_window(grid, window):
         block = windows * window
         all_cells = {(i, j) for i in range(windows) for j in range(windows)}
 
-        def one_per_window(top, left):
+        def one_per_window(top, left, rows=rows, cols=cols, block=block, all_cells=all_cells):
             inside = (rows >= top).all() and (rows < top + block).all() and (cols >= left).all() \
                 and (cols < left + block).all()
             cells = [((r - top) // window, (c - left) // window) for r, c in zip(rows, cols)]
             return inside and len(cells) == len(set(cells)) and set(cells) == all_cells
 
-        corners = [(t, l) for t in (0, grid - block) for l in (0, grid - block)]
-        assert any(one_per_window(t, l) for t, l in corners)
+        corners = [(top, left) for top in (0, grid - block) for left in (0, grid - block)]
+        assert any(one_per_window(top, left) for top, left in corners)
 
 def test_query_sampling_uses_every_corner_and_offset():
     """Over many draws the block lands on all four corners and every in-window position occurs."""

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fails, run_flsl
 from PIL import Image
 
-from conftest import fails, run_flsl
 from flsl_cli.data.make_shards import make_shards
 from flsl_cli.data.shards import resolve_shards
 
@@ -41,7 +41,8 @@ def _jpeg(path: Path, rng: np.random.Generator, width: int, height: int) -> None
 def _voc_xml(stem: str, boxes: list[tuple]) -> str:
     objects = "".join(f"<object><name>{s}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
                       f"<ymax>{y1}</ymax></bndbox></object>" for s, x0, y0, x1, y1 in boxes)
-    return f"<annotation><filename>{stem}</filename><size><width>48</width><height>40</height></size>{objects}</annotation>"
+    size = "<size><width>48</width><height>40</height></size>"
+    return f"<annotation><filename>{stem}</filename>{size}{objects}</annotation>"
 
 
 def _loc_csv(boxes: dict[str, list[tuple]]) -> str:
@@ -274,7 +275,7 @@ def test_memory_destination(reference: Path, imagenet: Path) -> None:
         written = {path.rsplit("/", 1)[-1]: fs.cat_file(path) for path in fs.ls(f"/flsl-test-{workers}/train",
                                                                                 detail=False)}
         expected = _files(reference)
-        assert {name for name in written} == set(expected)
+        assert set(written) == set(expected)
         assert all(written[name] == expected[name] for name in expected if name != "index.json")
         index, local = json.loads(written["index.json"]), json.loads(expected["index.json"])
         assert index == local
@@ -410,3 +411,42 @@ def test_dest_not_writable(imagenet: Path, tmp_path: Path) -> None:
     assert not (imagenet / "train" / "shards").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
     assert blocker.read_text() == "a file, not a directory"
+
+
+def test_training_and_knn_readers_read_the_same_samples(reference: Path) -> None:
+    """The training stream and the k-NN reader, each with data workers, read every sample of the
+    shards `flsl data shards` writes (with `webdataset.TarWriter`) once, the same ones tarfile lists."""
+    from torch.utils.data import DataLoader
+
+    from flsl_cli.config.schema import Recipe
+    from flsl_cli.data.augment import MultiCropAugment
+    from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
+    from flsl_cli.eval.samples import EvalSamples, ReadPlan, SampleSettings, collate
+
+    shards = resolve_shards(str(reference))
+    listed = _samples(reference)
+    ordered = [key for shard in json.loads((reference / "index.json").read_text())["shards"]
+               for key in dict.fromkeys(m.name.split(".", 1)[0] for m in tarfile.open(reference / shard["name"]))]
+
+    recipe = Recipe.model_validate({"data": {"train": str(reference)}, "model": {"arch": "vit_tiny", "patch_size": 8},
+                                    "augment": {"global_size": 32, "local_size": 16},
+                                    "loss": {"query_window_global": 2, "query_window_local": 2}})
+    layout, _ = plan_layout(shards, world_size=1, num_workers=1, local_batch=4)
+    stream = TrainStream(shards, layout=layout, rank=0, seed=0, shuffle_buffer=8, augment=MultiCropAugment(recipe))
+    stream.set_epoch(0)
+    training = [key for batch in build_loader(stream, pin_memory=False) for key in batch["key"]]
+
+    settings = SampleSettings(mode="global", grid=2, resize=36, crop=32, patch_size=16,
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    evaluation = EvalSamples(ReadPlan.from_shards(shards), rank=0, world_size=1, settings=settings)
+    knn: dict[str, int] = {}
+    for batch in DataLoader(evaluation, batch_size=4, num_workers=2, collate_fn=collate):
+        assert "error" not in batch
+        for sample_id, label in zip(batch["id"].tolist(), batch["label"].tolist()):
+            shard_number, position = sample_id >> 32, sample_id & 0xFFFFFFFF
+            offset = sum(s.samples for s in shards.shards[:shard_number])
+            knn[ordered[offset + position]] = label
+
+    assert len(training) == len(set(training)) == len(listed) == 16
+    assert sorted(training) == sorted(knn) == sorted(listed)
+    assert all(label == int(listed[key]["cls"]) for key, label in knn.items())

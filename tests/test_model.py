@@ -20,7 +20,8 @@ def _recipe(**model) -> Recipe:
 def test_token_shapes_for_global_and_local_views(patch, global_size, local_size):
     """One token per patch (no class token) for both view sizes, embed dim of the arch."""
     recipe = _recipe(patch_size=patch).model_copy(update={})
-    recipe = Recipe.model_validate({**recipe.model_dump(), "augment": {"global_size": global_size, "local_size": local_size}})
+    sizes = {"global_size": global_size, "local_size": local_size}
+    recipe = Recipe.model_validate({**recipe.model_dump(), "augment": sizes})
     student, _ = build_student_teacher(recipe)
     for size in (global_size, local_size):
         tokens = student.tokens(torch.randn(2, 3, size, size))

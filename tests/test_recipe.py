@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from flsl_cli.config.load import load_recipe
 from flsl_cli.errors import RecipeError
 
@@ -128,5 +128,6 @@ def test_recipe_not_yaml(tmp_path, flsl, content, needle):
 
 def test_recipe_missing(tmp_path, flsl):
     result = flsl("pretrain", tmp_path / "nope.yaml", "--run-dir", tmp_path / "run")
-    assert result.returncode == 2 and "the recipe file does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "the recipe file does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

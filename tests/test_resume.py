@@ -4,9 +4,7 @@ Stops by signal are in test_stop_signals.py."""
 
 from __future__ import annotations
 
-
 import pytest
-
 from conftest import assert_same_run, final_checkpoint, metrics, run_flsl, tiny_overrides
 
 

@@ -45,7 +45,7 @@ def test_fast_step_equals_the_eager_step_in_loss_terms_and_gradients():
         for name in TERMS:
             assert fast_terms[name] == pytest.approx(eager_terms[name], rel=1e-5, abs=1e-6), name
         grads = [(name, p.grad) for name, p in fast.student.named_parameters() if p.grad is not None]
-        eager_grads = dict((name, p.grad) for name, p in eager.student.named_parameters() if p.grad is not None)
+        eager_grads = {name: p.grad for name, p in eager.student.named_parameters() if p.grad is not None}
         assert len(grads) == len(eager_grads) > 0
         for name, grad in grads:
             torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -118,7 +118,7 @@ def test_fast_step_equals_the_eager_step_on_cuda_in_fp32():
         fast_terms, eager_terms = (runner.run(batch, step=0) for runner in runners)
         for name in TERMS:
             assert fast_terms[name] == pytest.approx(eager_terms[name], rel=1e-4, abs=1e-5), name
-        eager_grads = dict((n, p.grad) for n, p in runners[1].student.named_parameters() if p.grad is not None)
+        eager_grads = {n: p.grad for n, p in runners[1].student.named_parameters() if p.grad is not None}
         for name, param in runners[0].student.named_parameters():
             if param.grad is not None:
                 torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_same_run, final_checkpoint, metrics, run_flsl, tiny_overrides
+
 
 def _common(demo_data, **extra):
     """72 steps (3 epochs of 24) with the demo recipe's 2 data workers per process."""

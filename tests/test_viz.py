@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_flsl, tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import run_flsl, tiny_overrides
 from flsl_cli.cli.app import app
 
 pytest.importorskip("matplotlib", reason="needs pip install 'flsl[viz]'")
@@ -417,7 +417,6 @@ def test_remote_run_dir_gets_tensorboard_events_and_plots(demo_data, tmp_path):
     import sys
 
     import s3fs
-
     from conftest import REPO
     from servers import S3_ENV, moto_server
 

@@ -24,7 +24,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +33,19 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import features
+from PIL import Image, features
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
-from flsl_cli.data.shards import BadShard, Shard, ShardSet, iter_samples, resolve_shards
+from flsl_cli.data.shards import BadShard, Shard, ShardSet, image_field, iter_samples, resolve_shards
 from flsl_cli.data.stream import TrainStream, build_loader, plan_layout
+from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.errors import DataError
 
 ROUNDS = 2  # turns per pipeline; each measures seconds / ROUNDS
 BATCH_CAP = 64  # a loader's batch on one GPU; larger batches only add collation memory
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the stream's order of preference
 NOTE = ("Figures are for this machine only; both pipelines ran in the same invocation, one after "
         "the other in alternating turns, with the same augmentation, workers and batch size.")
 
@@ -106,7 +106,7 @@ def extract_imagefolder(shards: ShardSet, dest: Path, *, on_progress: Progress |
                     raise DataError(f"cannot read the shard for the ImageFolder copy: {item.reason}",
                                     where=item.url, fix="Check the shard, or pick other data")
                 key, fields = item
-                ext = next((name for name in IMAGE_FIELDS if fields.get(name)), None)
+                ext = image_field(fields)
                 if ext is None:
                     continue
                 label = fields["cls"].decode("ascii", "replace").strip() if fields.get("cls") else "unlabelled"
@@ -123,7 +123,7 @@ def _safe_name(text: str) -> str:
     return text.replace("/", "_").replace(os.sep, "_").lstrip(".") or "_"
 
 
-def measure(batches: Callable[[], Iterator[int]], *, seconds: float, warmup: int) -> Measurement:
+def measure(batches: Callable[[], Generator[int, None, None]], *, seconds: float, warmup: int) -> Measurement:
     """Images per second over `seconds` of measured time: each `batches()` call yields the batch
     sizes of one epoch, whose first `warmup` batches start the clock and are not counted."""
     images, elapsed = 0, 0.0
@@ -138,14 +138,15 @@ def measure(batches: Callable[[], Iterator[int]], *, seconds: float, warmup: int
                     images += size
                     if elapsed + (last - start) >= seconds:
                         break
-        if start is None or last == start:
+        if start is None or last is None or last == start:
             raise DataError(f"too few samples to measure: an epoch ends within the warm-up ({warmup} batch(es))",
                             fix="Raise --max-images, or use fewer --workers")
         elapsed += last - start
     return Measurement(images=images, seconds=elapsed)
 
 
-def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int, batch: int):
+def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int,
+                 batch: int) -> tuple[Callable[[], Generator[int, None, None]], int, list[str]]:
     """(batches(), workers used, notes) of the training stream over `shards`, a new epoch per call."""
     layout, notes = plan_layout(shards, world_size=1, num_workers=workers, local_batch=batch, source="URL")
     # A shuffle buffer of 1 keeps file order, so this pipeline decodes exactly the samples copied
@@ -155,7 +156,7 @@ def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int, batch: int):
     loader = build_loader(stream, pin_memory=False)
     epochs = itertools.count()
 
-    def batches() -> Iterator[int]:
+    def batches() -> Generator[int, None, None]:
         stream.set_epoch(next(epochs))
         for item in loader:
             yield len(item["key"])
@@ -169,11 +170,12 @@ class ReferenceTransform:
 
     augment: MultiCropAugment
 
-    def __call__(self, image):
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         return self.augment(image, rng=np.random.default_rng())
 
 
-def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int, max_images: int):
+def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int,
+                      max_images: int) -> tuple[Callable[[], Generator[int, None, None]], int]:
     """(batches(), images) of torchvision's ImageFolder + DataLoader, read with PIL's
     default loader."""
     try:
@@ -186,7 +188,7 @@ def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int,
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False, drop_last=True,
                         prefetch_factor=2, persistent_workers=False, worker_init_fn=_one_thread)
 
-    def batches() -> Iterator[int]:
+    def batches() -> Generator[int, None, None]:
         for _views, labels in loader:
             yield len(labels)
 
@@ -204,9 +206,8 @@ def machine_info() -> dict:
         simd = True
     except importlib.metadata.PackageNotFoundError:
         simd = False
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpus": os.cpu_count(), "usable_cpus": usable, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "machine": platform.machine(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "pillow": PIL.__version__, "pillow_simd": simd,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
@@ -242,7 +243,7 @@ def reference_copy(shards: ShardSet, target: Path | None, *, stage: Callable[[st
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def measure_in_turns(pipelines: dict[str, Callable[[], Iterator[int]]], *, seconds: float,
+def measure_in_turns(pipelines: dict[str, Callable[[], Generator[int, None, None]]], *, seconds: float,
                      warmup: int) -> dict[str, list[Measurement]]:
     """ROUNDS turns per pipeline, taken in order, each of seconds / ROUNDS."""
     turns: dict[str, list[Measurement]] = {name: [] for name in pipelines}

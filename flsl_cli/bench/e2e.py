@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -145,13 +146,13 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
             more, peak_after = timed_turn(runner, batch, steps=after, device=device, others_resident=0,
                                           first_step=2 * settings.warmup + before + settings.steps)
             seconds += more
-            peak = None if peak is None else max(peak, peak_after)
+            peak = None if peak is None or peak_after is None else max(peak, peak_after)
         del batch
         machine = machine_info(device)
     finally:
         torch.set_num_threads(threads)
-    step = {"steps": settings.steps, "seconds": round(seconds, 4), "step_seconds": seconds / settings.steps,
-            "peak_memory_bytes": peak}
+    step: dict[str, Any] = {"steps": settings.steps, "seconds": round(seconds, 4),
+                            "step_seconds": seconds / settings.steps, "peak_memory_bytes": peak}
     for figures in (step, e2e):
         figures["images_per_second"] = images / figures["step_seconds"]
     paths = ("cpu",) if view_device == "cpu" else ("cpu", view_device)

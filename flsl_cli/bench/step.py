@@ -35,6 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flsl_cli.config.schema import Recipe
+from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.errors import FlslError
 from flsl_cli.losses.queries import grid_query_indices
 from flsl_cli.models.vit import set_fused_attention
@@ -186,7 +187,7 @@ def peak_for(device: torch.device, override: float | None) -> tuple[float | None
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "timm": timm.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,8 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
     return "this is not a checkpoint: its contents are neither a PyTorch archive nor a format flsl reads"
 
 
-def newest_valid(run_dir: Path, *, on_skip=None) -> tuple[CheckpointRef, dict[str, Any]]:
+def newest_valid(run_dir: Path, *, on_skip: Callable[[CheckpointRef, str], None] | None = None
+                 ) -> tuple[CheckpointRef, dict[str, Any]]:
     """The newest committed checkpoint that matches its manifest and loads safely.
 
     A damaged newer checkpoint is reported through `on_skip(ref, reason)` and an older one is

@@ -3,17 +3,21 @@ ImageFolder read with PIL, measured side by side in one run."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import write_figures
+from flsl_cli.cli.options import OldOutputOption, OutOption, renamed_option
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -35,31 +39,40 @@ def data(
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Data-loader workers of each pipeline.")] = 2,
     seconds: Annotated[float, typer.Option(
         "--seconds", min=0.1, help="Measured time per pipeline, after the workers' first batches.")] = 20.0,
-    recipe: Annotated[Optional[Path], typer.Option(
-        "--recipe", metavar="RECIPE", help="Recipe whose augmentation and batch size to use (default: the paper's pipeline, "
-                         "224 px global / 96 px local views, patch 16, as in recipes/vits16_300ep.yaml).")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--recipe", metavar="RECIPE",
+        help="Recipe whose augmentation and batch size to use (default: the paper's pipeline, "
+             "224 px global / 96 px local views, patch 16, as in recipes/vits16_300ep.yaml).")] = None,
     set_: SetOption = None,
-    imagefolder: Annotated[Optional[Path], typer.Option(
-        "--imagefolder", metavar="DIR", help="ImageFolder copy of the images for the reference pipeline: reused when DIR holds "
-                              "files, else written there and kept (default: a temporary copy, removed after).")] = None,
+    imagefolder: Annotated[Path | None, typer.Option(
+        "--imagefolder", metavar="DIR",
+        help="ImageFolder copy of the images for the reference pipeline: reused when DIR holds "
+             "files, else written there and kept (default: a temporary copy, removed after).")] = None,
     max_images: Annotated[int, typer.Option(
         "--max-images", min=1, help="Samples read from the shards (and copied for the reference).")] = 2000,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")] = None,
-    device: Annotated[Optional[ViewDevice], typer.Option(
+    out: OutOption = None,
+    old_out: OldOutputOption = None,
+    device: Annotated[ViewDevice | None, typer.Option(
         "--device",
         help="Also measure the CPU time a data worker spends per image when the training process makes the views "
              "(augment.device) against views made in the workers with PIL, and the ratio.")] = None,
 ) -> None:
     """Images/s of decode + FLSL multi-crop augmentation: flsl's shard stream against torchvision's
     ImageFolder with PIL's loader (the released FLSL code), same workers, batch and augmentation."""
+    output = renamed_option(out, old_out, name="--out", old_name="--output")
     from flsl_cli.bench.data import DataBenchSettings, run_data_bench
 
     settings = DataBenchSettings(url=url, workers=workers, seconds=seconds, max_images=max_images,
                                  imagefolder=imagefolder, device=device.value if device else None)
     update, close = _copy_progress()
+
+    def on_stage(message: str) -> None:
+        close()
+        note(escape(message))
+
     try:
         results = run_data_bench(_load_recipe(recipe, url=url, overrides=set_ or []), settings,
-                                 on_extract=update, on_stage=lambda message: (close(), note(escape(message))))
+                                 on_extract=update, on_stage=on_stage)
     except KeyboardInterrupt:
         err_console.print("[bold yellow]interrupted.[/] No figures were written.")
         raise typer.Exit(130) from None
@@ -81,7 +94,7 @@ def _load_recipe(path: Path | None, *, url: str, overrides: list[str]):
     return validate_recipe(apply_overrides({"data": {"train": url}}, overrides, source=source), source=source)
 
 
-def results_table(results: dict):
+def results_table(results: dict) -> Group:
     """Both pipelines, their ratio, and the machine the figures belong to."""
     from rich.console import Group
     from rich.table import Table
@@ -105,7 +118,7 @@ def results_table(results: dict):
     return Group(table, footer)
 
 
-def view_cost_table(cost: dict):
+def view_cost_table(cost: dict) -> Table:
     """Data-worker CPU time per image of both view paths, their ratio, and the training process's share."""
     from rich.table import Table
 

@@ -4,14 +4,18 @@ on the device, as a fraction, and the CPU time the data workers spend per image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 @handle_errors
@@ -24,23 +28,24 @@ def e2e(
     steps: Annotated[int, typer.Option("--steps", "-n", min=1, help="Timed steps of each measurement.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps of each measurement first (the data "
                                                                  "workers start there).")] = 3,
-    batch: Annotated[Optional[int], typer.Option(
+    batch: Annotated[int | None, typer.Option(
         "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
-    device: Annotated[Optional[Literal["cpu", "tensor-cpu", "cuda"]], typer.Option(
+    device: Annotated[Literal["cpu", "tensor-cpu", "cuda"] | None, typer.Option(
         "--device", help="Where the views are made (augment.device) and the step runs: cpu (views with PIL in the "
                          "data workers, step on the CPU), tensor-cpu (views made by the training process on the CPU) "
                          "or cuda (views and step on the GPU). Default: cuda when torch sees a GPU, else the "
                          "recipe's augment.device.")] = None,
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         "--workers", "-w", min=0, help="Data-loader workers (default: the recipe's data.num_workers).")] = None,
     worker_images: Annotated[int, typer.Option(
         "--worker-images", min=1, help="Samples read to measure a data worker's CPU time per image.")] = 256,
     set_: SetOption = None,
-    output: Annotated[Optional[Path], typer.Option("--json", "-o", metavar="FILE.json",
-                                                   help="Also write the figures to this JSON file.")] = None,
+    out: OutOption = None,
+    old_out: OldJsonFileOption = None,
 ) -> None:
     """Images/s of training from shards (data workers, views, step) against the same step on a
     synthetic batch already on the device, as a percentage, and the data workers' CPU time per image."""
+    output = renamed_option(out, old_out, name="--out", old_name="--json")
     from flsl_cli.bench.e2e import E2EBenchSettings, run_e2e_bench
     from flsl_cli.config.load import load_recipe
 
@@ -53,7 +58,7 @@ def e2e(
         write_figures(output, results)
 
 
-def results_table(results: dict):
+def results_table(results: dict) -> Group:
     """The step alone and from the shards, their ratio, the workers' CPU time per image, and the machine."""
     from rich.console import Group
     from rich.table import Table

@@ -4,14 +4,18 @@ side by side in one run on a synthetic batch resident on the device."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 @handle_errors
@@ -21,21 +25,22 @@ def step(
     steps: Annotated[int, typer.Option("--steps", "-n", min=1, help="Timed steps per variant.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per variant first (compilation "
                                                                  "happens there).")] = 3,
-    batch: Annotated[Optional[int], typer.Option(
+    batch: Annotated[int | None, typer.Option(
         "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile flsl's backbones "
                                                              "(as optim.compile: true).")] = False,
-    device: Annotated[Optional[Literal["cpu", "cuda"]], typer.Option(
+    device: Annotated[Literal["cpu", "cuda"] | None, typer.Option(
         "--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option(
+    peak_tflops: Annotated[float | None, typer.Option(
         "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
                                          "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
     set_: SetOption = None,
-    output: Annotated[Optional[Path], typer.Option("--json", "-o", metavar="FILE.json",
-                                                   help="Also write the figures to this JSON file.")] = None,
+    out: OutOption = None,
+    old_out: OldJsonFileOption = None,
 ) -> None:
     """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's
     against an eager baseline run the way the released FLSL code runs it, and their ratio."""
+    output = renamed_option(out, old_out, name="--out", old_name="--json")
     from flsl_cli.bench.step import StepBenchSettings, run_step_bench
     from flsl_cli.config.load import load_recipe
 
@@ -49,7 +54,7 @@ def step(
         write_figures(output, results)
 
 
-def results_table(results: dict):
+def results_table(results: dict) -> Group:
     """Both variants, their ratio, the FLOPs and peak used for utilisation, and the machine."""
     from rich.console import Group
     from rich.table import Table

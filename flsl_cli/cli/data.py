@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -55,23 +54,23 @@ def shards(
     dest: Annotated[str, typer.Argument(
         help="Where the shards go: a directory or an fsspec URL (s3://bucket/prefix, gs://..., memory://...).")],
     *,
-    labels: Annotated[Optional[Path], typer.Option(
+    labels: Annotated[Path | None, typer.Option(
         "--labels", help="Labels of a flat SRC: LOC_val_solution.csv, or a text file of 'FILENAME SYNSET' "
                          "(or 'FILENAME LABEL', with --class-names) lines.")] = None,
-    boxes: Annotated[Optional[Path], typer.Option(
+    boxes: Annotated[Path | None, typer.Option(
         "--boxes", help="Bounding boxes to store in each sample's json: a directory of PASCAL-VOC XML files "
                         "(ILSVRC Annotation/) or a LOC_train_solution.csv / LOC_val_solution.csv file.")] = None,
-    class_names: Annotated[Optional[Path], typer.Option(
+    class_names: Annotated[Path | None, typer.Option(
         "--class-names", help="Human-readable class names, 'SYNSET NAME' per line (ImageNet's "
                               "LOC_synset_mapping.txt); for a flat SRC it also fixes the class list.")] = None,
-    shard_size: Annotated[Optional[str], typer.Option(
+    shard_size: Annotated[str | None, typer.Option(
         "--shard-size", help="Target size of a shard (1GB, 500MB, 64MiB). Default 1GB unless "
                              "--samples-per-shard is given.")] = None,
-    samples_per_shard: Annotated[Optional[int], typer.Option(
+    samples_per_shard: Annotated[int | None, typer.Option(
         "--samples-per-shard", min=1, help="Cut shards by count instead of size.")] = None,
-    prefix: Annotated[Optional[str], typer.Option(
+    prefix: Annotated[str | None, typer.Option(
         "--prefix", help="Shard names are PREFIX-000000.tar, ... (default: the name of SRC, e.g. 'train').")] = None,
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         "--workers", "-w", min=1, help="Processes writing shards (default: the number of CPU cores); "
                                        "the shards do not depend on it.")] = None,
 ) -> None:
@@ -81,6 +80,7 @@ def shards(
     missing shards are written.
     """
     from flsl_cli.data.make_shards import make_shards
+    from flsl_cli.distributed.env import usable_cpus
 
     update, close = _shard_progress()
     try:
@@ -88,7 +88,7 @@ def shards(
         try:
             report = make_shards(src, dest, labels=labels, boxes=boxes, class_names=class_names,
                                  shard_size=shard_size, samples_per_shard=samples_per_shard, prefix=prefix,
-                                 workers=workers or os.cpu_count() or 1, on_progress=update)
+                                 workers=workers or usable_cpus(), on_progress=update)
         finally:
             close()
         shard_word = "shard" if report.shards == 1 else "shards"

@@ -3,35 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import typer
-
 from rich.markup import escape
 
-from flsl_cli.cli.options import comma_list
+from flsl_cli.cli.options import OldOutputOption, comma_list, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import KnnEvalConfig
 
-CheckpointArg = Annotated[Optional[Path], typer.Argument(
+CheckpointArg = Annotated[Path | None, typer.Argument(
     help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
          "config.json, or a .safetensors file). Omit it with --model timm:NAME.")]
 ModeOption = Annotated[Literal["bbox", "global"], typer.Option(
     "--mode", help="bbox: the paper's box-aligned k-NN (grid x grid features per box); "
                    "global: mean-pooled tokens (DINO's k-NN).")]
-WhichOption = Annotated[Optional[Literal["teacher", "student"]], typer.Option(
+WhichOption = Annotated[Literal["teacher", "student"] | None, typer.Option(
     "--which", help="Network of a flsl checkpoint (default: the teacher).")]
-ModelOption = Annotated[Optional[str], typer.Option(
+ModelOption = Annotated[str | None, typer.Option(
     "--model", help="timm:NAME: a timm model with its pretrained weights, or the architecture of a "
                     ".safetensors CHECKPOINT.")]
-DevicesOption = Annotated[Optional[int], typer.Option(
+DevicesOption = Annotated[int | None, typer.Option(
     "--devices", "-d", min=1,
     help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1).")]
 BankOption = Annotated[Literal["auto", "device", "host"], typer.Option(
     "--bank", help="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")]
-OutputOption = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Results JSON (default: RUN_DIR/eval/knn-MODE-step-N-WHICH.json for a run's "
+OutputOption = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="Results JSON (default: RUN_DIR/eval/knn-MODE-step-N-WHICH.json for a run's "
                            "checkpoint, else knn-MODE.json).")]
 
 
@@ -70,21 +69,23 @@ def knn_eval(
     devices: DevicesOption = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help=_KNN["batch_size"].description)] = _KNN["batch_size"].default,
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         "--workers", help="Data-loader processes per process (default: up to 4, no more than the CPUs "
                           "each process has).")] = _KNN["workers"].default,
-    max_train_images: Annotated[Optional[int], typer.Option(
+    max_train_images: Annotated[int | None, typer.Option(
         "--max-train-images", help="Use only the first N train samples (a quick check).")] = _KNN[
             "max_train_images"].default,
-    max_val_images: Annotated[Optional[int], typer.Option(
+    max_val_images: Annotated[int | None, typer.Option(
         "--max-val-images", help=_KNN["max_val_images"].description)] = _KNN["max_val_images"].default,
     bank: BankOption = _KNN["bank"].default,
-    features_dir: Annotated[Optional[Path], typer.Option(
+    features_dir: Annotated[Path | None, typer.Option(
         "--features-dir", help="Cache extracted features here; reused while weights, data and settings match.")] = None,
     output: OutputOption = None,
+    old_output: OldOutputOption = None,
 ) -> None:
     """k-NN accuracy of a pretrained backbone: the paper's bounding-box-aligned k-NN, or DINO's global one."""
-    from flsl_cli.eval.api import available_cpus
+    output = renamed_option(output, old_output, name="--out", old_name="--output")
+    from flsl_cli.distributed.env import usable_cpus
     from flsl_cli.eval.backbones import ModelSpec
     from flsl_cli.eval.report import results_table, write_json
     from flsl_cli.launch.knn import knn_eval as evaluate
@@ -94,8 +95,8 @@ def knn_eval(
                             max_val_images=max_val_images, bank=bank)
     spec = ModelSpec(checkpoint=str(checkpoint) if checkpoint is not None else None, model=model, which=which,
                      random_init=random_init)
-    if workers is not None and workers > available_cpus():
-        note(f"--workers {workers} is more than the {available_cpus()} CPUs this process may use: the data-loader "
+    if workers is not None and workers > usable_cpus():
+        note(f"--workers {workers} is more than the {usable_cpus()} CPUs this process may use: the data-loader "
              "processes will share them")
     results = evaluate(spec=spec, settings=settings, devices=devices,
                        features_dir=str(features_dir) if features_dir else None)
@@ -105,7 +106,7 @@ def knn_eval(
     out_console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
-def knn_settings(*, k: str, **options) -> KnnEvalConfig:
+def knn_settings(*, k: str, **options: Any) -> KnnEvalConfig:
     """The options as a KnnEvalConfig, checked by the schema; problems name the options."""
     values = {**options, "k": comma_list(k)}
     return validate_options(values, section=("eval", "knn"), options=KNN_OPTIONS,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 from rich.text import Text
 
 from flsl_cli.cli.render import handle_errors, note, out_console
@@ -34,7 +33,7 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     *,
     set_: SetOption = None,
-    devices: Annotated[Optional[int], typer.Option(
+    devices: Annotated[int | None, typer.Option(
         "--devices", min=1, help="Check against this many local processes (default: as `flsl pretrain` would "
                                  "use: every local GPU, else one CPU process).")] = None,
 ) -> None:

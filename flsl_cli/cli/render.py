@@ -63,7 +63,7 @@ def note(message: str) -> None:
     err_console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)
 
 
-def demo_progress():
+def demo_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A progress callback (done, total) for demo-data generation, and a function to close it."""
     from flsl_cli.progress import ProgressBars
 

@@ -4,7 +4,7 @@ is given."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,42 +13,42 @@ from flsl_cli.cli.render import demo_progress, handle_errors, note, out_console
 SLURM_PANEL = "SLURM (any of these submits a job instead of training here)"
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE",
                  help="Override a recipe value, typed like the schema (repeatable), e.g. --set optim.epochs=10."),
 ]
 DevicesOption = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--devices", "-d", min=1,
                  help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1)."),
 ]
-NodesOption = Annotated[Optional[int], typer.Option(
+NodesOption = Annotated[int | None, typer.Option(
     "--nodes", "-N", rich_help_panel=SLURM_PANEL,
     help="Submit one SLURM job on N nodes (default: recipe slurm.nodes).")]
-GpusOption = Annotated[Optional[int], typer.Option(
+GpusOption = Annotated[int | None, typer.Option(
     "--gpus-per-node", rich_help_panel=SLURM_PANEL,
     help="GPUs per node, one process each (default: slurm.gpus_per_node); 0: CPU processes with gloo.")]
-TasksOption = Annotated[Optional[int], typer.Option(
+TasksOption = Annotated[int | None, typer.Option(
     "--tasks-per-node", rich_help_panel=SLURM_PANEL,
     help="CPU processes per node with --gpus-per-node 0 (default: slurm.tasks_per_node, else 1).")]
-PartitionOption = Annotated[Optional[str], typer.Option(
+PartitionOption = Annotated[str | None, typer.Option(
     "--partition", "-p", rich_help_panel=SLURM_PANEL, help="SLURM partition (default: slurm.partition).")]
-AccountOption = Annotated[Optional[str], typer.Option(
+AccountOption = Annotated[str | None, typer.Option(
     "--account", "-A", rich_help_panel=SLURM_PANEL, help="SLURM account to charge (default: slurm.account).")]
-QosOption = Annotated[Optional[str], typer.Option(
+QosOption = Annotated[str | None, typer.Option(
     "--qos", rich_help_panel=SLURM_PANEL, help="SLURM quality of service (default: slurm.qos).")]
-TimeOption = Annotated[Optional[str], typer.Option(
+TimeOption = Annotated[str | None, typer.Option(
     "--time", "-t", metavar="D-HH:MM:SS", rich_help_panel=SLURM_PANEL,
     help="Time limit of each job attempt; the job checkpoints and requeues itself before it "
          "(default: slurm.time, else the partition's).")]
-ConstraintOption = Annotated[Optional[str], typer.Option(
+ConstraintOption = Annotated[str | None, typer.Option(
     "--constraint", "-C", rich_help_panel=SLURM_PANEL, help="Node features, e.g. a100 (default: slurm.constraint).")]
-MemOption = Annotated[Optional[str], typer.Option(
+MemOption = Annotated[str | None, typer.Option(
     "--mem", rich_help_panel=SLURM_PANEL, help="Memory per node, e.g. 200G (default: slurm.mem).")]
-CpusOption = Annotated[Optional[int], typer.Option(
+CpusOption = Annotated[int | None, typer.Option(
     "--cpus-per-task", "-c", rich_help_panel=SLURM_PANEL,
     help="CPUs per process, for its data workers (default: slurm.cpus_per_task).")]
-ExclusiveOption = Annotated[Optional[bool], typer.Option(
+ExclusiveOption = Annotated[bool | None, typer.Option(
     "--exclusive/--shared", rich_help_panel=SLURM_PANEL,
     help="Ask for whole nodes (default: slurm.exclusive).", show_default=False)]
 DryRunOption = Annotated[bool, typer.Option(
@@ -87,7 +87,7 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/demo.yaml.")],
     *,
     set_: SetOption = None,
-    run_dir: Annotated[Optional[str], typer.Option(
+    run_dir: Annotated[str | None, typer.Option(
         "--run-dir", help="Where the run's files go, a path or a URL such as s3://bucket/runs/x "
                           "(default: runs/RECIPE-TIME).")] = None,
     devices: DevicesOption = None,

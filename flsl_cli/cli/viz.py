@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -15,30 +15,30 @@ from flsl_cli.errors import FlslError
 
 @handle_errors
 def visualize(
-    checkpoint: Annotated[Optional[Path], typer.Argument(
+    checkpoint: Annotated[Path | None, typer.Argument(
         help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
              "config.json, or a .safetensors file). Omit it with --model timm:NAME.", show_default=False)] = None,
-    images: Annotated[Optional[list[Path]], typer.Argument(
+    images: Annotated[list[Path] | None, typer.Argument(
         help="Image files (any size).", show_default=False)] = None,
     *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one grid PNG per image and index.html.")],
-    layers: Annotated[Optional[str], typer.Option(
+    layers: Annotated[str | None, typer.Option(
         "--layers", help="Blocks to draw, 1-based and comma-separated, e.g. 4,8,12 (default: three spread over "
                          "the depth, the last included).")] = None,
-    points: Annotated[Optional[list[str]], typer.Option(
+    points: Annotated[list[str] | None, typer.Option(
         "--points", help="A query point X,Y in pixels of the original image; repeat for more (default: three "
                          "points spread over each image).")] = None,
     size: Annotated[int, typer.Option(
         "--size", min=16, max=4096, help="Short side of the image in pixels; both sides are rounded to whole "
                                          "patches.")] = 448,
-    compare: Annotated[Optional[Path], typer.Option(
+    compare: Annotated[Path | None, typer.Option(
         "--compare", help="A second model drawn as a second row: a checkpoint or run dir (with CHECKPOINT's "
                           "--which), an export, or timm:NAME.")] = None,
     compare_random_init: Annotated[bool, typer.Option(
         "--compare-random-init", help="Draw CHECKPOINT's architecture with random weights as the second row.")] = False,
-    which: Annotated[Optional[Literal["teacher", "student"]], typer.Option(
+    which: Annotated[Literal["teacher", "student"] | None, typer.Option(
         "--which", help="Network of a flsl checkpoint (default: the teacher).")] = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", help="timm:NAME: a timm model with its pretrained weights, or the architecture of a "
                         ".safetensors CHECKPOINT.")] = None,
     random_init: Annotated[bool, typer.Option(
@@ -51,8 +51,8 @@ def visualize(
     from flsl_cli.viz.api import visualize as draw
     from flsl_cli.viz.images import parse_points
 
-    checkpoint, image_paths = _split_sources(checkpoint, images or [], model=model)
-    spec = ModelSpec(checkpoint=checkpoint, model=model, which=which, random_init=random_init)
+    source, image_paths = _split_sources(checkpoint, images or [], model=model)
+    spec = ModelSpec(checkpoint=source, model=model, which=which, random_init=random_init)
     if compare is not None and compare_random_init:
         raise FlslError("--compare and --compare-random-init both name the second row",
                         fix="Pass one of them")
@@ -63,7 +63,7 @@ def visualize(
         export = compare.suffix == ".safetensors" or (compare / EXPORT_CONFIG).exists()
         second = ModelSpec(checkpoint=str(compare), which=None if export else which)
     elif compare_random_init:
-        second = ModelSpec(checkpoint=checkpoint, model=model, which=which, random_init=True)
+        second = ModelSpec(checkpoint=source, model=model, which=which, random_init=True)
     settings = VisualizeSettings(layers=_parse_layers(layers), points=tuple(parse_points(points or [])), size=size)
     from flsl_cli.progress import ProgressBars
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import shlex
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from pydantic_core import PydanticUndefined
 from flsl_cli import storage
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError, RecipeError
-
 
 MAX_YAML_VALUES = 100_000  # far above any recipe; stops alias "bombs" before they are expanded
 
@@ -49,7 +49,7 @@ class YamlProblems(yaml.YAMLError):
     """Keys given twice: (dotted key, line of the first, line of the second) each; `other`
     holds the problems that are not duplicates (recursive or exploding aliases)."""
 
-    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: list[str] = ()) -> None:
+    def __init__(self, duplicates: list[tuple[str, int, int]], *, other: tuple[str, ...] | list[str] = ()) -> None:
         self.duplicates = duplicates
         self.other = list(other)
         super().__init__(", ".join(key for key, _, _ in duplicates))
@@ -117,7 +117,8 @@ def recheck_command(path: str | Path, overrides: list[str] | None = None, *, dev
 
 
 @contextmanager
-def recheck_with(path: str | Path, overrides: list[str] | None = None, *, devices: int | None = None):
+def recheck_with(path: str | Path, overrides: list[str] | None = None, *,
+                 devices: int | None = None) -> Iterator[None]:
     """A RecipeError raised in the block says how to check the recipe again (once fixed)."""
     try:
         yield
@@ -192,8 +193,7 @@ def validate_recipe(data: dict[str, Any], *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_merge_union_errors([_describe(err) for err in _without_union_tags(exc.errors())]),
-                          source=source) from None
+        raise RecipeError(validation_problems(exc), source=source) from None
 
 
 def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options: dict[str, str], fix: str) -> Any:
@@ -204,15 +204,22 @@ def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{**err, "loc": section + tuple(err["loc"])} for err in _without_union_tags(exc.errors())]
         prefix = ".".join(section) + "."
         problems = []
-        for problem in _merge_union_errors([_describe(err) for err in errors]):
+        for problem in validation_problems(exc, section=section):
             key, sep, rest = problem.partition(": ")
             field, _, item = (key[len(prefix):] if key.startswith(prefix) else "").partition(".")
             option = options.get(field) if sep else None
             problems.append(f"{option}{f'[{item}]' if item else ''}: {rest}" if option else problem)
         raise FlslError("; ".join(problems), fix=fix) from None
+
+
+def validation_problems(exc: ValidationError, *, section: tuple[str, ...] = ()) -> list[str]:
+    """Every problem pydantic found, one line each: the dotted key (under `section`, for a model
+    of one recipe section), what is wrong, and what to write instead. The one way a schema
+    error becomes a message."""
+    errors = [{**err, "loc": section + tuple(err["loc"])} for err in _without_union_tags(exc.errors())]
+    return _merge_union_errors([_describe(err) for err in errors])
 
 
 def _section_model(section: tuple[str, ...]) -> type[BaseModel]:
@@ -227,7 +234,7 @@ def _section_model(section: tuple[str, ...]) -> type[BaseModel]:
 _UNION_TAGS = {"str", "int", "bool", "float", "none"}
 
 
-def _without_union_tags(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _without_union_tags(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """pydantic names the member of a union (`str`, `int`, ...) in the location; drop it."""
     return [{**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
             for err in errors]
@@ -354,7 +361,7 @@ def _number(value: float) -> str:
 
 def _field_info(loc: list[str]) -> FieldInfo | None:
     """The schema field at a dotted location (list indices dropped), or None."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     info = None
     for part in loc:
         if part.isdigit():

@@ -126,7 +126,7 @@ class AugmentConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "AugmentConfig":
+    def _check(self) -> AugmentConfig:
         if self.local_size > self.global_size:
             raise ValueError(
                 f"local_size: expected at most global_size ({self.global_size}), found {self.local_size}; "
@@ -190,7 +190,7 @@ class OptimConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "OptimConfig":
+    def _check(self) -> OptimConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"warmup_epochs: expected at most epochs ({self.epochs}), found {self.warmup_epochs}"
@@ -233,7 +233,7 @@ class KnnEvalConfig(Section):
         "auto", description="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")
 
     @model_validator(mode="after")
-    def _check(self) -> "KnnEvalConfig":
+    def _check(self) -> KnnEvalConfig:
         if self.resize < self.crop:
             raise ValueError(f"resize: expected at least crop ({self.crop}), found {self.resize}")
         return self
@@ -265,7 +265,7 @@ class EvalConfig(Section):
     davis: DavisEvalConfig | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalConfig":
+    def _check(self) -> EvalConfig:
         if self.every_epochs and self.knn is None and self.davis is None:
             raise ValueError("knn: expected a k-NN section (train, val, ...) or a davis section (davis: ROOT, ...) "
                              "when every_epochs is set, found neither")
@@ -352,7 +352,7 @@ class SlurmConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "SlurmConfig":
+    def _check(self) -> SlurmConfig:
         if self.time is not None:
             try:
                 limit = self.time_limit_seconds(self.time)
@@ -382,7 +382,7 @@ class Recipe(Section):
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> "Recipe":
+    def _check_geometry(self) -> Recipe:
         patch = self.model.patch_size
         for key, size in (("augment.global_size", self.augment.global_size),
                           ("augment.local_size", self.augment.local_size)):

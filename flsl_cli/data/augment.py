@@ -24,8 +24,16 @@ from PIL import Image, ImageFilter, ImageOps
 
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.normalize import normalized_tensor
-from flsl_cli.data.view_plan import RATIO, Box, CropPlan, Photometric, SamplePlan, complete_plan, draw_crops, sample_crop
-
+from flsl_cli.data.view_plan import (
+    RATIO,
+    Box,
+    CropPlan,
+    Photometric,
+    SamplePlan,
+    complete_plan,
+    draw_crops,
+    sample_crop,
+)
 
 __all__ = ["RATIO", "Box", "CropPlan", "MultiCropAugment", "sample_crop"]
 
@@ -83,7 +91,8 @@ class MultiCropAugment:
         """The crop boxes, the first draws of a sample's plan."""
         return draw_crops(self.recipe.augment, size, rng=rng)
 
-    def render(self, image: Image.Image, crops: CropPlan, *, scale: Scale, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def render(self, image: Image.Image, crops: CropPlan, *, scale: Scale,
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Draw the rest of the plan, then make the views."""
         return self.execute(image, complete_plan(self.recipe, crops, rng=rng), scale=scale)
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
 from pydantic import ValidationError
 
 from flsl_cli import storage
+from flsl_cli.config.load import validation_problems
 from flsl_cli.config.schema import DemoDataConfig
 from flsl_cli.data.shard_writer import ShardWriter
 from flsl_cli.errors import DataError
@@ -129,8 +129,7 @@ def _check_settings(
     try:  # the limits of a recipe's data.demo section
         DemoDataConfig(images=images, seed=seed, image_size=image_size)
     except ValidationError as exc:
-        problems += [f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()} (got {err['input']})"
-                     for err in exc.errors()]
+        problems += validation_problems(exc, section=("data", "demo"))
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction must be in [0, 1) (got {val_fraction})")
     if samples_per_shard < 1:
@@ -262,7 +261,7 @@ def _encode_sample(image: np.ndarray, annotation: dict[str, Any]) -> dict[str, b
 def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, Any]]:
     canvas = _background(rng, size)
     background_mean = canvas.reshape(-1, 3).mean(axis=0)
-    boxes = []
+    boxes: list[dict[str, Any]] = []
     for placement in _place_objects(rng, size):
         alpha = _shape_alpha(rng, placement, size)
         box = _tight_box(alpha)
@@ -462,6 +461,7 @@ def _texture(rng: np.random.Generator, placement: _Placement, size: int) -> np.n
     period = max(3.0, placement.side / rng.uniform(4.5, 7.0))
     phase_u, phase_v = (float(p) for p in rng.uniform(0.0, period, 2))
     kind = DEMO_TEXTURES[placement.class_index]
+    pattern: np.ndarray
     if kind == "solid":
         pattern = np.zeros_like(u)
     elif kind == "stripes":

@@ -65,7 +65,7 @@ def plan_tensors(plan: SamplePlan, *, size: tuple[int, int]) -> dict[str, torch.
     return made
 
 
-def device_views_for(recipe: Recipe, *, device: torch.device, source: str) -> "DeviceViews | None":
+def device_views_for(recipe: Recipe, *, device: torch.device, source: str) -> DeviceViews | None:
     """The training process's view maker for `augment.device`, None when the data workers make
     the views with PIL (`cpu`)."""
     wanted = recipe.augment.device
@@ -113,7 +113,9 @@ class DeviceViews:
                     batch[key][index] = batch[key][stand_in]
             batch["bad"].append({"kind": "sample", "shard": shards[index], "key": batch["key"][index],
                                  "reason": reason, "samples": 1})
-        views = self.make(images, plan)
+        ready = [image for image in images if image is not None]
+        assert len(ready) == len(images), "each image that failed has a stand-in"
+        views = self.make(ready, plan)
         batch["teacher"], batch["global"] = views[0], views[1]
         if len(views) > 2:
             batch["locals"] = torch.stack(views[2:], dim=1)
@@ -124,21 +126,24 @@ class DeviceViews:
         device = self.device
         boxes_nv4 = plan["plan_boxes"].to(device)
         # Boxes are in the pixels the plan was drawn for; a decoder may report another size.
-        decoded_wh = torch.tensor([[image.shape[2], image.shape[1]] for image in images], dtype=torch.float64, device=device)
+        decoded_wh = torch.tensor([[image.shape[2], image.shape[1]] for image in images],
+                                  dtype=torch.float64, device=device)
         ratio_n2 = decoded_wh / plan["plan_size"].to(device, torch.float64)
         boxes_nv4 = boxes_nv4 * ratio_n2.repeat(1, 2)[:, None, :]
         views = cut_views(images, boxes_nv4=boxes_nv4, sizes=self.sizes)
         made = []
         for v, view in enumerate(views):
             view = photometric(
-                view, jitter_n4=plan["plan_jitter"][:, v].to(device), order_n4=plan["plan_jitter_order"][:, v].to(device),
+                view, jitter_n4=plan["plan_jitter"][:, v].to(device),
+                order_n4=plan["plan_jitter_order"][:, v].to(device),
                 gray_n=plan["plan_gray"][:, v].to(device), blur_n=plan["plan_blur"][:, v].to(device),
                 solarize_n=plan["plan_solarize"][:, v].to(device), blur_max=self.blur_max)
             made.append((view - self.mean) / self.std)
         return made
 
 
-def decode_batch(encoded: list[bytes], *, device: torch.device) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
+def decode_batch(encoded: list[bytes], *,
+                 device: torch.device) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
     """Each image as uint8 (3, H, W) on `device`, None where no decoder reads it; and the
     (index, reason) of those."""
     datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
@@ -160,7 +165,8 @@ def decode_batch(encoded: list[bytes], *, device: torch.device) -> tuple[list[to
     return images, failures
 
 
-def _decode_one(tensor: torch.Tensor, data: bytes, *, device: torch.device, jpeg: bool) -> tuple[torch.Tensor | None, str]:
+def _decode_one(tensor: torch.Tensor, data: bytes, *, device: torch.device,
+                jpeg: bool) -> tuple[torch.Tensor | None, str]:
     if jpeg and device.type != "cpu":
         try:
             return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device), ""
@@ -201,7 +207,8 @@ def cut_views(images: list[torch.Tensor], *, boxes_nv4: torch.Tensor, sizes: lis
 
 
 def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
-                blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_max: float, masked: bool | None = None) -> torch.Tensor:
+                blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_max: float,
+                masked: bool | None = None) -> torch.Tensor:
     """One view index's photometric ops over the batch, each sample with its own parameters.
 
     Two equal ways: on the CPU each op runs on the samples that take it (`indexed`); on a GPU

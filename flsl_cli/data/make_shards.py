@@ -14,7 +14,7 @@ actual format), `cls` (the label in ASCII) and `json`:
 `"boxes": [{"bbox": [x0, y0, x1, y1], "class", "name", "synset"}]` in the original image's
 pixels (the shape of the demo data's boxes). Files PIL cannot identify, or in other formats,
 are skipped and listed in the index with the reason. Shard bytes depend only on the input
-(fixed tar metadata, see `shard_writer`).
+(written by `webdataset.TarWriter` with fixed tar metadata, see `shard_writer`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,15 +32,16 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from flsl_cli import storage
 from flsl_cli.data.shard_dest import Destination, discard
 from flsl_cli.data.shard_plan import SAMPLE_FORMAT, PlannedSample, ProgressFn, ShardJob, ShardPlan, plan_shards
 from flsl_cli.data.shard_workers import WorkerPool
-from flsl_cli.data.shard_writer import INDEX_FORMAT, INDEX_NAME, add_sample
+from flsl_cli.data.shard_writer import INDEX_FORMAT, INDEX_NAME, tar_writer, write_sample
 from flsl_cli.errors import DataError
 
 PROGRESS_NAME = "progress.json"
 PROGRESS_FORMAT = "flsl-shards-progress/1"
-IMAGE_FIELDS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension
+STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> image field
 _PROGRESS_EVERY_S = 2.0
 
 
@@ -77,17 +77,16 @@ def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] |
     skipped = []
     count = 0
     try:
-        with open(out_path, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for sample in job.samples:
-                    fields = _encode(job, sample)
-                    if isinstance(fields, str):
-                        skipped.append((sample.relpath, fields))
-                    else:
-                        add_sample(tar, sample.key, fields)
-                        count += 1
-                    if on_sample is not None:
-                        on_sample()
+        with storage.open_write(out_path) as raw, tar_writer(raw) as tar:
+            for sample in job.samples:
+                fields = _encode(job, sample)
+                if isinstance(fields, str):
+                    skipped.append((sample.relpath, fields))
+                else:
+                    write_sample(tar, sample.key, fields)
+                    count += 1
+                if on_sample is not None:
+                    on_sample()
         size = os.path.getsize(out_path)
     except OSError as err:
         discard(out_path)
@@ -116,7 +115,7 @@ def _encode(job: ShardJob, sample: PlannedSample) -> dict[str, bytes] | str:
     except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"not a readable image ({re.sub(r' ?<[^<>]* at 0x[0-9a-fA-F]+>', '', reason)})"
-    field = IMAGE_FIELDS.get(image_format or "")
+    field = STORED_FORMATS.get(image_format or "")
     if field is None:
         return f"{image_format} images are not stored (flsl reads JPEG, PNG and WebP)"
     label = sample.label
@@ -184,6 +183,7 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
     names = [job.name for job in plan.jobs]
     if records is None:  # already complete
         index = destination.read_json(INDEX_NAME)
+        assert index is not None, "complete shards are the ones with an index"
         return ShardReport(destination.url, len(plan.jobs), index["num_samples"], len(plan.classes),
                            len(index.get("skipped", [])), written=0, kept=len(plan.jobs), already_complete=True)
 

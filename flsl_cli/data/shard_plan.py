@@ -199,7 +199,11 @@ def _check_prefix(prefix: str | None, src: Path) -> str:
 
 def _folder_labels(tree: SourceTree, synsets: tuple[str, ...]) -> list[int]:
     index = {synset: label for label, synset in enumerate(synsets)}
-    return [index[image.folder] for image in tree.images]  # type: ignore[index]
+    labels = []
+    for image in tree.images:
+        assert image.folder is not None, "an ImageFolder tree names each image's class folder"
+        labels.append(index[image.folder])
+    return labels
 
 
 def _file_labels(tree: SourceTree, labels_path: Path, names: dict[str, str] | None,
@@ -213,7 +217,7 @@ def _file_labels(tree: SourceTree, labels_path: Path, names: dict[str, str] | No
     if names is not None:
         synsets = tuple(sorted(names))
     else:
-        synsets = tuple(sorted({value for value, _ in entries.values()}))  # type: ignore[type-var]
+        synsets = tuple(sorted({str(value) for value, _ in entries.values()}))  # all synsets: none is numeric
     index = {synset: label for label, synset in enumerate(synsets)}
 
     result, missing = [], []

@@ -18,7 +18,7 @@ class WorkerPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = None
+        self._pool: multiprocessing.pool.Pool | None = None
 
     def map(self, fn: Callable, items: list) -> Iterator:
         if self.workers <= 1 or len(items) <= 1:

@@ -1,4 +1,4 @@
-"""A small, deterministic writer of webdataset tar shards.
+"""A small, deterministic writer of webdataset tar shards, on `webdataset.TarWriter`.
 
 `ShardWriter` appends samples (a key plus a few named byte fields) to tar files named
 `{prefix}-{i:06d}.tar`, starting a new shard every `samples_per_shard` samples, and on a clean
@@ -7,30 +7,31 @@ free-form metadata.
 
 Guarantees:
 
-* The same samples, written in the same order, give byte-identical shards: every tar member
-  carries fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o444) and the fields
-  of a sample are written in sorted extension order.
+* The same samples, written in the same order, give byte-identical shards: `tar_writer` sets
+  fixed member metadata (mtime 0, uid/gid 0, empty user/group names, mode 0o444, PAX format),
+  and `webdataset.TarWriter` writes the fields of a sample in sorted extension order.
 * A file is never visible under its final name until it is complete: each shard is written to
   `NAME.tar.tmp` and moved into place by `storage.commit_file` once closed; `index.json` is
   written with `storage.write_json_atomic`.
 * If the `with` block raises, the partly written shard is removed and the exception propagates;
   shards completed before the error are left in place but no `index.json` is written.
 
-`add_sample` writes one sample into any open tar the same way (`flsl data shards` uses it).
+`tar_writer` and `write_sample` write samples the same way into any binary stream (`flsl data
+shards` uses them on its workers' files).
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
+
+import webdataset
 
 from flsl_cli import storage
+from flsl_cli.data.shards import INDEX_NAME
 
-INDEX_NAME = "index.json"
 INDEX_FORMAT = "flsl-shards/1"
 
 
@@ -63,7 +64,8 @@ class ShardWriter:
         self.meta = dict(meta) if meta is not None else {}
         self.shards: list[dict[str, Any]] = []
         self.num_samples = 0
-        self._tar: tarfile.TarFile | None = None
+        self._stream: IO[bytes] | None = None
+        self._tar: webdataset.TarWriter | None = None
         self._tmp_path: Path | None = None
         self._in_shard = 0
         self._keys: set[str] = set()
@@ -105,7 +107,7 @@ class ShardWriter:
         if self._tar is None:
             self._start_shard()
         assert self._tar is not None
-        add_sample(self._tar, key, fields)
+        write_sample(self._tar, key, fields)
         self._keys.add(key)
         self._in_shard += 1
         self.num_samples += 1
@@ -120,7 +122,8 @@ class ShardWriter:
     def _start_shard(self) -> None:
         name = self._shard_name(len(self.shards))
         self._tmp_path = self.out_dir / f"{name}.tmp"
-        self._tar = tarfile.open(self._tmp_path, mode="w", format=tarfile.PAX_FORMAT)
+        self._stream = storage.open_write(str(self._tmp_path))
+        self._tar = tar_writer(self._stream)
         self._in_shard = 0
 
     def _finish_shard(self) -> None:
@@ -128,8 +131,7 @@ class ShardWriter:
         if self._tar is None or self._tmp_path is None:
             return
         name = self._shard_name(len(self.shards))
-        self._tar.close()
-        self._tar = None
+        self._close()
         storage.commit_file(self._tmp_path, self.out_dir / name)
         self._tmp_path = None
         self.shards.append({"name": name, "samples": self._in_shard})
@@ -145,14 +147,23 @@ class ShardWriter:
         }
         storage.write_json_atomic(self.out_dir / INDEX_NAME, index, indent=2)
 
+    def _close(self) -> None:
+        """Close the tar, then the file under it (TarWriter leaves a stream it was given open)."""
+        try:
+            if self._tar is not None:
+                self._tar.close()
+        finally:
+            self._tar = None
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = None
+
     def _abort(self) -> None:
         """Drop the partly written shard and any temporary file."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except Exception:
-                pass
-            self._tar = None
+        try:
+            self._close()
+        except OSError:
+            pass  # the partial file is removed next; the error that stopped the writer is reported
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
         self._tmp_path = None
@@ -164,30 +175,23 @@ def check_sample(key: str, fields: Mapping[str, bytes]) -> None:
     if not fields:
         raise ValueError(f"sample {key!r} has no fields")
     for ext, data in fields.items():
-        if not ext or "/" in ext:
+        if not ext or "/" in ext or ext.startswith("_"):  # webdataset keeps "_" names for metadata
             raise ValueError(f"bad field name {ext!r} in sample {key!r}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"field {ext!r} of sample {key!r} must be bytes, got {type(data).__name__}")
 
 
-def add_sample(tar: tarfile.TarFile, key: str, fields: Mapping[str, bytes]) -> None:
-    """Append one sample to an open tar: a member `{key}.{ext}` per field, in sorted extension
-    order, with the fixed metadata that makes shards byte-reproducible."""
+def tar_writer(stream: IO[bytes]) -> webdataset.TarWriter:
+    """A `webdataset.TarWriter` on an open binary stream, with the fixed member metadata that
+    makes shards byte-reproducible and fields written as given (no encoding)."""
+    return webdataset.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False,
+                                format="PAX_FORMAT")
+
+
+def write_sample(writer: webdataset.TarWriter, key: str, fields: Mapping[str, bytes]) -> None:
+    """Append one sample: a member `{key}.{ext}` per field, in sorted extension order."""
     check_sample(key, fields)
-    for ext in sorted(fields):
-        data = bytes(fields[ext])
-        tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mode = 0o444
-    info.type = tarfile.REGTYPE
-    return info
+    writer.write({"__key__": key, **{ext: bytes(data) for ext, data in fields.items()}})
 
 
 def _check_key(key: str) -> None:

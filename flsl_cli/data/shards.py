@@ -13,16 +13,20 @@ were lost and why) instead of an exception, so training can count it and go on.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 
 import braceexpand
+from webdataset import tariterators
 
 from flsl_cli import storage
-from flsl_cli.errors import DataError
+from flsl_cli.errors import DataError, first_line
 
 INDEX_NAME = "index.json"
+# The fields that may hold a sample's image, in the readers' order of preference.
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 FIX = "Point it at shards written by `flsl data demo` or `flsl data shards`"
 
 
@@ -50,6 +54,18 @@ class BadShard:
     reason: str
     samples: int
     delivered: int
+
+
+def reader_slot(*, rank: int, worker: int, workers: int) -> int:
+    """The reader slot of data worker `worker` of process `rank`, each process running `workers`
+    of them: processes hold consecutive slots, and there are world size x `workers` in all. The
+    training stream and the k-NN reader split the shards over these slots."""
+    return rank * workers + worker
+
+
+def image_field(fields: Mapping[str, bytes]) -> str | None:
+    """The field that holds the sample's image (see IMAGE_FIELDS), or None."""
+    return next((name for name in IMAGE_FIELDS if fields.get(name)), None)
 
 
 def resolve_shards(spec: str, *, key: str = "data.train") -> ShardSet:
@@ -101,7 +117,7 @@ def _safe(action, url: str, *, key: str):
         raise DataError(f"{key}: access denied", where=url,
                         fix="Check that your credentials allow reading this location") from None
     except Exception as exc:  # noqa: BLE001 - any other storage failure
-        raise DataError(f"{key}: cannot reach the storage ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        raise DataError(f"{key}: cannot reach the storage ({first_line(exc)})",
                         where=url, fix="Check the URL, the network and your credentials") from None
 
 
@@ -172,39 +188,27 @@ def count_samples(url: str) -> int:
     try:
         with storage.open_read(url) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for member in tar:
-                if member.isfile():
-                    keys.add(_split_name(member.name)[0])
+                key, _ = tariterators.base_plus_ext(member.name)
+                if member.isfile() and key is not None:
+                    keys.add(key)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise DataError(f"cannot read the shard ({exc})", where=url,
                         fix="Check the file's permissions, or regenerate it") from None
     return len(keys)
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext
-
-
 def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    current_key, fields = None, {}
-    with storage.open_read(url, block_size=1 << 22) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_name(member.name)
-            if key != current_key and current_key is not None:
-                yield current_key, fields
-                fields = {}
-            current_key = key
-            content = tar.extractfile(member)
-            fields[ext] = content.read() if content else b""
-    if current_key is not None:
-        yield current_key, fields
+    """The shard's samples in file order: webdataset's tar iterators read the members and group
+    them by key (`a/b.jpg`, `a/b.cls` -> sample `a/b`); errors propagate to `iter_samples`."""
+    with storage.open_read(url, block_size=1 << 22) as handle:
+        members = ({**member, "__url__": url} for member in tariterators.tar_file_iterator(handle))
+        for sample in tariterators.group_by_keys(members):
+            key = sample.pop("__key__")
+            yield key, {ext: data for ext, data in sample.items() if not ext.startswith("__")}
 
 
-def iter_samples(url: str, *, expected: int | None = None,
-                 attempts: int = storage.RETRY_ATTEMPTS) -> Iterator[tuple[str, dict[str, bytes]] | BadShard]:
+def iter_samples(url: str, *, expected: int | None = None, attempts: int = storage.RETRY_ATTEMPTS
+                 ) -> Generator[tuple[str, dict[str, bytes]] | BadShard, None, None]:
     """(key, {extension: bytes}) for each sample of a shard, in file order, then a BadShard
     record if the shard could not be read to its end."""
     delivered = 0
@@ -226,8 +230,14 @@ def iter_samples(url: str, *, expected: int | None = None,
             return
 
 
+# webdataset's tar iterator appends " @ <the stream object>" to the message of an error it passes
+# on; the reason already names the shard's URL.
+_STREAM_SUFFIX = re.compile(r" @ <[^<>]*>$")
+
+
 def _describe_failure(exc: BaseException, *, delivered: int, attempts: int) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = _STREAM_SUFFIX.sub("", text)
     if isinstance(exc, (tarfile.TarError, EOFError)):
         return f"truncated or corrupt tar after {delivered} samples ({text})"
     if attempts > 1:

@@ -25,8 +25,9 @@ import signal
 import sys
 import traceback
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +37,9 @@ from flsl_cli import signals
 from flsl_cli.data import worker_deaths
 from flsl_cli.data.augment import MultiCropAugment, decode_for, open_image
 from flsl_cli.data.device_views import plan_tensors
-from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.shards import BadShard, ShardSet, image_field, iter_samples, reader_slot
 from flsl_cli.data.view_plan import complete_plan
-from flsl_cli.errors import DataError, FlslError
+from flsl_cli.errors import DataError, FlslError, first_line
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class TrainStream(IterableDataset):
 
     def slot_shards(self, epoch: int, worker: int) -> list[str]:
         slots = self.layout.world_size * self.layout.workers
-        return self.shard_order(epoch)[self.rank * self.layout.workers + worker::slots]
+        return self.shard_order(epoch)[reader_slot(rank=self.rank, worker=worker, workers=self.layout.workers)::slots]
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -146,7 +147,7 @@ class TrainStream(IterableDataset):
         batch = self.layout.local_batch
         take = self.layout.batches_per_slot * batch
         skip = max(0, math.ceil((self.skip_batches - worker) / workers)) * batch
-        slot = self.rank * workers + worker
+        slot = reader_slot(rank=self.rank, worker=worker, workers=workers)
         lost: list[dict] = []
         raw = _Peekable(self._shuffled(self._raw(self.slot_shards(self.epoch, worker), lost),
                                        rng=random.Random(f"{self.seed}-{self.epoch}-{slot}")))
@@ -171,7 +172,7 @@ class TrainStream(IterableDataset):
             sample["bad"] = reports
             yield sample
 
-    def _raw(self, urls: list[str], lost: list[dict]) -> Iterator["RawRecord"]:
+    def _raw(self, urls: list[str], lost: list[dict]) -> Iterator[RawRecord]:
         counts = {shard.url: shard.samples for shard in self.shards.shards}
         for url in urls:
             for item in iter_samples(url, expected=counts.get(url)):
@@ -181,11 +182,11 @@ class TrainStream(IterableDataset):
                 else:
                     yield RawRecord(key=item[0], fields=item[1], url=url)
 
-    def _shuffled(self, samples, *, rng: random.Random):
+    def _shuffled(self, samples: Iterator[RawRecord], *, rng: random.Random) -> Iterator[RawRecord]:
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        buffer = []
+        buffer: list[RawRecord] = []
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
@@ -196,11 +197,12 @@ class TrainStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _make(self, record: "RawRecord", *, rng_key: str | None = None) -> dict:
+    def _make(self, record: RawRecord, *, rng_key: str | None = None) -> dict:
         fields = record.fields
-        image_bytes = fields.get("jpg") or fields.get("jpeg") or fields.get("png") or fields.get("webp")
-        if image_bytes is None:
+        field = image_field(fields)
+        if field is None:
             raise BadSample(f"no image field (found: {', '.join(sorted(fields)) or 'nothing'})")
+        image_bytes = fields[field]
         rng = sample_rng(self.seed, self.epoch, rng_key or record.key)
         aug = self.augment.recipe.augment
         try:
@@ -209,16 +211,16 @@ class TrainStream(IterableDataset):
             if aug.device == "cpu":
                 image, scale = decode_for(image, plan, global_size=aug.global_size, local_size=aug.local_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample bad
-            raise BadSample(f"image does not decode ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise BadSample(f"image does not decode ({first_line(exc)})") from None
+        views: dict[str, Any]  # the views' tensors, or the bytes and the plan's arrays
         if aug.device == "cpu":
             views = self.augment.render(image, plan, scale=scale, rng=rng)
         else:  # the training process makes the views (device_views.py): here only the bytes and the plan
             whole_plan = complete_plan(self.augment.recipe, plan, rng=rng)
             views = {"encoded": image_bytes, "shard": record.url, **plan_tensors(whole_plan, size=image.size)}
-        views["key"] = record.key
-        return views
+        return {**views, "key": record.key}
 
-    def _replacement(self, name: str, *, recent, ahead: "_Peekable") -> dict:
+    def _replacement(self, name: str, *, recent, ahead: _Peekable) -> dict:
         """Stand-in for a bad or missing sample, so every reader keeps its batch count: another
         sample of this reader (the most recent one that decodes, else the next one), with its
         own augmentation. Chosen deterministically, so resumed runs make the same choice."""
@@ -330,7 +332,7 @@ class WorkerDied(RuntimeError):
         self.pid, self.how = pid, how
 
 
-def iterate(loader: DataLoader) -> Iterator[dict]:
+def iterate(loader: DataLoader) -> Generator[dict, None, None]:
     """The loader's batches. Its worker processes start with the stop signals held back (see
     `flsl_cli.signals`) and are watched (`worker_deaths`), so any loader error that follows a
     worker's death becomes WorkerDied; a user error raised inside a worker arrives as itself.

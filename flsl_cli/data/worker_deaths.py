@@ -45,6 +45,8 @@ def _wait(pid: int) -> None:
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     except ChildProcessError:  # reaped before this thread ran: the end is unknown
+        info = None
+    if info is None:  # also: None when the process had not ended, which WEXITED rules out
         how = "unknown"
     else:
         if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):

@@ -1,6 +1,7 @@
 """The one place that reads the process environment: which process of a run this is (torchrun,
-`flsl --devices`, SLURM, or a single plain process), its local rank, the SLURM job it runs in,
-and the CPUs it may use. Pure reads of a mapping (`os.environ` by default); torch is not imported.
+`flsl --devices`, SLURM, or a single plain process), whether torchrun started it, its local
+rank, the SLURM job it runs in, and the CPUs it may use. Pure reads of a mapping (`os.environ`
+by default); torch is not imported.
 
 One local-rank rule: LOCAL_RANK when a launcher set it, else SLURM_LOCALID, except that a task
 to which SLURM binds exactly one GPU (CUDA_VISIBLE_DEVICES names one) uses device 0.
@@ -45,6 +46,15 @@ def read_env(environ: Mapping[str, str] | None = None) -> ProcessEnv:
     if task is not None and "SLURM_NTASKS" in environ:
         return ProcessEnv(rank=task.rank, local_rank=task.local_rank, world_size=task.world_size)
     return ProcessEnv(rank=0, local_rank=0, world_size=1)
+
+
+def torchrun_process(environ: Mapping[str, str] | None = None) -> ProcessEnv | None:
+    """This process's place in a launch by torchrun (which sets TORCHELASTIC_RUN_ID beside RANK,
+    LOCAL_RANK and WORLD_SIZE; flsl's own processes do not), or None."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in environ or "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return None
+    return read_env(environ)
 
 
 def in_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
@@ -124,6 +134,14 @@ def local_processes(environ: Mapping[str, str] | None = None) -> int:
     return 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (as PyTorch's DataLoader counts them),
+    else every CPU of the machine where there is no mask (not Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_threads(*, data_workers: int, environ: Mapping[str, str] | None = None) -> int:
     """Threads of a training process on CPU: its share of the CPUs it may run on, less one per
     data worker (they compute too: more threads than CPUs slows every step several times over
@@ -132,5 +150,4 @@ def cpu_threads(*, data_workers: int, environ: Mapping[str, str] | None = None) 
     chosen = environ.get("OMP_NUM_THREADS", "").split(",")[0]
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // local_processes(environ) - data_workers)
+    return max(1, usable_cpus() // local_processes(environ) - data_workers)

@@ -14,6 +14,8 @@ from flsl_cli.errors import FlslError
 
 DEFAULT_TIMEOUT_MINUTES = 5.0  # recipe slurm.collective_timeout_minutes
 # What gloo and NCCL say when the process at the other end of a collective is gone or silent.
+# torch.distributed.DistError covers most such failures by type; some backends and versions still
+# raise a plain RuntimeError whose words are all there is, so these are read as well.
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
               "connection refused", "socket closed", "nccl communicator was aborted",
               "caught collective operation timeout")

@@ -10,7 +10,6 @@ for top-max(k); score every k from that one search; sum the counts over ranks.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,6 +21,7 @@ import torch
 from flsl_cli.config.schema import KnnEvalConfig
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import ShardSet, resolve_shards
+from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
 from flsl_cli.errors import DataError, FlslError
 from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model, wrap_module
@@ -42,17 +42,9 @@ from flsl_cli.eval.samples import ReadPlan, SampleSettings
 RESULTS_FORMAT = "flsl-knn-eval/1"
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as PyTorch's DataLoader counts them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_workers(processes: int) -> int:
     """Loader workers per process: up to 4, no more than the CPUs each process has to itself."""
-    return max(1, min(4, available_cpus() // max(1, processes)))
+    return max(1, min(4, usable_cpus() // max(1, processes)))
 
 
 def check_model_fits(model: EvalModel, settings: KnnEvalConfig) -> None:
@@ -210,7 +202,7 @@ def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: K
         path = cache_path(Path(features_dir), split=split, mode=settings.mode, key=key)
         found = load_cache(path)
         everyone = int(all_reduce_sum(torch.tensor([int(found is not None)], device=device)).item())
-        if everyone == world_size():
+        if everyone == world_size() and found is not None:  # found here, as on every rank
             reporter.note(f"{split} features: reusing {path}")
             return found, True
     expected = plan.expected(slot=rank(), slots=world_size())

@@ -7,6 +7,7 @@ grid order with any class/register tokens removed.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class EvalModel:
 
     def tokens(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Patch tokens (b, n, d), row-major over the (h / patch) x (w / patch) grid."""
-        out = self.module.forward_features(images_bchw)
+        out = self.module.forward_features(images_bchw)  # type: ignore[operator]  # timm's model contract
         if out.ndim == 4:  # a convolutional trunk: (b, d, h, w)
             return out.flatten(2).transpose(1, 2)
         return out[:, self.prefix_tokens:]
@@ -167,7 +168,8 @@ def _timm_export(path: Path, *, timm_name: str | None, random_init: bool) -> Eva
     if not random_init:
         _load_safetensors(module, weights, architecture=architecture)
     stat = weights.stat()
-    provenance = (config or {}).get("flsl") if isinstance((config or {}).get("flsl"), dict) else {}
+    flsl = (config or {}).get("flsl")
+    provenance = flsl if isinstance(flsl, dict) else {}
     cfg = (config or {}).get("pretrained_cfg") or getattr(module, "pretrained_cfg", {}) or {}
     description = {"kind": "timm-export", "source": str(weights), "arch": architecture, "random_init": random_init,
                    "step": provenance.get("step"), "which": provenance.get("which"),
@@ -262,15 +264,21 @@ def _patch_size(module: nn.Module) -> int:
                           fix="Evaluate a ViT (or a timm model with feature_info)")
 
 
-def wrap_module(module: nn.Module, *, mean, std, description: dict[str, Any], identity: str) -> EvalModel:
+def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
+
+
+def wrap_module(module: nn.Module, *, mean: Iterable[float], std: Iterable[float],
+                description: dict[str, Any], identity: str) -> EvalModel:
     """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module."""
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    embed_dim = int(getattr(module, "num_features", 0) or getattr(module, "embed_dim"))
+    embed_dim = int(getattr(module, "num_features", 0) or module.embed_dim)  # type: ignore[arg-type]  # a number
     patch = _patch_size(module)
     description = {**description, "patch_size": patch, "embed_dim": embed_dim}
     return EvalModel(module=module, patch_size=patch, embed_dim=embed_dim,
                      prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
-                     mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                     mean=_rgb(mean), std=_rgb(std),
                      description=description, identity=identity)

@@ -28,6 +28,7 @@ from flsl_cli.distributed.ops import all_gather_rows, all_reduce_max, all_reduce
 from flsl_cli.errors import FlslError
 from flsl_cli.eval.backbones import EvalModel
 from flsl_cli.eval.samples import SKIP_NO_BOXES, SKIP_OUTSIDE_CROP, EvalSamples, ReadPlan, SampleSettings, collate
+from flsl_cli.models.precision import autocast_dtype
 
 CACHE_FORMAT = "flsl-knn-features/1"
 GATHER_ROWS_BYTES = 256 << 20  # bytes of features sent per gather round
@@ -47,12 +48,6 @@ class SplitFeatures:
         return int(self.labels_i.shape[0])
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @torch.no_grad()
 def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings, device: torch.device,
                   batch_size: int, workers: int, on_progress: Callable[[int], None] | None = None) -> SplitFeatures:
@@ -64,9 +59,9 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
         warnings.filterwarnings("ignore", message="This DataLoader will create")
         batches = iter(loader)
     per_side = settings.crop // settings.patch_size
-    amp = autocast_dtype(device)
+    amp = autocast_dtype("auto", device)
     features, labels, ids = [], [], []
-    seen, skipped = 0, Counter()
+    seen, skipped = 0, Counter[str]()
     for batch in batches:
         if "error" in batch:
             raise batch["error"]

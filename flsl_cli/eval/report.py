@@ -30,7 +30,7 @@ class Reporter:
             self.console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)  # not markup
 
     @contextmanager
-    def stage(self, description: str, *, total: int, unit: str) -> Iterator["_Stage"]:
+    def stage(self, description: str, *, total: int, unit: str) -> Iterator[_Stage]:
         """A progress bar for one stage; yields an object whose `advance(n)` / `set(done, total)`
         move it. Off a terminal a single line is printed when the stage ends."""
         stage = _Stage()
@@ -112,7 +112,8 @@ def _chance_text(results: dict[str, Any]) -> str:
     chance, settings = results["chance"], results["settings"]
     bbox = settings["mode"] == "bbox"
     rule = f", any of {settings['features_per_image']}" if bbox else ""
-    text = f"chance level ({settings['num_classes']} classes{rule}): top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%"
+    text = (f"chance level ({settings['num_classes']} classes{rule}): "
+            f"top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%")
     if bbox:
         text += f", feature {chance['feature_top1']:.2f}%"
     return text

@@ -20,17 +20,17 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flsl_cli.data.augment import decode_image
-from flsl_cli.data.shards import BadShard, ShardSet, iter_samples
+from flsl_cli.data.shards import IMAGE_FIELDS, BadShard, ShardSet, image_field, iter_samples, reader_slot
 from flsl_cli.errors import DataError
 from flsl_cli.eval.geometry import BoxXYXY, EvalGeometry, cell_token_indices, largest_mapped_box
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_NO_BOXES = "no boxes"
 SKIP_OUTSIDE_CROP = "boxes outside the crop"
 
@@ -55,7 +55,7 @@ class ReadPlan:
     limit: int | None = None
 
     @classmethod
-    def from_shards(cls, shards: ShardSet, *, limit: int | None = None) -> "ReadPlan":
+    def from_shards(cls, shards: ShardSet, *, limit: int | None = None) -> ReadPlan:
         return cls(urls=tuple(s.url for s in shards.shards), counts=tuple(s.samples for s in shards.shards),
                    limit=limit)
 
@@ -103,7 +103,7 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
         except ValueError as exc:
             raise DataError(f"the sample's json is unreadable ({exc})", where=where,
                             fix="Regenerate the shards with `flsl data shards --boxes`") from None
-    label = annotation.get("label")
+    label: Any = annotation.get("label")
     if label is None and "cls" in fields:
         label = fields["cls"].decode("ascii", "replace").strip()
     try:
@@ -114,9 +114,9 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
     try:
         entries = [(box["bbox"], box.get("class")) if isinstance(box, dict) else (box, None)
                    for box in annotation.get("boxes") or []]
-        boxes = [(tuple(float(v) for v in bbox), cls) for bbox, cls in entries]
-        if any(len(bbox) != 4 for bbox, _ in boxes):
+        if any(len(bbox) != 4 for bbox, _ in entries):
             raise ValueError("a bbox is not [x0, y0, x1, y1]")
+        boxes = [((float(x0), float(y0), float(x1), float(y1)), cls) for (x0, y0, x1, y1), cls in entries]
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"the sample's boxes are malformed ({exc})", where=where,
                         fix="Boxes are {\"bbox\": [x0, y0, x1, y1], \"class\": label} in pixels") from None
@@ -129,22 +129,16 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
     return label, chosen, size
 
 
-def _image_bytes(fields: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in fields:
-            return fields[ext]
-    return None
-
-
 def prepare(fields: dict[str, bytes], *, settings: SampleSettings, where: str) -> dict:
     """One sample as the model input: label, image (3, crop, crop), token indices per cell (g),
     or `skip` with the reason."""
     label, boxes, size = parse_annotation(fields, where=where)
     if settings.mode == "bbox" and not boxes:
         return {"label": label, "skip": SKIP_NO_BOXES}
-    data = _image_bytes(fields)
+    field = image_field(fields)
+    data = None if field is None else fields[field]
     if data is None:
-        raise DataError(f"the sample has no image (looked for {', '.join(IMAGE_EXTENSIONS)})", where=where,
+        raise DataError(f"the sample has no image (looked for {', '.join(IMAGE_FIELDS)})", where=where,
                         fix="Write shards with the image as .jpg or .png")
     try:
         image = decode_image(data)
@@ -161,8 +155,8 @@ def prepare(fields: dict[str, bytes], *, settings: SampleSettings, where: str) -
             return {"label": label, "skip": SKIP_OUTSIDE_CROP}
         cells = cell_token_indices(box, grid=settings.grid, patch=settings.patch_size, crop=settings.crop)
     array = np.asarray(geometry.transform_image(image), dtype=np.float32) / 255.0
-    array = (array - np.asarray(settings.mean, dtype=np.float32)) / np.asarray(settings.std, dtype=np.float32)
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    normalized = (array - np.asarray(settings.mean, dtype=np.float32)) / np.asarray(settings.std, dtype=np.float32)
+    pixels = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
     return {"label": label, "skip": None, "image": pixels, "cells": torch.tensor(cells, dtype=torch.int64)}
 
 
@@ -179,7 +173,7 @@ class EvalSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = self.world_size * workers, self.rank * workers + worker
+        slots, slot = self.world_size * workers, reader_slot(rank=self.rank, worker=worker, workers=workers)
         by_shard = len(self.plan.urls) >= slots
         limit = self.plan.limit
         try:

@@ -14,10 +14,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 import flsl_cli
 from flsl_cli.config.schema import Recipe
-from flsl_cli.export import FORMATS, ExportError
-from flsl_cli.export import framework_format, keymaps, onnx_format, timm_format
-from flsl_cli.export.verify import (NOTHING_WRITTEN_FIX, RELATIVE, TOLERANCE, Check, check_keys, compare_features,
-                                    random_images)
+from flsl_cli.export import FORMATS, ExportError, framework_format, keymaps, onnx_format, timm_format
+from flsl_cli.export.verify import (
+    NOTHING_WRITTEN_FIX,
+    RELATIVE,
+    TOLERANCE,
+    Check,
+    check_keys,
+    compare_features,
+    random_images,
+)
 from flsl_cli.export.writer import check_target, staged
 from flsl_cli.models.load import load_backbone
 from flsl_cli.models.vit import timm_kwargs
@@ -113,14 +119,18 @@ def export_checkpoint(checkpoint: str | Path, *, fmt: str, out: str | Path, whic
                         checks=checks, usage=usage)
 
 
-def _export_timm(job: _Job, fmt: str):
+# What a writer made: the files, the checks that reloaded them, the lines that load them.
+_Written = tuple[tuple[Path, ...], tuple[Check, ...], tuple[str, ...]]
+
+
+def _export_timm(job: _Job, fmt: str) -> _Written:
     spec = timm_format.timm_spec(job.recipe)
     if job.folder:
         timm_format.write_folder(job.backbone, job.tmp, spec=spec, provenance=job.provenance)
         weights = job.tmp / timm_format.WEIGHTS_NAME
         from_dir = _reload("timm local-dir", lambda: timm_format.load_from_folder(job.tmp), where=job.out)
         from_file = _reload("timm file", lambda: timm_format.load_from_file(spec, file=weights), where=job.out)
-        checks = (job.compare(from_dir.forward_features, label="timm local-dir", fmt=fmt),
+        checks: tuple[Check, ...] = (job.compare(from_dir.forward_features, label="timm local-dir", fmt=fmt),
                   job.compare(from_file.forward_features, label="timm file", fmt=fmt))
         final_weights = job.out / timm_format.WEIGHTS_NAME
         files = (job.out / timm_format.CONFIG_NAME, final_weights)
@@ -132,7 +142,7 @@ def _export_timm(job: _Job, fmt: str):
     return (job.out,), checks, (timm_format.file_load_line(spec, file=job.out),)
 
 
-def _export_onnx(job: _Job, fmt: str):
+def _export_onnx(job: _Job, fmt: str) -> _Written:
     size = job.recipe.augment.global_size
     metadata = {key: str(value) for key, value in job.provenance.items()}
     metadata["input"] = f"images: float32 (batch, 3, {size}, {size}), normalized with ImageNet mean/std"
@@ -161,7 +171,7 @@ def _pre_norm_tokens(model: VisionTransformer) -> Callable:
     return run
 
 
-def _export_framework(job: _Job, fmt: str):
+def _export_framework(job: _Job, fmt: str) -> _Written:
     config = job.recipe.model
     dims = config.dims()
     size = job.recipe.augment.global_size

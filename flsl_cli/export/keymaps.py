@@ -101,11 +101,13 @@ def to_framework(state_dict: dict[str, torch.Tensor], *, framework: str) -> dict
         rule, index = _match(key, rules, side="source")  # KeyError: timm grew a key this table lacks
         if rule.how == "drop":
             continue
+        assert rule.target is not None, "only a dropped key has no target"
         if rule.how == "cls_row":
             value = torch.cat([value.new_zeros(value.shape[0], 1, value.shape[2]), value], dim=1)
         out[_fill(rule.target, index)] = value.detach().clone().contiguous()
     for rule in rules:
         if rule.how == "zeros":
+            assert rule.target is not None, "a zeros rule names its target"
             out[rule.target] = torch.zeros(1, 1, embed_dim)
     return out
 
@@ -118,6 +120,7 @@ def to_timm(state_dict: dict[str, torch.Tensor], *, framework: str) -> dict[str,
         rule, index = _match(key, rules, side="target")
         if rule.how == "zeros":
             continue
+        assert rule.source is not None, "only a zeros rule has no source"
         if rule.how == "cls_row":
             value = value[:, 1:]
         out[_fill(rule.source, index)] = value
@@ -126,7 +129,7 @@ def to_timm(state_dict: dict[str, torch.Tensor], *, framework: str) -> dict[str,
 
 def dropped_keys(*, framework: str) -> set[str]:
     """timm keys that `framework` has no place for."""
-    return {rule.source for rule in RULES[framework] if rule.how == "drop"}
+    return {rule.source for rule in RULES[framework] if rule.how == "drop" and rule.source is not None}
 
 
 def _shape(text: str, symbols: dict[str, int]) -> tuple[int, ...]:
@@ -153,7 +156,7 @@ def expected_shapes(*, framework: str, depth: int, embed_dim: int, patch_size: i
     symbols = {"D": embed_dim, "P": patch_size, "N": tokens}
     shapes: dict[str, tuple[int, ...]] = {}
     for rule in RULES[framework]:
-        if rule.target is None:
+        if rule.target is None or rule.target_shape is None:
             continue
         indices = [str(i) for i in range(depth)] if "{i}" in rule.target else [None]
         for index in indices:

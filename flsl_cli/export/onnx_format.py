@@ -13,11 +13,15 @@ import importlib.util
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from flsl_cli.export import ExportError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "tokens"
@@ -35,7 +39,7 @@ def require_onnx() -> None:
 class PatchTokens(nn.Module):
     """The backbone's `forward_features` as `forward`, which is what the exporter traces."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: VisionTransformer) -> None:
         super().__init__()
         self.backbone = backbone
 
@@ -43,7 +47,7 @@ class PatchTokens(nn.Module):
         return self.backbone.forward_features(images_bchw)
 
 
-def write(backbone: nn.Module, path: Path, *, img_size: int, metadata: dict[str, str]) -> None:
+def write(backbone: VisionTransformer, path: Path, *, img_size: int, metadata: dict[str, str]) -> None:
     import onnx
 
     module = PatchTokens(backbone).eval()
@@ -60,6 +64,8 @@ def write(backbone: nn.Module, path: Path, *, img_size: int, metadata: dict[str,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch could not export the backbone to ONNX: {first}",
                           fix="Try another torch / onnxscript version, or export --format timm") from None
+    if program is None:  # torch returns None only for the legacy (dynamo=False) exporter
+        raise ExportError("torch's ONNX exporter returned no program", fix="Try another torch / onnxscript version")
     model = program.model_proto
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -68,7 +74,7 @@ def write(backbone: nn.Module, path: Path, *, img_size: int, metadata: dict[str,
     onnx.save(model, str(path))
 
 
-def session(path: Path):
+def session(path: Path) -> Any:
     """An onnxruntime session on the CPU; call `run_tokens(session, images)` on it."""
     import onnxruntime
 
@@ -77,5 +83,5 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_tokens(ort_session, images: torch.Tensor):
+def run_tokens(ort_session: Any, images: torch.Tensor) -> Any:
     return ort_session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]

@@ -12,8 +12,8 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.data.demo import write_demo_dataset
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import plan_layout
+from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.errors import RecipeError
-from flsl_cli.eval.api import available_cpus
 from flsl_cli.eval.davis.layout import read_layout
 from flsl_cli.launch.devices import device_memory
 from flsl_cli.train.tensorboard import check_tensorboard
@@ -58,7 +58,7 @@ def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool
 
 
 def note_worker_count(recipe: Recipe, *, on_note: Callable[[str], None]) -> None:
-    cpus = available_cpus()
+    cpus = usable_cpus()
     if recipe.data.num_workers > cpus:
         on_note(f"data.num_workers is {recipe.data.num_workers}, more than the {cpus} CPUs each process may use: "
                 "the worker processes will share them")

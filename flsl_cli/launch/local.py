@@ -1,16 +1,17 @@
 """Run a function in N local processes (one per GPU, or N CPU processes with gloo).
 
 Each child gets torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
-A user error raised in any child is written to a small file and re-raised here, so the CLI
-renders it once, like in a single process. A stop signal sent to this process alone (`kill
+A user error raised in any child is pickled to a small file (a `FlslError` pickles whole: its
+type, message and fields) and raised again here as itself, so the CLI renders it once, like in a
+single process. A stop signal sent to this process alone (`kill
 PID`, a scheduler that signals only its child) is passed on to every child, which stop
 together at one step (see `flsl_cli.signals`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import signal
 import socket
 import tempfile
@@ -20,8 +21,15 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from flsl_cli.errors import FlslError, RunStopped
+from flsl_cli.errors import FlslError
 from flsl_cli.signals import STOP_SIGNALS, held, stop_request
+
+_ERROR = ".error.pickle"  # a FlslError, pickled whole
+_CRASH = ".crash.txt"  # any other exception's traceback
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.name.removeprefix("rank").split(".")[0])
 
 
 def free_port() -> int:
@@ -39,19 +47,12 @@ def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: i
     try:
         fn(**kwargs)
     except FlslError as exc:
-        Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps({
-            "type": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix,
-            "exit_code": exc.exit_code, "step": getattr(exc, "step", None),
-            "signal_name": getattr(exc, "signal_name", None),
-        }))
+        Path(error_dir, f"rank{local_rank}{_ERROR}").write_bytes(pickle.dumps(exc))
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except BaseException:
-        Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps({
-            "type": "crash", "what": traceback.format_exc(), "where": f"process {local_rank}",
-            "fix": None, "exit_code": 1,
-        }))
+        Path(error_dir, f"rank{local_rank}{_CRASH}").write_text(traceback.format_exc())
         raise
 
 
@@ -73,8 +74,8 @@ def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
         pass_on = _pass_on(context)
         for signum in previous:
             signal.signal(signum, pass_on)
-        for signum in early:
-            pass_on(signum, None)
+        for early_signum in early:
+            pass_on(early_signum, None)
         try:
             while not context.join():
                 pass
@@ -105,17 +106,14 @@ def _pass_on(context):
 
 
 def _raise_recorded(error_dir: str, *, fallback: str) -> None:
-    records = sorted(Path(error_dir).glob("rank*.json"))
-    for path in records:
-        record = json.loads(path.read_text())
-        if record["type"] == "RunStopped":
-            raise RunStopped(record["what"], step=record["step"], signal_name=record["signal_name"],
-                             where=record["where"], fix=record["fix"])
-        if record["type"] != "crash":
-            error = FlslError(record["what"], where=record["where"], fix=record["fix"])
-            error.exit_code = record["exit_code"]
-            raise error
-    if records:
-        record = json.loads(records[0].read_text())
-        raise RuntimeError(f"{record['where']} crashed:\n{record['what']}")
+    """The error of the lowest rank that recorded one: a user error raised as itself, else a
+    crash with its traceback."""
+    for path in sorted(Path(error_dir).glob(f"rank*{_ERROR}"), key=_rank_of):
+        # Written by this run's own children into a private temporary folder: safe to unpickle.
+        error = pickle.loads(path.read_bytes())
+        assert isinstance(error, FlslError)
+        raise error
+    crashes = sorted(Path(error_dir).glob(f"rank*{_CRASH}"), key=_rank_of)
+    if crashes:
+        raise RuntimeError(f"process {_rank_of(crashes[0])} crashed:\n{crashes[0].read_text()}")
     raise FlslError(fallback, fix="See the messages above; the run can be continued with `flsl resume RUN_DIR`")

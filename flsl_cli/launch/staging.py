@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from flsl_cli.train import remote
 
 
 @contextmanager
-def staged(target: str, *, newest_checkpoint: bool):
+def staged(target: str, *, newest_checkpoint: bool) -> Iterator[Path]:
     """The run dir to check and prepare: itself, or for a remote one a local copy that is pushed
     back when the block succeeds."""
     if not remote.is_remote(target):
@@ -31,7 +32,7 @@ def staged(target: str, *, newest_checkpoint: bool):
 
 
 @contextmanager
-def storage_errors(url: str):
+def storage_errors(url: str) -> Iterator[None]:
     """A remote run dir that cannot be read or written (credentials, bucket, network) is a user
     error naming the URL, not a traceback from the storage library."""
     try:

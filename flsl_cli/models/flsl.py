@@ -47,8 +47,8 @@ def build_student_teacher(recipe: Recipe) -> tuple[Network, Network]:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, *, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-    teacher_params = list(teacher.parameters())
-    student_params = list(student.parameters())
+    teacher_params: list[torch.Tensor] = list(teacher.parameters())
+    student_params: list[torch.Tensor] = list(student.parameters())
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1.0 - momentum)
 

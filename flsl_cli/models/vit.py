@@ -65,6 +65,7 @@ class FlslVisionTransformer(VisionTransformer):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_img_size or self.cls_token is not None or self.reg_token is not None:
             return super()._pos_embed(x)
+        assert self.pos_embed is not None, "the FLSL backbone has a position table"
         batch, rows, cols, dim = x.shape
         return self.pos_drop(x.view(batch, -1, dim) + resample_pos_embed(self.pos_embed, grid=(rows, cols)))
 
@@ -74,6 +75,7 @@ def build_backbone(config: ModelConfig, *, img_size: int, drop_path: float | Non
     rate = config.drop_path if drop_path is None else drop_path
     model = FlslVisionTransformer(**timm_kwargs(config, img_size=img_size), drop_path_rate=rate)
     grid = img_size // config.patch_size
+    assert model.pos_embed is not None, "built with a position table"
     with torch.no_grad():
         model.pos_embed.copy_(sincos_pos_embed(grid_size=grid, dim=model.embed_dim))
     model.pos_embed.requires_grad_(False)
@@ -84,4 +86,4 @@ def set_fused_attention(backbone: VisionTransformer, *, enabled: bool) -> None:
     """Switch every block between timm's fused attention (scaled_dot_product_attention, timm's
     default) and the explicit softmax(q k^T / sqrt(d)) v; the two agree within rounding."""
     for block in backbone.blocks:
-        block.attn.fused_attn = enabled
+        block.attn.fused_attn = enabled  # type: ignore[union-attr]  # each timm Block has an Attention

@@ -15,8 +15,15 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from flsl_cli import signals, storage
-from flsl_cli.checkpoint.store import (CHECKPOINTS_DIR, DAMAGED_SUFFIX, checkpoint_dir, list_checkpoints, newest_valid,
-                                       save_checkpoint, set_aside_newer)
+from flsl_cli.checkpoint.store import (
+    CHECKPOINTS_DIR,
+    DAMAGED_SUFFIX,
+    checkpoint_dir,
+    list_checkpoints,
+    newest_valid,
+    save_checkpoint,
+    set_aside_newer,
+)
 from flsl_cli.config.load import validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.data.augment import MultiCropAugment
@@ -77,8 +84,9 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     mirror = None
     try:
         if remote.is_remote(run_dir):
-            mirror, run_dir = run_dir, remote.staging_dir(run_dir, role=f"rank{env.rank}")
-            remote.pull(mirror, run_dir, rank=env.rank, newest_checkpoint=resume)
+            staging = remote.staging_dir(run_dir, role=f"rank{env.rank}")
+            mirror, run_dir = run_dir, str(staging)
+            remote.pull(mirror, staging, rank=env.rank, newest_checkpoint=resume)
         try:
             with run_logging(Path(run_dir), rank=env.rank):
                 session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
@@ -160,8 +168,9 @@ class TrainSession:
                 leftover.unlink(missing_ok=True)
                 self.notes.append(f"removed {leftover.name}, left by a checkpoint write that was cut off")
             for name in set_aside_newer(self.run_dir, step=self.start_step):
-                self.notes.append(f"set the damaged {name} aside as {name}{DAMAGED_SUFFIX}: it no longer counts "
-                                  "among checkpoint.keep_last" + (" (the remote copy is removed)" if self.mirror else ""))
+                remote = " (the remote copy is removed)" if self.mirror else ""
+                self.notes.append(f"set the damaged {name} aside as {name}{DAMAGED_SUFFIX}: "
+                                  f"it no longer counts among checkpoint.keep_last{remote}")
             truncate_metrics(self.run_dir, after_step=self.start_step)
             truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
             record_resume(self.run_dir, step=self.start_step)
@@ -224,6 +233,7 @@ class TrainSession:
     def _stop_if_asked_before_training(self) -> None:
         """A stop signal that came while the run was starting ends it here, on every rank alike:
         there is nothing new to save."""
+        assert self.runner.stop_request is not None, "the session installs the stop request"
         asked = float(self.runner.stop_request.requested)
         if self.env.world_size > 1:
             asked = float(all_reduce_sum(torch.tensor([asked], device=self.env.device)).item())
@@ -234,6 +244,7 @@ class TrainSession:
 
     def _stop_error(self, when: str) -> RunStopped:
         """A run without a checkpoint resumes too: from step 0, with its saved recipe."""
+        assert self.runner.stop_request is not None, "the session installs the stop request"
         name = self.runner.stop_request.signal_name or "a stop request on another process"
         return RunStopped(f"stopped by {name} {when}", step=self.step, signal_name=name,
                           fix=f"Continue with `flsl resume {self.shown_as}`")
@@ -290,6 +301,7 @@ class TrainSession:
     def _account_bad_samples(self, reports: list[dict]) -> None:
         """Log every rank's bad samples (rank 0 writes) and stop when there were too many."""
         health, totals = self.health, self.runner.totals
+        assert totals is not None, "set by the step just taken"
         health.add(seen=totals["seen"], bad=totals["bad"])
         if totals["bad"] > 0:
             everything = gather_objects(reports)
@@ -335,7 +347,7 @@ def _try(action) -> None:
     """Best effort while another error is already on its way to the user."""
     try:
         action()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - best effort: the error already raised is the one to report
         pass
 
 
@@ -365,7 +377,9 @@ def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:
     every_minutes = recipe.checkpoint.every_minutes
     if every_steps and step % every_steps == 0:
         return True
-    return bool(every_minutes) and time.monotonic() - last_save_time >= every_minutes * 60
+    if not every_minutes:
+        return False
+    return time.monotonic() - last_save_time >= every_minutes * 60
 
 
 def _diverged(step: int, values: dict[str, float], *, last_saved: int | None, run_dir: Path) -> TrainingDiverged:
@@ -395,4 +409,5 @@ def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, ste
         ("checkpoints", ", ".join(ref.path.name for ref in checkpoints) or "none"),
         ("newest", storage.join(shown_as, CHECKPOINTS_DIR, checkpoints[-1].path.name) if checkpoints else "none"),
     ]
-    progress.console.print(summary_table(rows, title="flsl pretrain: done" if step >= total else "flsl pretrain: stopped"))
+    title = "flsl pretrain: done" if step >= total else "flsl pretrain: stopped"
+    progress.console.print(summary_table(rows, title=title))

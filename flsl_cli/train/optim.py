@@ -9,7 +9,8 @@ from flsl_cli.config.schema import OptimConfig
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    decayed, plain = [], []
+    decayed: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue

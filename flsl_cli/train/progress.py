@@ -38,7 +38,7 @@ class TrainProgress:
         terms = (f"loss {values['loss']:.4f}  L1 {values['intra']:.4f}  "
                  f"L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")
         epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
-        if self._live:
+        if self._progress is not None:
             self._progress.set_footer(terms)
             self._progress.update("train", done=step, total=self.total_steps, epoch=epoch, rate=images_per_s)
         elif step % self.log_every == 0 or step == self.total_steps:

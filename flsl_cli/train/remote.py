@@ -84,7 +84,7 @@ def push(local: Path, url: str) -> None:
     remote_checkpoints = storage.join(url, CHECKPOINTS_DIR)
     local_refs = {ref.path.name: ref for ref in list_checkpoints(local)}
     remote_names = set(storage.listdir(remote_checkpoints))
-    for name, ref in sorted(local_refs.items()):
+    for _, ref in sorted(local_refs.items()):
         manifest = ref.path.with_suffix(".json")
         if manifest.name in remote_names or not ref.path.exists():
             continue

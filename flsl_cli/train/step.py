@@ -18,9 +18,10 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.distributed.ops import all_reduce_sum, world_size
 from flsl_cli.losses.flsl import LossWeights, StudentView, flsl_loss
 from flsl_cli.models.flsl import Network, ema_update
+from flsl_cli.models.precision import autocast_dtype
+from flsl_cli.signals import StopRequest
 from flsl_cli.train.optim import set_schedule
 from flsl_cli.train.schedules import Schedules
-from flsl_cli.signals import StopRequest
 
 TERMS = ("loss", "intra", "inter", "volume")
 
@@ -67,17 +68,9 @@ def compile_backbones(*networks: Network) -> None:
     per view size). Parameters and state-dict keys stay those of the plain module."""
     for network in networks:
         backbone = network.backbone
-        backbone.forward_features = torch.compile(backbone.forward_features, dynamic=False)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a step: None (fp32) on CPU and for fp32; bf16 for auto on GPUs that
-    have it (no gradient scaler then), fp16 otherwise (with one)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+        # Replacing the bound method on this instance is the point: state-dict keys stay the module's.
+        backbone.forward_features = torch.compile(  # type: ignore[method-assign]
+            backbone.forward_features, dynamic=False)
 
 
 @dataclass

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from flsl_cli.errors import FlslError
 from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model
+from flsl_cli.models.head import ProjectionHead
 from flsl_cli.viz.clusters import cluster_map, load_head
 from flsl_cli.viz.extras import require_matplotlib
 from flsl_cli.viz.features import check_layers, default_layers, depth_of, layer_tokens
@@ -25,7 +24,7 @@ from flsl_cli.viz.grid import Panel, render_grid, write_index
 from flsl_cli.viz.images import PreparedImage, point_token, prepare_image
 from flsl_cli.viz.similarity import ass_map, probe_map
 
-INDEX_NAME = "index.html"
+PAGE_NAME = "index.html"  # the page that shows every grid
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Subject:
 
     model: EvalModel
     name: str
-    head: nn.Module | None = None
+    head: ProjectionHead | None = None
 
 
 def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: VisualizeSettings,
@@ -66,7 +65,7 @@ def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: Visual
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        entries = []
+        entries: list[tuple[str, str]] = []
         for index, image in enumerate(prepared):
             name = _png_name(image.source, taken={n for n, _ in entries})
             rows = [model_row(subject, image=image, layers=layers) for subject in subjects]
@@ -76,8 +75,8 @@ def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: Visual
             entries.append((name, f"{image.source}: " + " | ".join(s.name for s in subjects)))
             if on_progress:
                 on_progress(index + 1, len(prepared))
-        write_index(staging / INDEX_NAME, entries=entries, heading="flsl visualize")
-        return _publish(staging, out, names=[n for n, _ in entries] + [INDEX_NAME])
+        write_index(staging / PAGE_NAME, entries=entries, heading="flsl visualize")
+        return _publish(staging, out, names=[n for n, _ in entries] + [PAGE_NAME])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -133,7 +132,7 @@ def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> l
         panels.append(Panel(f"ASS\nlayer {layer}", kind="heat", values_hw=ass, low=min(float(ass.min()), 0.999)))
     for point, mark in zip(image.points, marks):
         for layer in probe_layers:
-            row, col = point_token(image, point, grid_hw=tuple(grids[layer].shape[:2]))
+            row, col = point_token(image, point, grid_hw=(grids[layer].shape[0], grids[layer].shape[1]))
             panels.append(Panel(f"probe ({point[0]},{point[1]})\nlayer {layer}", kind="heat", marks=[mark],
                                 values_hw=probe_map(grids[layer], row=row, col=col).numpy()))
     if subject.head is not None:
@@ -146,7 +145,7 @@ def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> l
 def _png_name(source: str, *, taken: set[str]) -> str:
     stem = Path(source).stem or "image"
     name, count = f"{stem}.png", 1
-    while name in taken or name == INDEX_NAME:
+    while name in taken or name == PAGE_NAME:
         count += 1
         name = f"{stem}-{count}.png"
     return name

@@ -4,12 +4,12 @@ applied to the backbone's final tokens. Only flsl checkpoints carry a head."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from flsl_cli.eval.backbones import EvalModel
+from flsl_cli.models.head import ProjectionHead
 
 
-def load_head(model: EvalModel) -> nn.Module | None:
+def load_head(model: EvalModel) -> ProjectionHead | None:
     """The projection head of the flsl checkpoint `model` was loaded from (its teacher or
     student, as loaded), or None for exports, timm models and random inits."""
     described = model.description
@@ -25,6 +25,6 @@ def load_head(model: EvalModel) -> nn.Module | None:
 
 
 @torch.no_grad()
-def cluster_map(head: nn.Module, tokens_hwd: torch.Tensor) -> torch.Tensor:
+def cluster_map(head: ProjectionHead, tokens_hwd: torch.Tensor) -> torch.Tensor:
     """(h, w) prototype index of each token."""
     return head(tokens_hwd.float()).argmax(dim=-1)

@@ -44,12 +44,13 @@ def layer_tokens(model: EvalModel, pixels_hw3: np.ndarray, *, layers: list[int])
     """{layer (1-based): tokens (h, w, d)} for the image."""
     images = to_tensor(model, pixels_hw3)
     depth = depth_of(model)
-    out = model.module.forward_intermediates(images, indices=[layer - 1 for layer in layers], norm=False,
+    out = model.module.forward_intermediates(  # type: ignore[operator]  # timm's model contract
+        images, indices=[layer - 1 for layer in layers], norm=False,
                                              output_fmt="NCHW", intermediates_only=True)
     grids = {}
     for layer, tokens_bdhw in zip(layers, out):
         if layer == depth and hasattr(model.module, "norm"):  # the trained features
-            tokens_bhwd = model.module.norm(tokens_bdhw.permute(0, 2, 3, 1))
+            tokens_bhwd = model.module.norm(tokens_bdhw.permute(0, 2, 3, 1))  # type: ignore[operator]  # checked above
         else:
             tokens_bhwd = tokens_bdhw.permute(0, 2, 3, 1)
         grids[layer] = tokens_bhwd[0].float()

@@ -61,9 +61,11 @@ def _draw(axes, panel: Panel, *, image_hw3: np.ndarray) -> None:
     h, w = image_hw3.shape[:2]
     axes.imshow(image_hw3, extent=(0, w, h, 0))
     if panel.kind == "heat":
+        assert panel.values_hw is not None, "a heat panel carries its values"
         axes.imshow(np.clip(panel.values_hw, panel.low, 1.0), cmap="inferno", vmin=panel.low, vmax=1.0,
                     alpha=HEAT_ALPHA, extent=(0, w, h, 0), interpolation="bilinear")
     elif panel.kind == "clusters":
+        assert panel.values_hw is not None, "a clusters panel carries its values"
         axes.imshow(panel.values_hw % CLUSTER_COLORS, cmap="tab20", vmin=0, vmax=CLUSTER_COLORS - 1,
                     alpha=HEAT_ALPHA, extent=(0, w, h, 0), interpolation="nearest")
     for x, y in panel.marks:

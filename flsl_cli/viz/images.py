@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flsl_cli.errors import FlslError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # default query points, as fractions (x, y) of the image: spread over it
 DEFAULT_POINTS = ((0.5, 0.5), (0.25, 0.3), (0.75, 0.7))
@@ -23,7 +27,7 @@ class PreparedImage:
     points: tuple[tuple[int, int], ...]  # query points (x, y) in original pixels
 
 
-def read_image(path: str | Path):
+def read_image(path: str | Path) -> Image.Image:
     """The image as an RGB PIL image, or a FlslError naming the file."""
     from PIL import Image, UnidentifiedImageError
 

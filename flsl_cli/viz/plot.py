@@ -10,12 +10,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flsl_cli import storage
 from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.train.rundir import METRICS_NAME, read_run_record
 from flsl_cli.viz.extras import require_matplotlib
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RESUME_GID = "resume"
 # (panel title, metrics.jsonl keys, legend label of each key)
@@ -75,7 +78,7 @@ def read_curves(run_dir: str) -> RunCurves:
     return curves
 
 
-def draw_run(curves: RunCurves):
+def draw_run(curves: RunCurves) -> Figure:
     """The matplotlib Figure: one panel per group of series that the run logged."""
     plt = require_matplotlib()
     panels = [(title, [k for k in keys if k in curves.series], labels) for title, keys, labels in PANELS]
@@ -128,7 +131,7 @@ def _twins(axes) -> list:
 
 
 def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
-    for index, event in enumerate(resumes):
+    for event in resumes:
         requeue = bool(event.get("restart"))
         label = (f"requeued (job {event.get('job_id')}), resumed at {event['step']}" if requeue
                  else f"resumed at {event['step']}")

@@ -1,7 +1,7 @@
 """An estimate of the time `flsl eval davis` takes on the 30 sequences of DAVIS 2017 val
 (1,999 frames) for ViT-S/16, from a few synthetic 854 x 480 frames on this machine.
 
-    python bench/davis-estimate.py [--device cpu|cuda] [--frames 16] [--objects 2] [--json OUT]
+    python scripts/davis-estimate.py [--device cpu|cuda] [--frames 16] [--objects 2] [--json OUT]
 
 The DAVIS data is not needed (nor any network): the script writes a synthetic sequence in the
 DAVIS layout (854 x 480 JPEGs, palette PNGs, `--objects` moving shapes), times each stage of one

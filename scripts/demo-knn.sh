@@ -2,7 +2,7 @@
 # Does a briefly pretrained demo model beat random initialisation in the bounding-box k-NN?
 # A measurement, not a test: it prints both models' figures beside the chance level.
 #
-#   bash bench/demo-knn.sh [STEPS] [OUT_DIR]     (defaults: 96 steps, a temporary folder)
+#   bash scripts/demo-knn.sh [STEPS] [OUT_DIR]     (defaults: 96 steps, a temporary folder)
 #
 # Makes 1000 demo images (96 px, 800 train / 200 val), pretrains recipes/demo.yaml for STEPS
 # steps, then runs `flsl knn-eval` (bbox mode, 72/64 px, k = 10, 20) on the teacher and on the
@@ -16,8 +16,8 @@ DATA="$OUT/demo96"
 flsl pretrain recipes/demo.yaml --set "data.train=$DATA/train" --set data.demo=null \
     --set "optim.max_steps=$STEPS" --set checkpoint.every_minutes=null --run-dir "$OUT/run" --force
 common=(--train "$DATA/train" --val "$DATA/val" --resize 72 --crop 64 --k 10,20)
-flsl knn-eval "$OUT/run" "${common[@]}" --output "$OUT/pretrained.json"
-flsl knn-eval "$OUT/run" "${common[@]}" --random-init --output "$OUT/random.json"
+flsl knn-eval "$OUT/run" "${common[@]}" --out "$OUT/pretrained.json"
+flsl knn-eval "$OUT/run" "${common[@]}" --random-init --out "$OUT/random.json"
 python3 - "$OUT" "$STEPS" <<'PY'
 import json, sys
 out, steps = sys.argv[1], sys.argv[2]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: what flsl does on one CUDA GPU, in one run of under 8 minutes, without network.
 #
-#   bash bench/gpu-check.sh            (figures and logs under $OUT when set, else a temporary folder)
+#   bash scripts/gpu-check.sh            (figures and logs under $OUT when set, else a temporary folder)
 #
 # 1. the CUDA tests (`pytest -m cuda`; they skip without a GPU);
 # 2. `flsl bench step recipes/vits16_300ep.yaml` (64 images): the eager baseline against flsl, then
@@ -9,7 +9,7 @@
 #    images for their peak memory;
 # 3. demo shards made at 400 px (`flsl data demo --image-size 400`), `flsl bench e2e` on them when
 #    that command exists, and a 200-step `flsl pretrain` of vits16 on them with `--devices 1`;
-# 4. the DAVIS estimate (`bench/davis-estimate.py`: `flsl eval davis`'s stages at ViT-S/16 on synthetic
+# 4. the DAVIS estimate (`scripts/davis-estimate.py`: `flsl eval davis`'s stages at ViT-S/16 on synthetic
 #    854 x 480 frames, extrapolated to the 1,999 frames of DAVIS 2017 val);
 # 5. a summary table, also written as $OUT/gpu-check.json.
 #
@@ -60,24 +60,24 @@ part cuda-tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
 # bf16 autocast (optim.precision=auto) is what this check measures; the recipes default to fp32 until it has.
 BF16=(--set optim.precision=auto)
 step=(bench step recipes/vits16_300ep.yaml --device "$DEVICE" --steps "$BENCH_STEPS" "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}")
-part bench-step 120 "${FLSL[@]}" "${step[@]}" --json "$RESULTS/step.json"
-part bench-step-fused 120 "${FLSL[@]}" "${step[@]}" --set optim.fused_modes=true --json "$RESULTS/step-fused.json"
+part bench-step 120 "${FLSL[@]}" "${step[@]}" --out "$RESULTS/step.json"
+part bench-step-fused 120 "${FLSL[@]}" "${step[@]}" --set optim.fused_modes=true --out "$RESULTS/step-fused.json"
 if [ -z "${SKIP_COMPILE:-}" ]; then
     part bench-step-compile 200 "${FLSL[@]}" "${step[@]}" --set optim.fused_modes=true --compile \
-        --json "$RESULTS/step-compile.json"
+        --out "$RESULTS/step-compile.json"
 fi
 
 # Peak memory at 64 images per GPU for the larger models (must fit in 80 GB).
 for model in vitb16 vits8; do
     part "bench-step-$model" 120 "${FLSL[@]}" bench step "recipes/${model}_300ep.yaml" --device "$DEVICE" --steps 2 \
-        --warmup 1 "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}" --json "$RESULTS/step-$model.json"
+        --warmup 1 "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}" --out "$RESULTS/step-$model.json"
 done
 
 part demo-data 120 "${FLSL[@]}" data demo "$WORK/demo400" --images "$DEMO_IMAGES" --image-size 400
 if "${FLSL[@]}" bench e2e --help > /dev/null 2>&1; then
     part bench-e2e 150 "${FLSL[@]}" bench e2e recipes/vits16_300ep.yaml --data "$WORK/demo400/train" \
         --device "$DEVICE" --steps "$BENCH_STEPS" --workers "$WORKERS" "${BATCH[@]}" "${BF16[@]}" "${EXTRA[@]}" \
-        --json "$RESULTS/e2e.json"
+        --out "$RESULTS/e2e.json"
 else
     echo "== bench-e2e: this flsl has no \`flsl bench e2e\`; skipped"
 fi
@@ -87,7 +87,7 @@ part pretrain 240 "${FLSL[@]}" pretrain recipes/vits16_300ep.yaml --devices 1 --
     --set checkpoint.every_minutes=null --set checkpoint.every_steps=null "${BF16[@]}" "${EXTRA[@]}"
 cp "$WORK/run/metrics.jsonl" "$RESULTS/pretrain-metrics.jsonl" 2> /dev/null
 # DAVIS 2017 val at ViT-S/16 (`flsl eval davis`): per-frame stages on synthetic 854 x 480 frames, extrapolated.
-part davis-estimate 150 "$PY" bench/davis-estimate.py --device "$DEVICE" --frames 24 --json "$RESULTS/davis.json"
+part davis-estimate 150 "$PY" scripts/davis-estimate.py --device "$DEVICE" --frames 24 --json "$RESULTS/davis.json"
 
 "$PY" - "$RESULTS" <<'PY'
 import json, sys
