@@ -15,7 +15,7 @@ from flsl_cli.cli.app import app
 from flsl_cli.cli.eval import KNN_OPTIONS
 from flsl_cli.config.schema import KnnEvalConfig, SlurmConfig
 from flsl_cli.launch import submit
-from flsl_cli.launch.slurm_request import SLURM_OPTIONS
+from flsl_cli.launch.slurm.request import SLURM_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -237,13 +237,13 @@ def test_a_first_node_that_does_not_resolve_is_a_clear_error(demo_data, tmp_path
     """A task whose node list begins with a name that does not resolve stops at the rendezvous
     with a message naming it (no hang, no traceback), and run.json records it."""
     run = tmp_path / "run"
-    prepared = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm_job", "prepare", "recipes/demo.yaml",
+    prepared = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "prepare", "recipes/demo.yaml",
                                str(run), *_recipe(demo_data)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert prepared.returncode == 0, prepared.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
     env.update(SLURM_JOB_ID="4242", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NTASKS="2",
                SLURM_JOB_NODELIST="flsl-no-such-node[1-2]", SLURMD_NODENAME="flsl-no-such-node2")
-    task = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm_job", "task", str(run), "--cpu"],
+    task = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
     flat = " ".join(task.stderr.split())
@@ -254,7 +254,7 @@ def test_a_first_node_that_does_not_resolve_is_a_clear_error(demo_data, tmp_path
 
 def test_srun_task_failures_are_read():
     """What srun prints when a task dies: the node, the ranks and the signal."""
-    from flsl_cli.launch.slurm_job import parse_task_failure
+    from flsl_cli.launch.slurm.job import parse_task_failure
 
     killed = parse_task_failure("srun: error: n2: task 1: Killed\n")
     assert (killed.node, killed.ranks, killed.signal_name) == ("n2", "1", "SIGKILL")

@@ -24,8 +24,8 @@ from flsl_cli.config.schema import SHAPE_KEYS, Recipe
 from flsl_cli.distributed.env import slurm_tasks
 from flsl_cli.errors import RecipeError, RunDirError
 from flsl_cli.launch.checks import check_data, ensure_demo_data
-from flsl_cli.launch.slurm import JOBS_DIR
-from flsl_cli.launch.slurm_queries import job_state
+from flsl_cli.launch.slurm.executor import JOBS_DIR
+from flsl_cli.launch.slurm.queries import job_state
 from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME

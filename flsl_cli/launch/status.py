@@ -16,7 +16,7 @@ from typing import Any
 
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import MANIFEST_PATTERN, checkpoint_dir
-from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
+from flsl_cli.launch.slurm.queries import UNKNOWN_TO_SLURM, job_details
 from flsl_cli.train.rundir import METRICS_NAME, owner_alive, read_owner, read_run_record, requeues_per_job
 
 

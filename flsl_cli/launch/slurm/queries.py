@@ -38,8 +38,7 @@ def slurm_reason(text: str) -> str:
     for line in text.strip().splitlines():
         line = line.strip()
         for prefix in ("sbatch: error: ", "sbatch: fatal: ", "error: "):
-            if line.startswith(prefix):
-                line = line[len(prefix):]
+            line = line.removeprefix(prefix)
         if line and line not in reasons:
             reasons.append(line)
     return "; ".join(reasons) or "no reason given"

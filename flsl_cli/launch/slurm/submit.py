@@ -1,14 +1,25 @@
-"""`flsl pretrain RECIPE --nodes N ...` and `flsl resume RUN_DIR --nodes N ...`: the checks of a
-run on this machine, against the job's process count, then one SLURM job (or, with
-`dry_run`, its script)."""
+"""`flsl pretrain RECIPE --nodes N ...` and `flsl resume RUN_DIR --nodes N ...` from Python: the
+checks of a run on this machine, against the job's process count, then one SLURM job submitted
+through submitit (or, with `dry_run`, what would be submitted).
+
+    from flsl_cli.launch.slurm.submit import submit_pretrain
+
+    job = submit_pretrain("recipes/vits16_300ep.yaml", overrides=["data.train=/data/in1k/train"],
+                          slurm_options={"nodes": 4, "partition": "gpu", "time": "2-00:00:00"},
+                          run_dir="/shared/runs/vits16")
+    print(job.job_id, job.paths.stderr)   # a submitit.Job
+
+The command line (`flsl pretrain --nodes`) is a thin caller of `submit_pretrain` and
+`submit_resume`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flsl_cli.config.load import check_for_world, load_recipe
+from flsl_cli.config.load import apply_overrides, check_for_world, load_recipe, recipe_to_dict, validate_recipe
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.checks import check_data
@@ -20,8 +31,8 @@ from flsl_cli.launch.rundir_setup import (
     remove_unsubmitted,
     save_changed_recipe,
 )
-from flsl_cli.launch.slurm import SubmittedJob, require_sbatch, sbatch_script, submit
-from flsl_cli.launch.slurm_request import SlurmRequest
+from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit
+from flsl_cli.launch.slurm.request import SlurmRequest
 from flsl_cli.storage import write_json_atomic, write_text_atomic
 from flsl_cli.train import remote
 from flsl_cli.train.rundir import (
@@ -33,6 +44,10 @@ from flsl_cli.train.rundir import (
     write_owner,
 )
 
+if TYPE_CHECKING:
+    import submitit
+
+
 def _refuse_remote_for_slurm(run_dir) -> None:
     if run_dir is not None and remote.is_remote(str(run_dir)):
         raise FlslError(
@@ -41,17 +56,27 @@ def _refuse_remote_for_slurm(run_dir) -> None:
         )
 
 
-def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: Path | None, force: bool,
-                    slurm_options: Mapping[str, Any], dry_run: bool = False,
+def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None = None,
+                    slurm_options: Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
+                    force: bool = False, dry_run: bool = False,
                     on_demo_progress: Callable[[int, int], None] | None = None,
                     on_note: Callable[[str], None] = lambda _: None,
-                    on_script: Callable[[str], None] = print) -> SubmittedJob | None:
-    """Check everything, create the run dir, submit one job asking for what the recipe's `slurm`
-    section says, with the command line's `slurm_options` (SlurmConfig fields) applied.
-    With `dry_run`, check what can be checked without writing and hand the sbatch script to
-    `on_script` instead."""
-    source = str(recipe_path)
-    recipe = load_recipe(recipe_path, overrides=overrides)
+                    on_script: Callable[[str], None] = print) -> submitit.Job | None:
+    """Train `recipe` (a recipe file, or a `Recipe`) with `overrides` (`KEY=VALUE`, as `--set`
+    takes them) as one SLURM job asking for what the recipe's `slurm` section says, with
+    `slurm_options` (SlurmConfig fields: nodes, gpus_per_node, partition, time, ...) applied.
+    Checks everything, creates the run dir (default runs/RECIPE-TIME) and returns the submitted
+    `submitit.Job`. With `dry_run`, checks what can be checked without writing, hands what
+    would be submitted to `on_script` and returns None. Bad input raises a FlslError."""
+    source = str(recipe) if not isinstance(recipe, Recipe) else "<recipe object>"
+    if isinstance(recipe, Recipe):
+        recipe_path: str | Path = "recipe.yaml"  # names the default run dir: runs/recipe-TIME
+        recipe = validate_recipe(apply_overrides(recipe_to_dict(recipe), overrides or [], source=source),
+                                 source=source)
+    else:
+        recipe_path = recipe
+        recipe = load_recipe(recipe_path, overrides=overrides or [])
+    slurm_options = slurm_options or {}
     request = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
     _refuse_remote_for_slurm(run_dir)
     run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
@@ -65,7 +90,7 @@ def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: P
                 on_note(f"warning: a real submission would stop here: {exc.describe()}")
         on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with "
                 f"{request.describe()}")
-        on_script(sbatch_script(request, run_dir=run_dir))
+        on_script(dry_run_text(request, run_dir=run_dir))
         return None
     require_sbatch()
     existed = run_dir.exists()
@@ -78,12 +103,14 @@ def submit_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: P
         raise
 
 
-def submit_resume(run_dir: Path, *, overrides: list[str], slurm_options: Mapping[str, Any], dry_run: bool = False,
+def submit_resume(run_dir: str | Path, *, overrides: list[str] | None = None,
+                  slurm_options: Mapping[str, Any] | None = None, dry_run: bool = False,
                   on_note: Callable[[str], None] = lambda _: None,
-                  on_script: Callable[[str], None] = print) -> SubmittedJob | None:
+                  on_script: Callable[[str], None] = print) -> submitit.Job | None:
     """The checks of `flsl resume`, then one job that continues the run."""
     _refuse_remote_for_slurm(run_dir)
     run_dir = Path(run_dir).absolute()
+    slurm_options = slurm_options or {}
     requests: dict[str, SlurmRequest] = {}
 
     def world_size_of(recipe: Recipe) -> int:
@@ -94,14 +121,14 @@ def submit_resume(run_dir: Path, *, overrides: list[str], slurm_options: Mapping
     if not dry_run:
         read_run(run_dir)
         require_sbatch()
-    recipe, _, step, changed = check_resume(run_dir, overrides=overrides, world_size_of=world_size_of,
+    recipe, _, step, changed = check_resume(run_dir, overrides=overrides or [], world_size_of=world_size_of,
                                             on_note=on_note, note_skipped=True)
     request = requests["slurm"]
     start = "from step 0 (it has no checkpoint yet)" if step is None else f"from step {step}"
     if dry_run:
         on_note(f"dry run: nothing written, nothing submitted; the job would resume {run_dir} {start} "
                 f"with {request.describe()}")
-        on_script(sbatch_script(request, run_dir=run_dir))
+        on_script(dry_run_text(request, run_dir=run_dir))
         return None
     saved_text, _ = read_run(run_dir)
     save_changed_recipe(run_dir, recipe, changed, on_note)  # before submitting: the job reads it
@@ -115,7 +142,7 @@ def submit_resume(run_dir: Path, *, overrides: list[str], slurm_options: Mapping
     return job
 
 
-def _submit(request: SlurmRequest, *, run_dir: Path) -> SubmittedJob:
+def _submit(request: SlurmRequest, *, run_dir: Path) -> submitit.Job:
     """Submit the job and record it in run.json; run.json is left as it was when SLURM refuses."""
     _, before = read_run(run_dir)
     update_status(run_dir, scheduler="slurm", slurm=request.record(), status="submitting")

@@ -1,14 +1,7 @@
-"""Inside a SLURM job: the batch step, every task, and what happens when the job is stopped.
-
-    batch   (the job script runs it once per attempt) starts the tasks with srun and passes
-            every stop signal it gets on to them as SIGUSR2: a signal to the batch shell alone
-            (`scancel --batch`) stops the run like one to the tasks, and the batch step lives
-            until the tasks have saved and ended.
-            When a task dies (killed, crashed), srun ends the others (--kill-on-bad-exit) and
-            the batch step records which task, on which node, by which signal, in run.json;
-            it requeues the job up to `slurm.requeue_on_failure` times (default 0).
-    task    (under srun, in every task) agrees on the rendezvous, claims the run directory
-            (rank 0), and trains, resuming when the run has a checkpoint.
+"""Inside a SLURM job, every task (under srun): it learns who it is from
+`submitit.JobEnvironment` (`rendezvous.py`), agrees on the rendezvous, claims the run directory
+(rank 0), and trains, resuming when the run has a checkpoint. The batch step that starts the
+tasks is in `batch.py`.
 
 Any stop signal (USR2 before the time limit, TERM on preemption, `scancel`, `scontrol
 requeue`, INT, HUP), to any or all processes of the job, stops every rank after one step and
@@ -18,19 +11,16 @@ saves that step (see `flsl_cli.signals`). Then rank 0 asks SLURM what became of 
 requeue`). Requeues are counted per job in run.json, however they happened; at
 `slurm.max_requeues` the job stops with a message instead.
 
-    python -m flsl_cli.launch.slurm_job prepare RECIPE RUN_DIR [--set K=V ...]
-    python -m flsl_cli.launch.slurm_job batch RUN_DIR [--logs DIR] [--cpu]
-    python -m flsl_cli.launch.slurm_job task RUN_DIR [--cpu]
+    python -m flsl_cli.launch.slurm.job prepare RECIPE RUN_DIR [--set K=V ...]
+    python -m flsl_cli.launch.slurm.job batch RUN_DIR [--logs DIR] [--cpu]
+    python -m flsl_cli.launch.slurm.job task RUN_DIR [--cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
@@ -39,13 +29,26 @@ from pathlib import Path
 from flsl_cli import signals, timestamps
 from flsl_cli.config.load import recipe_to_dict, validate_recipe
 from flsl_cli.config.schema import SlurmConfig
+from flsl_cli.distributed.env import (
+    in_slurm_job,
+    node_name,
+    read_env,
+    slurm_job_nodes,
+    slurm_node,
+    slurm_task,
+)
 from flsl_cli.errors import FlslError, RunStopped
-from flsl_cli.distributed.env import (in_slurm_job, node_name, read_env, slurm_job_id, slurm_job_nodes,
-                                      slurm_node, slurm_restarts, slurm_task)
-from flsl_cli.launch.rendezvous import RendezvousError, agree_on_port, torch_env
-from flsl_cli.launch.slurm import JOBS_DIR
-from flsl_cli.launch.slurm_errors import SlurmError
-from flsl_cli.launch.slurm_queries import info_state, job_info, job_state, requeue, requeued_since
+from flsl_cli.launch.slurm.batch import batch_main, log, saved_slurm_section
+from flsl_cli.launch.slurm.errors import SlurmError
+from flsl_cli.launch.slurm.executor import JOBS_DIR
+from flsl_cli.launch.slurm.queries import (
+    info_state,
+    job_info,
+    job_state,
+    requeue,
+    requeued_since,
+)
+from flsl_cli.launch.slurm.rendezvous import RendezvousError, agree_on_port, torch_env
 
 # The batch step and every task take charge of the stop signals before anything heavy loads:
 # torch and the training modules take seconds to import, and a stop signal in those seconds
@@ -55,151 +58,6 @@ from flsl_cli.launch.slurm_queries import info_state, job_info, job_state, reque
 
 _ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
                   "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED")
-
-
-def _log(message: str) -> None:
-    print(f"flsl: {message}", file=sys.stderr, flush=True)
-
-
-# --- The batch step -----------------------------------------------------------------------------
-
-
-def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
-    """Run every task of this job attempt with srun and wait for them; stop signals are passed
-    on to the tasks (srun hands SIGUSR2 to each of them; SIGTERM would make srun kill them)."""
-    command = ["srun", "--unbuffered", "--kill-on-bad-exit=1"]
-    if logs:
-        command += ["--open-mode=append", f"--output={logs}/%j_%t_log.out", f"--error={logs}/%j_%t_log.err"]
-    command += [sys.executable, "-u", "-m", "flsl_cli.launch.slurm_job", "task", run_dir] + (["--cpu"] if cpu else [])
-    with signals.held():
-        step = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
-
-    def pass_on(signum, _frame) -> None:
-        _log(f"the batch step got {signal.Signals(signum).name}: asking every task to stop (SIGUSR2)")
-        try:
-            os.kill(step.pid, signal.SIGUSR2)
-        except OSError:
-            pass
-
-    for signum in signals.STOP_SIGNALS:
-        signal.signal(signum, pass_on)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)
-    failures: list[TaskFailure] = []
-    for line in step.stderr:  # srun's own messages (and the tasks' stderr without --logs): passed on
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        failure = parse_task_failure(line)
-        if failure is not None:
-            failures.append(failure)
-    code = step.wait()
-    if code != 0:
-        _after_failure(Path(run_dir), failures, code=code)
-    return code
-
-
-@dataclass(frozen=True)
-class TaskFailure:
-    """One task srun saw end badly: `srun: error: n2: task 1: Killed`."""
-
-    node: str
-    ranks: str
-    how: str
-
-    @property
-    def signal_name(self) -> str | None:
-        for number in signal.valid_signals():
-            if isinstance(number, signal.Signals) and signal.strsignal(number) == self.how:
-                return number.name
-        return None
-
-    def describe(self) -> str:
-        tasks = f"task {self.ranks}" if self.ranks.isdigit() else f"tasks {self.ranks}"
-        if self.signal_name:
-            return f"{tasks} (rank {self.ranks}) on node {self.node} was killed by {self.signal_name}"
-        return f"{tasks} (rank {self.ranks}) on node {self.node} ended: {self.how.lower()}"
-
-
-_SRUN_FAILURE = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+?)\s*$")
-
-
-def parse_task_failure(line: str) -> TaskFailure | None:
-    match = _SRUN_FAILURE.match(line.strip())
-    return TaskFailure(*match.groups()) if match else None
-
-
-def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> None:
-    """The batch step, after srun ended badly while the run was training: name the task that
-    failed first (its node, rank and signal) in run.json, then requeue the job when
-    `slurm.requeue_on_failure` allows, else end it as failed (owner released)."""
-    from flsl_cli.checkpoint.store import newest_step
-    from flsl_cli.train import rundir
-
-
-    job_id = slurm_job_id() or "?"
-    restart = slurm_restarts()
-    try:
-        recipe_text, record = rundir.read_run(run_dir)
-    except (OSError, FlslError):
-        return
-    if record.get("job_id") != job_id:
-        return  # another job's run now
-    began = rundir.job_restarts(record).get(job_id) == restart  # else run.json tells of an earlier attempt
-    if began and record.get("status") not in ("starting", "running", "failed"):
-        return  # stopped, requeued or finished on purpose
-    first = failures[0] if failures else None
-    previous = record.get("last_error") or {}
-    own = previous if previous.get("attempt") == f"{job_id}.{restart}" else {}
-    saved_step = newest_step(run_dir)
-    saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
-             else "no checkpoint was written yet")
-    if first is not None and (first.signal_name or not own):
-        message = f"{first.describe()}; srun ended the other tasks; {saved}"
-        rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": rank, "node": first.node,
-                 "signal": first.signal_name, "time": timestamps.now(), "message": message}
-    elif own:
-        error = own
-    else:
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": timestamps.now(),
-                 "message": f"the tasks ended with exit code {code}; {saved}"}
-    allowed = _saved_slurm_section(recipe_text).requeue_on_failure
-    counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
-    done = counts.get(job_id, 0)
-    if done < allowed:
-        counts[job_id] = done + 1
-        job_counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
-        job_counts[job_id] = max(job_counts.get(job_id, 0), restart) + 1
-        rundir.update_status(run_dir, status="requeued", last_error=error, failure_requeues=counts,
-                             job_requeues=job_counts,
-                             requeues=sum(rundir.requeues_per_job(record, job_counts).values()),
-                             last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
-                                           "by": "flsl", "cause": "failure", "time": error["time"]})
-        _log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
-             f"({done + 1} of at most {allowed}: "
-             "slurm.requeue_on_failure)")
-        reason = requeue(job_id, restart=restart)
-        if reason is None:
-            return
-        _log(f"could not requeue job {job_id}: {reason}")
-        counts[job_id] = done
-        rundir.update_status(run_dir, failure_requeues=counts, job_requeues=record.get("job_requeues") or {},
-                             requeues=record.get("requeues") or 0, last_requeue=record.get("last_requeue"))
-    rundir.update_status(run_dir, status="failed", last_error=error)
-    rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
-    then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
-            "slurm.requeue_on_failure)")
-    _log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
-
-
-def _saved_slurm_section(recipe_text: str) -> SlurmConfig:
-    """The run's `slurm` section as saved (the schema's defaults where it is missing or invalid:
-    this is read after a failure, when the run may not be readable as a whole)."""
-    from flsl_cli.train import rundir
-
-    try:
-        return SlurmConfig.model_validate(rundir.load_recipe_yaml(recipe_text).get("slurm") or {})
-    except (ValueError, FlslError):
-        return SlurmConfig()
 
 
 # --- Every task ---------------------------------------------------------------------------------
@@ -227,15 +85,16 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
               f"Start it with srun inside a job (see slurm/flsl.sbatch), or train here with `flsl resume {run_dir}`.",
               file=sys.stderr, flush=True)
         raise SystemExit(2)
-    os.environ.update(torch_env(os.environ))
-    if use_cuda is False:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    slurm, process = slurm_task(), read_env()
-    task = _Task(run_dir=Path(run_dir), job_id=slurm.job_id, restart=slurm.restart, rank=process.rank)
-    _log(f"rank {task.rank} of {process.world_size} on node {slurm.node or '?'} "
-         f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
+    slurm = slurm_task()
+    task = _Task(run_dir=Path(run_dir), job_id=slurm.job_id, restart=slurm.restart, rank=slurm.rank)
+    log(f"rank {task.rank} of {slurm.world_size} on node {slurm.node or '?'} "
+        f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
     max_requeues = None
     try:
+        os.environ.update(torch_env())  # a node list that cannot be read is recorded like any error here
+        if use_cuda is False:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        process = read_env()
         _check_master_addr(os.environ["MASTER_ADDR"], nodelist=slurm_job_nodes() or "?")
         recipe, resume = _begin(task)
         max_requeues = recipe.slurm.max_requeues
@@ -244,7 +103,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
                 task.run_dir / JOBS_DIR, attempt=task.attempt, rank=task.rank,
                 first=int(os.environ["MASTER_PORT"])))
         if task.rank == 0:
-            _log(f"job {task.job_id} (restart {task.restart}) on {slurm_job_nodes() or '?'}: "
+            log(f"job {task.job_id} (restart {task.restart}) on {slurm_job_nodes() or '?'}: "
                  f"{process.world_size} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
                  f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
 
@@ -254,7 +113,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
         train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / RECIPE_NAME),
                       run_dir=str(task.run_dir), resume=resume)
     except RunStopped as stopped:
-        _log(stopped.what)
+        log(stopped.what)
         if task.rank == 0:
             try:
                 _after_stop(task, step=stopped.step, signal_name=stopped.signal_name, max_requeues=max_requeues)
@@ -273,7 +132,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
         raise
     if task.rank == 0:
         _release(task)
-        _log(f"job {task.job_id} done")
+        log(f"job {task.job_id} done")
 
 
 class _Refused(Exception):
@@ -365,7 +224,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
         return
     if max_requeues is None:
         recipe_text, _ = rundir.read_run(task.run_dir)
-        max_requeues = _saved_slurm_section(recipe_text).max_requeues
+        max_requeues = saved_slurm_section(recipe_text).max_requeues
     saved_step = newest_step(task.run_dir)
     saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
              else "no checkpoint was written yet")
@@ -382,7 +241,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                "raise --time or slurm.signal_minutes_before_end)")
         rundir.update_status(task.run_dir, status="stopped", stop_reason=outcome)
         _release(task)
-        _log(f"{why}; {saved}; not requeued. Continue with `flsl resume {task.run_dir} --nodes N ...`")
+        log(f"{why}; {saved}; not requeued. Continue with `flsl resume {task.run_dir} --nodes N ...`")
         return
     if outcome == "requeued":
         counts[task.job_id] = done + 1
@@ -390,7 +249,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
                              requeues=sum(rundir.requeues_per_job(record, counts).values()),
                              last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
                                            "by": "slurm", "cause": cause, "time": now})
-        _log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
+        log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
         return
     if done >= max_requeues:
         raise SlurmError(
@@ -416,7 +275,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
         )
     then = f"it resumes from step {saved_step}" if saved_step is not None else "it starts the run over"
-    _log(f"requeued job {task.job_id} ({done + 1} of at most {max_requeues}); {then}")
+    log(f"requeued job {task.job_id} ({done + 1} of at most {max_requeues}); {then}")
 
 
 def _log_path(task: _Task) -> Path:
@@ -467,7 +326,7 @@ def _release(task: _Task) -> None:
 
 def main(argv: list[str] | None = None) -> int:
 
-    parser = argparse.ArgumentParser(prog="python -m flsl_cli.launch.slurm_job")
+    parser = argparse.ArgumentParser(prog="python -m flsl_cli.launch.slurm.job")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="check the recipe and data, create RUN_DIR (once)")
     prepare.add_argument("recipe")
@@ -489,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flsl_cli.launch.rundir_setup import prepare_for_job
 
-        prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=_log)
+        prepare_for_job(args.recipe, overrides=args.overrides, run_dir=Path(args.run_dir), on_note=log)
     except FlslError as exc:
         print(f"error: {exc.describe()}", file=sys.stderr, flush=True)
         return exc.exit_code
