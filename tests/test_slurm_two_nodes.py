@@ -1,6 +1,6 @@
-"""SLURM across two nodes: a private cluster of two slurmd daemons on this machine (nodes n1 and
-n2, `slurm/cluster.sh start --nodes 2`), one CPU rank with its 2 data workers on each node, the
-run dir shared by both as on a real cluster. A two-node run equals the same run as two local
+"""SLURM across two nodes: a private cluster of two slurmd daemons on this machine (nodes n1-ib
+and n2-ib, `FLSL_SLURM_NODE_SUFFIX=-ib slurm/cluster.sh start --nodes 2`), one CPU rank with its
+2 data workers on each node, the run dir shared by both as on a real cluster. A two-node run equals the same run as two local
 processes, bitwise; a stop that reaches both nodes (USR2, TERM, preemption) saves one step and
 resumes exactly; a rank that is killed or hangs on one node ends the job with the node, rank
 and signal named, and the run resumes (by itself within slurm.requeue_on_failure, or with
@@ -28,6 +28,11 @@ from slurm_support import (job_logs, metric_steps, release_requeued, restarts_of
 TWO_NODES = ("--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1")
 ONE_NODE = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1")
 TOTAL_STEPS = 96
+# The nodes are named with a suffix, as on clusters with one name per network: SLURM lists them
+# as n[1-2]-ib, a form a hand-written node list parser once rejected.
+SUFFIX = "-ib"
+N1, N2 = f"n1{SUFFIX}", f"n2{SUFFIX}"
+NODELIST = f"n[1-2]{SUFFIX}"
 
 
 def _recipe(demo_data, **extra):
@@ -44,10 +49,10 @@ def two_nodes():
     base = os.environ.get("FLSL_SLURM_DIR") or f"/tmp/flsl-slurm-{os.getuid()}"
     port = int(os.environ.get("FLSL_SLURM_PORT") or 16817) + 10
     mark = f"# flsl-slurm {base}-2n"
-    with running_cluster(nodes=2, state_dir=f"{base}-2n", port=port) as conf:
+    with running_cluster(nodes=2, state_dir=f"{base}-2n", port=port, node_suffix=SUFFIX) as conf:
         nodes = slurm("sinfo", "-h", "-N", "-p", "debug", "-o", "%N %T").stdout.split("\n")
-        assert [line.split()[0] for line in nodes if line.strip()] == ["n1", "n2"], nodes
-        assert [socket.gethostbyname(name) for name in ("n1", "n2")] == ["127.0.0.2", "127.0.0.3"]
+        assert [line.split()[0] for line in nodes if line.strip()] == [N1, N2], nodes
+        assert [socket.gethostbyname(name) for name in (N1, N2)] == ["127.0.0.2", "127.0.0.3"]
         yield conf
     assert mark not in Path("/etc/hosts").read_text()  # `cluster.sh stop` removed its lines
 
@@ -93,15 +98,15 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
     assert metric_steps(run) == list(range(1, TOTAL_STEPS + 1))  # one writer: no step twice
     assert sorted(p.name for p in run.iterdir()) == ["bad_samples.jsonl", "checkpoints", "logs", "metrics.jsonl",
                                                       "recipe.yaml", "run.json", "slurm"]
-    assert "flsl: rank 0 of 2 on node n1" in _rank_log(run, job, 0)
-    assert "flsl: rank 1 of 2 on node n2" in _rank_log(run, job, 1)
-    assert "rendezvous n1:" in _rank_log(run, job, 0)
+    assert f"flsl: rank 0 of 2 on node {N1}" in _rank_log(run, job, 0)
+    assert f"flsl: rank 1 of 2 on node {N2}" in _rank_log(run, job, 1)
+    assert f"rendezvous {N1}:" in _rank_log(run, job, 0)
     assert "Traceback" not in job_logs(run)
 
     summary = json.loads(run_flsl("status", run, "--json").stdout)
-    assert summary["job_nodes"] == {job: "n[1-2]"} and summary["nodes"] == "n[1-2]"
+    assert summary["job_nodes"] == {job: NODELIST} and summary["nodes"] == NODELIST
     shown = " ".join(run_flsl("status", run).stdout.split())
-    assert f"{job} (COMPLETED, nodes n[1-2])" in shown, shown
+    assert f"{job} (COMPLETED, nodes {NODELIST})" in shown, shown
 
 
 def _preempt_both_nodes(job: str) -> subprocess.CompletedProcess:
@@ -167,7 +172,7 @@ def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(
                         timeout=120)
     assert requeued["cause"] == "failure" and requeued["step"] >= 10, requeued
     error = run_json(run)["last_error"]
-    assert error["rank"] == 0 and error["node"] == "n1", error
+    assert error["rank"] == 0 and error["node"] == N1, error
     assert "lost contact with another process" in error["message"] and "= 0.25" in error["message"], error
     release_requeued(job, run, restarts=1)
     wait_for(lambda: _pid(run, job, 1, restart=1) and run_json(run).get("status") == "running"
@@ -178,10 +183,10 @@ def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(
     record = run_json(run)
     assert record["status"] == "failed", record
     error = record["last_error"]
-    assert (error["node"], error["rank"], error["signal"]) == ("n2", 1, "SIGKILL"), error
+    assert (error["node"], error["rank"], error["signal"]) == (N2, 1, "SIGKILL"), error
     assert record["failure_requeues"] == {job: 1}
     shown = " ".join(run_flsl("status", run).stdout.split())
-    assert "rank 1 on node n2" in shown and "killed by SIGKILL" in shown and "failed" in shown, shown
+    assert f"rank 1 on node {N2}" in shown and "killed by SIGKILL" in shown and "failed" in shown, shown
     assert "Traceback" not in job_logs(run)
 
     again = submitted(run_flsl("resume", run, *TWO_NODES), run)
@@ -212,7 +217,7 @@ def test_a_run_moves_between_two_nodes_and_one(two_nodes, demo_data, tmp_path):
     one, two = record["job_ids"][1:]
     assert squeeze("resuming with 1 process(es) x 2 worker(s) instead of 2 x 2") in squeeze(_rank_log(run, one, 0))
     assert squeeze("resuming with 2 process(es) x 2 worker(s) instead of 1 x 2") in squeeze(_rank_log(run, two, 0))
-    assert record["job_nodes"][one] in ("n1", "n2") and record["job_nodes"][two] == "n[1-2]"
+    assert record["job_nodes"][one] in (N1, N2) and record["job_nodes"][two] == NODELIST
     assert "Traceback" not in job_logs(run)
 
 
@@ -254,7 +259,7 @@ def test_a_first_node_that_does_not_resolve_is_a_clear_error(demo_data, tmp_path
 
 def test_srun_task_failures_are_read():
     """What srun prints when a task dies: the node, the ranks and the signal."""
-    from flsl_cli.launch.slurm.job import parse_task_failure
+    from flsl_cli.launch.slurm.batch import parse_task_failure
 
     killed = parse_task_failure("srun: error: n2: task 1: Killed\n")
     assert (killed.node, killed.ranks, killed.signal_name) == ("n2", "1", "SIGKILL")
