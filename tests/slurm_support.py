@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from flsl_cli.train.run_record import JobStates
 
 SLURM_TOOLS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "slurmctld", "slurmd", "munged")
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY")
+TERMINAL = JobStates.ENDED  # the one list of SLURM job states flsl uses
 CLUSTER = REPO / "slurm" / "cluster.sh"
 
 

@@ -28,6 +28,7 @@ from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.distributed.env import slurm_job_id, slurm_restarts
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.slurm.queries import requeue
+from flsl_cli.train.run_record import RunStatus, update_record
 
 
 def log(message: str) -> None:
@@ -122,58 +123,61 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
 
     job_id = slurm_job_id() or "?"
     restart = slurm_restarts()
+    attempt = f"{job_id}.{restart}"
     try:
-        recipe_text, record = rundir.read_run(run_dir)
+        recipe_text, _ = rundir.read_run(run_dir)
+        saved_step = newest_step(run_dir)
+        saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
+                 else "no checkpoint was written yet")
+        allowed = saved_slurm_section(recipe_text).requeue_on_failure
+        with update_record(run_dir) as record:  # decided and written at once: rank 0 may write beside us
+            if record.job_id != job_id:
+                return  # another job's run now
+            began = record.job_restarts.get(job_id) == restart  # else run.json tells of an earlier attempt
+            if began and record.status not in (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.FAILED):
+                return  # stopped, requeued or finished on purpose
+            error = _failure_error(failures, own=record.last_error if (record.last_error or {}).get(
+                "attempt") == attempt else None, attempt=attempt, job_id=job_id, saved=saved, code=code)
+            done = record.failure_requeues.get(job_id, 0)
+            before = record.requeue_counts()
+            if done < allowed:
+                record.requeued(job_id=job_id, restart=restart, by="flsl", cause="failure", step=saved_step,
+                                signal=error.get("signal"), after_failure=True)
+                record.error_noted(error, failed=False)
+            else:
+                record.failed(error)
     except (OSError, FlslError):
         return
-    if record.get("job_id") != job_id:
-        return  # another job's run now
-    began = rundir.job_restarts(record).get(job_id) == restart  # else run.json tells of an earlier attempt
-    if began and record.get("status") not in ("starting", "running", "failed"):
-        return  # stopped, requeued or finished on purpose
-    first = failures[0] if failures else None
-    previous = record.get("last_error") or {}
-    own = previous if previous.get("attempt") == f"{job_id}.{restart}" else {}
-    saved_step = newest_step(run_dir)
-    saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
-             else "no checkpoint was written yet")
-    if first is not None and (first.signal_name or not own):
-        message = f"{first.describe()}; srun ended the other tasks; {saved}"
-        rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "rank": rank, "node": first.node,
-                 "signal": first.signal_name, "time": timestamps.now(), "message": message}
-    elif own:
-        error = own
-    else:
-        error = {"job_id": job_id, "attempt": f"{job_id}.{restart}", "time": timestamps.now(),
-                 "message": f"the tasks ended with exit code {code}; {saved}"}
-    allowed = saved_slurm_section(recipe_text).requeue_on_failure
-    counts = {str(k): int(v) for k, v in (record.get("failure_requeues") or {}).items()}
-    done = counts.get(job_id, 0)
     if done < allowed:
-        counts[job_id] = done + 1
-        job_counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
-        job_counts[job_id] = max(job_counts.get(job_id, 0), restart) + 1
-        rundir.update_status(run_dir, status="requeued", last_error=error, failure_requeues=counts,
-                             job_requeues=job_counts,
-                             requeues=sum(rundir.requeues_per_job(record, job_counts).values()),
-                             last_requeue={"job_id": job_id, "step": saved_step, "signal": error.get("signal"),
-                                           "by": "flsl", "cause": "failure", "time": error["time"]})
         log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
-             f"({done + 1} of at most {allowed}: "
-             "slurm.requeue_on_failure)")
+            f"({done + 1} of at most {allowed}: slurm.requeue_on_failure)")
         reason = requeue(job_id, restart=restart)
         if reason is None:
             return
         log(f"could not requeue job {job_id}: {reason}")
-        counts[job_id] = done
-        rundir.update_status(run_dir, failure_requeues=counts, job_requeues=record.get("job_requeues") or {},
-                             requeues=record.get("requeues") or 0, last_requeue=record.get("last_requeue"))
-    rundir.update_status(run_dir, status="failed", last_error=error)
+        with update_record(run_dir) as record:
+            record.requeue_undone(before)
+            record.failed(error)
     rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
     then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
             "slurm.requeue_on_failure)")
     log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
+
+
+def _failure_error(failures: list[TaskFailure], *, own: dict | None, attempt: str, job_id: str, saved: str,
+                   code: int) -> dict:
+    """The error the run records: the task srun saw die first (its node, rank and signal),
+    unless a rank of this attempt already recorded its own error and no task was killed."""
+    first = failures[0] if failures else None
+    if first is not None and (first.signal_name or not own):
+        rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
+        return {"job_id": job_id, "attempt": attempt, "rank": rank, "node": first.node,
+                "signal": first.signal_name, "time": timestamps.now(),
+                "message": f"{first.describe()}; srun ended the other tasks; {saved}"}
+    if own:
+        return own
+    return {"job_id": job_id, "attempt": attempt, "time": timestamps.now(),
+            "message": f"the tasks ended with exit code {code}; {saved}"}
 
 
 def saved_slurm_section(recipe_text: str) -> SlurmConfig:

@@ -49,15 +49,13 @@ from flsl_cli.launch.slurm.queries import (
     requeued_since,
 )
 from flsl_cli.launch.slurm.rendezvous import RendezvousError, agree_on_port, torch_env
+from flsl_cli.train.run_record import JobStates, RunStatus, load_record, update_record
 
 # The batch step and every task take charge of the stop signals before anything heavy loads:
 # torch and the training modules take seconds to import, and a stop signal in those seconds
 # must be kept, not end the process. So this module imports no torch at its top; the modules
 # that do (the run directory, checkpoints, the training loop) are imported inside the
 # functions that need them, after `signals.stop_request()` or `signals.held()`.
-
-_ENDING_STATES = ("COMPLETING", "CANCELLED", "TIMEOUT", "COMPLETED", "FAILED", "NODE_FAIL", "DEADLINE",
-                  "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED")
 
 
 # --- Every task ---------------------------------------------------------------------------------
@@ -86,6 +84,7 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
               file=sys.stderr, flush=True)
         raise SystemExit(2)
     slurm = slurm_task()
+    assert slurm is not None  # in_slurm_job() above
     task = _Task(run_dir=Path(run_dir), job_id=slurm.job_id, restart=slurm.restart, rank=slurm.rank)
     log(f"rank {task.rank} of {slurm.world_size} on node {slurm.node or '?'} "
         f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
@@ -164,7 +163,7 @@ def _begin(task: _Task):
     from flsl_cli.train import rundir
 
 
-    recipe_text, record = rundir.read_run(task.run_dir)
+    recipe_text, _ = rundir.read_run(task.run_dir)
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
     resume = bool(list_checkpoints(task.run_dir))
     if task.rank == 0:
@@ -174,16 +173,8 @@ def _begin(task: _Task):
         except FlslError as exc:
             raise _Refused(exc) from None
         rundir.write_owner(task.run_dir, me)
-        job_ids = [str(j) for j in record.get("job_ids", [])]
-        if task.job_id not in job_ids:
-            job_ids.append(task.job_id)
-        restarts = rundir.job_restarts(record)
-        restarts[task.job_id] = task.restart
-        nodes = slurm_job_nodes()
-        job_nodes = {str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()}
-        job_nodes[task.job_id] = nodes or "?"
-        rundir.update_status(task.run_dir, scheduler="slurm", job_ids=job_ids, job_id=task.job_id,
-                             job_restarts=restarts, nodes=nodes, job_nodes=job_nodes, status="starting")
+        with update_record(task.run_dir) as record:
+            record.attempt_started(job_id=task.job_id, restart=task.restart, nodes=slurm_job_nodes())
         if not resume:  # a restarted attempt that never reached a checkpoint starts over
             rundir.truncate_metrics(task.run_dir, after_step=0)
     return recipe, resume
@@ -199,7 +190,7 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
     if requeued_since(info, restart=restart):
         return "requeued"
     state = info_state(info)
-    if state in _ENDING_STATES:
+    if state in JobStates.ENDING:
 
         try:
             limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
@@ -217,9 +208,7 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     from flsl_cli.checkpoint.store import newest_step
     from flsl_cli.train import rundir
 
-
-    _, record = rundir.read_run(task.run_dir)
-    if record.get("status") == "finished":
+    if load_record(task.run_dir).status is RunStatus.FINISHED:
         _release(task)
         return
     if max_requeues is None:
@@ -228,29 +217,31 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
     saved_step = newest_step(task.run_dir)
     saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
              else "no checkpoint was written yet")
-    counts = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
-    done = max(counts.get(task.job_id, 0), task.restart)
     info = job_info(task.job_id)
     outcome = stop_outcome(info, restart=task.restart)
     preempted = bool(info and info.get("PreemptTime") not in (None, "None"))
     cause = "preemption" if preempted else signal_name
-    now = timestamps.now()
     if outcome in ("cancelled", "time limit"):
         why = ("the job was cancelled" if outcome == "cancelled" else
                "the job reached its time limit (the SIGUSR2 warning came too late to requeue it: "
                "raise --time or slurm.signal_minutes_before_end)")
-        rundir.update_status(task.run_dir, status="stopped", stop_reason=outcome)
+        with update_record(task.run_dir) as record:
+            record.stopped(reason=outcome)
         _release(task)
         log(f"{why}; {saved}; not requeued. Continue with `flsl resume {task.run_dir} --nodes N ...`")
         return
     if outcome == "requeued":
-        counts[task.job_id] = done + 1
-        rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
-                             requeues=sum(rundir.requeues_per_job(record, counts).values()),
-                             last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
-                                           "by": "slurm", "cause": cause, "time": now})
+        with update_record(task.run_dir) as record:
+            record.requeued(job_id=task.job_id, restart=task.restart, by="slurm", cause=cause, step=saved_step,
+                            signal=signal_name)
         log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
         return
+    with update_record(task.run_dir) as record:
+        done = max(record.job_requeues.get(task.job_id, 0), task.restart)
+        if done < max_requeues:
+            before = record.requeue_counts()
+            record.requeued(job_id=task.job_id, restart=task.restart, by="flsl", cause=cause, step=saved_step,
+                            signal=signal_name)
     if done >= max_requeues:
         raise SlurmError(
             f"job {task.job_id} was stopped by {signal_name} and not requeued: it has been requeued "
@@ -259,17 +250,10 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
             fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...` (a new job), or raise the limit "
                 "with --set slurm.max_requeues=...",
         )
-    counts[task.job_id] = done + 1
-    rundir.update_status(task.run_dir, status="requeued", job_requeues=counts,
-                         requeues=sum(rundir.requeues_per_job(record, counts).values()),
-                         last_requeue={"job_id": task.job_id, "step": saved_step, "signal": signal_name,
-                                       "by": "flsl", "cause": cause, "time": now})
     reason = requeue(task.job_id, restart=task.restart)
     if reason is not None:
-        counts[task.job_id] = done
-        rundir.update_status(task.run_dir, job_requeues=counts,
-                             requeues=sum(rundir.requeues_per_job(record, counts).values()),
-                             last_requeue=record.get("last_requeue"))
+        with update_record(task.run_dir) as record:
+            record.requeue_undone(before)
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
             where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
@@ -291,14 +275,15 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
     if not (task.run_dir / rundir.RUN_NAME).exists():
         return
     try:
-        _, record = rundir.read_run(task.run_dir)
-        previous = record.get("last_error") or {}
-        if previous.get("attempt") == task.attempt:
-            return
-        error = {"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank, "node": slurm_node(),
-                 "time": timestamps.now(), "message": message}
-        # Only rank 0 sets the status; another rank adds its error to run.json as it is then.
-        rundir.update_status(task.run_dir, last_error=error, **({"status": status} if task.rank == 0 else {}))
+        with update_record(task.run_dir) as record:
+            if (record.last_error or {}).get("attempt") == task.attempt:
+                return
+            error = {"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank, "node": slurm_node(),
+                     "time": timestamps.now(), "message": message}
+            # Only rank 0 sets the status; another rank adds its error to the record.
+            record.error_noted(error, failed=task.rank == 0 and status == "failed")
+            if task.rank == 0 and status == "stopped":
+                record.stopped()
     except (OSError, FlslError):
         pass
 

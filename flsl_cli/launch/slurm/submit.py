@@ -19,7 +19,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flsl_cli.config.load import apply_overrides, check_for_world, load_recipe, recipe_to_dict, validate_recipe
+from flsl_cli.config.load import (
+    apply_overrides,
+    check_for_world,
+    load_recipe,
+    recipe_to_dict,
+    validate_recipe,
+)
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.checks import check_data
@@ -33,14 +39,13 @@ from flsl_cli.launch.rundir_setup import (
 )
 from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit
 from flsl_cli.launch.slurm.request import SlurmRequest
-from flsl_cli.storage import write_json_atomic, write_text_atomic
+from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
+from flsl_cli.train.run_record import load_record, update_record, write_record
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
-    RUN_NAME,
     read_run,
     slurm_owner,
-    update_status,
     write_owner,
 )
 
@@ -144,16 +149,15 @@ def submit_resume(run_dir: str | Path, *, overrides: list[str] | None = None,
 
 def _submit(request: SlurmRequest, *, run_dir: Path) -> submitit.Job:
     """Submit the job and record it in run.json; run.json is left as it was when SLURM refuses."""
-    _, before = read_run(run_dir)
-    update_status(run_dir, scheduler="slurm", slurm=request.record(), status="submitting")
+    before = load_record(run_dir)
+    with update_record(run_dir) as record:
+        record.submitting(slurm=request.record())
     try:
         job = submit(request, run_dir=run_dir)
     except FlslError:
-        write_json_atomic(run_dir / RUN_NAME, before)
+        write_record(run_dir, before)
         raise
     write_owner(run_dir, slurm_owner(job.job_id))
-    _, record = read_run(run_dir)
-    job_ids = [str(j) for j in record.get("job_ids", [])]
-    if job.job_id not in job_ids:
-        update_status(run_dir, job_ids=job_ids + [job.job_id])
+    with update_record(run_dir) as record:
+        record.submitted(job_id=job.job_id)
     return job
