@@ -332,6 +332,23 @@ def test_time_limit_shorter_than_the_warning(demo_data, tmp_path):
                     "--dry-run"), "not longer than slurm.signal_minutes_before_end")
 
 
+def test_a_multi_node_run_dir_on_a_local_filesystem_is_warned_about(demo_data, tmp_path):
+    """--nodes 2 with the run dir on a filesystem that is usually local to one machine (this
+    test's tmp dir, when it is one): a warning that names it and says what to use instead."""
+    from flsl_cli.launch.slurm.submit import filesystem_type
+
+    kind = filesystem_type(tmp_path)
+    result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__global_batch_size=8), "--nodes", "2",
+                      "--gpus-per-node", "0", "--tasks-per-node", "1", "--run-dir", tmp_path / "run", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stderr.split())
+    if kind in ("ext4", "xfs", "btrfs", "tmpfs", "overlay"):
+        assert f"filesystem of type {kind}" in flat and "shared filesystem" in flat, flat
+    one = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", tmp_path / "one",
+                   "--dry-run")
+    assert one.returncode == 0 and "filesystem, which is usually local" not in " ".join(one.stderr.split())
+
+
 def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
     """--dry-run needs no SLURM and writes nothing: the sbatch script holds the nodes, tasks,
     GPUs, stop signal, time limit and partition asked for."""

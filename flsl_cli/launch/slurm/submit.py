@@ -61,6 +61,43 @@ def _refuse_remote_for_slurm(run_dir) -> None:
         )
 
 
+# Filesystems that live on one machine: a multi-node job's other nodes do not see them.
+_LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "vfat", "ramfs")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem `path` (or its nearest existing parent) is on, from
+    /proc/mounts; None where that cannot be told."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    where = str(target.resolve())
+    best: tuple[str, str] | None = None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (where == point or where.startswith(point.rstrip("/") + "/")) and (best is None or len(point) > len(best[0])):
+            best = (point, parts[2])
+    return best[1] if best else None
+
+
+def _warn_if_local(run_dir: Path, request: SlurmRequest, on_note: Callable[[str], None]) -> None:
+    """A job of several nodes needs its run dir on a filesystem they all see: warn when it is on
+    one that usually lives on this machine alone (it may still be shared, e.g. in a container)."""
+    kind = filesystem_type(run_dir) if request.nodes > 1 else None
+    if kind in _LOCAL_FILESYSTEMS:
+        on_note(f"warning: the run dir {run_dir} is on a filesystem of type {kind}, which is usually local to one "
+                f"machine; the {request.nodes} nodes of the job must all see it (the ranks meet through it and "
+                "rank 0 writes the checkpoints there). Use a path on the cluster's shared filesystem "
+                "(NFS, Lustre, GPFS, ...) for --run-dir")
+
+
 def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None = None,
                     slurm_options: Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
                     force: bool = False, dry_run: bool = False,
@@ -85,6 +122,7 @@ def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None 
     request = SlurmRequest.of(recipe.slurm, slurm_options, data_workers=recipe.data.num_workers)
     _refuse_remote_for_slurm(run_dir)
     run_dir = (Path(run_dir) if run_dir else default_run_dir(recipe_path)).absolute()
+    _warn_if_local(run_dir, request, on_note)
     if dry_run:
         check_for_world(recipe, world_size=request.world_size, source=source)
         if recipe.data.demo is None or Path(recipe.data.train).expanduser().exists():
@@ -129,6 +167,7 @@ def submit_resume(run_dir: str | Path, *, overrides: list[str] | None = None,
     recipe, _, step, changed = check_resume(run_dir, overrides=overrides or [], world_size_of=world_size_of,
                                             on_note=on_note, note_skipped=True)
     request = requests["slurm"]
+    _warn_if_local(run_dir, request, on_note)
     start = "from step 0 (it has no checkpoint yet)" if step is None else f"from step {step}"
     if dry_run:
         on_note(f"dry run: nothing written, nothing submitted; the job would resume {run_dir} {start} "
