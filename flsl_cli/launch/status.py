@@ -18,13 +18,14 @@ from flsl_cli import storage
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, MANIFEST_PATTERN, checkpoint_dir
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.slurm.queries import UNKNOWN_TO_SLURM, job_details
+from flsl_cli.train.run_record import RunRecord
+from flsl_cli.train.run_record import RunStatus as RecordStatus
 from flsl_cli.train.rundir import (
     METRICS_NAME,
     OWNER_NAME,
     owner_alive,
     read_owner,
     read_run_record,
-    requeues_per_job,
 )
 
 
@@ -63,9 +64,8 @@ def read_status(run_dir: str | Path, *, ask_slurm: bool = True) -> RunStatus:
         return _remote_status(url, record)
     run_dir = storage.local_path(url)
 
-    job_ids = [str(j) for j in record.get("job_ids", [])]
-    recorded = record.get("status")
     result = _recorded(str(run_dir), record)
+    job_ids, recorded = result.job_ids, result.recorded_status
     result.step, result.epoch = _last_metrics(run_dir / METRICS_NAME)
     result.newest_checkpoint, result.checkpoints = _newest_checkpoint(checkpoint_dir(run_dir))
     result.owner = read_owner(run_dir)
@@ -90,21 +90,20 @@ def read_status(run_dir: str | Path, *, ask_slurm: bool = True) -> RunStatus:
     return result
 
 
-def _recorded(where: str, record: dict[str, Any]) -> RunStatus:
+def _recorded(where: str, data: dict[str, Any]) -> RunStatus:
     """What run.json says of the run."""
-    job_ids = [str(j) for j in record.get("job_ids", [])]
-    recorded = record.get("status")
-    requeues = requeues_per_job(record)
+    record = RunRecord.from_dict(data, where=where)
+    recorded = record.status.value
+    requeues = record.requeues_per_job()
     result = RunStatus(
-        run_dir=where, status=recorded or "unknown", recorded_status=recorded,
-        scheduler=record.get("scheduler", "local"), job_ids=job_ids,
-        requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.get("nodes"),
-        job_nodes={str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()},
+        run_dir=where, status=recorded, recorded_status=recorded, scheduler=record.scheduler,
+        job_ids=list(record.job_ids), requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.nodes,
+        job_nodes=dict(record.job_nodes),
         # an error of an earlier attempt is history once the run finished
-        last_error=None if recorded == "finished" else _error(record.get("last_error")),
+        last_error=None if record.status is RecordStatus.FINISHED else _error(record.last_error),
     )
-    if record.get("stop_signal"):
-        result.stopped = {"step": record.get("stopped_at_step"), "signal": record.get("stop_signal")}
+    if record.stop_signal:
+        result.stopped = {"step": record.stopped_at_step, "signal": record.stop_signal}
     return result
 
 

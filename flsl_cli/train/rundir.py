@@ -154,11 +154,6 @@ def record_resume(run_dir: Path, *, step: int) -> None:
         record.resumed(step=step, job_id=task.job_id if task else None, restart=task.restart if task else None)
 
 
-def requeues_per_job(record: dict[str, Any]) -> dict[str, int]:
-    """Requeues of each job of a run (run.json as read), however they happened."""
-    return RunRecord.from_dict(record).requeues_per_job()
-
-
 def truncate_metrics(run_dir: Path, *, after_step: int, name: str = METRICS_NAME) -> None:
     """Drop log lines written after `after_step` (steps that a resume will run again)."""
     path = Path(run_dir) / name
