@@ -18,7 +18,7 @@ from flsl_cli import storage
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, MANIFEST_PATTERN, checkpoint_dir
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.slurm.queries import UNKNOWN_TO_SLURM, job_details
-from flsl_cli.train.run_record import RunRecord
+from flsl_cli.train.run_record import JobStates, RunRecord
 from flsl_cli.train.run_record import RunStatus as RecordStatus
 from flsl_cli.train.rundir import (
     METRICS_NAME,
@@ -135,14 +135,14 @@ def _remote_status(url: str, record: dict[str, Any]) -> RunStatus:
 
 def _combine(recorded: str | None, state: str, *, unknown: str) -> str:
     """One word for the user: SLURM's view while the job is queued or running, else the run's."""
-    state = state.split()[0].rstrip("+")
+    state = JobStates.base(state)
     if state == unknown:
         if recorded in ("finished", "stopped", "failed"):
             return recorded
         return f"{recorded or 'unknown'} (its job is unknown to SLURM: it ended without a word from flsl)"
-    if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+    if state in JobStates.WAITING_AGAIN:
         return "requeued (pending)" if recorded == "requeued" else "pending"
-    if state in ("RUNNING", "CONFIGURING", "COMPLETING"):
+    if state in JobStates.ACTIVE:
         return recorded if recorded in ("running", "starting", "requeued") else "running"
     if state.lower() == recorded or (state == "COMPLETED" and recorded in ("finished", "stopped", "failed")):
         return recorded

@@ -57,7 +57,8 @@ class JobStates:
     ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
              "OUT_OF_MEMORY", "REVOKED", "SPECIAL_EXIT")
     ENDING = ("COMPLETING", *ENDED)  # the job is on its way out (a requeued job passes COMPLETING too)
-    WAITING_AGAIN = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # after a requeue
+    WAITING_AGAIN = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # queued (again, after a requeue)
+    ACTIVE = ("RUNNING", "CONFIGURING", "COMPLETING")  # its processes run (or end)
 
     @staticmethod
     def base(state: str) -> str:
