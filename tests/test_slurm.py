@@ -247,6 +247,31 @@ def test_concurrent_jobs_meet_on_different_ports(slurm_cluster, demo_data, tmp_p
     assert len(ports) == 2, ports
 
 
+def test_the_python_entry_point_returns_the_submitit_job(slurm_cluster, demo_data, tmp_path):
+    """`submit_pretrain` with a recipe object, overrides and SLURM options: the dry run hands
+    over what would be submitted and writes nothing; the real call returns the submitit.Job,
+    whose logs are where the job writes them, and the run trains to optim.max_steps."""
+    import submitit
+
+    from flsl_cli.config.load import load_recipe
+    from flsl_cli.launch.slurm.submit import submit_pretrain
+
+    pairs = _common(demo_data, optim__max_steps=4)[1::2]  # "--set", "K=V", ... -> "K=V", ...
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides=pairs[:-1])
+    options = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2}
+    run = tmp_path / "python"
+    shown: list[str] = []
+    assert submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run, dry_run=True,
+                           on_script=shown.append) is None
+    assert "#SBATCH --ntasks-per-node=2" in shown[0] and not run.exists()
+    job = submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run)
+    assert isinstance(job, submitit.Job) and job.job_id.isdigit()
+    assert job.paths.folder == run / "slurm" and job.paths.submission_file.exists()
+    wait_finished(job.job_id, run)
+    assert metric_steps(run)[-1] == 4 and "Traceback" not in job_logs(run), job_logs(run)  # optim.max_steps
+    assert f"flsl: job {job.job_id} done" in job.paths.stderr.read_text()
+
+
 def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_path):
     """A job whose Python does not exist fails before flsl runs: `flsl status` says failed (not
     starting); a job SLURM no longer knows is shown as such; a run dir that vanished before its

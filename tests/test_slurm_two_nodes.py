@@ -97,7 +97,7 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
     assert_same_run(reference, run)
     assert metric_steps(run) == list(range(1, TOTAL_STEPS + 1))  # one writer: no step twice
     assert sorted(p.name for p in run.iterdir()) == ["bad_samples.jsonl", "checkpoints", "logs", "metrics.jsonl",
-                                                      "recipe.yaml", "run.json", "slurm"]
+                                                      "recipe.yaml", "run.json", "run.json.lock", "slurm"]
     assert f"flsl: rank 0 of 2 on node {N1}" in _rank_log(run, job, 0)
     assert f"flsl: rank 1 of 2 on node {N2}" in _rank_log(run, job, 1)
     assert f"rendezvous {N1}:" in _rank_log(run, job, 0)
