@@ -71,6 +71,7 @@ def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
         signal.signal(signum, pass_on)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)
     failures: list[TaskFailure] = []
+    assert step.stderr is not None  # stderr=PIPE
     for line in step.stderr:  # srun's own messages (and the tasks' stderr without --logs): passed on
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -188,4 +189,4 @@ def saved_slurm_section(recipe_text: str) -> SlurmConfig:
     try:
         return SlurmConfig.model_validate(rundir.load_recipe_yaml(recipe_text).get("slurm") or {})
     except (ValueError, FlslError):
-        return SlurmConfig()
+        return SlurmConfig.model_validate({})
