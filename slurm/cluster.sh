@@ -7,7 +7,7 @@
 #                             every node is idle; prints `export SLURM_CONF=...`. One node (the
 #                             default) is named `hostname -s`, address 127.0.0.1. N > 1 nodes are
 #                             named n1..nN (n1SUFFIX.. with FLSL_SLURM_NODE_SUFFIX, e.g. -ib:
-#                             n1-ib, n2-ib, listed by SLURM as n[1-2]-ib), addresses 127.0.0.2..,
+#                             n1-ib, n2-ib), addresses 127.0.0.2..,
 #                             each slurmd on its own port;
 #                             their names resolve through lines added to /etc/hosts (marked with
 #                             this cluster's dir, removed by `stop`); the CPUs are split between

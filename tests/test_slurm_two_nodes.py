@@ -28,11 +28,12 @@ from slurm_support import (job_logs, metric_steps, release_requeued, restarts_of
 TWO_NODES = ("--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1")
 ONE_NODE = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1")
 TOTAL_STEPS = 96
-# The nodes are named with a suffix, as on clusters with one name per network: SLURM lists them
-# as n[1-2]-ib, a form a hand-written node list parser once rejected.
+# The nodes are named with a suffix, as on clusters with one name per network (a name after the
+# number, which a hand-written node list parser once rejected). SLURM 22.05 lists them as they
+# are, n1-ib,n2-ib; the bracket form n[1-2]-ib is covered in test_slurm.py.
 SUFFIX = "-ib"
 N1, N2 = f"n1{SUFFIX}", f"n2{SUFFIX}"
-NODELIST = f"n[1-2]{SUFFIX}"
+NODELIST = f"{N1},{N2}"
 
 
 def _recipe(demo_data, **extra):
