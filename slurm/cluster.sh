@@ -6,7 +6,9 @@
 #                             generate a munge key and slurm.conf, start the daemons, wait until
 #                             every node is idle; prints `export SLURM_CONF=...`. One node (the
 #                             default) is named `hostname -s`, address 127.0.0.1. N > 1 nodes are
-#                             named n1..nN, addresses 127.0.0.2.., each slurmd on its own port;
+#                             named n1..nN (n1SUFFIX.. with FLSL_SLURM_NODE_SUFFIX, e.g. -ib:
+#                             n1-ib, n2-ib), addresses 127.0.0.2..,
+#                             each slurmd on its own port;
 #                             their names resolve through lines added to /etc/hosts (marked with
 #                             this cluster's dir, removed by `stop`); the CPUs are split between
 #                             them
@@ -31,6 +33,7 @@ CPUS="${FLSL_SLURM_CPUS:-16}"  # CPUs the nodes declare in all (config_overrides
 HOSTS_FILE="${FLSL_HOSTS_FILE:-/etc/hosts}"
 HOSTS_MARK="# flsl-slurm $STATE_DIR"  # ends each /etc/hosts line this cluster added
 NODES_FILE="$STATE_DIR/nodes"  # the node names of the running cluster, one a line
+SUFFIX="${FLSL_SLURM_NODE_SUFFIX:-}"  # after the number in the names of N > 1 nodes (n1-ib, ...)
 GRACE="${FLSL_SLURM_GRACE:-30}"  # seconds a preempted job has between SIGTERM and SIGKILL
 MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
 
@@ -67,7 +70,7 @@ write_config() {
         lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"
     else
         for i in $(seq "$count"); do
-            name="n$i"
+            name="n$i$SUFFIX"
             nodes="$nodes${nodes:+,}$name"
             lines="$lines${lines:+\\n}NodeName=$name NodeHostname=$HOST NodeAddr=127.0.0.$((i + 1)) Port=$((SLURMD_PORT + i - 1)) CPUs=$((CPUS / count)) State=UNKNOWN"
         done
@@ -84,7 +87,7 @@ add_hosts() {  # the names n1..nN resolve to their addresses while the cluster r
     local i
     remove_hosts
     for i in $(seq "$1"); do
-        printf '127.0.0.%d n%d %s\n' "$((i + 1))" "$i" "$HOSTS_MARK" >> "$HOSTS_FILE"
+        printf '127.0.0.%d n%d%s %s\n' "$((i + 1))" "$i" "$SUFFIX" "$HOSTS_MARK" >> "$HOSTS_FILE"
     done
 }
 

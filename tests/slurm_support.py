@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from flsl_cli.train.run_record import JobStates
 
 SLURM_TOOLS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "slurmctld", "slurmd", "munged")
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY")
+TERMINAL = JobStates.ENDED  # the one list of SLURM job states flsl uses
 CLUSTER = REPO / "slurm" / "cluster.sh"
 
 
@@ -42,7 +43,8 @@ def install_slurm() -> str | None:
     return None
 
 @contextlib.contextmanager
-def running_cluster(*, nodes: int = 1, state_dir: str | None = None, port: int | None = None) -> Iterator[str]:
+def running_cluster(*, nodes: int = 1, state_dir: str | None = None, port: int | None = None,
+                    node_suffix: str = "") -> Iterator[str]:
     """A running private cluster of `nodes` nodes while the block runs (stopped afterwards
     unless it was already running); SLURM_CONF points the client commands at it meanwhile.
     Skips, saying why, where SLURM can be neither found nor installed; fails under CI=true."""
@@ -58,6 +60,7 @@ def running_cluster(*, nodes: int = 1, state_dir: str | None = None, port: int |
         env["FLSL_SLURM_DIR"] = state_dir
     if port is not None:
         env["FLSL_SLURM_PORT"] = str(port)
+    env["FLSL_SLURM_NODE_SUFFIX"] = node_suffix
     started = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", str(nodes)], capture_output=True, text=True,
                              timeout=180, env=env)
     assert started.returncode == 0, f"slurm/cluster.sh start failed:\n{started.stdout}\n{started.stderr}"

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from flsl_cli.cli.app import app
 from flsl_cli.cli.eval import KNN_OPTIONS
 from flsl_cli.config.schema import KnnEvalConfig, SlurmConfig
-from flsl_cli.launch import submit
-from flsl_cli.launch.slurm_request import SLURM_OPTIONS
+from flsl_cli.launch.slurm import submit
+from flsl_cli.launch.slurm.request import SLURM_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,14 +28,14 @@ def _invoke(*args: object):
 
 @pytest.fixture
 def sbatch_requests(monkeypatch) -> list:
-    """The requests whose job scripts `flsl pretrain/resume --dry-run` would print."""
+    """The requests whose jobs `flsl pretrain/resume --dry-run` would show."""
     seen = []
 
     def record(request, *, run_dir):
         seen.append(request)
         return "#!/bin/bash\n"
 
-    monkeypatch.setattr(submit, "sbatch_script", record)
+    monkeypatch.setattr(submit, "dry_run_text", record)
     return seen
 
 

@@ -23,7 +23,7 @@ def test_launcher_variables_come_first():
 def test_slurm_variables_and_the_one_local_rank_rule():
     """A SLURM task's local rank is SLURM_LOCALID, except that a task bound to one GPU uses device 0,
     whether flsl reads SLURM's variables directly or derives the launcher variables from them."""
-    from flsl_cli.launch.rendezvous import torch_env
+    from flsl_cli.launch.slurm.rendezvous import torch_env
 
     assert read_env(SLURM) == ProcessEnv(rank=13, local_rank=5, world_size=16)
     bound = {**SLURM, "CUDA_VISIBLE_DEVICES": "5"}

@@ -61,6 +61,10 @@ def uninterrupted(demo_data, tmp_path_factory) -> Path:
     return run
 
 
+def _sbatch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+
+
 # --- Stop, requeue, resume --------------------------------------------------------------------
 
 
@@ -89,9 +93,15 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm
     that step; requeues are counted however they happened; the final weights equal an
     uninterrupted run, bitwise."""
     run = tmp_path / "stops"
+    shown = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", run, "--dry-run")
+    assert shown.returncode == 0 and not run.exists(), shown.stderr
     job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", run), run)
-    assert "#SBATCH --cpus-per-task=3" in (run / "slurm" / "job.sbatch").read_text()  # 2 data workers + 1
+    script = (run / "slurm" / f"{job}_submission.sh").read_text()  # submitit's layout
+    assert "#SBATCH --cpus-per-task=3" in script  # 2 data workers + 1
+    assert _sbatch_lines(script) == _sbatch_lines(shown.stdout)  # --dry-run showed what was submitted
+    assert "submitit.core._submit" in script and "srun" not in script  # the callable runs in the batch step
     assert (run / "owner.json").exists()
+    assert (run.stat().st_mode & 0o777) == 0o700 and ((run / "slurm").stat().st_mode & 0o777) == 0o700
     step = 0
     for count, (how, stop, by) in enumerate(STOPS, start=1):
         wait_for(lambda: restarts_of(run, job) == count - 1 and metric_steps(run) and metric_steps(run)[-1] >= step + 3,
@@ -149,9 +159,13 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
     assert first["signal"] == "SIGTERM"
     assert (run / "checkpoints" / f"step-{first['step']:08d}.json").exists()
 
-    # The same job script submitted again by hand: its rank 0 is refused and leaves run.json alone.
-    script = next((run / "slurm").glob("*.sbatch"))
-    other = slurm("sbatch", "--parsable", str(script)).stdout.strip()
+    # Another job on the same run dir (slurm/flsl.sbatch, as a plain sbatch user would continue the
+    # run): its rank 0 is refused and leaves run.json alone.
+    env = dict(os.environ, RUN_DIR=str(run), FLSL_CPU="1", FLSL_PYTHON=sys.executable)
+    other = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+         f"--output={run}/slurm/%j_0_log.err", str(REPO / "slurm" / "flsl.sbatch")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=30).stdout.strip()
     assert other.isdigit()
     wait_finished(other, run)
     assert f"being written by SLURM job {job}" in (run / "slurm" / f"{other}_0_log.err").read_text()
@@ -231,6 +245,31 @@ def test_concurrent_jobs_meet_on_different_ports(slurm_cluster, demo_data, tmp_p
         log = squeeze((run / "slurm" / f"{job}_0_log.err").read_text())
         ports.add(log.split("rendezvous")[1].split(",")[0].rsplit(":", 1)[1])
     assert len(ports) == 2, ports
+
+
+def test_the_python_entry_point_returns_the_submitit_job(slurm_cluster, demo_data, tmp_path):
+    """`submit_pretrain` with a recipe object, overrides and SLURM options: the dry run hands
+    over what would be submitted and writes nothing; the real call returns the submitit.Job,
+    whose logs are where the job writes them, and the run trains to optim.max_steps."""
+    import submitit
+
+    from flsl_cli.config.load import load_recipe
+    from flsl_cli.launch.slurm.submit import submit_pretrain
+
+    pairs = _common(demo_data, optim__max_steps=4)[1::2]  # "--set", "K=V", ... -> "K=V", ...
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides=pairs[:-1])
+    options = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2}
+    run = tmp_path / "python"
+    shown: list[str] = []
+    assert submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run, dry_run=True,
+                           on_script=shown.append) is None
+    assert "#SBATCH --ntasks-per-node=2" in shown[0] and not run.exists()
+    job = submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run)
+    assert isinstance(job, submitit.Job) and job.job_id.isdigit()
+    assert job.paths.folder == run / "slurm" and job.paths.submission_file.exists()
+    wait_finished(job.job_id, run)
+    assert metric_steps(run)[-1] == 4 and "Traceback" not in job_logs(run), job_logs(run)  # optim.max_steps
+    assert f"flsl: job {job.job_id} done" in job.paths.stderr.read_text()
 
 
 def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_path):
@@ -318,6 +357,23 @@ def test_time_limit_shorter_than_the_warning(demo_data, tmp_path):
                     "--dry-run"), "not longer than slurm.signal_minutes_before_end")
 
 
+def test_a_multi_node_run_dir_on_a_local_filesystem_is_warned_about(demo_data, tmp_path):
+    """--nodes 2 with the run dir on a filesystem that is usually local to one machine (this
+    test's tmp dir, when it is one): a warning that names it and says what to use instead."""
+    from flsl_cli.launch.slurm.submit import filesystem_type
+
+    kind = filesystem_type(tmp_path)
+    result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__global_batch_size=8), "--nodes", "2",
+                      "--gpus-per-node", "0", "--tasks-per-node", "1", "--run-dir", tmp_path / "run", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stderr.split())
+    if kind in ("ext4", "xfs", "btrfs", "tmpfs", "overlay"):
+        assert f"filesystem of type {kind}" in flat and "shared filesystem" in flat, flat
+    one = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", tmp_path / "one",
+                   "--dry-run")
+    assert one.returncode == 0 and "filesystem, which is usually local" not in " ".join(one.stderr.split())
+
+
 def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
     """--dry-run needs no SLURM and writes nothing: the sbatch script holds the nodes, tasks,
     GPUs, stop signal, time limit and partition asked for."""
@@ -329,10 +385,11 @@ def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
     assert result.returncode == 0, result.stderr
     script = result.stdout
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --signal=USR2@600", "#SBATCH --time=1-12:00:00", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=vision", "#SBATCH --requeue", "#SBATCH --gres=gpu:2"):
+                 "#SBATCH --signal=USR2@600", "#SBATCH --time=2160", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=vision", "#SBATCH --requeue", "#SBATCH --gres=gpu:2",
+                 "#SBATCH --open-mode=append", f"#SBATCH --error={run}/slurm/%j_0_log.err"):
         assert line in script.splitlines(), (line, script)
-    assert f"{run}/slurm" in script and "srun" in script
+    assert "use_srun=False" in script and "submitit.SlurmExecutor" in script and "srun" in script
     assert "8 GPU process(es)" not in result.stderr and "= 8" in " ".join(result.stderr.split())
     assert not run.exists()
 
@@ -340,13 +397,48 @@ def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
 # --- Pieces that need no cluster ----------------------------------------------------------------
 
 
-def test_rendezvous_from_slurm_variables():
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
+    ("r[1-2]n[01-03]", ["r1n01", "r1n02", "r1n03", "r2n01", "r2n02", "r2n03"]),
+    ("gpu-st-p4d-[1-3]", ["gpu-st-p4d-1", "gpu-st-p4d-2", "gpu-st-p4d-3"]),
+    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+    ("gpu[001-003,010],login5,n[8-9]", ["gpu001", "gpu002", "gpu003", "gpu010", "login5", "n8", "n9"]),
+])
+def test_every_form_of_slurm_node_list_gives_the_hosts_and_the_rendezvous(monkeypatch, nodelist, hosts):
+    """The function the tasks use (submitit's JobEnvironment underneath) expands every form of
+    SLURM_JOB_NODELIST, and the rendezvous is the first host."""
+    from flsl_cli.launch.slurm.rendezvous import job_hosts, torch_env
+
+    monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+    assert job_hosts() == hosts
+    task = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": nodelist}
+    assert torch_env(task)["MASTER_ADDR"] == hosts[0]
+
+
+def test_a_node_list_that_cannot_be_read_is_recorded_not_a_traceback(demo_data, tmp_path):
+    """A task whose SLURM_JOB_NODELIST cannot be read ends with a message naming the node list,
+    no traceback, and run.json records that error."""
+    run = tmp_path / "run"
+    prepared = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "prepare", "recipes/demo.yaml",
+                               str(run), *_common(demo_data)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
+    env.update(SLURM_JOB_ID="4243", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1",
+               SLURM_JOB_NODELIST="gpu[01-02", SLURMD_NODENAME="gpu01")
+    task = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
+    assert "cannot read the SLURM node list 'gpu[01-02'" in " ".join(task.stderr.split())
+    record = run_json(run)
+    assert record["status"] == "failed" and "gpu[01-02" in record["last_error"]["message"], record
+
+
+def test_rendezvous_from_slurm_variables(monkeypatch):
     """Every task derives the same master address and port from SLURM's variables; a restart
     gets another port; variables inherited from the submitting shell are replaced."""
-    from flsl_cli.launch.rendezvous import expand_nodelist, torch_env
+    from flsl_cli.launch.slurm.rendezvous import torch_env
 
-    assert expand_nodelist("gpu[001-003,010],login5,n[8-9]") == ["gpu001", "gpu002", "gpu003", "gpu010",
-                                                                  "login5", "n8", "n9"]
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     base = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
             "RANK": "3", "WORLD_SIZE": "1", "MASTER_ADDR": "login-node"}
     tasks = [torch_env({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 8)}) for r in range(16)]
@@ -389,7 +481,7 @@ def test_a_live_owner_refuses_a_second_writer(tmp_path):
 def test_a_busy_port_is_skipped_and_every_rank_uses_the_one_rank_0_took(tmp_path):
     """Rank 0 skips a candidate port that something else holds and notes the one it took; the
     other ranks read that note, so all meet on one port."""
-    from flsl_cli.launch.rendezvous import RESTART_SLOTS, agree_on_port, master_port
+    from flsl_cli.launch.slurm.rendezvous import RESTART_SLOTS, agree_on_port, master_port
 
     first = master_port("31337", 0)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
@@ -405,7 +497,7 @@ def test_a_busy_port_is_skipped_and_every_rank_uses_the_one_rank_0_took(tmp_path
 def test_ports_of_concurrent_jobs_and_restarts_differ():
     """Job 1 restart 7 and job 2 restart 0 (which once shared a port) differ, and so do the
     first restarts of nearby jobs."""
-    from flsl_cli.launch.rendezvous import master_port
+    from flsl_cli.launch.slurm.rendezvous import master_port
 
     assert master_port("1", 7) != master_port("2", 0)
     ports = {master_port(str(job), restart) for job in range(1000, 1100) for restart in range(4)}
@@ -426,14 +518,14 @@ def test_ports_of_concurrent_jobs_and_restarts_differ():
 ])
 def test_what_became_of_a_stopped_job(fields, outcome):
     """The states `scontrol show job` showed in the private cluster for each kind of stop."""
-    from flsl_cli.launch.slurm_job import stop_outcome
+    from flsl_cli.launch.slurm.job import stop_outcome
 
     assert stop_outcome(fields, restart=0) == outcome
 
 
 _REQUEUES_ITSELF = """
 import json, os, signal, sys, time
-from flsl_cli.launch.slurm_queries import job_info, requeue
+from flsl_cli.launch.slurm.queries import job_info, requeue
 signal.signal(signal.SIGTERM, lambda *_: None)  # as the batch step: SIGTERM is a stop, passed on
 job, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 if restart == 0:
@@ -474,7 +566,7 @@ def test_a_job_that_requeues_itself_gets_slurm_s_answer(slurm_cluster, tmp_path)
 def test_a_job_asks_for_its_data_workers_cpus():
     """--cpus-per-task defaults to data workers + 1; the flag or the recipe wins."""
     from flsl_cli.config.schema import SlurmConfig
-    from flsl_cli.launch.slurm_request import SlurmRequest
+    from flsl_cli.launch.slurm.request import SlurmRequest
 
     assert SlurmRequest.of(SlurmConfig(), {}, data_workers=10).cpus_per_task == 11
     assert SlurmRequest.of(SlurmConfig(cpus_per_task=4), {}, data_workers=10).cpus_per_task == 4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +11,8 @@ from flsl_cli.cli.render import handle_errors, out_console
 
 @handle_errors
 def status(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `flsl pretrain`.")],
+    run_dir: Annotated[str, typer.Argument(
+        help="Run directory written by `flsl pretrain`: a path or a URL such as s3://bucket/runs/x.")],
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
 ) -> None:

@@ -53,7 +53,8 @@ ExclusiveOption = Annotated[bool | None, typer.Option(
     help="Ask for whole nodes (default: slurm.exclusive).", show_default=False)]
 DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", rich_help_panel=SLURM_PANEL,
-    help="Check the recipe and options, print the sbatch script that would be submitted, and exit.")]
+    help="Check the recipe and options, show the submitit parameters and #SBATCH options of the job "
+         "that would be submitted, and exit.")]
 
 
 def _slurm_job(*, devices: int | None, dry_run: bool, **values) -> dict | None:
@@ -73,8 +74,10 @@ def _slurm_job(*, devices: int | None, dry_run: bool, **values) -> dict | None:
 
 def _print_submitted(job, *, resumed: bool) -> None:
     what = "continues" if resumed else "trains"
-    for line in (f"submitted SLURM job {job.job_id}: it {what} {job.run_dir}", f"  run dir  {job.run_dir}",
-                 f"  logs     {job.stdout}", f"           {job.stderr}", f"  status   flsl status {job.run_dir}"):
+    run_dir = job.paths.folder.parent  # submitit's folder is RUN_DIR/slurm
+    for line in (f"submitted SLURM job {job.job_id}: it {what} {run_dir}", f"  run dir  {run_dir}",
+                 f"  logs     {job.paths.stdout}", f"           {job.paths.stderr}",
+                 f"  status   flsl status {run_dir}"):
         out_console.print(line, highlight=False, markup=False)
 
 
@@ -111,7 +114,7 @@ def pretrain(
                        tasks_per_node=tasks_per_node, partition=partition, account=account, qos=qos, time=time,
                        constraint=constraint, mem=mem, cpus_per_task=cpus_per_task, exclusive=exclusive)
     if slurm is not None:
-        from flsl_cli.launch.submit import submit_pretrain
+        from flsl_cli.launch.slurm.submit import submit_pretrain
 
         update, close = demo_progress()
         try:
@@ -156,7 +159,7 @@ def resume(
                        tasks_per_node=tasks_per_node, partition=partition, account=account, qos=qos, time=time,
                        constraint=constraint, mem=mem, cpus_per_task=cpus_per_task, exclusive=exclusive)
     if slurm is not None:
-        from flsl_cli.launch.submit import submit_resume
+        from flsl_cli.launch.slurm.submit import submit_resume
 
         job = submit_resume(run_dir, overrides=set_ or [], slurm_options=slurm, dry_run=dry_run, on_note=note,
                             on_script=_print_script)

@@ -3,7 +3,6 @@ never happened wrote: a bad input leaves nothing behind."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -22,13 +21,14 @@ from flsl_cli.config.load import (
 )
 from flsl_cli.config.schema import SHAPE_KEYS, Recipe
 from flsl_cli.distributed.env import slurm_tasks
-from flsl_cli.errors import RecipeError, RunDirError
+from flsl_cli.errors import FlslError, RecipeError, RunDirError
 from flsl_cli.launch.checks import check_data, ensure_demo_data
-from flsl_cli.launch.slurm import JOBS_DIR
-from flsl_cli.launch.slurm_queries import job_state
+from flsl_cli.launch.slurm.executor import JOBS_DIR
+from flsl_cli.launch.slurm.queries import job_state
 from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME
+from flsl_cli.train.run_record import LOCK_NAME, RunStatus, load_record
 from flsl_cli.train.rundir import (
     METRICS_NAME,
     OWNER_NAME,
@@ -69,7 +69,7 @@ def remove_unsubmitted(run_dir: Path, *, existed: bool) -> None:
     if not existed:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in (RECIPE_NAME, RUN_NAME, OWNER_NAME):
+    for name in (RECIPE_NAME, RUN_NAME, LOCK_NAME, OWNER_NAME):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / JOBS_DIR, ignore_errors=True)
 
@@ -77,11 +77,13 @@ def remove_unsubmitted(run_dir: Path, *, existed: bool) -> None:
 def remove_if_never_started(run_dir: Path, *, existed: bool) -> None:
     """After a failed launch: if the run never took a step (run.json still says `created`, no
     checkpoint), take back what `prepare_new` wrote, so a run that never started leaves nothing."""
-    try:
-        status = json.loads((Path(run_dir) / RUN_NAME).read_text()).get("status")
-    except (OSError, ValueError):
+    if not (Path(run_dir) / RUN_NAME).exists():
         return
-    if status == "created" and not list_checkpoints(run_dir):
+    try:
+        status = load_record(run_dir).status
+    except FlslError:
+        return
+    if status is RunStatus.CREATED and not list_checkpoints(run_dir):
         for name in (METRICS_NAME, BAD_SAMPLES_NAME):
             (Path(run_dir) / name).unlink(missing_ok=True)
         remove_unsubmitted(Path(run_dir), existed=existed)

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli import storage
-from flsl_cli.checkpoint.store import MANIFEST_PATTERN, checkpoint_dir
-from flsl_cli.launch.slurm_queries import UNKNOWN_TO_SLURM, job_details
-from flsl_cli.train.rundir import METRICS_NAME, owner_alive, read_owner, read_run_record, requeues_per_job
-
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, MANIFEST_PATTERN, checkpoint_dir
+from flsl_cli.errors import FlslError
+from flsl_cli.launch.slurm.queries import UNKNOWN_TO_SLURM, job_details
+from flsl_cli.train.run_record import JobStates, RunRecord
+from flsl_cli.train.run_record import RunStatus as RecordStatus
+from flsl_cli.train.rundir import (
+    METRICS_NAME,
+    OWNER_NAME,
+    owner_alive,
+    read_owner,
+    read_run_record,
+)
 
 
 @dataclass
@@ -48,23 +56,16 @@ class RunStatus:
         return json.dumps(asdict(self), indent=1)
 
 
-def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
-    run_dir = Path(run_dir)
-    record = read_run_record(run_dir)
+def read_status(run_dir: str | Path, *, ask_slurm: bool = True) -> RunStatus:
+    """Where the run in `run_dir` (a local path or a URL such as s3://bucket/runs/x) stands."""
+    url = storage.normalize(run_dir)
+    record = read_run_record(url)
+    if not storage.is_local(url):
+        return _remote_status(url, record)
+    run_dir = storage.local_path(url)
 
-    job_ids = [str(j) for j in record.get("job_ids", [])]
-    recorded = record.get("status")
-    requeues = requeues_per_job(record)
-    result = RunStatus(
-        run_dir=str(run_dir), status=recorded or "unknown", recorded_status=recorded,
-        scheduler=record.get("scheduler", "local"), job_ids=job_ids,
-        requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.get("nodes"),
-        job_nodes={str(k): str(v) for k, v in (record.get("job_nodes") or {}).items()},
-        # an error of an earlier attempt is history once the run finished
-        last_error=None if recorded == "finished" else _error(record.get("last_error")),
-    )
-    if record.get("stop_signal"):
-        result.stopped = {"step": record.get("stopped_at_step"), "signal": record.get("stop_signal")}
+    result = _recorded(str(run_dir), record)
+    job_ids, recorded = result.job_ids, result.recorded_status
     result.step, result.epoch = _last_metrics(run_dir / METRICS_NAME)
     result.newest_checkpoint, result.checkpoints = _newest_checkpoint(checkpoint_dir(run_dir))
     result.owner = read_owner(run_dir)
@@ -89,16 +90,59 @@ def read_status(run_dir: Path, *, ask_slurm: bool = True) -> RunStatus:
     return result
 
 
+def _recorded(where: str, data: dict[str, Any]) -> RunStatus:
+    """What run.json says of the run."""
+    record = RunRecord.from_dict(data, where=where)
+    recorded = record.status.value
+    requeues = record.requeues_per_job()
+    result = RunStatus(
+        run_dir=where, status=recorded, recorded_status=recorded, scheduler=record.scheduler,
+        job_ids=list(record.job_ids), requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.nodes,
+        job_nodes=dict(record.job_nodes),
+        # an error of an earlier attempt is history once the run finished
+        last_error=None if record.status is RecordStatus.FINISHED else _error(record.last_error),
+    )
+    if record.stop_signal:
+        result.stopped = {"step": record.stopped_at_step, "signal": record.stop_signal}
+    return result
+
+
+def _remote_status(url: str, record: dict[str, Any]) -> RunStatus:
+    """A run dir on an object store or other remote filesystem: run.json, the tail of
+    metrics.jsonl and the checkpoint manifests, read through fsspec (remote runs are local
+    processes: no SLURM job to ask about)."""
+    result = _recorded(url, record)
+    try:
+        metrics = storage.read_bytes(storage.join(url, METRICS_NAME)).decode("utf-8", errors="replace")
+    except (FileNotFoundError, FlslError):
+        metrics = ""
+    result.step, result.epoch = _metrics_tail(metrics)
+    folder = storage.join(url, CHECKPOINTS_DIR)
+    try:
+        names = storage.listdir(folder) if storage.exists(folder) else []
+    except (OSError, FlslError):
+        names = []
+    steps = sorted(int(m.group(1)) for name in names if (m := MANIFEST_PATTERN.match(storage.basename(name))))
+    if steps:
+        path = storage.join(folder, f"step-{steps[-1]:08d}.pt")
+        result.newest_checkpoint, result.checkpoints = {"step": steps[-1], "path": path, "age_s": None}, len(steps)
+    try:
+        result.owner = json.loads(storage.read_bytes(storage.join(url, OWNER_NAME)))
+    except (FileNotFoundError, ValueError, FlslError):
+        result.owner = None
+    return result
+
+
 def _combine(recorded: str | None, state: str, *, unknown: str) -> str:
     """One word for the user: SLURM's view while the job is queued or running, else the run's."""
-    state = state.split()[0].rstrip("+")
+    state = JobStates.base(state)
     if state == unknown:
         if recorded in ("finished", "stopped", "failed"):
             return recorded
         return f"{recorded or 'unknown'} (its job is unknown to SLURM: it ended without a word from flsl)"
-    if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+    if state in JobStates.WAITING_AGAIN:
         return "requeued (pending)" if recorded == "requeued" else "pending"
-    if state in ("RUNNING", "CONFIGURING", "COMPLETING"):
+    if state in JobStates.ACTIVE:
         return recorded if recorded in ("running", "starting", "requeued") else "running"
     if state.lower() == recorded or (state == "COMPLETED" and recorded in ("finished", "stopped", "failed")):
         return recorded
@@ -125,6 +169,10 @@ def _last_metrics(path: Path) -> tuple[int | None, float | None]:
             tail = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return None, None
+    return _metrics_tail(tail)
+
+
+def _metrics_tail(tail: str) -> tuple[int | None, float | None]:
     for line in reversed(tail.splitlines()):
         try:
             entry = json.loads(line)

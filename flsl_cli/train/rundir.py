@@ -1,7 +1,7 @@
 """The run directory: resolved recipe, run record, metrics and checkpoints.
 
     RUN_DIR/recipe.yaml      the fully resolved recipe this run trains with
-    RUN_DIR/run.json         flsl version, creation time, recipe fingerprint, status
+    RUN_DIR/run.json         the run record (`run_record.py`): status, its SLURM jobs, stops, errors
     RUN_DIR/metrics.jsonl    one JSON object per logged step
     RUN_DIR/checkpoints/     step-NNNNNNNN.pt + .json manifests
     RUN_DIR/logs/rank-N.log  what process N logged (storage retries, ...)
@@ -19,15 +19,23 @@ from typing import Any
 
 import yaml
 
-from flsl_cli import __version__, timestamps
+from flsl_cli import __version__, storage, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
-from flsl_cli import storage
 from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.storage import write_json_atomic, write_text_atomic
+from flsl_cli.train.run_record import (
+    LOCK_NAME,
+    RUN_NAME,
+    JobStates,
+    RunRecord,
+    load_record,
+    parse_record,
+    update_record,
+    write_record,
+)
 
 RECIPE_NAME = "recipe.yaml"
-RUN_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 LOGS_DIR = "logs"
 
@@ -50,13 +58,8 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
         _refuse_or_clear(run_dir, recipe_yaml=recipe_yaml, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / RECIPE_NAME, recipe_yaml)
-    record = {
-        "flsl_version": __version__,
-        "created": timestamps.now(),
-        "recipe_fingerprint": fingerprint(recipe_yaml),
-        "status": "created",
-    }
-    write_json_atomic(run_dir / RUN_NAME, record)
+    write_record(run_dir, RunRecord(flsl_version=__version__, created=timestamps.now(),
+                                    recipe_fingerprint=fingerprint(recipe_yaml)))
 
 
 def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
@@ -83,7 +86,7 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
             fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
                  if same else "Choose another --run-dir, or pass --force to start over in it"),
         )
-    for name in (RECIPE_NAME, RUN_NAME, METRICS_NAME, LOGS_DIR, CHECKPOINTS_DIR):
+    for name in (RECIPE_NAME, RUN_NAME, LOCK_NAME, METRICS_NAME, LOGS_DIR, CHECKPOINTS_DIR):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -121,7 +124,9 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         raise RunDirError("the run directory does not exist", where=url,
                           fix="Pass the --run-dir of a run started with `flsl pretrain`")
     try:
-        return json.loads(storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8"))
+        text = storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8", errors="replace")
+        parse_record(text, where=storage.join(url, RUN_NAME))  # a clear error for a cut or changed file
+        return json.loads(text)
     except FileNotFoundError:
         raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=url,
                           fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
@@ -136,45 +141,17 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
 
 
 def update_status(run_dir: Path, **fields: Any) -> None:
-    path = Path(run_dir) / RUN_NAME
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = {}
-    record.update(fields)
-    write_json_atomic(path, record)
+    """Set run.json's fields by name, under its lock (see `run_record.RunRecord`)."""
+    with update_record(run_dir) as record:
+        record.set(**fields)
 
 
 def record_resume(run_dir: Path, *, step: int) -> None:
     """Add a resume to run.json's `resumes` (step, time, and for SLURM the job and its restart
     count), so plots can mark where a run was resumed or requeued."""
-    path = Path(run_dir) / RUN_NAME
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = {}
-    event: dict[str, Any] = {"step": int(step), "time": timestamps.now()}
     task = env.slurm_task()
-    if task is not None:
-        event.update(job_id=task.job_id, restart=task.restart)
-    record["resumes"] = [*record.get("resumes", []), event]
-    write_json_atomic(path, record)
-
-
-def job_restarts(record: dict[str, Any]) -> dict[str, int]:
-    """SLURM_RESTART_COUNT of each job's newest attempt, from run.json's `job_restarts`."""
-    value = record.get("job_restarts")
-    return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def requeues_per_job(record: dict[str, Any], counted: dict[str, int] | None = None) -> dict[str, int]:
-    """Requeues of each job of a run however they happened: flsl's own count (`job_requeues`,
-    or `counted` when given) or SLURM's restart count, the larger; jobs never requeued are left out."""
-    if counted is None:
-        counted = {str(k): int(v) for k, v in (record.get("job_requeues") or {}).items()}
-    restarts = job_restarts(record)
-    both = {job: max(counted.get(job, 0), restarts.get(job, 0)) for job in sorted({*counted, *restarts})}
-    return {job: count for job, count in both.items() if count > 0}
+    with update_record(run_dir) as record:
+        record.resumed(step=step, job_id=task.job_id if task else None, restart=task.restart if task else None)
 
 
 def truncate_metrics(run_dir: Path, *, after_step: int, name: str = METRICS_NAME) -> None:
@@ -204,8 +181,6 @@ def load_recipe_yaml(text: str) -> dict[str, Any]:
 # A second writer is refused while the owner is alive; a dead owner's file is simply replaced.
 
 OWNER_NAME = "owner.json"
-_FINISHED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
-                        "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
 
 
 def local_owner() -> dict[str, Any]:
@@ -260,18 +235,14 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         job_id = str(owner.get("job_id"))
         state = slurm_state(job_id)
         if state is None:
-            try:
-                status = json.loads((run_dir / RUN_NAME).read_text()).get("status")
-            except (OSError, ValueError):
-                status = None
-            if status in ("finished", "stopped", "failed"):
+            if _recorded_status(run_dir) in ("finished", "stopped", "failed"):
                 return
             raise RunDirError(
                 f"the run directory belongs to SLURM job {job_id}, and SLURM cannot be asked here "
                 "whether that job still runs", where=str(run_dir),
                 fix=f"Check with `squeue -j {job_id}` on the cluster; {release}",
             )
-        if state and state.split()[0].rstrip("+") not in _FINISHED_JOB_STATES:
+        if state and JobStates.holds_run(state):
             raise RunDirError(
                 f"the run directory is being written by SLURM job {job_id} ({state}); a second writer "
                 "would corrupt it", where=str(run_dir),
@@ -288,16 +259,19 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
                 fix=f"Wait for it to finish or stop it (Ctrl-C, or `kill {pid}`); {release}",
             )
         return
-    try:
-        status = json.loads((run_dir / RUN_NAME).read_text()).get("status")
-    except (OSError, ValueError):
-        status = None
-    if status == "running":
+    if _recorded_status(run_dir) == "running":
         raise RunDirError(
             f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says "
             "running)", where=str(run_dir),
             fix=f"Check whether that process still runs on {host}; {release}",
         )
+
+
+def _recorded_status(run_dir: Path) -> str | None:
+    try:
+        return load_record(run_dir).status.value
+    except FlslError:
+        return None
 
 
 def owner_alive(owner: dict[str, Any] | None) -> bool:

@@ -1,7 +1,9 @@
-"""Rendezvous for a process started by SLURM (submitit or `srun`): the torchrun-style variables
-that `flsl_cli.distributed.group.setup()` reads, derived from SLURM's own.
+"""Rendezvous for a task of a SLURM job: the torchrun-style variables that
+`flsl_cli.distributed.group.setup()` reads, derived from what `submitit.JobEnvironment` makes
+of SLURM's variables.
 
-    MASTER_ADDR   first host of SLURM_JOB_NODELIST
+    MASTER_ADDR   first host of the job (`job_hosts`: submitit expands SLURM_JOB_NODELIST of
+                  every form, `n[1-2]-ib`, `r[1-2]n[01-03]`, `node[01-03,07],gpu5`)
     MASTER_PORT   first candidate derived from the job id and restart count: concurrent jobs
                   get different ports, and each restart of a job another one. Rank 0 takes the
                   first candidate it can bind (a port in use is skipped) and notes it in the
@@ -9,13 +11,13 @@ that `flsl_cli.distributed.group.setup()` reads, derived from SLURM's own.
                   (`agree_on_port`), so all use the same port
     RANK, LOCAL_RANK, WORLD_SIZE   from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS
 
-Apart from `agree_on_port`, pure functions of an environment mapping; nothing here imports torch.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
 import socket
 import time
 from collections.abc import Mapping
@@ -27,44 +29,25 @@ from flsl_cli.errors import FlslError
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
-_GROUP = re.compile(r"([^,\[]+)(?:\[([^\]]+)\])?")
-
-
-class NodeListError(ValueError):
-    """SLURM_JOB_NODELIST has a form this parser does not know."""
 
 
 class RendezvousError(FlslError):
     """The processes of a job could not agree where to meet."""
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """`node[01-03,07],gpu5` -> [node01, node02, node03, node07, gpu5] (what `scontrol show
-    hostnames` prints). Zero padding of ranges is kept."""
-    hosts: list[str] = []
-    pos = 0
-    text = nodelist.strip()
-    while pos < len(text):
-        match = _GROUP.match(text, pos)
-        if not match or match.end() == pos:
-            raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-        else:
-            for part in ranges.split(","):
-                first, _, last = part.partition("-")
-                if not first.isdigit() or (last and not last.isdigit()):
-                    raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
-                width = len(first)
-                for number in range(int(first), int(last or first) + 1):
-                    hosts.append(f"{prefix}{number:0{width}d}")
-        pos = match.end()
-        if pos < len(text):
-            if text[pos] != ",":
-                raise NodeListError(f"cannot parse the SLURM node list {nodelist!r}")
-            pos += 1
-    return hosts
+def job_hosts() -> list[str]:
+    """The hosts of this SLURM job, in order, as `submitit.JobEnvironment` expands
+    SLURM_JOB_NODELIST (this host alone outside a job). A node list submitit cannot read is a
+    RendezvousError naming it."""
+    from submitit.slurm.slurm import SlurmJobEnvironment, SlurmParseException
+
+    try:
+        return list(SlurmJobEnvironment().hostnames)
+    except SlurmParseException as exc:
+        raise RendezvousError(
+            f"cannot read the SLURM node list {os.environ.get('SLURM_JOB_NODELIST')!r} ({exc.args[0] if exc.args else exc})",
+            fix="Export FLSL_MASTER_ADDR with the first node's address before submitting",
+        ) from None
 
 
 RESTART_SLOTS = 4
@@ -114,14 +97,16 @@ def agree_on_port(folder: Path, *, attempt: str, rank: int, first: int, timeout:
     )
 
 
-def torch_env(environ: Mapping[str, str]) -> dict[str, str]:
+def torch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables a task of this SLURM job must export before `setup()`; they replace any
-    torchrun-style values inherited from the submitting shell."""
+    torchrun-style values inherited from the submitting shell. Rank, local rank and task count
+    come from `environ` (default: this process's), the hosts from `job_hosts`."""
+    environ = os.environ if environ is None else environ
     task = slurm_task(environ)
     if task is None:
         raise KeyError("SLURM_JOB_ID / SLURM_PROCID are not set: this is not a task of a SLURM job step")
     return {
-        "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or expand_nodelist(task.nodelist)[0],
+        "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or job_hosts()[0],
         "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(task.job_id, task.restart)),
         "RANK": str(task.rank),
         "LOCAL_RANK": str(task.local_rank),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 from flsl_cli import signals
+from flsl_cli.train.run_record import JobStates
 
 
 def partition_nodes(partition: str | None) -> tuple[str, int] | None:
@@ -38,8 +39,7 @@ def slurm_reason(text: str) -> str:
     for line in text.strip().splitlines():
         line = line.strip()
         for prefix in ("sbatch: error: ", "sbatch: fatal: ", "error: "):
-            if line.startswith(prefix):
-                line = line[len(prefix):]
+            line = line.removeprefix(prefix)
         if line and line not in reasons:
             reasons.append(line)
     return "; ".join(reasons) or "no reason given"
@@ -121,22 +121,19 @@ def requeue(job_id: str, *, restart: int) -> str | None:
     return slurm_reason(answer.stderr.replace("scontrol: error: ", "")) or f"exit code {answer.returncode}"
 
 
-REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # PREEMPTED is an end: PreemptMode=CANCEL
-
-
 def requeued_since(info: dict[str, str] | None, *, restart: int) -> bool:
     """Whether SLURM requeued the job after its attempt `restart`, from `job_info`: it counted
     another restart (at once, while the job is still COMPLETING), or the job waits again."""
     if not info:
         return False
     restarts = info.get("Restarts") or "0"
-    return (restarts.isdigit() and int(restarts) > restart) or info_state(info) in REQUEUED_STATES
+    # PREEMPTED is an end (PreemptMode=CANCEL); a job SLURM requeued waits again
+    return (restarts.isdigit() and int(restarts) > restart) or info_state(info) in JobStates.WAITING_AGAIN
 
 
 def info_state(info: dict[str, str]) -> str:
     """The job's base state in `job_info` ("COMPLETING+" and flags dropped; "" when not given)."""
-    words = info.get("JobState", "").split()
-    return words[0].rstrip("+") if words else ""
+    return JobStates.base(info.get("JobState", ""))
 
 
 def job_info(job_id: str) -> dict[str, str] | None:
