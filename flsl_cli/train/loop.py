@@ -353,7 +353,9 @@ def _try(action) -> None:
 
 def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
     every = recipe.eval.every_epochs
-    return bool(every) and (recipe.eval.knn is not None or recipe.eval.davis is not None) and epoch % every == 0
+    if not every or (recipe.eval.knn is None and recipe.eval.davis is None):
+        return False
+    return epoch % every == 0
 
 
 def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
