@@ -242,12 +242,16 @@ class KnnEvalConfig(Section):
 class EvalConfig(Section):
     every_epochs: Int | None = Field(
         None, ge=1, le=10_000, description="Run the k-NN evaluation every N epochs (None: off).")
+    at_end: bool = Field(
+        False, description="When training ends, evaluate the teacher and a random init of the same architecture "
+                           "with the k-NN section and print both beside the chance level.")
     knn: KnnEvalConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
-        if self.every_epochs and self.knn is None:
-            raise ValueError("knn: expected a k-NN section (train, val, ...) when every_epochs is set, found none")
+        for key, value in (("every_epochs", self.every_epochs), ("at_end", self.at_end)):
+            if value and self.knn is None:
+                raise ValueError(f"knn: expected a k-NN section (train, val, ...) when {key} is set, found none")
         return self
 
 

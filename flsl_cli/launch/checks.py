@@ -30,6 +30,11 @@ def ensure_demo_data(recipe: Recipe, *, on_progress: Callable[[int, int], None] 
 
 
 def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
+    """The training shards and the k-NN evaluation's shards can be read; the notes on how the
+    training shards spread over the processes' data workers."""
+    if recipe.eval.knn is not None and (recipe.eval.every_epochs or recipe.eval.at_end):
+        resolve_shards(recipe.eval.knn.train, key="eval.knn.train")
+        resolve_shards(recipe.eval.knn.val, key="eval.knn.val")
     shards = resolve_shards(recipe.data.train)
     _, notes = plan_layout(shards, world_size=world_size, num_workers=recipe.data.num_workers,
                            local_batch=recipe.optim.global_batch_size // world_size)
