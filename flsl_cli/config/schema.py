@@ -364,6 +364,22 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     slurm: SlurmConfig = SlurmConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eval_splits(cls, data: Any) -> Any:
+        """eval.knn.train defaults to data.train, and eval.knn.val to the folder named `val` beside
+        it (the layout `flsl data demo` and `flsl data shards` write), when data.train is one path."""
+        if not isinstance(data, dict):
+            return data
+        section, evaluation = data.get("data"), data.get("eval")
+        knn = evaluation.get("knn") if isinstance(evaluation, dict) else None
+        train = section.get("train") if isinstance(section, dict) else None
+        if not (isinstance(train, str) and isinstance(knn, dict)) or any(sign in train for sign in ",{"):
+            return data
+        parent = train.rstrip("/").rpartition("/")[0] or "."
+        filled = {"train": train, "val": f"{parent}/val"}
+        return {**data, "eval": {**evaluation, "knn": {**filled, **knn}}}
+
     @model_validator(mode="after")
     def _check_geometry(self) -> "Recipe":
         patch = self.model.patch_size
