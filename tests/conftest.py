@@ -34,7 +34,7 @@ def tiny_overrides(train: Path | str, **extra: object) -> list[str]:
         "augment.global_size": 32, "augment.local_size": 16, "loss.query_window_global": 2,
         "loss.query_window_local": 2, "optim.global_batch_size": 8, "optim.epochs": 2,
         "optim.warmup_epochs": 1, "checkpoint.every_minutes": "null", "checkpoint.every_steps": 5,
-        "checkpoint.keep_last": 10, "logging.every_steps": 1,
+        "checkpoint.keep_last": 10, "logging.every_steps": 1, "eval.at_end": "false",
     }
     values.update({key.replace("__", "."): value for key, value in extra.items()})
     args = []

@@ -125,3 +125,33 @@ def default_output(results: dict) -> Path:
         which = described.get("which", "teacher")
         return source.parent.parent / "eval" / f"knn-{mode}-step-{described['step']:08d}-{which}{suffix}.json"
     return Path(f"knn-{mode}{suffix}.json")
+
+
+@handle_errors
+def diagnose(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A flsl checkpoint or a run directory (its newest checkpoint): the network and its head.")],
+    *,
+    val: Annotated[str, typer.Option("--val", help="Shards of the images to look at (e.g. the demo val split).")],
+    images: Annotated[int, typer.Option("--images", min=2, max=100_000,
+                                        help="How many images (the first of the split).")] = 256,
+    which: Annotated[Literal["teacher", "student"], typer.Option(
+        "--which", help="Network of the checkpoint.")] = "teacher",
+    resize: Annotated[Optional[int], typer.Option(
+        "--resize", min=1, help="Shorter side after the resize (default: crop x 256 / 224).")] = None,
+    crop: Annotated[Optional[int], typer.Option(
+        "--crop", min=1, help="Center crop side (default: the checkpoint's augment.global_size).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")] = False,
+) -> None:
+    """Signs of feature collapse: effective rank of the tokens, similarity within and between images,
+    the teacher head's entropy and prototype use; beside a random init of the same architecture."""
+    import json
+
+    from flsl_cli.eval.diagnose import diagnose as run_diagnose
+    from flsl_cli.eval.report import diagnostics_table
+
+    results = run_diagnose(str(checkpoint), val=val, images=images, which=which, resize=resize, crop=crop)
+    if json_out:
+        out_console.print_json(json.dumps(results))
+    else:
+        out_console.print(diagnostics_table(results))

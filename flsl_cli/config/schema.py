@@ -261,6 +261,9 @@ class DavisEvalConfig(Section):
 class EvalConfig(Section):
     every_epochs: Int | None = Field(
         None, ge=1, le=10_000, description="Run the evaluations (k-NN, DAVIS) every N epochs (None: off).")
+    at_end: bool = Field(
+        False, description="When training ends, evaluate the teacher and a random init of the same architecture "
+                           "with the k-NN section and print both beside the chance level.")
     knn: KnnEvalConfig | None = None
     davis: DavisEvalConfig | None = None
 
@@ -269,6 +272,8 @@ class EvalConfig(Section):
         if self.every_epochs and self.knn is None and self.davis is None:
             raise ValueError("knn: expected a k-NN section (train, val, ...) or a davis section (davis: ROOT, ...) "
                              "when every_epochs is set, found neither")
+        if self.at_end and self.knn is None:
+            raise ValueError("knn: expected a k-NN section (train, val, ...) when at_end is set, found none")
         return self
 
 
@@ -380,6 +385,22 @@ class Recipe(Section):
     logging: LoggingConfig = LoggingConfig()
     eval: EvalConfig = EvalConfig()
     slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eval_splits(cls, data: Any) -> Any:
+        """eval.knn.train defaults to data.train, and eval.knn.val to the folder named `val` beside
+        it (the layout `flsl data demo` and `flsl data shards` write), when data.train is one path."""
+        if not isinstance(data, dict):
+            return data
+        section, evaluation = data.get("data"), data.get("eval")
+        knn = evaluation.get("knn") if isinstance(evaluation, dict) else None
+        train = section.get("train") if isinstance(section, dict) else None
+        if not (isinstance(train, str) and isinstance(knn, dict)) or any(sign in train for sign in ",{"):
+            return data
+        parent = train.rstrip("/").rpartition("/")[0] or "."
+        filled = {"train": train, "val": f"{parent}/val"}
+        return {**data, "eval": {**evaluation, "knn": {**filled, **knn}}}
 
     @model_validator(mode="after")
     def _check_geometry(self) -> Recipe:

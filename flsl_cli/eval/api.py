@@ -105,6 +105,9 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConf
         metrics[f"knn_{mode}_top5_k{k}"] = row["top5"]
         if mode == "bbox":
             metrics[f"knn_{mode}_feature_top1_k{k}"] = row["feature_top1"]
+    metrics[f"knn_{mode}_chance_top1"] = results["chance"]["top1"]
+    if mode == "bbox":
+        metrics[f"knn_{mode}_chance_feature_top1"] = results["chance"]["feature_top1"]
     return metrics
 
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from flsl_cli.config.schema import Recipe
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.errors import CheckpointError, FlslError
 from flsl_cli.models.load import load_backbone
@@ -103,8 +104,7 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
     if timm_name is not None:
         _check_same_architecture(backbone, timm_name=timm_name, source=str(loaded.source))
     if random_init:
-        torch.manual_seed(RANDOM_INIT_SEED)
-        backbone = build_backbone(arch, img_size=recipe.augment.global_size, drop_path=0.0)
+        backbone = random_init_backbone(recipe)
     stat = loaded.source.stat()
     description = {
         "kind": "flsl", "source": str(loaded.source), "step": loaded.step, "which": which,
@@ -114,6 +114,15 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
     identity = f"flsl|{loaded.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{which}|random={random_init}"
     return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  description=description, identity=identity)
+
+
+def random_init_backbone(recipe: Recipe) -> nn.Module:
+    """The recipe's backbone with the random weights every baseline uses (seed RANDOM_INIT_SEED:
+    the weights a run with optim.seed 0 starts from); the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        backbone = build_backbone(recipe.model, img_size=recipe.augment.global_size, drop_path=0.0)
+    return backbone.eval()
 
 
 def _check_same_architecture(backbone: nn.Module, *, timm_name: str, source: str) -> None:

@@ -131,3 +131,53 @@ def _skipped_text(train: dict[str, Any], val: dict[str, Any]) -> str:
 def write_json(path: Path, results: dict[str, Any]) -> None:
     """Write the results atomically."""
     storage.write_json_atomic(path, results)
+
+
+def comparison_table(comparison: dict[str, dict[str, float]], *, step: int, settings: Any) -> Group:
+    """The end-of-training k-NN of the teacher beside a random init and the chance level (the
+    metrics of `evaluate_during_training`), with the teacher's lead in points."""
+    mode = settings.mode
+    k = sorted(settings.k)[min(1, len(settings.k) - 1)]  # k = 20 with the default list
+    column, chance_key = ((f"knn_{mode}_feature_top1_k{k}", f"knn_{mode}_chance_feature_top1") if mode == "bbox"
+                          else (f"knn_{mode}_top1_k{k}", f"knn_{mode}_chance_top1"))
+    teacher, baseline = comparison["teacher"], comparison["random_init"]
+    images = int(teacher[f"knn_{mode}_images"])
+    measure = "feature top-1" if mode == "bbox" else "top-1"
+    table = Table(title=f"k-NN on {settings.val} ({mode}, k={k}, {images} images)", title_justify="left")
+    table.add_column("backbone", style="bold")
+    table.add_column(f"{measure} %", justify="right")
+    table.add_row(f"teacher, step {step}", f"{teacher[column]:.1f}")
+    table.add_row("random init (same architecture)", f"{baseline[column]:.1f}")
+    table.add_row("chance", f"{teacher[chance_key]:.1f}")
+    lead = teacher[column] - baseline[column]
+    verdict = (f"the teacher is {lead:.1f} points ahead of random init" if lead > 0
+               else f"the teacher is {-lead:.1f} points behind random init: the features did not improve")
+    return Group(table, Text(verdict, style="green" if lead > 0 else "yellow"))
+
+
+_DIAGNOSTIC_ROWS = (
+    ("effective_rank", "effective rank of the tokens (of {embed_dim} dims)", "{:.1f}"),
+    ("within_image_cosine", "mean cosine, two tokens of one image", "{:.3f}"),
+    ("between_image_cosine", "mean cosine, tokens of different images", "{:.3f}"),
+    ("teacher_entropy", "teacher entropy per token, nats (max {max_entropy:.2f})", "{:.2f}"),
+    ("prototypes_in_use", "prototypes that are some token's first choice", "{:.0%}"),
+    ("mean_perplexity_share", "perplexity of the mean prediction / K", "{:.0%}"),
+)
+
+
+def diagnostics_table(results: dict[str, Any]) -> Table:
+    """`flsl diagnose`'s figures: the checkpoint's network beside a random init."""
+    import math
+
+    table = Table(title=f"{results['checkpoint']} ({results['which']}, step {results['step']}): "
+                        f"{results['images']} images of {results['val']} at {results['crop']} px",
+                  title_justify="left")
+    table.add_column("diagnostic", style="bold")
+    table.add_column("trained", justify="right")
+    table.add_column("random init", justify="right")
+    names = {"embed_dim": results["embed_dim"], "max_entropy": math.log(results["prototypes"])}
+    for key, label, fmt in _DIAGNOSTIC_ROWS:
+        if key in results["trained"]:
+            table.add_row(label.format(**names), fmt.format(results["trained"][key]),
+                          fmt.format(results["random_init"][key]))
+    return table

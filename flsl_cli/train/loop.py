@@ -36,6 +36,8 @@ from flsl_cli.distributed import group
 from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.eval.api import evaluate_during_training
+from flsl_cli.eval.backbones import random_init_backbone
+from flsl_cli.eval.report import comparison_table
 from flsl_cli.eval.davis.api import evaluate_davis_during_training
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
@@ -181,6 +183,7 @@ class TrainSession:
             update_status(run_dir, status="running", world_size=env.world_size, last_error=None)
         self.runner.stop_request = signals.stop_request()
         started = time.monotonic()
+        comparison = None
         try:
             try:
                 self._stop_if_asked_before_training()
@@ -189,6 +192,9 @@ class TrainSession:
                 if self.last_saved != self.step:
                     self.save()
                 barrier()
+                seconds = time.monotonic() - started
+                if self.recipe.eval.at_end:
+                    comparison = self._compare_with_random_init()
             except RuntimeError as exc:  # torch reports a data worker that died at any moment
                 failure = worker_failure(exc, run_dir=self.shown_as) or group.peer_lost(
                     exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes)
@@ -222,8 +228,25 @@ class TrainSession:
             self.sync()
             if self.show_progress:
                 _print_summary(self.progress, run_dir=run_dir, shown_as=self.shown_as, step=self.step,
-                               total=self.total_steps, values=self.values, seconds=time.monotonic() - started,
+                               total=self.total_steps, values=self.values, seconds=seconds,
                                start_step=self.start_step)
+                if comparison and self.recipe.eval.knn is not None:
+                    self.progress.console.print(comparison_table(comparison, step=self.step,
+                                                                 settings=self.recipe.eval.knn))
+
+    def _compare_with_random_init(self) -> dict[str, dict[str, float]]:
+        """The k-NN figures of the teacher and of a random init (every rank takes part); rank 0
+        logs them to metrics.jsonl (and so to `flsl plot`) as the step's `final` row."""
+        settings = self.recipe.eval.knn
+        assert settings is not None, "eval.at_end is validated to come with eval.knn"
+        teacher = evaluate_during_training(backbone=self.runner.teacher.backbone, settings=settings,
+                                           device=self.env.device)
+        random_backbone = random_init_backbone(self.recipe).to(self.env.device)
+        baseline = evaluate_during_training(backbone=random_backbone, settings=settings, device=self.env.device)
+        if self.metrics:
+            self.metrics.write({"step": self.step, "final": True, **teacher,
+                                **{f"random_init_{key}": value for key, value in baseline.items()}})
+        return {"teacher": teacher, "random_init": baseline}
 
     @property
     def shown_as(self) -> str:

@@ -32,7 +32,9 @@ PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("images/s", ("images_per_s",), {}),
     ("data health (cumulative)", ("seen", "bad"), {"seen": "samples seen", "bad": "bad samples"}),
 )
-KNN_TITLE = "k-NN (teacher)"
+KNN_TITLE = "k-NN (teacher), %"
+RANDOM_INIT_PREFIX = "random_init_"  # the end-of-training baseline (eval.at_end)
+CHANCE_MARK = "_chance_"
 SECOND_AXIS = ("bad",)
 
 
@@ -82,10 +84,12 @@ def draw_run(curves: RunCurves) -> Figure:
     """The matplotlib Figure: one panel per group of series that the run logged."""
     plt = require_matplotlib()
     panels = [(title, [k for k in keys if k in curves.series], labels) for title, keys, labels in PANELS]
-    knn = sorted(k for k in curves.series if k.startswith("knn"))
+    knn = sorted(k for k in curves.series if _is_accuracy(k))
     if knn:
         panels.append((KNN_TITLE, knn, {}))
-    known = {key for _, keys, _ in PANELS for key in keys} | set(knn)
+    # image counts, chance levels and the random-init baseline are drawn with the k-NN curves or not at all
+    known = ({key for _, keys, _ in PANELS for key in keys}
+             | {k for k in curves.series if k.startswith(("knn", RANDOM_INIT_PREFIX))})
     other = sorted(set(curves.series) - known)
     if other:
         panels.append(("other", other, {}))
@@ -103,6 +107,8 @@ def draw_run(curves: RunCurves) -> Figure:
                         color="tab:red" if key in SECOND_AXIS else None)
             if key in SECOND_AXIS:  # counts: from 0, and a visible range while there are none
                 target.set_ylim(0, max(1.0, max(values) * 1.1))
+        if title == KNN_TITLE:
+            _mark_baselines(axes, curves, keys)
         _mark_resumes(axes, curves.resumes)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("step", fontsize=8)
@@ -115,6 +121,24 @@ def draw_run(curves: RunCurves) -> Figure:
         axes.set_visible(False)
     figure.tight_layout()
     return figure
+
+
+def _is_accuracy(key: str) -> bool:
+    """A k-NN accuracy in percent (not an image count or a chance level)."""
+    return key.startswith("knn") and CHANCE_MARK not in key and not key.endswith("_images")
+
+
+def _mark_baselines(axes, curves: RunCurves, keys: list[str]) -> None:
+    """Chance levels as dotted lines; the random init's figure as a cross at the step it was taken."""
+    for key in sorted(k for k in curves.series if CHANCE_MARK in k and k.startswith("knn")):
+        level = curves.series[key][1][-1]
+        what = key.split(CHANCE_MARK, 1)[1].replace("_", " ")
+        axes.axhline(level, color="gray", linestyle=":", linewidth=1, label=f"chance ({what})")
+    for key in keys:
+        baseline = curves.series.get(RANDOM_INIT_PREFIX + key)
+        if baseline:
+            axes.plot(baseline[0], baseline[1], marker="x", linestyle="none", markersize=8,
+                      label=f"random init: {key}")
 
 
 def _right_axis(axes):
