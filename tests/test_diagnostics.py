@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import fails, run_flsl
+
 from flsl_cli.eval.diagnostics import effective_rank, feature_diagnostics, image_similarity, prototype_usage
 
 

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import metrics, run_flsl, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

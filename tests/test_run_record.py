@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from flsl_cli.errors import RunDirError
 from flsl_cli.train.run_record import (
     JobStates,

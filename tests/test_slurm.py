@@ -17,10 +17,22 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_same_run, fails, run_flsl, tiny_overrides
-from slurm_support import (TERMINAL, job_logs, job_state, metric_steps, release_requeued, restarts_of,
-                           run_json, running_cluster, slurm, squeeze, submitted, wait_finished, wait_for)
+from slurm_support import (
+    TERMINAL,
+    job_logs,
+    job_state,
+    metric_steps,
+    release_requeued,
+    restarts_of,
+    run_json,
+    running_cluster,
+    slurm,
+    squeeze,
+    submitted,
+    wait_finished,
+    wait_for,
+)
 
 ON_CPU = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2")
 

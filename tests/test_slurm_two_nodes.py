@@ -20,10 +20,20 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_same_run, run_flsl, tiny_overrides
-from slurm_support import (job_logs, metric_steps, release_requeued, restarts_of, run_json, running_cluster,
-                           slurm, squeeze, submitted, wait_finished, wait_for)
+from slurm_support import (
+    job_logs,
+    metric_steps,
+    release_requeued,
+    restarts_of,
+    run_json,
+    running_cluster,
+    slurm,
+    squeeze,
+    submitted,
+    wait_finished,
+    wait_for,
+)
 
 TWO_NODES = ("--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1")
 ONE_NODE = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1")

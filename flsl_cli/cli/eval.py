@@ -137,9 +137,9 @@ def diagnose(
                                         help="How many images (the first of the split).")] = 256,
     which: Annotated[Literal["teacher", "student"], typer.Option(
         "--which", help="Network of the checkpoint.")] = "teacher",
-    resize: Annotated[Optional[int], typer.Option(
+    resize: Annotated[int | None, typer.Option(
         "--resize", min=1, help="Shorter side after the resize (default: crop x 256 / 224).")] = None,
-    crop: Annotated[Optional[int], typer.Option(
+    crop: Annotated[int | None, typer.Option(
         "--crop", min=1, help="Center crop side (default: the checkpoint's augment.global_size).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")] = False,
 ) -> None:

@@ -394,7 +394,9 @@ class Recipe(Section):
         if not isinstance(data, dict):
             return data
         section, evaluation = data.get("data"), data.get("eval")
-        knn = evaluation.get("knn") if isinstance(evaluation, dict) else None
+        if not isinstance(evaluation, dict):
+            return data
+        knn = evaluation.get("knn")
         train = section.get("train") if isinstance(section, dict) else None
         if not (isinstance(train, str) and isinstance(knn, dict)) or any(sign in train for sign in ",{"):
             return data

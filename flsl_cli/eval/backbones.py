@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from flsl_cli.config.schema import Recipe
@@ -116,7 +117,7 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
                  description=description, identity=identity)
 
 
-def random_init_backbone(recipe: Recipe) -> nn.Module:
+def random_init_backbone(recipe: Recipe) -> VisionTransformer:
     """The recipe's backbone with the random weights every baseline uses (seed RANDOM_INIT_SEED:
     the weights a run with optim.seed 0 starts from); the global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):

@@ -37,8 +37,8 @@ from flsl_cli.distributed.ops import all_reduce_sum, barrier, gather_objects
 from flsl_cli.errors import DataError, FlslError, RunStopped, TrainingDiverged
 from flsl_cli.eval.api import evaluate_during_training
 from flsl_cli.eval.backbones import random_init_backbone
-from flsl_cli.eval.report import comparison_table
 from flsl_cli.eval.davis.api import evaluate_davis_during_training
+from flsl_cli.eval.report import comparison_table
 from flsl_cli.models.flsl import build_student_teacher
 from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
