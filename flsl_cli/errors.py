@@ -89,8 +89,9 @@ class RunStopped(FlslError):
 
     exit_code = 75
 
-    def __init__(self, what: str, *, step: int, signal_name: str, where: str | None = None,
-                 fix: str | None = None) -> None:
+    def __init__(
+        self, what: str, *, step: int, signal_name: str, where: str | None = None, fix: str | None = None
+    ) -> None:
         self.step = step
         self.signal_name = signal_name
         if signal_name == "SIGINT":

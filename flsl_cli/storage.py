@@ -79,24 +79,57 @@ def filesystem(url: str) -> tuple[Any, str]:
         return url_to_fs(str(url))
     except (ImportError, ValueError) as exc:
         name = protocol(str(url))
-        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-                   "http": "aiohttp", "https": "aiohttp"}.get(name)
-        fix = (f"Install the fsspec backend for {name}:// (pip install {package})" if package
-               else f"Use a protocol fsspec knows (file, s3, gs, http, https, memory, ...); {name}:// is not one")
+        package = {
+            "s3": "s3fs",
+            "gs": "gcsfs",
+            "gcs": "gcsfs",
+            "az": "adlfs",
+            "abfs": "adlfs",
+            "http": "aiohttp",
+            "https": "aiohttp",
+        }.get(name)
+        fix = (
+            f"Install the fsspec backend for {name}:// (pip install {package})"
+            if package
+            else f"Use a protocol fsspec knows (file, s3, gs, http, https, memory, ...); {name}:// is not one"
+        )
         raise DataError(f"cannot open {name}:// URLs ({str(exc).splitlines()[0]})", where=str(url), fix=fix) from None
 
 
 # What marks a failure that may pass if tried again. Decided from the exception's type, its
 # errno and the HTTP status or error code the server sent, never from the words of a message.
-_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ETIMEDOUT", "EPIPE", "EHOSTUNREACH", "ENETUNREACH",
-    "ENETDOWN", "ENETRESET", "EAGAIN", "EBUSY", "EREMOTEIO") if hasattr(errno, name))
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ECONNREFUSED",
+        "ETIMEDOUT",
+        "EPIPE",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EAGAIN",
+        "EBUSY",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                              "InternalError", "ServiceUnavailable",
-                              "RequestLimitExceeded", "TooManyRequestsException"})
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
-              ssl.SSLError)
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
+)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ssl.SSLError)
 # Exception classes of optional libraries, by module: (transient, permanent) class names.
 _LIBRARY_ERRORS = {
     "aiohttp": (("ClientConnectionError", "ClientPayloadError"), ("ClientSSLError",)),
@@ -190,8 +223,15 @@ def retry_after(exc: BaseException, *, url: str, what: str, attempt: int, attemp
     if attempt >= attempts or not is_transient(exc):
         return False
     delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1)) * (0.5 + random.random())
-    log.warning("retrying %s %s: attempt %d/%d failed (%s); next in %.1f s",
-                what, redact(url), attempt, attempts, _reason(exc), delay)
+    log.warning(
+        "retrying %s %s: attempt %d/%d failed (%s); next in %.1f s",
+        what,
+        redact(url),
+        attempt,
+        attempts,
+        _reason(exc),
+        delay,
+    )
     _sleep(delay)
     return True
 
@@ -234,12 +274,15 @@ def list_sizes(url: str) -> dict[str, int | None]:
         entries = with_retries(lambda: fs.ls(path, detail=True), url=url, what="listing")
     except (FileNotFoundError, NotADirectoryError):
         return {}
-    return {basename(entry["name"]): (int(entry.get("size") or 0) if entry.get("type") == "file" else None)
-            for entry in entries}
+    return {
+        basename(entry["name"]): (int(entry.get("size") or 0) if entry.get("type") == "file" else None)
+        for entry in entries
+    }
 
 
-def read_text_file(path: str | Path, *, what: str, error: type[FlslError] = FlslError,
-                   missing_fix: str = "Check the path") -> str:
+def read_text_file(
+    path: str | Path, *, what: str, error: type[FlslError] = FlslError, missing_fix: str = "Check the path"
+) -> str:
     """The text of a user's local UTF-8 file (a byte-order mark is dropped), or `error` saying
     what is wrong with it: missing, a directory, not UTF-8, unreadable. `what` names the file
     for the user ("recipe file", "box file", ...)."""
@@ -251,11 +294,15 @@ def read_text_file(path: str | Path, *, what: str, error: type[FlslError] = Flsl
     except IsADirectoryError:
         raise error(f"the {what} is a directory, expected a file", where=str(path), fix=missing_fix) from None
     except UnicodeDecodeError as err:
-        raise error(f"the {what} is not UTF-8 text ({err.reason} at byte {err.start})", where=str(path),
-                    fix="Give a UTF-8 text file") from None
+        raise error(
+            f"the {what} is not UTF-8 text ({err.reason} at byte {err.start})",
+            where=str(path),
+            fix="Give a UTF-8 text file",
+        ) from None
     except OSError as err:
-        raise error(f"cannot read the {what} ({err.strerror or err})", where=str(path),
-                    fix="Check the file's permissions") from None
+        raise error(
+            f"cannot read the {what} ({err.strerror or err})", where=str(path), fix="Check the file's permissions"
+        ) from None
 
 
 def read_bytes(url: str) -> bytes:
@@ -375,6 +422,7 @@ def upload_file_atomic(local: Path, url: str | Path) -> None:
     """Copy a finished local file to `url` atomically (rename locally, one upload remotely)."""
     url = str(url)
     if is_local(url):
+
         def copy(handle) -> None:
             with open(local, "rb") as source:
                 while chunk := source.read(1 << 22):
@@ -436,4 +484,3 @@ def open_write(url: str) -> Any:
     `commit_file` it (as the shard writers do)."""
     fs, path = filesystem(url)
     return fs.open(path, "wb")
-

@@ -42,8 +42,14 @@ class DinoObjective(nn.Module):
         self.student_temp = recipe.loss.student_temp
         self.register_buffer("center", torch.zeros(1, recipe.model.head_out_dim))
 
-    def forward(self, batch: dict[str, torch.Tensor], *, teacher_tokens_bnd: torch.Tensor,
-                teacher_head: nn.Module, teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        teacher_tokens_bnd: torch.Tensor,
+        teacher_head: nn.Module,
+        teacher_temp: float,
+    ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             teacher_logits = teacher_head(teacher_tokens_bnd.mean(dim=1)).float()
             teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
@@ -54,8 +60,12 @@ class DinoObjective(nn.Module):
             images, count = locals_.shape[:2]
             tokens = self.student.tokens(locals_.flatten(0, 1)).mean(dim=1).unflatten(0, (images, count))
             pooled += [tokens[:, i] for i in range(count)]
-        losses = [-(teacher_probs * F.log_softmax(self.student.head(p).float() / self.student_temp, dim=-1))
-                  .sum(dim=-1).mean() for p in pooled]
+        losses = [
+            -(teacher_probs * F.log_softmax(self.student.head(p).float() / self.student_temp, dim=-1))
+            .sum(dim=-1)
+            .mean()
+            for p in pooled
+        ]
         total = torch.stack(losses).mean()
         zero = total.detach() * 0
         return {"loss": total, "intra": zero, "inter": total.detach(), "volume": zero}
@@ -70,8 +80,14 @@ class SimclrObjective(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, batch: dict[str, torch.Tensor], *, teacher_tokens_bnd: torch.Tensor,
-                teacher_head: nn.Module, teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        teacher_tokens_bnd: torch.Tensor,
+        teacher_head: nn.Module,
+        teacher_temp: float,
+    ) -> dict[str, torch.Tensor]:
         views = torch.cat([batch["teacher"], batch["global"]])
         embedded = F.normalize(self.student.head.mlp(self.student.tokens(views).mean(dim=1)).float(), dim=-1)
         images = batch["teacher"].shape[0]

@@ -65,11 +65,12 @@ def write_sequence(root: Path, *, frames: int, objects: int) -> None:
         ids = np.zeros((HEIGHT, WIDTH), np.uint8)
         for o in range(objects):
             cy, cx = 120 + 200 * (o % 2) + 3 * t, 150 + 250 * o + 8 * t
-            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 70 ** 2
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 70**2
             image[inside] = (200 - 60 * o, 40 + 70 * o, 60)
             ids[inside] = o + 1
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / names[0] / "480p" / "synthetic" / f"{t:05d}.jpg",
-                                                                   quality=90)
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
+            root / names[0] / "480p" / "synthetic" / f"{t:05d}.jpg", quality=90
+        )
         mask = Image.frombytes("P", (WIDTH, HEIGHT), ids.tobytes())
         mask.putpalette(palette)
         mask.save(root / names[1] / "480p" / "synthetic" / f"{t:05d}.png")
@@ -113,10 +114,16 @@ def main() -> None:
         jpeg = root / "JPEGImages" / "480p" / "synthetic" / "00001.jpg"
         png = root / "Annotations" / "480p" / "synthetic" / "00001.png"
         stages = {}
-        stages["read"] = timed(lambda: (frame_tensor(read_image(str(jpeg)), size_hw=size_hw, mean=model.mean,
-                                                     std=model.std), np.array(read_image(str(png)))), args.repeat)
-        batch = torch.stack([frame_tensor(read_image(str(jpeg)), size_hw=size_hw, mean=model.mean, std=model.std)]
-                            * args.batch_size).to(device)
+        stages["read"] = timed(
+            lambda: (
+                frame_tensor(read_image(str(jpeg)), size_hw=size_hw, mean=model.mean, std=model.std),
+                np.array(read_image(str(png))),
+            ),
+            args.repeat,
+        )
+        batch = torch.stack(
+            [frame_tensor(read_image(str(jpeg)), size_hw=size_hw, mean=model.mean, std=model.std)] * args.batch_size
+        ).to(device)
 
         def forward() -> None:
             model.tokens(batch)
@@ -125,8 +132,9 @@ def main() -> None:
         stages["forward"] = timed(forward, args.repeat) / args.batch_size
         dim = model.embed_dim
         features = [torch.randn(grid_hw[0] * grid_hw[1], dim, device=device) for _ in range(9)]
-        labels = torch.nn.functional.one_hot(torch.randint(0, args.objects + 1, (grid_hw[0] * grid_hw[1],)),
-                                             args.objects + 1).to(device)
+        labels = torch.nn.functional.one_hot(
+            torch.randint(0, args.objects + 1, (grid_hw[0] * grid_hw[1],)), args.objects + 1
+        ).to(device)
         propagator = Propagator(features[0], labels, grid_hw=grid_hw, settings=PropagationSettings())
         for f in features[1:8]:
             propagator.step(f)  # the context full: the first frame and 7 previous ones
@@ -138,32 +146,56 @@ def main() -> None:
         stages["propagate"] = timed(propagate, args.repeat)
         soft = propagator.step(features[8])
         truth = np.array(read_image(str(png)))
-        stages["upsample_write"] = timed(lambda: write_palette_png(to_original_size(
-            upsample_labels(soft, grid_hw=grid_hw, patch=model.patch_size), size_hw=(HEIGHT, WIDTH)),
-            palette=[0] * 768), args.repeat)
+        stages["upsample_write"] = timed(
+            lambda: write_palette_png(
+                to_original_size(
+                    upsample_labels(soft, grid_hw=grid_hw, patch=model.patch_size), size_hw=(HEIGHT, WIDTH)
+                ),
+                palette=[0] * 768,
+            ),
+            args.repeat,
+        )
         predicted = np.roll(truth, 5, axis=1)
-        stages["measures"] = timed(lambda: frame_measures(torch.from_numpy(predicted), torch.from_numpy(truth),
-                                                          objects=args.objects), args.repeat)
+        stages["measures"] = timed(
+            lambda: frame_measures(torch.from_numpy(predicted), torch.from_numpy(truth), objects=args.objects),
+            args.repeat,
+        )
         per_frame = sum(stages.values())
         start = time.perf_counter()
-        results = evaluate_model(model, settings=settings.model_copy(update={"davis": str(root)}), device=device,
-                                 reporter=Reporter(enabled=False))
+        results = evaluate_model(
+            model,
+            settings=settings.model_copy(update={"davis": str(root)}),
+            device=device,
+            reporter=Reporter(enabled=False),
+        )
         whole = time.perf_counter() - start
     estimate = load_seconds + DAVIS_VAL_FRAMES * per_frame
     figures = {
-        "device": args.device, "torch_threads": torch.get_num_threads(), "model": MODEL,
-        "model_size_hw": list(size_hw), "grid_hw": list(grid_hw), "objects_per_frame": args.objects,
-        "seconds_per_frame": {k: round(v, 4) for k, v in stages.items()}, "seconds_per_frame_total": round(per_frame, 4),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "model": MODEL,
+        "model_size_hw": list(size_hw),
+        "grid_hw": list(grid_hw),
+        "objects_per_frame": args.objects,
+        "seconds_per_frame": {k: round(v, 4) for k, v in stages.items()},
+        "seconds_per_frame_total": round(per_frame, 4),
         "model_load_seconds": round(load_seconds, 2),
-        "check": {"frames": args.frames, "seconds": round(whole, 2), "seconds_per_frame": round(whole / args.frames, 4),
-                  "JF_mean": results["overall"]["JF_mean"]},
-        "estimate_davis_val_seconds": round(estimate, 1), "davis_val_frames": DAVIS_VAL_FRAMES,
+        "check": {
+            "frames": args.frames,
+            "seconds": round(whole, 2),
+            "seconds_per_frame": round(whole / args.frames, 4),
+            "JF_mean": results["overall"]["JF_mean"],
+        },
+        "estimate_davis_val_seconds": round(estimate, 1),
+        "davis_val_frames": DAVIS_VAL_FRAMES,
         "davis_val_sequences": DAVIS_VAL_SEQUENCES,
     }
     print(json.dumps(figures, indent=1))
-    print(f"estimate for DAVIS 2017 val ({DAVIS_VAL_SEQUENCES} sequences, {DAVIS_VAL_FRAMES} frames), ViT-S/16 on "
-          f"{args.device}: {estimate / 60:.1f} min ({per_frame:.3f} s per frame; the whole evaluation of "
-          f"{args.frames} synthetic frames took {whole / args.frames:.3f} s per frame)")
+    print(
+        f"estimate for DAVIS 2017 val ({DAVIS_VAL_SEQUENCES} sequences, {DAVIS_VAL_FRAMES} frames), ViT-S/16 on "
+        f"{args.device}: {estimate / 60:.1f} min ({per_frame:.3f} s per frame; the whole evaluation of "
+        f"{args.frames} synthetic frames took {whole / args.frames:.3f} s per frame)"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
 

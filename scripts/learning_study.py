@@ -25,8 +25,10 @@ def knn_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if f"knn_bbox_feature_top1_k{K}" in row:
-            rows[int(row["step"])] = {"feature_top1": row[f"knn_bbox_feature_top1_k{K}"],
-                                      "image_top1": row[f"knn_bbox_top1_k{K}"]}
+            rows[int(row["step"])] = {
+                "feature_top1": row[f"knn_bbox_feature_top1_k{K}"],
+                "image_top1": row[f"knn_bbox_top1_k{K}"],
+            }
     return rows
 
 
@@ -44,14 +46,25 @@ def study(run_dir: Path, *, val: str, images: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"**{result['run']}**", "",
-             "| step | feature top-1 % (k=20) | image top-1 % | eff. rank | cos within | cos between "
-             "| teacher entropy | prototypes used |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{result['run']}**",
+        "",
+        "| step | feature top-1 % (k=20) | image top-1 % | eff. rank | cos within | cos between "
+        "| teacher entropy | prototypes used |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for step in sorted(set(result["knn"]) | set(result["diagnostics"])):
         knn, diag = result["knn"].get(step, {}), result["diagnostics"].get(step, {})
         cells = [f"{knn[k]:.1f}" if k in knn else "" for k in ("feature_top1", "image_top1")]
-        cells += [f"{diag[k]:.{p}f}" if k in diag else "" for k, p in (
-            ("effective_rank", 1), ("within_image_cosine", 2), ("between_image_cosine", 2), ("teacher_entropy", 2))]
+        cells += [
+            f"{diag[k]:.{p}f}" if k in diag else ""
+            for k, p in (
+                ("effective_rank", 1),
+                ("within_image_cosine", 2),
+                ("between_image_cosine", 2),
+                ("teacher_entropy", 2),
+            )
+        ]
         cells.append(f"{diag['prototypes_in_use']:.0%}" if diag else "")
         lines.append(f"| {'0 (random init)' if step == 0 and diag and not knn else step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ torch thread as in a data worker, 200 conversions per turn, alternating turns, b
 
     python3 scripts/view-to-tensor.py
 """
+
 import sys
 import time
 from pathlib import Path
@@ -35,5 +36,7 @@ for size in (224, 96):
             for _ in range(200):
                 fn(image)
             best[name] = min(best[name], (time.perf_counter() - start) / 200)
-    print(f"{size} px: numpy {best['numpy']*1e6:.0f} us, torchvision {best['torchvision']*1e6:.0f} us, "
-          f"ratio {best['numpy']/best['torchvision']:.2f}")
+    print(
+        f"{size} px: numpy {best['numpy'] * 1e6:.0f} us, torchvision {best['torchvision'] * 1e6:.0f} us, "
+        f"ratio {best['numpy'] / best['torchvision']:.2f}"
+    )

@@ -28,13 +28,29 @@ def tiny_overrides(train: Path | str, **extra: object) -> list[str]:
     """--set values for a tiny, fast run on CPU, with the demo recipe's 2 data workers per
     process, as users run it (pass data__num_workers=0 for the in-process reader)."""
     values = {
-        "data.train": str(train), "data.num_workers": 2, "data.shuffle_buffer": 16, "data.demo": "null",
-        "model.arch": "vit_tiny", "model.patch_size": 8, "model.depth": 2, "model.drop_path": 0.1,
-        "model.head_out_dim": 64, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
-        "augment.global_size": 32, "augment.local_size": 16, "loss.query_window_global": 2,
-        "loss.query_window_local": 2, "optim.global_batch_size": 8, "optim.epochs": 2,
-        "optim.warmup_epochs": 1, "checkpoint.every_minutes": "null", "checkpoint.every_steps": 5,
-        "checkpoint.keep_last": 10, "logging.every_steps": 1, "eval.at_end": "false",
+        "data.train": str(train),
+        "data.num_workers": 2,
+        "data.shuffle_buffer": 16,
+        "data.demo": "null",
+        "model.arch": "vit_tiny",
+        "model.patch_size": 8,
+        "model.depth": 2,
+        "model.drop_path": 0.1,
+        "model.head_out_dim": 64,
+        "model.head_hidden_dim": 64,
+        "model.head_bottleneck_dim": 32,
+        "augment.global_size": 32,
+        "augment.local_size": 16,
+        "loss.query_window_global": 2,
+        "loss.query_window_local": 2,
+        "optim.global_batch_size": 8,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 1,
+        "checkpoint.every_minutes": "null",
+        "checkpoint.every_steps": 5,
+        "checkpoint.keep_last": 10,
+        "logging.every_steps": 1,
+        "eval.at_end": "false",
     }
     values.update({key.replace("__", "."): value for key, value in extra.items()})
     args = []
@@ -48,8 +64,9 @@ def tiny_run(demo_data, tmp_path_factory) -> Path:
     """A flsl run of two steps: a real checkpoint of a tiny architecture (vit_tiny, 2 blocks,
     patch 8, 32 px), made quickly. Tests read it and write their outputs elsewhere."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2), "--run-dir", run
+    )
     assert result.returncode == 0, result.stderr
     return run
 
@@ -76,8 +93,14 @@ def metrics(run: Path) -> list[dict]:
 
 def run_flsl(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flsl_cli", *map(str, args)],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

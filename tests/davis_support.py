@@ -63,7 +63,7 @@ def sequence_frames(*, frames: int, objects: int, seed: int) -> tuple[list[np.nd
         for o in range(objects):
             cy, cx = starts[o][0] + velocities[o][0] * t, starts[o][1] + velocities[o][1] * t
             if o % 2 == 0:
-                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 11 ** 2
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 11**2
             else:
                 inside = (abs(yy - cy) <= 9) & (abs(xx - cx) <= 12)
             image[inside] = COLOURS[o + 1]
@@ -73,8 +73,9 @@ def sequence_frames(*, frames: int, objects: int, seed: int) -> tuple[list[np.nd
     return images, masks
 
 
-def write_davis(root: Path, *, sequences: dict[str, tuple[int, int]] | None = None, split: str = "val",
-                seed: int = 0) -> Path:
+def write_davis(
+    root: Path, *, sequences: dict[str, tuple[int, int]] | None = None, split: str = "val", seed: int = 0
+) -> Path:
     """A DAVIS folder at `root`: sequences {name: (frames, objects)} listed in ImageSets/2017/SPLIT.txt."""
     sequences = sequences or {"shapes-a": (8, 2), "shapes-b": (10, 3)}
     for index, (name, (frames, objects)) in enumerate(sequences.items()):

@@ -21,8 +21,10 @@ def train_on_fixed_batches(*, recipe_data: dict, batches_path: str, out_path: st
             share = {k: v.chunk(env.world_size)[env.rank] for k, v in batch.items()}
             history.append(runner.run(share, step=step))
         if env.is_main:
-            torch.save({"history": history, "student": runner.student.state_dict(),
-                        "teacher": runner.teacher.state_dict()}, out_path)
+            torch.save(
+                {"history": history, "student": runner.student.state_dict(), "teacher": runner.teacher.state_dict()},
+                out_path,
+            )
     finally:
         group.teardown()
 

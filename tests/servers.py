@@ -41,8 +41,13 @@ class Process:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Process:
-        self.process = subprocess.Popen(self.args, cwd=self.cwd, env={**os.environ, **(self.env or {})},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self.args,
+            cwd=self.cwd,
+            env={**os.environ, **(self.env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port)
         return self
 

@@ -36,15 +36,18 @@ def install_slurm() -> str | None:
         return "SLURM is not installed, and installing it (slurm/install-debian.sh) needs root"
     if not shutil.which("apt-get"):
         return "SLURM is not installed, and apt-get is not available to install it"
-    done = subprocess.run(["bash", str(REPO / "slurm" / "install-debian.sh")], capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "install-debian.sh")], capture_output=True, text=True, timeout=900
+    )
     if done.returncode != 0 or not have_slurm():
         return f"installing SLURM failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     return None
 
+
 @contextlib.contextmanager
-def running_cluster(*, nodes: int = 1, state_dir: str | None = None, port: int | None = None,
-                    node_suffix: str = "") -> Iterator[str]:
+def running_cluster(
+    *, nodes: int = 1, state_dir: str | None = None, port: int | None = None, node_suffix: str = ""
+) -> Iterator[str]:
     """A running private cluster of `nodes` nodes while the block runs (stopped afterwards
     unless it was already running); SLURM_CONF points the client commands at it meanwhile.
     Skips, saying why, where SLURM can be neither found nor installed; fails under CI=true."""
@@ -61,8 +64,9 @@ def running_cluster(*, nodes: int = 1, state_dir: str | None = None, port: int |
     if port is not None:
         env["FLSL_SLURM_PORT"] = str(port)
     env["FLSL_SLURM_NODE_SUFFIX"] = node_suffix
-    started = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", str(nodes)], capture_output=True, text=True,
-                             timeout=180, env=env)
+    started = subprocess.run(
+        ["bash", str(CLUSTER), "start", "--nodes", str(nodes)], capture_output=True, text=True, timeout=180, env=env
+    )
     assert started.returncode == 0, f"slurm/cluster.sh start failed:\n{started.stdout}\n{started.stderr}"
     conf = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
     saved = {name: os.environ.get(name) for name in ("SLURM_CONF", "FLSL_MASTER_ADDR")}
@@ -106,8 +110,11 @@ def run_json(run: Path) -> dict:
 def job_logs(run: Path) -> str:
     text = []
     for path in sorted((run / "slurm").glob("*_log.*")):
-        lines = [line for line in path.read_text(errors="replace").splitlines()
-                 if not line.startswith(("epoch ", "lr ", "0.", "│"))]
+        lines = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if not line.startswith(("epoch ", "lr ", "0.", "│"))
+        ]
         text.append(f"--- {path.name}\n" + "\n".join(lines[-40:]))
     return "\n".join(text)
 
@@ -144,6 +151,7 @@ def restarts_of(run: Path, job: str) -> int:
 
 def release_requeued(job: str, run: Path, restarts: int) -> None:
     """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now."""
+
     def started() -> bool:
         if restarts_of(run, job) >= restarts:
             return True

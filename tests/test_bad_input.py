@@ -22,8 +22,15 @@ from flsl_cli.cli.app import app
 from flsl_cli.config.load import load_recipe, recipe_to_yaml
 
 TINY = {
-    "model": {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "drop_path": 0.1, "head_out_dim": 64,
-              "head_hidden_dim": 64, "head_bottleneck_dim": 32},
+    "model": {
+        "arch": "vit_tiny",
+        "patch_size": 8,
+        "depth": 2,
+        "drop_path": 0.1,
+        "head_out_dim": 64,
+        "head_hidden_dim": 64,
+        "head_bottleneck_dim": 32,
+    },
     "data": {"train": "/nonexistent-flsl-data/train", "num_workers": 0, "shuffle_buffer": 16},
     "augment": {"global_size": 32, "local_size": 16},
     "loss": {"query_window_global": 2, "query_window_local": 2},
@@ -32,9 +39,18 @@ TINY = {
     "logging": {"every_steps": 1},
 }
 INF, NAN = float("inf"), float("nan")
-HUGE_MODEL = {"model": {"arch": "vit_large", "depth": 48, "patch_size": 8, "head_out_dim": 131072,
-                        "head_hidden_dim": 16384, "head_bottleneck_dim": 4096},
-              "augment": {"global_size": 1024, "local_size": 512}, "optim": {"global_batch_size": 4096}}
+HUGE_MODEL = {
+    "model": {
+        "arch": "vit_large",
+        "depth": 48,
+        "patch_size": 8,
+        "head_out_dim": 131072,
+        "head_hidden_dim": 16384,
+        "head_bottleneck_dim": 4096,
+    },
+    "augment": {"global_size": 1024, "local_size": 512},
+    "optim": {"global_batch_size": 4096},
+}
 
 
 def _with(changes: dict) -> dict:
@@ -107,17 +123,27 @@ RECIPES = [
     ("slurm-nodes-zero", {"slurm": {"nodes": 0}}, ["slurm.nodes"]),
     ("section-misspelt", {"optimm": {}}, ["optimm", "did you mean optim?"]),
     ("needs-more-memory-than-any-machine", HUGE_MODEL, ["model.", "GB"]),
-    ("batch-beyond-memory", {"model": {"arch": "vit_large", "patch_size": 8}, "augment": {"global_size": 512,
-                             "local_size": 256}, "optim": {"global_batch_size": 65536}},
-     ["optim.global_batch_size", "GB", "at most"]),
+    (
+        "batch-beyond-memory",
+        {
+            "model": {"arch": "vit_large", "patch_size": 8},
+            "augment": {"global_size": 512, "local_size": 256},
+            "optim": {"global_batch_size": 65536},
+        },
+        ["optim.global_batch_size", "GB", "at most"],
+    ),
     ("duplicate-key", "data: {train: x}\noptim:\n  epochs: 1\n  epochs: 2\n", ["optim.epochs", "lines 3 and 4"]),
     ("duplicate-section", "optim: {epochs: 1}\ndata: {train: x}\noptim: {epochs: 2}\n", ["optim", "lines 1 and 3"]),
     ("yaml-syntax", "model: [unclosed\n", ["not valid YAML", "(line 2, column 1)"]),
     ("top-level-list", "- just\n- a list\n", ["mapping of sections"]),
     ("empty-file", "", ["data", "missing"]),
     ("alias-inside-itself", "data: {train: x}\nslurm: {setup: &a [x, *a]}\n", ["slurm.setup.1", "alias"]),
-    ("alias-bomb", "data: {train: x}\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdef", "bcdefg")), ["100000", "aliases"]),
+    (
+        "alias-bomb",
+        "data: {train: x}\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdef", "bcdefg")),
+        ["100000", "aliases"],
+    ),
     ("data-train-empty", {"data": {"train": ""}}, ["data.train", "non-empty"]),
     ("sbatch-option-list", {"slurm": {"extra_sbatch": {"gres": [1]}}}, ["slurm.extra_sbatch.gres", "string or"]),
 ]
@@ -217,7 +243,8 @@ def files(workdir, demo_data) -> dict[str, str]:
     (run / "run.json").write_text('{"status": "stopped"}')
     (run / "checkpoints" / "step-00000005.pt").write_text("cut short")
     (run / "checkpoints" / "step-00000005.json").write_text(
-        '{"format": "flsl-checkpoint/1", "step": 5, "file": "step-00000005.pt", "bytes": 999, "sha256": "0"}')
+        '{"format": "flsl-checkpoint/1", "step": 5, "file": "step-00000005.pt", "bytes": 999, "sha256": "0"}'
+    )
     other = w / "other"
     other.mkdir()
     (other / "recipe.yaml").write_text("data: {train: elsewhere}\n")
@@ -233,41 +260,80 @@ COMMANDS = [
     ("pretrain-recipe-missing", ["pretrain", "{w}/nope.yaml", "--run-dir", "{w}/new"], ["nope.yaml", "does not exist"]),
     ("pretrain-recipe-is-dir", ["pretrain", "{w}/emptydir", "--run-dir", "{w}/new"], ["emptydir", "directory"]),
     ("pretrain-recipe-binary", ["pretrain", "{w}/binary.yaml", "--run-dir", "{w}/new"], ["binary.yaml", "UTF-8"]),
-    ("pretrain-set-without-value", ["pretrain", "{recipe}", "--set", "optim.epochs", "--run-dir", "{w}/new"],
-     ["optim.epochs", "KEY=VALUE"]),
+    (
+        "pretrain-set-without-value",
+        ["pretrain", "{recipe}", "--set", "optim.epochs", "--run-dir", "{w}/new"],
+        ["optim.epochs", "KEY=VALUE"],
+    ),
     ("pretrain-set-without-key", ["pretrain", "{recipe}", "--set", "=3", "--run-dir", "{w}/new"], ["KEY=VALUE"]),
-    ("pretrain-set-empty-key-part", ["pretrain", "{recipe}", "--set", "optim..epochs=3", "--run-dir", "{w}/new"],
-     ["optim..epochs", "dotted KEY"]),
-    ("pretrain-set-below-a-value", ["pretrain", "{recipe}", "--set", "optim.epochs.x=1", "--run-dir", "{w}/new"],
-     ["optim.epochs", "not a section"]),
-    ("pretrain-set-bool-epochs", ["pretrain", "{recipe}", "--set", "optim.epochs=true", "--run-dir", "{w}/new"],
-     ["optim.epochs", "boolean"]),
-    ("pretrain-set-duplicate-key", ["pretrain", "{recipe}", "--set", "model={{arch: vit_tiny, arch: vit_small}}",
-                                    "--run-dir", "{w}/new"], ["model.arch", "twice"]),
-    ("pretrain-set-head-huge", ["pretrain", "{recipe}", "--set", "model.head_out_dim=10000000000",
-                                "--run-dir", "{w}/new"], ["model.head_out_dim"]),
+    (
+        "pretrain-set-empty-key-part",
+        ["pretrain", "{recipe}", "--set", "optim..epochs=3", "--run-dir", "{w}/new"],
+        ["optim..epochs", "dotted KEY"],
+    ),
+    (
+        "pretrain-set-below-a-value",
+        ["pretrain", "{recipe}", "--set", "optim.epochs.x=1", "--run-dir", "{w}/new"],
+        ["optim.epochs", "not a section"],
+    ),
+    (
+        "pretrain-set-bool-epochs",
+        ["pretrain", "{recipe}", "--set", "optim.epochs=true", "--run-dir", "{w}/new"],
+        ["optim.epochs", "boolean"],
+    ),
+    (
+        "pretrain-set-duplicate-key",
+        ["pretrain", "{recipe}", "--set", "model={{arch: vit_tiny, arch: vit_small}}", "--run-dir", "{w}/new"],
+        ["model.arch", "twice"],
+    ),
+    (
+        "pretrain-set-head-huge",
+        ["pretrain", "{recipe}", "--set", "model.head_out_dim=10000000000", "--run-dir", "{w}/new"],
+        ["model.head_out_dim"],
+    ),
     ("pretrain-devices-zero", ["pretrain", "{recipe}", "--devices", "0", "--run-dir", "{w}/new"], ["--devices"]),
     ("pretrain-run-dir-is-file", ["pretrain", "{recipe}", "--run-dir", "{w}/text.pt"], ["text.pt", "is a file"]),
-    ("pretrain-run-dir-below-a-file", ["pretrain", "{recipe}", "--run-dir", "{w}/text.pt/run"],
-     ["text.pt/run", "cannot create the run directory"]),
-    ("pretrain-run-dir-foreign", ["pretrain", "{recipe}", "--run-dir", "{w}/foreign", "--force"],
-     ["foreign", "does not hold a flsl run"]),
+    (
+        "pretrain-run-dir-below-a-file",
+        ["pretrain", "{recipe}", "--run-dir", "{w}/text.pt/run"],
+        ["text.pt/run", "cannot create the run directory"],
+    ),
+    (
+        "pretrain-run-dir-foreign",
+        ["pretrain", "{recipe}", "--run-dir", "{w}/foreign", "--force"],
+        ["foreign", "does not hold a flsl run"],
+    ),
     ("pretrain-run-dir-other-run", ["pretrain", "{recipe}", "--run-dir", "{w}/other"], ["other", "--force"]),
-    ("pretrain-data-missing", ["pretrain", "{recipe}", "--set", "data.train={w}/nowhere", "--run-dir", "{w}/new"],
-     ["data.train", "nowhere"]),
-    ("pretrain-data-empty", ["pretrain", "{recipe}", "--set", "data.train={w}/emptydir", "--run-dir", "{w}/new"],
-     ["emptydir", "no .tar shards"]),
-    ("pretrain-batch-vs-devices", ["pretrain", "{recipe}", "--set", "optim.global_batch_size=8", "--devices", "3",
-                                   "--run-dir", "{w}/new"], ["optim.global_batch_size", "processes (3)"]),
+    (
+        "pretrain-data-missing",
+        ["pretrain", "{recipe}", "--set", "data.train={w}/nowhere", "--run-dir", "{w}/new"],
+        ["data.train", "nowhere"],
+    ),
+    (
+        "pretrain-data-empty",
+        ["pretrain", "{recipe}", "--set", "data.train={w}/emptydir", "--run-dir", "{w}/new"],
+        ["emptydir", "no .tar shards"],
+    ),
+    (
+        "pretrain-batch-vs-devices",
+        ["pretrain", "{recipe}", "--set", "optim.global_batch_size=8", "--devices", "3", "--run-dir", "{w}/new"],
+        ["optim.global_batch_size", "processes (3)"],
+    ),
     ("pretrain-devices-with-slurm", ["pretrain", "{recipe}", "--nodes", "2", "--devices", "2"], ["--devices"]),
-    ("pretrain-slurm-bad-time", ["pretrain", "{recipe}", "--nodes", "1", "--time", "forever", "--dry-run"],
-     ["forever"]),
+    (
+        "pretrain-slurm-bad-time",
+        ["pretrain", "{recipe}", "--nodes", "1", "--time", "forever", "--dry-run"],
+        ["forever"],
+    ),
     ("resume-missing", ["resume", "{w}/nowhere"], ["nowhere", "does not exist"]),
     ("resume-file", ["resume", "{w}/text.pt"], ["text.pt", "is a file, not a run directory"]),
     ("resume-recipe-of-run", ["resume", "{run}/recipe.yaml"], ["is a file", "holds it: {run}"]),
     ("resume-empty-dir", ["resume", "{w}/emptydir"], ["emptydir", "not a flsl run directory"]),
-    ("resume-shape-change", ["resume", "{run}", "--set", "model.arch=vit_small"],
-     ["model.arch", "cannot change on resume"]),
+    (
+        "resume-shape-change",
+        ["resume", "{run}", "--set", "model.arch=vit_small"],
+        ["model.arch", "cannot change on resume"],
+    ),
     ("resume-bool-epochs", ["resume", "{run}", "--set", "optim.epochs=true"], ["optim.epochs", "boolean"]),
     ("resume-unknown-key", ["resume", "{run}", "--set", "optim.lr=1"], ["optim.lr", "unknown key"]),
     ("resume-damaged-only", ["resume", "{run}"], ["no usable checkpoint", "step-00000005.pt"]),
@@ -280,14 +346,20 @@ COMMANDS = [
     ("export-random", ["export", "{w}/random.bin", "--out", "{w}/out.safetensors"], ["random.bin", "not a checkpoint"]),
     ("export-truncated", ["export", "{w}/truncated.pt", "--out", "{w}/out.safetensors"], ["truncated.pt", "truncated"]),
     ("export-pickled-code", ["export", "{w}/evil.pt", "--out", "{w}/out.safetensors"], ["evil.pt", "refused to load"]),
-    ("export-safetensors", ["export", "{w}/model.safetensors", "--out", "{w}/out.safetensors"],
-     ["model.safetensors", "safetensors file"]),
+    (
+        "export-safetensors",
+        ["export", "{w}/model.safetensors", "--out", "{w}/out.safetensors"],
+        ["model.safetensors", "safetensors file"],
+    ),
     ("export-manifest", ["export", "{w}/step-00000005.json", "--out", "{w}/out.safetensors"], ["manifest"]),
     ("export-missing", ["export", "{w}/nope.pt", "--out", "{w}/out.safetensors"], ["nope.pt", "does not exist"]),
     ("export-format-unknown", ["export", "{w}/text.pt", "--format", "keras", "--out", "{w}/o"], ["--format"]),
     ("export-no-out", ["export", "{w}/text.pt"], ["--out"]),
-    ("export-run-without-checkpoint", ["export", "{w}/other", "--out", "{w}/out.safetensors"],
-     ["other", "no complete checkpoint"]),
+    (
+        "export-run-without-checkpoint",
+        ["export", "{w}/other", "--out", "{w}/out.safetensors"],
+        ["other", "no complete checkpoint"],
+    ),
     ("knn-text-checkpoint", ["knn-eval", "{w}/text.pt", *KNN], ["text.pt", "text file"]),
     ("knn-k-words", ["knn-eval", "{w}/text.pt", *KNN, "--k", "a,b"], ["--k"]),
     ("knn-k-empty", ["knn-eval", "{w}/text.pt", *KNN, "--k", ""], ["--k"]),
@@ -358,14 +430,37 @@ def test_cases_from_the_issue_as_subprocesses(demo_data, tmp_path):
     dup = tmp_path / "dup.yaml"
     dup.write_text("data: {train: x}\noptim:\n  epochs: 1\n  epochs: 2\n")
     cases = [
-        (["pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--set",
-          "model.head_out_dim=10000000000", "--run-dir", run], ["model.head_out_dim"]),
-        (["pretrain", "recipes/demo.yaml", "--set", f"data.train={tmp_path}/demo/train", "--set",
-          "data.demo.images=1000000000000", "--run-dir", run], ["data.demo.images"]),
+        (
+            [
+                "pretrain",
+                "recipes/demo.yaml",
+                *tiny_overrides(demo_data / "train"),
+                "--set",
+                "model.head_out_dim=10000000000",
+                "--run-dir",
+                run,
+            ],
+            ["model.head_out_dim"],
+        ),
+        (
+            [
+                "pretrain",
+                "recipes/demo.yaml",
+                "--set",
+                f"data.train={tmp_path}/demo/train",
+                "--set",
+                "data.demo.images=1000000000000",
+                "--run-dir",
+                run,
+            ],
+            ["data.demo.images"],
+        ),
         (["recipe", "validate", "recipes/demo.yaml", "--set", "optim.epochs=true"], ["optim.epochs", "boolean"]),
         (["recipe", "validate", "recipes/demo.yaml", "--set", "loss.teacher_temp=.inf"], ["loss.teacher_temp"]),
-        (["recipe", "validate", "recipes/demo.yaml", "--set", "optim.global_batch_size=1000000000"],
-         ["optim.global_batch_size"]),
+        (
+            ["recipe", "validate", "recipes/demo.yaml", "--set", "optim.global_batch_size=1000000000"],
+            ["optim.global_batch_size"],
+        ),
         (["recipe", "validate", dup], ["optim.epochs", "lines 3 and 4"]),
         (["resume", dup], ["dup.yaml", "is a file"]),
     ]
@@ -379,9 +474,13 @@ def test_more_data_workers_than_cpus_is_said_once_in_flsl_words(demo_data, tmp_p
     """More data workers than CPUs: one flsl note naming data.num_workers, not torch's
     UserWarning once per loader."""
     workers = len(os.sched_getaffinity(0)) + 1
-    result = run_flsl("pretrain", "recipes/demo.yaml",
-                      *tiny_overrides(demo_data / "train", optim__max_steps=1, data__num_workers=workers),
-                      "--run-dir", tmp_path / "run")
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train", optim__max_steps=1, data__num_workers=workers),
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert result.returncode == 0, result.stderr
     assert "UserWarning" not in result.stderr
     assert " ".join(result.stderr.split()).count(f"data.num_workers is {workers}") == 1

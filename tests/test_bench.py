@@ -13,8 +13,9 @@ def test_bench_data_reports_both_pipelines_and_their_ratio(flsl, demo_data, tmp_
     """The shard pipeline and the ImageFolder reference both run and report images/s; the ratio
     is their quotient (no timing is asserted: the machine is shared)."""
     out = tmp_path / "bench.json"
-    result = flsl("bench", "data", demo_data / "train", "--seconds", "2", "--max-images", "64",
-                  "--workers", "1", "--out", out)
+    result = flsl(
+        "bench", "data", demo_data / "train", "--seconds", "2", "--max-images", "64", "--workers", "1", "--out", out
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     flsl_run, reference = figures["pipelines"]["flsl"], figures["pipelines"]["reference"]
@@ -32,8 +33,21 @@ def test_bench_data_keeps_the_imagefolder_copy_it_is_given(flsl, demo_data, tmp_
     """With --imagefolder DIR (absent), the reference copy is written there as DIR/<label>/<key>.jpg
     with one file per sample measured, and kept for the next run."""
     copy, out = tmp_path / "copy", tmp_path / "bench.json"
-    result = flsl("bench", "data", demo_data / "train", "--seconds", "1", "--max-images", "48",
-                  "--workers", "1", "--imagefolder", copy, "--out", out)
+    result = flsl(
+        "bench",
+        "data",
+        demo_data / "train",
+        "--seconds",
+        "1",
+        "--max-images",
+        "48",
+        "--workers",
+        "1",
+        "--imagefolder",
+        copy,
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     files = sorted(copy.glob("*/*.jpg"))

@@ -15,9 +15,27 @@ def test_bench_e2e_from_shards_with_views_made_in_the_training_process(flsl, dem
     steps run past an epoch end (6 steps per epoch), where the workers restart as in training.
     Both measurements, their ratio and both paths' worker CPU time per image are reported."""
     out = tmp_path / "e2e.json"
-    result = flsl("bench", "e2e", "recipes/demo.yaml", "--data", demo_data / "train", "--device", "tensor-cpu",
-                  "--batch", "32", "--steps", "6", "--warmup", "1", "--worker-images", "8",
-                  "--set", "model.depth=1", "--out", out)
+    result = flsl(
+        "bench",
+        "e2e",
+        "recipes/demo.yaml",
+        "--data",
+        demo_data / "train",
+        "--device",
+        "tensor-cpu",
+        "--batch",
+        "32",
+        "--steps",
+        "6",
+        "--warmup",
+        "1",
+        "--worker-images",
+        "8",
+        "--set",
+        "model.depth=1",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     settings, step, e2e = figures["settings"], figures["step"], figures["e2e"]
@@ -31,8 +49,13 @@ def test_bench_e2e_from_shards_with_views_made_in_the_training_process(flsl, dem
     assert set(per_image) == {"cpu", "tensor-cpu"} and per_image["cpu"] > 0
     assert figures["worker_cpu_ratio"] == pytest.approx(per_image["tensor-cpu"] / per_image["cpu"])
     assert figures["machine"]["device"] == "cpu" and settings["worker_images"] == 8
-    for shown in ("step alone", "from the shards (2 data worker(s))", "% of the step alone",
-                  "tensor-cpu: in the training process", "wrote"):
+    for shown in (
+        "step alone",
+        "from the shards (2 data worker(s))",
+        "% of the step alone",
+        "tensor-cpu: in the training process",
+        "wrote",
+    ):
         assert shown in result.stdout
 
 
@@ -42,8 +65,25 @@ def test_bench_e2e_defaults_to_the_recipes_views_on_a_cpu(flsl, demo_data, tmp_p
     if torch.cuda.is_available():
         pytest.skip("the default is cuda where torch sees a GPU")
     out = tmp_path / "e2e.json"
-    result = flsl("bench", "e2e", "recipes/demo.yaml", "--data", demo_data / "train", "--batch", "8",
-                  "--steps", "2", "--warmup", "0", "--worker-images", "4", "--set", "model.depth=1", "--out", out)
+    result = flsl(
+        "bench",
+        "e2e",
+        "recipes/demo.yaml",
+        "--data",
+        demo_data / "train",
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--worker-images",
+        "4",
+        "--set",
+        "model.depth=1",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["settings"]["view_device"] == "cpu" and figures["settings"]["workers"] == 2
@@ -52,11 +92,14 @@ def test_bench_e2e_defaults_to_the_recipes_views_on_a_cpu(flsl, demo_data, tmp_p
     assert "cpu: in the workers with PIL" in result.stdout
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (("--data", "/nonexistent/shards"), "--data does not exist"),
-    (("--data", "{train}", "--batch", "1000"), "too few samples"),
-    ((), "Missing option '--data'"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--data", "/nonexistent/shards"), "--data does not exist"),
+        (("--data", "{train}", "--batch", "1000"), "too few samples"),
+        ((), "Missing option '--data'"),
+    ],
+)
 def test_bench_e2e_bad_input_is_a_short_error(flsl, demo_data, args, expected):
     """Missing or absent shards and a batch the shards cannot fill: one message, exit 2."""
     args = [arg.format(train=demo_data / "train") for arg in args]
@@ -86,16 +129,25 @@ def test_bench_e2e_trains_with_the_training_step_on_views_made_from_the_shards(d
     real_run = StepRunner.run
 
     def recording_run(self, batch, **kwargs):
-        seen.append({"keys": list(batch.get("key", [])), "encoded": "encoded" in batch,
-                     "teacher": tuple(batch["teacher"].shape)})
+        seen.append(
+            {
+                "keys": list(batch.get("key", [])),
+                "encoded": "encoded" in batch,
+                "teacher": tuple(batch["teacher"].shape),
+            }
+        )
         return real_run(self, batch, **kwargs)
 
     monkeypatch.setattr(StepRunner, "run", recording_run)
     recipe = load_recipe("recipes/demo.yaml", overrides=["model.depth=1"])
-    figures = run_e2e_bench(recipe, E2EBenchSettings(data=str(demo_data / "train"), steps=3, warmup=1, batch=4,
-                                                     device="tensor-cpu", workers=2, worker_images=4))
+    figures = run_e2e_bench(
+        recipe,
+        E2EBenchSettings(
+            data=str(demo_data / "train"), steps=3, warmup=1, batch=4, device="tensor-cpu", workers=2, worker_images=4
+        ),
+    )
     assert len(seen) == 2 * (1 + 3)
-    synthetic = seen[:1 + 2] + seen[-1:]  # warm-up, first turn (2 steps), second turn (1 step)
+    synthetic = seen[: 1 + 2] + seen[-1:]  # warm-up, first turn (2 steps), second turn (1 step)
     from_shards = seen[3:-1]
     assert all(not step["keys"] for step in synthetic)
     assert all(len(step["keys"]) == 4 and not step["encoded"] for step in from_shards)

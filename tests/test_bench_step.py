@@ -13,8 +13,23 @@ def test_bench_step_reports_both_variants_on_the_demo_recipe(flsl, tmp_path):
     """Two timed steps of each variant on CPU: images/s, step time, FLOPs counted by torch, the
     stated peak (--peak-tflops) and the MFU it gives, and the baseline / flsl ratio."""
     out = tmp_path / "step.json"
-    result = flsl("bench", "step", "recipes/demo.yaml", "--steps", "2", "--warmup", "0", "--batch", "4",
-                  "--device", "cpu", "--peak-tflops", "0.5", "--out", out)
+    result = flsl(
+        "bench",
+        "step",
+        "recipes/demo.yaml",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--peak-tflops",
+        "0.5",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     baseline, fast = figures["variants"]["baseline"], figures["variants"]["flsl"]
@@ -33,8 +48,21 @@ def test_bench_step_compile_and_fused_modes_are_what_the_flsl_variant_runs(flsl,
     """--set optim.fused_modes=true reaches the flsl variant only; the baseline keeps the
     explicit modes (its recipe is the release's way)."""
     out = tmp_path / "step.json"
-    result = flsl("bench", "step", "recipes/demo.yaml", "--steps", "1", "--warmup", "0", "--batch", "2",
-                  "--set", "optim.fused_modes=true", "--out", out)
+    result = flsl(
+        "bench",
+        "step",
+        "recipes/demo.yaml",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "2",
+        "--set",
+        "optim.fused_modes=true",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["variants"]["flsl"]["fused_modes"] and not figures["variants"]["baseline"]["fused_modes"]

@@ -30,7 +30,11 @@ def test_keep_last_prunes_oldest(tmp_path):
         _save(tmp_path, step, keep=2)
     assert [r.step for r in list_checkpoints(tmp_path)] == [3, 4]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-00000003.json", "step-00000003.pt", "step-00000004.json", "step-00000004.pt"]
+        "step-00000003.json",
+        "step-00000003.pt",
+        "step-00000004.json",
+        "step-00000004.pt",
+    ]
 
 
 def test_file_without_manifest_is_not_a_checkpoint(tmp_path):

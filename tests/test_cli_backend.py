@@ -43,9 +43,27 @@ def test_slurm_options_override_the_recipe_slurm_section(sbatch_requests, tmp_pa
     """`--nodes 2 --gpus-per-node 4 --partition gpu --time 1:00:00 --set optim.epochs=2` is the
     recipe's slurm section with those four values replaced, and the job asks for 2 x 4 GPUs."""
     monkeypatch.chdir(REPO)
-    result = _invoke("pretrain", "recipes/demo.yaml", "--nodes", 2, "--gpus-per-node", 4, "--partition", "gpu",
-                     "--time", "1:00:00", "--set", "optim.epochs=2", "--set", f"data.train={tmp_path}/demo/train",
-                     "--set", "optim.global_batch_size=64", "--run-dir", tmp_path / "run", "--dry-run")
+    result = _invoke(
+        "pretrain",
+        "recipes/demo.yaml",
+        "--nodes",
+        2,
+        "--gpus-per-node",
+        4,
+        "--partition",
+        "gpu",
+        "--time",
+        "1:00:00",
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        f"data.train={tmp_path}/demo/train",
+        "--set",
+        "optim.global_batch_size=64",
+        "--run-dir",
+        tmp_path / "run",
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     [request] = sbatch_requests
     expected = SlurmConfig(nodes=2, gpus_per_node=4, partition="gpu", time="1:00:00")
@@ -61,10 +79,34 @@ def test_slurm_options_and_set_are_one_rule(sbatch_requests, tmp_path, monkeypat
     monkeypatch.chdir(REPO)
     common = ["pretrain", "recipes/demo.yaml", "--set", f"data.train={tmp_path}/demo/train", "--dry-run"]
     _invoke(*common, "--nodes", 2, "--gpus-per-node", 0, "--tasks-per-node", 2, "--qos", "low")
-    _invoke(*common, "--set", "slurm.nodes=2", "--set", "slurm.gpus_per_node=0", "--set", "slurm.tasks_per_node=2",
-            "--set", "slurm.qos=low", "--nodes", 2)
-    _invoke(*common, "--set", "slurm.nodes=5", "--set", "slurm.gpus_per_node=0", "--set", "slurm.tasks_per_node=2",
-            "--set", "slurm.qos=high", "--nodes", 2, "--qos", "low")
+    _invoke(
+        *common,
+        "--set",
+        "slurm.nodes=2",
+        "--set",
+        "slurm.gpus_per_node=0",
+        "--set",
+        "slurm.tasks_per_node=2",
+        "--set",
+        "slurm.qos=low",
+        "--nodes",
+        2,
+    )
+    _invoke(
+        *common,
+        "--set",
+        "slurm.nodes=5",
+        "--set",
+        "slurm.gpus_per_node=0",
+        "--set",
+        "slurm.tasks_per_node=2",
+        "--set",
+        "slurm.qos=high",
+        "--nodes",
+        2,
+        "--qos",
+        "low",
+    )
     first, second, third = sbatch_requests
     assert first.slurm == second.slurm == third.slurm
     assert (first.world_size, first.slurm.qos) == (4, "low")
@@ -73,8 +115,19 @@ def test_slurm_options_and_set_are_one_rule(sbatch_requests, tmp_path, monkeypat
 def test_a_bad_slurm_option_is_named_as_an_option(sbatch_requests, tmp_path, monkeypatch):
     """The schema's rule, worded with the option: --tasks-per-node must match --gpus-per-node."""
     monkeypatch.chdir(REPO)
-    result = _invoke("pretrain", "recipes/demo.yaml", "--set", f"data.train={tmp_path}/demo/train", "--nodes", 1,
-                     "--gpus-per-node", 4, "--tasks-per-node", 2, "--dry-run")
+    result = _invoke(
+        "pretrain",
+        "recipes/demo.yaml",
+        "--set",
+        f"data.train={tmp_path}/demo/train",
+        "--nodes",
+        1,
+        "--gpus-per-node",
+        4,
+        "--tasks-per-node",
+        2,
+        "--dry-run",
+    )
     assert result.exit_code == 2
     assert "--tasks-per-node: expected 4 (one process per GPU)" in " ".join(result.output.split())
     assert sbatch_requests == []
@@ -85,8 +138,11 @@ def test_every_slurm_option_is_a_slurm_config_field():
     assert set(SLURM_OPTIONS) <= set(SlurmConfig.model_fields)
     command = typer.main.get_command(app)
     for name in ("pretrain", "resume"):
-        options = {p.opts[0] for p in command.commands[name].params
-                   if getattr(p, "rich_help_panel", None) and p.opts[0] != "--dry-run"}
+        options = {
+            p.opts[0]
+            for p in command.commands[name].params
+            if getattr(p, "rich_help_panel", None) and p.opts[0] != "--dry-run"
+        }
         assert options == set(SLURM_OPTIONS.values()), name
 
 
@@ -110,15 +166,56 @@ def evaluations(monkeypatch) -> list[dict]:
 
 def test_knn_eval_options_become_one_knn_eval_config(evaluations, tmp_path):
     """Every option lands in its KnnEvalConfig field; the cache folder and process count beside it."""
-    result = _invoke("knn-eval", "run/checkpoints/step-00000010.pt", "--train", "tr", "--val", "va", "--mode",
-                     "global", "--k", "5, 10", "--temperature", 0.1, "--grid", 2, "--resize", 128, "--crop", 112,
-                     "--batch-size", 16, "--workers", 1, "--max-train-images", 50, "--bank", "host",
-                     "--features-dir", tmp_path / "cache", "--devices", 2, "--output", tmp_path / "out.json")
+    result = _invoke(
+        "knn-eval",
+        "run/checkpoints/step-00000010.pt",
+        "--train",
+        "tr",
+        "--val",
+        "va",
+        "--mode",
+        "global",
+        "--k",
+        "5, 10",
+        "--temperature",
+        0.1,
+        "--grid",
+        2,
+        "--resize",
+        128,
+        "--crop",
+        112,
+        "--batch-size",
+        16,
+        "--workers",
+        1,
+        "--max-train-images",
+        50,
+        "--bank",
+        "host",
+        "--features-dir",
+        tmp_path / "cache",
+        "--devices",
+        2,
+        "--output",
+        tmp_path / "out.json",
+    )
     assert result.exit_code == 0, result.output
     [call] = evaluations
-    assert call["settings"] == KnnEvalConfig(train="tr", val="va", mode="global", k=[5, 10], temperature=0.1, grid=2,
-                                             resize=128, crop=112, batch_size=16, workers=1, max_train_images=50,
-                                             bank="host")
+    assert call["settings"] == KnnEvalConfig(
+        train="tr",
+        val="va",
+        mode="global",
+        k=[5, 10],
+        temperature=0.1,
+        grid=2,
+        resize=128,
+        crop=112,
+        batch_size=16,
+        workers=1,
+        max_train_images=50,
+        bank="host",
+    )
     assert (call["devices"], call["features_dir"]) == (2, str(tmp_path / "cache"))
     assert call["spec"].checkpoint == "run/checkpoints/step-00000010.pt"
 
@@ -136,12 +233,15 @@ def test_every_knn_option_is_a_knn_eval_config_field():
     assert set(KNN_OPTIONS) == set(KnnEvalConfig.model_fields)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--k", "10,x"], ["--k[1]", "'x'"]),
-    (["--resize", "100"], ["--resize", "crop (224)"]),
-    (["--workers", "-1"], ["--workers", "-1"]),
-    (["--temperature", "0"], ["--temperature", "0.001"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--k", "10,x"], ["--k[1]", "'x'"]),
+        (["--resize", "100"], ["--resize", "crop (224)"]),
+        (["--workers", "-1"], ["--workers", "-1"]),
+        (["--temperature", "0"], ["--temperature", "0.001"]),
+    ],
+)
 def test_bad_knn_options_are_refused_by_the_schema(evaluations, args, needles):
     result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", *args)
     flat = " ".join(result.output.split())
@@ -160,7 +260,17 @@ def test_out_names_the_results_file_and_the_old_spelling_still_works(evaluations
     result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", "--output", tmp_path / "old.json")
     assert result.exit_code == 0, result.output
     assert "old.json" in result.output and "--output is now --out" in result.output
-    result = _invoke("knn-eval", "x.pt", "--train", "tr", "--val", "va", "--out", tmp_path / "a.json",
-                     "--output", tmp_path / "b.json")
+    result = _invoke(
+        "knn-eval",
+        "x.pt",
+        "--train",
+        "tr",
+        "--val",
+        "va",
+        "--out",
+        tmp_path / "a.json",
+        "--output",
+        tmp_path / "b.json",
+    )
     assert result.exit_code == 2 and "both were given" in result.output
     assert len(evaluations) == 2

@@ -39,10 +39,20 @@ def test_non_finite_loss_stops_with_step_and_terms(demo_data, tmp_path):
     """An absurd learning rate makes the loss non-finite: exit 3, the step and every term named,
     and the last checkpoint before it intact."""
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml",
-                      *tiny_overrides(demo_data / "train", optim__base_lr=1e35, optim__clip_grad=0,
-                                      optim__warmup_epochs=1, checkpoint__every_steps=1, optim__min_lr=0),
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(
+            demo_data / "train",
+            optim__base_lr=1e35,
+            optim__clip_grad=0,
+            optim__warmup_epochs=1,
+            checkpoint__every_steps=1,
+            optim__min_lr=0,
+        ),
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 3, result.stderr
     assert "non-finite at step" in result.stderr and "Traceback" not in result.stderr
     for term in ("loss =", "intra =", "inter =", "volume ="):

@@ -14,24 +14,30 @@ from conftest import fails, run_flsl, tiny_overrides
 @pytest.fixture(scope="module")
 def finished_run(demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "done"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1),
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1), "--run-dir", run
+    )
     assert result.returncode == 0, result.stderr
     return run
 
 
 def test_data_path_missing(tmp_path):
     run = tmp_path / "run"
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "nowhere"), "--run-dir", run),
-           "data.train does not exist", "flsl data demo")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "nowhere"), "--run-dir", run),
+        "data.train does not exist",
+        "flsl data demo",
+    )
     assert not run.exists()
 
 
 def test_data_path_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     run = tmp_path / "run"
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "empty"), "--run-dir", run),
-           "no .tar shards")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(tmp_path / "empty"), "--run-dir", run),
+        "no .tar shards",
+    )
     assert not run.exists()
 
 
@@ -42,8 +48,10 @@ def test_data_unreadable(demo_data, tmp_path):
     (data / "index.json").unlink()
     for shard in data.glob("*.tar"):
         shard.chmod(0)
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
-           "cannot read the shard")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+        "cannot read the shard",
+    )
 
 
 def test_data_corrupt_shard(demo_data, tmp_path):
@@ -53,22 +61,38 @@ def test_data_corrupt_shard(demo_data, tmp_path):
     (data / "index.json").unlink()
     for shard in data.glob("*.tar"):
         shard.write_bytes(b"this is not a tar file" * 10)
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
-           "cannot read the shard")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+        "cannot read the shard",
+    )
 
 
 def test_batch_not_divisible_by_processes(demo_data, tmp_path):
     run = tmp_path / "run"
-    fails(run_flsl("pretrain", "recipes/demo.yaml",
-                    *tiny_overrides(demo_data / "train", optim__global_batch_size=9), "--devices", "2",
-                    "--run-dir", run), "optim.global_batch_size", "multiple of the number of processes (2)")
+    fails(
+        run_flsl(
+            "pretrain",
+            "recipes/demo.yaml",
+            *tiny_overrides(demo_data / "train", optim__global_batch_size=9),
+            "--devices",
+            "2",
+            "--run-dir",
+            run,
+        ),
+        "optim.global_batch_size",
+        "multiple of the number of processes (2)",
+    )
     assert not run.exists()
 
 
 def test_negative_learning_rate_writes_nothing(demo_data, tmp_path):
     run = tmp_path / "run"
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__base_lr=-1),
-                    "--run-dir", run), "optim.base_lr")
+    fails(
+        run_flsl(
+            "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__base_lr=-1), "--run-dir", run
+        ),
+        "optim.base_lr",
+    )
     assert not run.exists()
 
 
@@ -76,9 +100,18 @@ def test_run_dir_with_another_run_is_refused(demo_data, finished_run, tmp_path):
     """A different recipe into a dir holding a run with checkpoints: refused even with --force."""
     before = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
     for extra in ([], ["--force"]):
-        fails(run_flsl("pretrain", "recipes/demo.yaml",
-                        *tiny_overrides(demo_data / "train", optim__epochs=3), "--run-dir", finished_run, *extra),
-               "holds a different run", "flsl resume")
+        fails(
+            run_flsl(
+                "pretrain",
+                "recipes/demo.yaml",
+                *tiny_overrides(demo_data / "train", optim__epochs=3),
+                "--run-dir",
+                finished_run,
+                *extra,
+            ),
+            "holds a different run",
+            "flsl resume",
+        )
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == before
 
 
@@ -87,10 +120,20 @@ def test_force_restarts_a_run_without_checkpoints(demo_data, tmp_path):
     run.mkdir()
     (run / "recipe.yaml").write_text("old: run\n")
     (run / "run.json").write_text("{}")
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1),
-                    "--run-dir", run), "--force")
-    ok = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1),
-                  "--run-dir", run, "--force")
+    fails(
+        run_flsl(
+            "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=1), "--run-dir", run
+        ),
+        "--force",
+    )
+    ok = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train", optim__max_steps=1),
+        "--run-dir",
+        run,
+        "--force",
+    )
     assert ok.returncode == 0, ok.stderr
 
 
@@ -98,8 +141,10 @@ def test_run_dir_with_foreign_files_is_refused(demo_data, tmp_path):
     run = tmp_path / "mine"
     run.mkdir()
     (run / "thesis.tex").write_text("precious")
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--run-dir", run,
-                    "--force"), "does not hold a flsl run")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--run-dir", run, "--force"),
+        "does not hold a flsl run",
+    )
     assert (run / "thesis.tex").read_text() == "precious"
 
 
@@ -109,8 +154,9 @@ def test_resume_without_checkpoint_starts_over(demo_data, tmp_path):
     import json
 
     run = tmp_path / "run"
-    first = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2),
-                     "--run-dir", run)
+    first = run_flsl(
+        "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__max_steps=2), "--run-dir", run
+    )
     assert first.returncode == 0, first.stderr
     shutil.rmtree(run / "checkpoints")
     result = run_flsl("resume", run)
@@ -126,8 +172,11 @@ def test_resume_not_a_run(tmp_path):
 
 
 def test_resume_refuses_shape_changes(finished_run):
-    fails(run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small"),
-           "model.head_out_dim: cannot change on resume", "model.arch: cannot change on resume")
+    fails(
+        run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small"),
+        "model.head_out_dim: cannot change on resume",
+        "model.arch: cannot change on resume",
+    )
 
 
 def test_resume_with_truncated_only_checkpoint(finished_run, tmp_path):
@@ -164,8 +213,11 @@ def test_resume_with_pickle_carrying_code(finished_run, tmp_path):
 
 
 def test_unknown_key_via_cli(demo_data, tmp_path):
-    fails(run_flsl("pretrain", "recipes/demo.yaml", "--set", "optim.lr=0.1", "--run-dir", tmp_path / "r"),
-           "optim.lr: unknown key", "did you mean")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", "--set", "optim.lr=0.1", "--run-dir", tmp_path / "r"),
+        "optim.lr: unknown key",
+        "did you mean",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -174,8 +226,11 @@ def test_data_shard_that_cannot_be_opened(demo_data, tmp_path):
     data = tmp_path / "train"
     data.mkdir()
     (data / "broken-000000.tar").mkdir()
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
-           "cannot read the shard", "broken-000000.tar")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(data), "--run-dir", tmp_path / "run"),
+        "cannot read the shard",
+        "broken-000000.tar",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -191,12 +246,21 @@ def test_a_damaged_checkpoint_set_aside_never_crowds_out_the_good_ones(finished_
     with open(newest, "r+b") as handle:
         handle.truncate(newest.stat().st_size // 2)
     stop = resumed_step + 1
-    result = run_flsl("resume", run, "--set", "checkpoint.keep_last=1", "--set", "checkpoint.every_steps=1",
-                      "--set", f"optim.max_steps={stop}")
+    result = run_flsl(
+        "resume",
+        run,
+        "--set",
+        "checkpoint.keep_last=1",
+        "--set",
+        "checkpoint.every_steps=1",
+        "--set",
+        f"optim.max_steps={stop}",
+    )
     assert result.returncode == 0, result.stderr
     assert f"set the damaged {newest.name} aside as {newest.name}.damaged" in " ".join(result.stderr.split())
-    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == sorted([
-        f"{newest.name}.damaged", f"{newest.stem}.json.damaged", f"step-{stop:08d}.json", f"step-{stop:08d}.pt"])
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == sorted(
+        [f"{newest.name}.damaged", f"{newest.stem}.json.damaged", f"step-{stop:08d}.json", f"step-{stop:08d}.pt"]
+    )
     again = run_flsl("resume", run, "--set", "optim.max_steps=null")
     assert again.returncode == 0, again.stderr
     assert f"(step {stop})" in " ".join(again.stderr.split())

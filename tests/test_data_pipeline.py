@@ -22,12 +22,14 @@ from flsl_cli.errors import DataError
 
 
 def _recipe(train="x", **augment) -> Recipe:
-    return Recipe.model_validate({
-        "data": {"train": str(train)},
-        "model": {"arch": "vit_tiny", "patch_size": 8},
-        "augment": {"global_size": 32, "local_size": 16, **augment},
-        "loss": {"query_window_global": 2, "query_window_local": 2},
-    })
+    return Recipe.model_validate(
+        {
+            "data": {"train": str(train)},
+            "model": {"arch": "vit_tiny", "patch_size": 8},
+            "augment": {"global_size": 32, "local_size": 16, **augment},
+            "loss": {"query_window_global": 2, "query_window_local": 2},
+        }
+    )
 
 
 def test_student_crops_lie_inside_the_teacher_crop(monkeypatch):
@@ -104,8 +106,7 @@ def test_views_shapes_queries_and_determinism():
 
 def _keys(shards, recipe, *, world, workers, rank, epoch, skip=0, batch=4):
     layout, _ = plan_layout(shards, world_size=world, num_workers=workers, local_batch=batch)
-    stream = TrainStream(shards, layout=layout, rank=rank, seed=3, shuffle_buffer=10,
-                         augment=MultiCropAugment(recipe))
+    stream = TrainStream(shards, layout=layout, rank=rank, seed=3, shuffle_buffer=10, augment=MultiCropAugment(recipe))
     stream.set_epoch(epoch, skip_batches=skip)
     return [list(b["key"]) for b in build_loader(stream, pin_memory=False)], layout
 
@@ -199,8 +200,9 @@ def test_a_jpeg_whose_sides_shrink_unevenly_keeps_every_box_inside_its_pixels():
     from flsl_cli.data.augment import CropPlan, decode_for, open_image
 
     rng = np.random.default_rng(3)
-    big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((2001, 1500),
-                                                                                    Image.Resampling.BICUBIC)
+    big = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize(
+        (2001, 1500), Image.Resampling.BICUBIC
+    )
     buffer = io.BytesIO()
     big.save(buffer, format="JPEG", quality=95)
     data = buffer.getvalue()
@@ -239,6 +241,7 @@ def test_no_shuffle_buffer_reads_in_shard_order(demo_data):
     keys = [k for batch in build_loader(stream, pin_memory=False) for k in batch["key"]]
     first_shard = stream.slot_shards(0, 0)[0]
     from flsl_cli.data.shards import iter_samples
+
     assert keys[:4] == [key for key, _ in list(iter_samples(first_shard))[:4]]
 
 
@@ -256,14 +259,22 @@ def test_a_flsl_error_crosses_processes_intact():
 
     from flsl_cli.errors import RecipeError, RunStopped, TrainingDiverged
 
-    errors = [DataError("shard unreadable", where="s3://b/x.tar", fix="Regenerate it"),
-              RunStopped("stopped", step=12, signal_name="SIGINT", where="run", fix="Resume it"),
-              TrainingDiverged("loss is nan"), RecipeError(["optim.lr: must be > 0"], source="r.yaml")]
+    errors = [
+        DataError("shard unreadable", where="s3://b/x.tar", fix="Regenerate it"),
+        RunStopped("stopped", step=12, signal_name="SIGINT", where="run", fix="Resume it"),
+        TrainingDiverged("loss is nan"),
+        RecipeError(["optim.lr: must be > 0"], source="r.yaml"),
+    ]
     for error in errors:
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error)
         assert (str(back), back.what, back.where, back.fix, back.exit_code) == (
-            str(error), error.what, error.where, error.fix, error.exit_code)
+            str(error),
+            error.what,
+            error.where,
+            error.fix,
+            error.exit_code,
+        )
     assert pickle.loads(pickle.dumps(errors[1])).exit_code == 130 and errors[1].step == 12
     assert pickle.loads(pickle.dumps(errors[3])).problems == ["optim.lr: must be > 0"]
 
@@ -328,7 +339,12 @@ def test_a_data_worker_prints_no_traceback_when_its_reader_is_gone(tmp_path):
     process was killed mid-handshake): no traceback; any other error is still printed."""
     script = tmp_path / "reader_gone.py"
     script.write_text(_READER_GONE)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     assert "resource_sharer" not in done.stderr and "ValueError: any other error" in done.stderr, done.stderr

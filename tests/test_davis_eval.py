@@ -33,8 +33,13 @@ def davis_root(tmp_path_factory) -> Path:
 
 def evaluate(backbone, root: Path | str, staging: Path | None = None) -> dict:
     model = wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description={"kind": "test"}, identity="")
-    return evaluate_model(model, settings=DavisEvalConfig(davis=str(root), short_side=64), device=torch.device("cpu"),
-                          reporter=Reporter(enabled=False), staging=str(staging) if staging else None)
+    return evaluate_model(
+        model,
+        settings=DavisEvalConfig(davis=str(root), short_side=64),
+        device=torch.device("cpu"),
+        reporter=Reporter(enabled=False),
+        staging=str(staging) if staging else None,
+    )
 
 
 def test_features_that_see_the_shapes_track_them(davis_root, tmp_path):
@@ -76,8 +81,12 @@ def test_whole_sequence_equals_dinos_pipeline(davis_root, tmp_path):
     for name in ("shapes-a", "shapes-b"):
         frames = sorted((davis_root / "JPEGImages" / "480p" / name).glob("*.jpg"))
         with torch.no_grad():
-            features = [model.tokens(frame_tensor(read_image(str(f)), size_hw=(64, 128), mean=model.mean,
-                                                  std=model.std)[None])[0] for f in frames]
+            features = [
+                model.tokens(frame_tensor(read_image(str(f)), size_hw=(64, 128), mean=model.mean, std=model.std)[None])[
+                    0
+                ]
+                for f in frames
+            ]
         seg = Image.open(davis_root / "Annotations" / "480p" / name / "00000.png")
         small = torch.from_numpy(np.array(seg.resize((128 // 8, 64 // 8), 0)).copy()).long()
         first_seg = torch.nn.functional.one_hot(small, int(small.max()) + 1).permute(2, 0, 1)[None].float()
@@ -101,8 +110,9 @@ def test_remote_davis_folder_reads_as_a_local_one(davis_root, tmp_path):
     remote = evaluate(ColourBackbone(), "memory://davis-remote", staging=tmp_path / "remote")
     assert remote["overall"] == local["overall"]
     for name, row in local["sequences"].items():
-        assert {k: v for k, v in remote["sequences"][name].items() if k != "seconds"} == \
-            {k: v for k, v in row.items() if k != "seconds"}
+        assert {k: v for k, v in remote["sequences"][name].items() if k != "seconds"} == {
+            k: v for k, v in row.items() if k != "seconds"
+        }
     for path in sorted((tmp_path / "local").rglob("*.png")):
         assert (tmp_path / "remote" / path.relative_to(tmp_path / "local")).read_bytes() == path.read_bytes()
 
@@ -196,8 +206,12 @@ def test_frame_of_another_size_leaves_nothing_written(davis_root, tmp_path, devi
     the failed one, stops too), are not left in --out."""
     root = copy_root(davis_root, tmp_path)
     Image.new("RGB", (100, 50)).save(root / "JPEGImages" / "480p" / "shapes-b" / "00006.jpg")
-    refused(root, tmp_path, "sequence shapes-b: the frame is 100 x 50 px but the first annotation is 128 x 64",
-            extra=("--devices", devices))
+    refused(
+        root,
+        tmp_path,
+        "sequence shapes-b: the frame is 100 x 50 px but the first annotation is 128 x 64",
+        extra=("--devices", devices),
+    )
 
 
 def test_first_mask_not_a_palette_png(davis_root, tmp_path):
@@ -225,36 +239,65 @@ def test_later_object_and_patch_notes(davis_root, tmp_path):
         ids = np.array(Image.open(path))
         ids[:4, :4] = 7
         path.write_bytes(palette_png(ids))
-    result = run_flsl("eval", "davis", *RANDOM_VIT, "--davis", root, "--short-side", "72", "--sequences", "shapes-a",
-                      "--n-last-frames", "2", "--size-mask-neighborhood", "3", "--topk", "3", "--temperature", "0.2",
-                      "--output", tmp_path / "r.json")
+    result = run_flsl(
+        "eval",
+        "davis",
+        *RANDOM_VIT,
+        "--davis",
+        root,
+        "--short-side",
+        "72",
+        "--sequences",
+        "shapes-a",
+        "--n-last-frames",
+        "2",
+        "--size-mask-neighborhood",
+        "3",
+        "--topk",
+        "3",
+        "--temperature",
+        "0.2",
+        "--output",
+        tmp_path / "r.json",
+    )
     assert result.returncode == 0, result.stderr
     flat = " ".join(result.stderr.split())
     assert flat.count("object id(s) 7 appear after the first frame but not in it; the benchmark ignores them") == 1
     assert "the patch size 16 does not divide --short-side 72" in flat
     results = json.loads((tmp_path / "r.json").read_text())
     assert list(results["sequences"]) == ["shapes-a"] and results["settings"]["sequences"] == ["shapes-a"]
-    assert {key: results["settings"][key] for key in ("n_last_frames", "size_mask_neighborhood", "topk",
-                                                      "temperature", "short_side")} == \
-        {"n_last_frames": 2, "size_mask_neighborhood": 3, "topk": 3, "temperature": 0.2, "short_side": 72}
-    assert results["sequences"]["shapes-a"]["objects"] == 2 and results["sequences"]["shapes-a"]["model_size"] == [128, 64]
+    assert {
+        key: results["settings"][key]
+        for key in ("n_last_frames", "size_mask_neighborhood", "topk", "temperature", "short_side")
+    } == {"n_last_frames": 2, "size_mask_neighborhood": 3, "topk": 3, "temperature": 0.2, "short_side": 72}
+    assert results["sequences"]["shapes-a"]["objects"] == 2 and results["sequences"]["shapes-a"]["model_size"] == [
+        128,
+        64,
+    ]
 
 
 def test_bad_options(davis_root, flsl):
     """Option values out of the schema's bounds and --draw without --out are refused by name."""
     fails(flsl("eval", "davis", *RANDOM_VIT, "--davis", davis_root, "--topk", "0"), "--topk")
     fails(flsl("eval", "davis", *RANDOM_VIT, "--davis", davis_root, "--draw"), "--draw needs --out")
-    fails(flsl("eval", "davis", *RANDOM_VIT, "--davis", davis_root, "--sequences", "nope"),
-          "sequence(s) nope are not in the val split")
+    fails(
+        flsl("eval", "davis", *RANDOM_VIT, "--davis", davis_root, "--sequences", "nope"),
+        "sequence(s) nope are not in the val split",
+    )
 
 
 def test_davis_every_epoch_lands_in_metrics(demo_data, davis_root, tmp_path):
     """The recipe's eval.davis runs on the teacher during pretraining and logs J&F."""
     run = tmp_path / "run"
-    extra = ["--set", "eval.every_epochs=1",
-             "--set", f"eval.davis={{davis: {davis_root}, short_side: 64, max_sequences: 1}}"]
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1), *extra,
-                      "--run-dir", run)
+    extra = [
+        "--set",
+        "eval.every_epochs=1",
+        "--set",
+        f"eval.davis={{davis: {davis_root}, short_side: 64, max_sequences: 1}}",
+    ]
+    result = run_flsl(
+        "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1), *extra, "--run-dir", run
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "davis_JF_mean" in line]
@@ -264,7 +307,16 @@ def test_davis_every_epoch_lands_in_metrics(demo_data, davis_root, tmp_path):
 def test_bad_davis_folder_in_the_recipe_fails_before_training(demo_data, tmp_path):
     """A recipe whose eval.davis names a folder that is not DAVIS fails before any step."""
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"),
-                      "--set", "eval.every_epochs=1", "--set", f"eval.davis={{davis: {tmp_path}}}", "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train"),
+        "--set",
+        "eval.every_epochs=1",
+        "--set",
+        f"eval.davis={{davis: {tmp_path}}}",
+        "--run-dir",
+        run,
+    )
     fails(result, "not a DAVIS 2017 folder")
     assert not (run / "metrics.jsonl").exists()

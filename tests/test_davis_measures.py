@@ -48,6 +48,7 @@ skimage_morphology = pytest.importorskip("skimage.morphology")
 
 # ---- the official DAVIS 2017 evaluation code (reference) ----
 
+
 def official_db_eval_iou(annotation, segmentation):
     annotation, segmentation = annotation.astype(bool), segmentation.astype(bool)
     void_pixels = np.zeros_like(segmentation)
@@ -96,11 +97,11 @@ def official_db_statistics(per_frame_values):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         M = np.nanmean(per_frame_values)
-        O = np.nanmean(per_frame_values > 0.5)
+        O = np.nanmean(per_frame_values > 0.5)  # noqa: E741 - the official code's name for the recall
         N_bins = 4
         ids = np.round(np.linspace(1, len(per_frame_values), N_bins + 1) + 1e-10) - 1
         ids = ids.astype(np.uint8)
-        D_bins = [per_frame_values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+        D_bins = [per_frame_values[ids[i] : ids[i + 1] + 1] for i in range(4)]
         D = np.nanmean(D_bins[0]) - np.nanmean(D_bins[3])
     return M, O, D
 
@@ -113,7 +114,7 @@ def blobs(rng, shape, count=3):
     for _ in range(count):
         cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, max(3, min(h, w) // 3))
         if rng.random() < 0.5:
-            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
         else:
             mask |= (abs(yy - cy) <= r) & (abs(xx - cx) <= r // 2 + 1)
     return mask
@@ -126,9 +127,10 @@ def j_and_f(pred, gt):
 
 # ---- hand-computed cases ----
 
+
 def square(shape=(40, 60), top=10, left=10, side=10):
     mask = np.zeros(shape, bool)
-    mask[top:top + side, left:left + side] = True
+    mask[top : top + side, left : left + side] = True
     return mask
 
 
@@ -168,7 +170,7 @@ def test_boundary_tolerance_at_the_exact_threshold():
     truth[:, :400] = True
     for shift, expected in ((8, 1.0), (9, 0.0), (-8, 1.0), (-9, 0.0)):
         pred = np.zeros_like(truth)
-        pred[:, :400 + shift] = True
+        pred[:, : 400 + shift] = True
         assert j_and_f(pred, truth)[1] == expected, shift
 
 
@@ -185,8 +187,10 @@ def test_statistics_by_hand():
 
 def test_overall_is_a_mean_over_objects():
     """The global figures average objects, not sequences; J&F is the mean of J mean and F mean."""
-    objects = [{"J": {"mean": 0.5, "recall": 0.0, "decay": 0.0}, "F": {"mean": 0.7, "recall": 1.0, "decay": 0.1}},
-               {"J": {"mean": 0.9, "recall": 1.0, "decay": 0.2}, "F": {"mean": 0.9, "recall": 1.0, "decay": 0.3}}]
+    objects = [
+        {"J": {"mean": 0.5, "recall": 0.0, "decay": 0.0}, "F": {"mean": 0.7, "recall": 1.0, "decay": 0.1}},
+        {"J": {"mean": 0.9, "recall": 1.0, "decay": 0.2}, "F": {"mean": 0.9, "recall": 1.0, "decay": 0.3}},
+    ]
     figures = overall(objects)
     assert figures["J_mean"] == pytest.approx(0.7) and figures["F_mean"] == pytest.approx(0.8)
     assert figures["JF_mean"] == pytest.approx(0.75) and figures["F_decay"] == pytest.approx(0.2)
@@ -204,6 +208,7 @@ def test_void_pixels_count_as_background():
 
 
 # ---- against the official formulas ----
+
 
 @pytest.mark.parametrize("shape", [(480, 854), (75, 100), (37, 53), (64, 128)])
 def test_measures_equal_the_official_code(shape):
@@ -270,6 +275,7 @@ def test_statistics_equal_db_statistics():
 
 # ---- DINO's label propagation (reference) ----
 
+
 def dino_restrict_neighborhood(h, w, size_mask_neighborhood):
     mask = torch.zeros(h, w, h, w)
     for i in range(h):
@@ -334,13 +340,15 @@ def dino_track(args, features, first_seg, patch):
         used_frame_feats = [frame1_feat] + [pair[0] for pair in list(que.queue)]
         used_segs = [first_seg] + [pair[1] for pair in list(que.queue)]
         frame_tar_avg, feat_tar, mask_neighborhood = dino_label_propagation(
-            args, features[cnt], h, w, used_frame_feats, used_segs, mask_neighborhood)
+            args, features[cnt], h, w, used_frame_feats, used_segs, mask_neighborhood
+        )
         if que.qsize() == args["n_last_frames"]:
             que.get()
         que.put([feat_tar, frame_tar_avg.clone()])
         soft.append(frame_tar_avg[0].reshape(frame_tar_avg.shape[1], -1).T.clone())
-        up = F.interpolate(frame_tar_avg, scale_factor=patch, mode="bilinear", align_corners=False,
-                           recompute_scale_factor=False)[0]
+        up = F.interpolate(
+            frame_tar_avg, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False
+        )[0]
         up = dino_norm_mask(up)
         _, seg = torch.max(up, dim=0)
         ids.append(seg)
@@ -360,15 +368,18 @@ def test_propagation_equals_dinos(n_last_frames, size_mask_neighborhood, topk):
     first_seg = F.one_hot(first_ids, channels).permute(2, 0, 1)[None].float()
     args = {"n_last_frames": n_last_frames, "size_mask_neighborhood": size_mask_neighborhood, "topk": topk}
     expected_soft, expected_ids = dino_track(args, features, first_seg, patch)
-    settings = PropagationSettings(n_last_frames=n_last_frames, size_mask_neighborhood=size_mask_neighborhood,
-                                   topk=topk, temperature=0.1)
+    settings = PropagationSettings(
+        n_last_frames=n_last_frames, size_mask_neighborhood=size_mask_neighborhood, topk=topk, temperature=0.1
+    )
     for chunked in (False, True):
         if chunked:
             from flsl_cli.eval.davis import propagation
+
             previous, propagation.CHUNK_ELEMENTS = propagation.CHUNK_ELEMENTS, 5 * h * w
         try:
-            propagator = Propagator(features[0], F.one_hot(first_ids.reshape(-1), channels), grid_hw=(h, w),
-                                    settings=settings)
+            propagator = Propagator(
+                features[0], F.one_hot(first_ids.reshape(-1), channels), grid_hw=(h, w), settings=settings
+            )
             for index in range(1, frames):
                 soft = propagator.step(features[index])
                 torch.testing.assert_close(soft, expected_soft[index - 1], rtol=1e-5, atol=1e-6)

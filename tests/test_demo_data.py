@@ -205,8 +205,9 @@ def test_images_are_not_trivial(demo_dir: Path) -> None:
             assert image.std() > 20.0  # fails on blank or constant images
 
             annotation = json.loads(fields["json"])
-            largest = max(annotation["boxes"],
-                          key=lambda b: (b["bbox"][2] - b["bbox"][0]) * (b["bbox"][3] - b["bbox"][1]))
+            largest = max(
+                annotation["boxes"], key=lambda b: (b["bbox"][2] - b["bbox"][0]) * (b["bbox"][3] - b["bbox"][1])
+            )
             x0, y0, x1, y1 = largest["bbox"]
             cx, cy, rx, ry = (x0 + x1) // 2, (y0 + y1) // 2, max(2, (x1 - x0) // 6), max(2, (y1 - y0) // 6)
             centre = image[cy - ry : cy + ry, cx - rx : cx + rx]

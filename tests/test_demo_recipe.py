@@ -17,8 +17,19 @@ def test_demo_recipe_learns(tmp_path):
     assert "flsl pretrain: done" in result.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == max(m["step"] for m in metrics)
-    for key in ("step", "epoch", "lr", "wd", "momentum", "teacher_temp", "loss", "intra", "inter", "volume",
-                "images_per_s"):
+    for key in (
+        "step",
+        "epoch",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "loss",
+        "intra",
+        "inter",
+        "volume",
+        "images_per_s",
+    ):
         assert key in metrics[0]
     window = max(3, len(metrics) // 6)
     first = sum(m["loss"] for m in metrics[:window]) / window

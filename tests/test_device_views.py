@@ -42,12 +42,14 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 def _recipe(train="x", *, device="tensor-cpu", small=True, **augment) -> Recipe:
     sizes = {"global_size": 32, "local_size": 16} if small else {}
-    return Recipe.model_validate({
-        "data": {"train": str(train)},
-        "model": {"arch": "vit_tiny", "patch_size": 8} if small else {},
-        "augment": {**sizes, "device": device, **augment},
-        "loss": {"query_window_global": 2, "query_window_local": 2} if small else {},
-    })
+    return Recipe.model_validate(
+        {
+            "data": {"train": str(train)},
+            "model": {"arch": "vit_tiny", "patch_size": 8} if small else {},
+            "augment": {**sizes, "device": device, **augment},
+            "loss": {"query_window_global": 2, "query_window_local": 2} if small else {},
+        }
+    )
 
 
 def _encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -69,8 +71,9 @@ def _batch(recipe: Recipe, encoded: list[bytes], *, seeds: list[int]) -> tuple[d
         size = open_image(data).size
         plan = draw_plan(recipe, size, rng=np.random.default_rng(seed))
         plans.append(plan)
-        samples.append({"encoded": data, "shard": "shard.tar", "key": f"k{seed}", "bad": [],
-                        **plan_tensors(plan, size=size)})
+        samples.append(
+            {"encoded": data, "shard": "shard.tar", "key": f"k{seed}", "bad": [], **plan_tensors(plan, size=size)}
+        )
     return collate(samples), plans
 
 
@@ -85,12 +88,19 @@ def test_crop_boxes_and_queries_are_the_same_plan_in_both_paths(demo_data, monke
     layout, _ = plan_layout(shards, world_size=1, num_workers=0, local_batch=4)
     cut = []
     real = aug_mod.crop_resize
-    monkeypatch.setattr(aug_mod, "crop_resize",
-                        lambda image, box, size, **scale: cut.append(box) or real(image, box, size, **scale))
+    monkeypatch.setattr(
+        aug_mod, "crop_resize", lambda image, box, size, **scale: cut.append(box) or real(image, box, size, **scale)
+    )
 
     def samples(device):
-        stream = TrainStream(shards, layout=layout, rank=0, seed=5, shuffle_buffer=8,
-                             augment=MultiCropAugment(_recipe(demo_data / "train", device=device)))
+        stream = TrainStream(
+            shards,
+            layout=layout,
+            rank=0,
+            seed=5,
+            shuffle_buffer=8,
+            augment=MultiCropAugment(_recipe(demo_data / "train", device=device)),
+        )
         stream.set_epoch(1)
         return [sample for _, sample in zip(range(12), stream)]
 
@@ -129,12 +139,15 @@ def _images(count=6, side=20, seed=0) -> torch.Tensor:
     return torch.rand((count, 3, side, side), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("ours", "reference", "factors"), [
-    (adjust_brightness, TF2.adjust_brightness, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
-    (adjust_contrast, TF2.adjust_contrast, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
-    (adjust_saturation, TF2.adjust_saturation, [0.8, 0.9, 1.0, 1.1, 1.2, 0.0]),
-    (adjust_hue, TF2.adjust_hue, [-0.1, -0.05, 0.0, 0.03, 0.1, 0.5]),
-])
+@pytest.mark.parametrize(
+    ("ours", "reference", "factors"),
+    [
+        (adjust_brightness, TF2.adjust_brightness, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
+        (adjust_contrast, TF2.adjust_contrast, [0.6, 0.9, 1.0, 1.2, 1.4, 0.7]),
+        (adjust_saturation, TF2.adjust_saturation, [0.8, 0.9, 1.0, 1.1, 1.2, 0.0]),
+        (adjust_hue, TF2.adjust_hue, [-0.1, -0.05, 0.0, 0.03, 0.1, 0.5]),
+    ],
+)
 def test_each_jitter_op_equals_torchvision_with_per_sample_factors(ours, reference, factors):
     images = _images()
     made = ours(images.clone(), torch.tensor(factors, dtype=torch.float64))
@@ -151,8 +164,9 @@ def test_grayscale_blur_and_solarize_equal_torchvision():
     assert kernel == 13
     made = gaussian_blur(images.clone(), sigma_n=torch.tensor(sigmas, dtype=torch.float64), kernel_size=kernel)
     for image, sigma, out in zip(images, sigmas, made):
-        torch.testing.assert_close(out, TF2.gaussian_blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma]),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            out, TF2.gaussian_blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma]), rtol=0, atol=1e-5
+        )
     for image, out in zip(images, solarize(images.clone())):
         torch.testing.assert_close(out, TF2.solarize(image, threshold=0.5), rtol=0, atol=0)
 
@@ -162,18 +176,28 @@ def test_photometric_applies_each_samples_ops_in_its_own_order(masked):
     """Per sample: its jitter ops in its drawn order, then grayscale, blur, solarize, as
     torchvision would apply them one image at a time; alike in the indexed (CPU) and the masked
     (GPU) form."""
-    recipe = _recipe(small=False, color_jitter_p=1.0, grayscale_p=0.3, blur_branch_p=0.5, blur_p=0.6, alt_blur_p=0.4,
-                     solarize_p=0.5)
+    recipe = _recipe(
+        small=False, color_jitter_p=1.0, grayscale_p=0.3, blur_branch_p=0.5, blur_p=0.6, alt_blur_p=0.4, solarize_p=0.5
+    )
     plans = [draw_plan(recipe, (100, 100), rng=np.random.default_rng(seed)) for seed in range(12)]
     tensors = [plan_tensors(plan, size=(100, 100)) for plan in plans]
     images = _images(count=12, side=24, seed=3)
-    made = photometric(images, jitter_n4=torch.stack([t["plan_jitter"][0] for t in tensors]),
-                       order_n4=torch.stack([t["plan_jitter_order"][0] for t in tensors]),
-                       gray_n=torch.stack([t["plan_gray"][0] for t in tensors]),
-                       blur_n=torch.stack([t["plan_blur"][0] for t in tensors]),
-                       solarize_n=torch.stack([t["plan_solarize"][0] for t in tensors]), blur_max=2.0, masked=masked)
-    reference_ops = {"brightness": TF2.adjust_brightness, "contrast": TF2.adjust_contrast,
-                     "saturation": TF2.adjust_saturation, "hue": TF2.adjust_hue}
+    made = photometric(
+        images,
+        jitter_n4=torch.stack([t["plan_jitter"][0] for t in tensors]),
+        order_n4=torch.stack([t["plan_jitter_order"][0] for t in tensors]),
+        gray_n=torch.stack([t["plan_gray"][0] for t in tensors]),
+        blur_n=torch.stack([t["plan_blur"][0] for t in tensors]),
+        solarize_n=torch.stack([t["plan_solarize"][0] for t in tensors]),
+        blur_max=2.0,
+        masked=masked,
+    )
+    reference_ops = {
+        "brightness": TF2.adjust_brightness,
+        "contrast": TF2.adjust_contrast,
+        "saturation": TF2.adjust_saturation,
+        "hue": TF2.adjust_hue,
+    }
     orders = set()
     for image, plan, out in zip(images, plans, made):
         choice = plan.photometric[0]
@@ -195,8 +219,10 @@ def test_random_parameters_follow_the_recipe_over_many_samples():
     sigma range match the recipe, as encoded for the tensor path."""
     recipe = _recipe(small=False)
     aug = recipe.augment
-    tensors = [plan_tensors(draw_plan(recipe, (500, 375), rng=np.random.default_rng(seed)), size=(500, 375))
-               for seed in range(4000)]
+    tensors = [
+        plan_tensors(draw_plan(recipe, (500, 375), rng=np.random.default_rng(seed)), size=(500, 375))
+        for seed in range(4000)
+    ]
     order = torch.cat([t["plan_jitter_order"] for t in tensors])
     jitter = torch.cat([t["plan_jitter"] for t in tensors])
     gray = torch.cat([t["plan_gray"] for t in tensors]).double()
@@ -276,8 +302,13 @@ def test_pretraining_with_tensor_views_resumes_bitwise(demo_data, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where no CUDA GPU exists")
 def test_cuda_views_without_a_gpu_are_a_recipe_error(demo_data, tmp_path):
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", augment__device="cuda"),
-                      "--run-dir", tmp_path / "run")
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train", augment__device="cuda"),
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert result.returncode == 2, result.stderr
     assert "augment.device" in result.stderr and "tensor-cpu" in result.stderr
     assert "Traceback" not in result.stderr
@@ -297,8 +328,9 @@ def test_bench_view_cost_reports_both_paths_and_their_ratio(demo_data):
     assert cost["worker_cpu_ratio"] == pytest.approx(per_image["tensor-cpu"] / per_image["cpu"])
     assert cost["training_process_ms_per_image"]["wall"] > 0
     tensor_recipe = _recipe(demo_data / "train")
-    assert [s["key"] for s in worker_samples(recipe, shards, images=8)] == \
-        [s["key"] for s in worker_samples(tensor_recipe, shards, images=8)]
+    assert [s["key"] for s in worker_samples(recipe, shards, images=8)] == [
+        s["key"] for s in worker_samples(tensor_recipe, shards, images=8)
+    ]
     assert "encoded" in next(worker_samples(tensor_recipe, shards, images=1))
     if not torch.cuda.is_available():
         with pytest.raises(FlslError, match="--device tensor-cpu"):
@@ -326,9 +358,13 @@ def test_a_jpeg_that_fails_in_the_training_process_is_logged_and_counted(demo_da
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml",
-                      *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.5, augment__device="tensor-cpu"),
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.5, augment__device="tensor-cpu"),
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 0, result.stderr
     reports = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["key"], r["shard"]) for r in reports] == [("sample", cut_key, str(shard))]

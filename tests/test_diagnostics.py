@@ -53,7 +53,8 @@ def test_prototype_usage_of_one_hot_and_uniform_predictions():
     k = 8
     eye = torch.eye(k)
     assert prototype_usage(eye) == pytest.approx(
-        {"teacher_entropy": 0.0, "prototypes_in_use": 1.0, "mean_perplexity_share": 1.0}, abs=1e-6)
+        {"teacher_entropy": 0.0, "prototypes_in_use": 1.0, "mean_perplexity_share": 1.0}, abs=1e-6
+    )
     one = torch.zeros(5, k)
     one[:, 3] = 1.0
     usage = prototype_usage(one)

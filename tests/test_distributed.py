@@ -21,14 +21,23 @@ from flsl_cli.launch.local import free_port, run_local_processes
 
 
 def _recipe(train) -> Recipe:
-    return Recipe.model_validate({
-        "data": {"train": str(train), "num_workers": 0},
-        "model": {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "drop_path": 0.0, "head_out_dim": 64,
-                  "head_hidden_dim": 64, "head_bottleneck_dim": 32},
-        "augment": {"global_size": 32, "local_size": 16},
-        "loss": {"query_window_global": 2, "query_window_local": 2},
-        "optim": {"global_batch_size": 8, "epochs": 2, "warmup_epochs": 0, "freeze_last_layer_epochs": 0},
-    })
+    return Recipe.model_validate(
+        {
+            "data": {"train": str(train), "num_workers": 0},
+            "model": {
+                "arch": "vit_tiny",
+                "patch_size": 8,
+                "depth": 2,
+                "drop_path": 0.0,
+                "head_out_dim": 64,
+                "head_hidden_dim": 64,
+                "head_bottleneck_dim": 32,
+            },
+            "augment": {"global_size": 32, "local_size": 16},
+            "loss": {"query_window_global": 2, "query_window_local": 2},
+            "optim": {"global_batch_size": 8, "epochs": 2, "warmup_epochs": 0, "freeze_last_layer_epochs": 0},
+        }
+    )
 
 
 def test_two_processes_equal_one_process(demo_data, tmp_path):
@@ -48,9 +57,15 @@ def test_two_processes_equal_one_process(demo_data, tmp_path):
     results = {}
     for nprocs in (1, 2):
         out = tmp_path / f"out{nprocs}.pt"
-        run_local_processes(train_on_fixed_batches, nprocs=nprocs, kwargs={
-            "recipe_data": recipe.model_dump(mode="json"), "batches_path": str(tmp_path / "batches.pt"),
-            "out_path": str(out)})
+        run_local_processes(
+            train_on_fixed_batches,
+            nprocs=nprocs,
+            kwargs={
+                "recipe_data": recipe.model_dump(mode="json"),
+                "batches_path": str(tmp_path / "batches.pt"),
+                "out_path": str(out),
+            },
+        )
         results[nprocs] = torch.load(out, weights_only=True)
 
     one, two = results[1], results[2]
@@ -68,8 +83,15 @@ def test_two_processes_equal_one_process(demo_data, tmp_path):
 def test_pretrain_with_two_cpu_processes(demo_data, tmp_path):
     """`--devices 2` runs two gloo processes; only rank 0 writes; the run finishes and checkpoints."""
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1),
-                      "--devices", "2", "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train", optim__epochs=1),
+        "--devices",
+        "2",
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 0, result.stderr
     assert "2 CPU process(es)" in result.stderr
     metrics = (run / "metrics.jsonl").read_text().splitlines()
@@ -101,10 +123,28 @@ def test_pretrain_under_torchrun_with_two_cpu_processes(demo_data, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train", optim__epochs=1),
-         "--run-dir", str(run)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "flsl_cli",
+            "pretrain",
+            "recipes/demo.yaml",
+            *tiny_overrides(demo_data / "train", optim__epochs=1),
+            "--run-dir",
+            str(run),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert output.count("run dir:") == 1 and "(2 CPU process(es)) under torchrun" in output

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from flsl_cli.distributed.env import ProcessEnv, read_env, slurm_task
 
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
-         "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURMD_NODENAME": "gpu08", "SLURM_RESTART_COUNT": "2"}
+SLURM = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "13",
+    "SLURM_LOCALID": "5",
+    "SLURMD_NODENAME": "gpu08",
+    "SLURM_RESTART_COUNT": "2",
+}
 
 
 def test_one_process_without_launcher_variables():

@@ -77,8 +77,9 @@ def test_timm_file_loads_with_the_printed_line(run_dir, source, tmp_path):
     out = tmp_path / "backbone.safetensors"
     result = _export(run_dir, "timm", out)
     assert "max abs difference: 0 (timm file" in result.stdout
-    lines = [line.strip() for line in result.stdout.splitlines()
-             if line.strip().startswith("model = timm.create_model(")]
+    lines = [
+        line.strip() for line in result.stdout.splitlines() if line.strip().startswith("model = timm.create_model(")
+    ]
     assert len(lines) == 1 and str(out) in lines[0]
     import timm
 
@@ -136,8 +137,9 @@ def test_framework_files_hold_the_documented_keys(run_dir, source, tmp_path, fmt
     result = export_checkpoint(run_dir, fmt=fmt, out=out)  # the CLI path is exercised in the --force test
     assert result.files == (out,) and [check.max_abs_diff for check in result.checks] == [0.0]
     state = torch.load(out, map_location="cpu", weights_only=True)[container]
-    expected = keymaps.expected_shapes(framework=fmt, depth=DEPTH, embed_dim=EMBED, patch_size=PATCH,
-                                       tokens=(IMAGE_SIZE // PATCH) ** 2)
+    expected = keymaps.expected_shapes(
+        framework=fmt, depth=DEPTH, embed_dim=EMBED, patch_size=PATCH, tokens=(IMAGE_SIZE // PATCH) ** 2
+    )
     assert {key: tuple(value.shape) for key, value in state.items()} == expected
     prefix = "backbone.net." if fmt == "detectron2" else ""
     qkv = f"{prefix}blocks.1.attn.qkv.weight" if fmt == "detectron2" else "layers.1.attn.attn.in_proj_weight"
@@ -156,8 +158,9 @@ def test_mmdet_file_is_the_mmseg_mapping(run_dir, tmp_path):
     result = export_checkpoint(run_dir, fmt="mmdet", out=tmp_path / "b.pth")
     assert result.checks[0].max_abs_diff == 0.0
     state = torch.load(tmp_path / "b.pth", map_location="cpu", weights_only=True)["state_dict"]
-    assert set(state) == set(keymaps.expected_shapes(framework="mmseg", depth=DEPTH, embed_dim=EMBED,
-                                                     patch_size=PATCH, tokens=16))
+    assert set(state) == set(
+        keymaps.expected_shapes(framework="mmseg", depth=DEPTH, embed_dim=EMBED, patch_size=PATCH, tokens=16)
+    )
     assert 'type="mmseg.VisionTransformer"' in result.usage[0]
 
 
@@ -293,8 +296,11 @@ def test_failed_verification_leaves_nothing(run_dir, tmp_path, monkeypatch, fmt,
         monkeypatch.setattr(timm_format, "_tensors", lambda backbone: _corrupt_one_weight(original(backbone)))
     else:
         original = framework_format.to_framework
-        monkeypatch.setattr(framework_format, "to_framework",
-                            lambda state, framework: _corrupt_one_weight(original(state, framework=framework)))
+        monkeypatch.setattr(
+            framework_format,
+            "to_framework",
+            lambda state, framework: _corrupt_one_weight(original(state, framework=framework)),
+        )
     out = tmp_path / name
     with pytest.raises(ExportError, match="verification failed .* max abs difference"):
         export_checkpoint(run_dir, fmt=fmt, out=out)

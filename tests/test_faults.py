@@ -69,9 +69,13 @@ def damaged(demo_data, tmp_path):
 def test_bad_samples_are_skipped_counted_and_logged(damaged, tmp_path):
     data, bad_keys, truncated = damaged
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml",
-                      *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.5, data__num_workers=2),
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.5, data__num_workers=2),
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 0, result.stderr
     reports = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
     keys = {r["key"] for r in reports if r["kind"] == "sample"}
@@ -83,6 +87,7 @@ def test_bad_samples_are_skipped_counted_and_logged(damaged, tmp_path):
     assert any(r["kind"] == "shard" and r["shard"] == truncated and "truncated" in r["reason"] for r in reports)
     checkpoint = sorted((run / "checkpoints").glob("*.pt"))[-1]
     import torch
+
     health = torch.load(checkpoint, weights_only=True)["data_health"]
     assert health["bad"] == sum(r["samples"] for r in reports) and health["seen"] > health["bad"]
 
@@ -90,8 +95,13 @@ def test_bad_samples_are_skipped_counted_and_logged(damaged, tmp_path):
 def test_too_many_bad_samples_stop_the_run(damaged, tmp_path):
     data, _, _ = damaged
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml",
-                      *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.01), "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(data, optim__epochs=1, data__max_bad_fraction=0.01),
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 2, result.stderr
     assert "data.max_bad_fraction" in result.stderr and "bad_samples.jsonl" in result.stderr
     assert "Traceback" not in result.stderr
@@ -101,9 +111,14 @@ def test_too_many_bad_samples_stop_the_run(damaged, tmp_path):
 def test_bad_samples_keep_batches_full_and_resume_exact(damaged):
     """Replacements keep every batch full, and a resumed reader makes the same choices."""
     data, _, _ = damaged
-    recipe = Recipe.model_validate({"data": {"train": str(data)}, "model": {"arch": "vit_tiny", "patch_size": 8},
-                                    "augment": {"global_size": 32, "local_size": 16},
-                                    "loss": {"query_window_global": 2, "query_window_local": 2}})
+    recipe = Recipe.model_validate(
+        {
+            "data": {"train": str(data)},
+            "model": {"arch": "vit_tiny", "patch_size": 8},
+            "augment": {"global_size": 32, "local_size": 16},
+            "loss": {"query_window_global": 2, "query_window_local": 2},
+        }
+    )
     shards = resolve_shards(str(data))
     layout, _ = plan_layout(shards, world_size=1, num_workers=2, local_batch=4)
 

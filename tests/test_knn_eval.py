@@ -46,12 +46,28 @@ def test_vote_weights_are_exp_sim_over_temperature():
         scores = vote_scores(sims, bank_labels[index], k=3, temperature=temperature, num_classes=2)
         expected = torch.tensor([[2 * math.exp(0.5 / temperature), math.exp(0.6 / temperature)]])
         torch.testing.assert_close(scores, expected)
-        correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([winner]),
-                                features_per_image=1, ks=[3], temperature=temperature, num_classes=2)
+        correct = count_correct(
+            sims,
+            index,
+            bank_labels_n=bank_labels,
+            query_labels_i=torch.tensor([winner]),
+            features_per_image=1,
+            ks=[3],
+            temperature=temperature,
+            num_classes=2,
+        )
         assert correct == {3: (1, 1, 1)}
     # k = 1 sees only the nearest neighbour, whatever T
-    one = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([1]),
-                        features_per_image=1, ks=[1], temperature=1.0, num_classes=2)
+    one = count_correct(
+        sims,
+        index,
+        bank_labels_n=bank_labels,
+        query_labels_i=torch.tensor([1]),
+        features_per_image=1,
+        ks=[1],
+        temperature=1.0,
+        num_classes=2,
+    )
     assert one == {1: (1, 1, 1)}
 
 
@@ -63,8 +79,16 @@ def test_an_image_is_correct_if_any_of_its_grid_features_is():
     all_wrong = _unit((0.1, 1.0), (0.2, 1.0), (0.3, 1.0))
     queries = torch.cat([one_right, all_wrong])
     sims, index = search_topk(queries, bank, k=1, device=CPU)
-    correct = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([0, 0]),
-                            features_per_image=3, ks=[1], temperature=0.07, num_classes=2)
+    correct = count_correct(
+        sims,
+        index,
+        bank_labels_n=bank_labels,
+        query_labels_i=torch.tensor([0, 0]),
+        features_per_image=3,
+        ks=[1],
+        temperature=0.07,
+        num_classes=2,
+    )
     # the first image counts, the second does not (2 classes: top-5 = top-2); of the six features
     # only the first image's third is right on its own
     assert correct == {1: (1, 1, 1)}
@@ -78,8 +102,16 @@ def test_top5_holds_the_five_best_voted_classes():
     bank_labels = torch.arange(6)
     outcomes = {}
     for label in (0, 4, 5, 6):
-        outcomes[label] = count_correct(sims, index, bank_labels_n=bank_labels, query_labels_i=torch.tensor([label]),
-                                        features_per_image=1, ks=[6], temperature=0.07, num_classes=7)[6]
+        outcomes[label] = count_correct(
+            sims,
+            index,
+            bank_labels_n=bank_labels,
+            query_labels_i=torch.tensor([label]),
+            features_per_image=1,
+            ks=[6],
+            temperature=0.07,
+            num_classes=7,
+        )[6]
     assert outcomes == {0: (1, 1, 1), 4: (0, 1, 0), 5: (0, 0, 0), 6: (0, 0, 0)}
 
 
@@ -90,16 +122,23 @@ def test_chance_level_of_the_any_of_g_rule():
     assert top1 == pytest.approx(1 - (6 / 7) ** 9) and 0.74 < top1 < 0.76
     assert top5 == pytest.approx(1 - (2 / 7) ** 9)
     top1, top5 = chance_level(num_classes=1000, features_per_image=9)
-    assert top1 == pytest.approx(1 - 0.999 ** 9) and top5 == pytest.approx(1 - 0.995 ** 9)
+    assert top1 == pytest.approx(1 - 0.999**9) and top5 == pytest.approx(1 - 0.995**9)
     assert chance_level(num_classes=4, features_per_image=1) == (0.25, 1.0)
     # simulated: random features of random classes land at the formula's rate
     generator = torch.Generator().manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(2000 * 9, 32, generator=generator), dim=1)
     sims, index = search_topk(queries, bank, k=10, device=CPU)
-    correct = count_correct(sims, index, bank_labels_n=torch.randint(0, 7, (3000,), generator=generator),
-                            query_labels_i=torch.randint(0, 7, (2000,), generator=generator), features_per_image=9,
-                            ks=[10], temperature=0.07, num_classes=7)[10]
+    correct = count_correct(
+        sims,
+        index,
+        bank_labels_n=torch.randint(0, 7, (3000,), generator=generator),
+        query_labels_i=torch.randint(0, 7, (2000,), generator=generator),
+        features_per_image=9,
+        ks=[10],
+        temperature=0.07,
+        num_classes=7,
+    )[10]
     assert abs(correct.top1 / 2000 - (1 - (6 / 7) ** 9)) < 0.03
     assert abs(correct.feature_top1 / (2000 * 9) - 1 / 7) < 0.02
 
@@ -111,8 +150,15 @@ def test_chunked_search_equals_one_full_search():
     queries = torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=1)
     full_sims, full_index = (queries @ bank.T).topk(20, dim=1)
     calls = []
-    sims, index = search_topk(queries, bank.half(), k=20, device=CPU, bank_chunk_rows=37, block_bytes=37 * 4 * 7,
-                              on_progress=lambda done, total: calls.append((done, total)))
+    sims, index = search_topk(
+        queries,
+        bank.half(),
+        k=20,
+        device=CPU,
+        bank_chunk_rows=37,
+        block_bytes=37 * 4 * 7,
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (math.ceil(1000 / 37) * math.ceil(50 / 7),) * 2
     torch.testing.assert_close(sims, full_sims, atol=2e-3, rtol=0)  # the bank is fp16
     assert (index == full_index).float().mean() > 0.97  # near-ties may swap under fp16 rounding
@@ -160,8 +206,9 @@ def test_pixel_transform_is_torchvisions_resize_and_center_crop():
     rng = np.random.default_rng(0)
     for width, height in ((97, 61), (61, 97), (80, 80), (333, 250)):
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        reference = transforms.Compose([transforms.Resize(56, interpolation=transforms.InterpolationMode.BICUBIC),
-                                        transforms.CenterCrop(48)])(image)
+        reference = transforms.Compose(
+            [transforms.Resize(56, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(48)]
+        )(image)
         ours = EvalGeometry(width=width, height=height, resize=56, crop=48).transform_image(image)
         assert np.array_equal(np.asarray(ours), np.asarray(reference)), (width, height)
 
@@ -179,8 +226,11 @@ def test_boxes_are_clipped_and_the_largest_kept():
 
 def test_boxes_of_the_image_class_are_preferred():
     """The label's own boxes are used when the boxes say their class; otherwise all boxes."""
-    fields = {"json": json.dumps({"label": 2, "boxes": [{"bbox": [0, 0, 50, 50], "class": 1},
-                                                        {"bbox": [5, 5, 9, 9], "class": 2}]}).encode()}
+    fields = {
+        "json": json.dumps(
+            {"label": 2, "boxes": [{"bbox": [0, 0, 50, 50], "class": 1}, {"bbox": [5, 5, 9, 9], "class": 2}]}
+        ).encode()
+    }
     label, boxes, _ = parse_annotation(fields, where="test")
     assert label == 2 and boxes == [(5.0, 5.0, 9.0, 9.0)]
     fields = {"json": json.dumps({"boxes": [{"bbox": [0, 0, 50, 50]}]}).encode(), "cls": b"4"}
@@ -224,8 +274,20 @@ def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
     """The table and the JSON carry top-1/top-5 per k, the image counts and every setting; with
     --features-dir the second run reuses the features and gets the same numbers."""
     cache = tmp_path / "features"
-    args = [tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "5,20",
-            "--workers", "0", "--features-dir", cache]
+    args = [
+        tiny_run,
+        "--train",
+        demo_data / "train",
+        "--val",
+        demo_data / "val",
+        *EVAL_SIZE,
+        "--k",
+        "5,20",
+        "--workers",
+        "0",
+        "--features-dir",
+        cache,
+    ]
     first = _evaluate(*args)
     [written] = (tiny_run / "eval").glob("knn-bbox-step-*-teacher.json")  # the default place: beside the run
     results = _results(written)
@@ -234,13 +296,15 @@ def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
     for row in results["results"].values():
         assert 0 <= row["top1"] <= row["top5"] <= 100
         assert row["top1"] == pytest.approx(100 * row["correct_top1"] / results["val"]["images"])
-        assert row["feature_top1"] == pytest.approx(100 * row["correct_feature_top1"] / (9 * results["val"]["images"]),
-                                                    abs=1e-4)
+        assert row["feature_top1"] == pytest.approx(
+            100 * row["correct_feature_top1"] / (9 * results["val"]["images"]), abs=1e-4
+        )
         assert row["feature_top1"] <= row["top1"]  # a right feature makes its image right
     n = results["settings"]["num_classes"]
-    assert results["chance"] == pytest.approx({"top1": 100 * (1 - (1 - 1 / n) ** 9),
-                                               "top5": 100 * (1 - (1 - min(5, n) / n) ** 9),
-                                               "feature_top1": 100 / n}, abs=1e-3)
+    assert results["chance"] == pytest.approx(
+        {"top1": 100 * (1 - (1 - 1 / n) ** 9), "top5": 100 * (1 - (1 - min(5, n) / n) ** 9), "feature_top1": 100 / n},
+        abs=1e-3,
+    )
     assert "feature top-1 %" in first.stdout and f"chance level ({n} classes, any of 9)" in first.stdout
     settings = results["settings"]
     assert (settings["mode"], settings["grid"], settings["features_per_image"]) == ("bbox", 3, 9)
@@ -262,8 +326,22 @@ def test_results_table_json_and_feature_cache(tiny_run, demo_data, tmp_path):
 def test_global_mode_needs_no_boxes(tiny_run, demo_data, tmp_path):
     """Global mode: one mean-pooled feature per image, and shards without any box are fine."""
     _copy_shards(demo_data / "train", tmp_path / "train", keep_boxes=lambda index: False)
-    _evaluate(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--mode", "global",
-              "--k", "10", "--workers", "0", "--output", tmp_path / "global.json")
+    _evaluate(
+        tiny_run,
+        "--train",
+        tmp_path / "train",
+        "--val",
+        demo_data / "val",
+        *EVAL_SIZE,
+        "--mode",
+        "global",
+        "--k",
+        "10",
+        "--workers",
+        "0",
+        "--output",
+        tmp_path / "global.json",
+    )
     results = _results(tmp_path / "global.json")
     assert results["settings"]["features_per_image"] == 1 and results["settings"]["grid"] is None
     assert results["train"]["features"] == 192 and results["train"]["skipped"] == {}
@@ -272,8 +350,18 @@ def test_global_mode_needs_no_boxes(tiny_run, demo_data, tmp_path):
 def test_two_processes_count_what_one_does(tiny_run, demo_data, tmp_path):
     """`--devices 2`: two gloo processes, each extracting its shards and searching its share of
     the val images, give exactly the single process's counts."""
-    common = [tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10,50",
-              "--workers", "0"]
+    common = [
+        tiny_run,
+        "--train",
+        demo_data / "train",
+        "--val",
+        demo_data / "val",
+        *EVAL_SIZE,
+        "--k",
+        "10,50",
+        "--workers",
+        "0",
+    ]
     _evaluate(*common, "--output", tmp_path / "one.json")
     _evaluate(*common, "--devices", "2", "--output", tmp_path / "two.json")
     one, two = _results(tmp_path / "one.json"), _results(tmp_path / "two.json")
@@ -285,8 +373,20 @@ def test_timm_export_evaluates_like_its_checkpoint(tiny_run, demo_data, tmp_path
     """A `flsl export --format timm` folder and single file give the checkpoint's numbers."""
     # At the size the run trained at (32 px): at other sizes flsl resamples the position table
     # as the authors' release does and timm its own way (README, "Exporting backbones").
-    common = ["--train", demo_data / "train", "--val", demo_data / "val", "--resize", "36", "--crop", "32",
-              "--k", "10", "--workers", "0"]
+    common = [
+        "--train",
+        demo_data / "train",
+        "--val",
+        demo_data / "val",
+        "--resize",
+        "36",
+        "--crop",
+        "32",
+        "--k",
+        "10",
+        "--workers",
+        "0",
+    ]
     _evaluate(tiny_run, *common, "--output", tmp_path / "checkpoint.json")
     reference = _results(tmp_path / "checkpoint.json")["results"]
     for target in (tmp_path / "export", tmp_path / "export.safetensors"):
@@ -301,8 +401,20 @@ def test_timm_export_evaluates_like_its_checkpoint(tiny_run, demo_data, tmp_path
 def test_images_without_boxes_are_skipped_and_counted(tiny_run, demo_data, tmp_path):
     """In bbox mode a val image without boxes is left out of the accuracy and counted."""
     _copy_shards(demo_data / "val", tmp_path / "val", keep_boxes=lambda index: index % 3 != 0)
-    _evaluate(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--k", "10",
-              "--workers", "0", "--output", tmp_path / "out.json")
+    _evaluate(
+        tiny_run,
+        "--train",
+        demo_data / "train",
+        "--val",
+        tmp_path / "val",
+        *EVAL_SIZE,
+        "--k",
+        "10",
+        "--workers",
+        "0",
+        "--output",
+        tmp_path / "out.json",
+    )
     val = _results(tmp_path / "out.json")["val"]
     assert val == {"samples": 48, "images": 32, "features": 288, "skipped": {"no boxes": 16}, "cached": False}
 
@@ -314,16 +426,33 @@ def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
     from flsl_cli.eval.api import evaluate_during_training
     from flsl_cli.models.load import load_backbone
 
-    settings = KnnEvalConfig(train=str(demo_data / "train"), val=str(demo_data / "val"), k=[10], resize=72, crop=64,
-                             workers=0)
+    settings = KnnEvalConfig(
+        train=str(demo_data / "train"), val=str(demo_data / "val"), k=[10], resize=72, crop=64, workers=0
+    )
     backbone = load_backbone(tiny_run).backbone.train()
     metrics = evaluate_during_training(backbone=backbone, settings=settings, device=CPU)
     assert backbone.training and all(p.requires_grad for p in backbone.parameters() if p is not backbone.pos_embed)
-    _evaluate(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--k", "10",
-              "--workers", "0", "--output", tmp_path / "cli.json")
+    _evaluate(
+        tiny_run,
+        "--train",
+        demo_data / "train",
+        "--val",
+        demo_data / "val",
+        *EVAL_SIZE,
+        "--k",
+        "10",
+        "--workers",
+        "0",
+        "--output",
+        tmp_path / "cli.json",
+    )
     cli = _results(tmp_path / "cli.json")["results"]["10"]
-    assert metrics == {"knn_bbox_images": 48.0, "knn_bbox_top1_k10": cli["top1"], "knn_bbox_top5_k10": cli["top5"],
-                       "knn_bbox_feature_top1_k10": cli["feature_top1"]}
+    assert metrics == {
+        "knn_bbox_images": 48.0,
+        "knn_bbox_top1_k10": cli["top1"],
+        "knn_bbox_top5_k10": cli["top5"],
+        "knn_bbox_feature_top1_k10": cli["feature_top1"],
+    }
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -349,35 +478,62 @@ def test_options_that_contradict_the_architecture(tiny_run, demo_data):
     """A crop that is not a multiple of the patch size, --model naming another architecture,
     --which on a timm model."""
     data = ["--train", demo_data / "train", "--val", demo_data / "val", "--workers", "0"]
-    fails(_knn(tiny_run, *data, "--resize", "72", "--crop", "60"),
-           "--crop 60 is not a multiple of the model's patch size (8)")
-    fails(_knn(tiny_run, *data, "--model", "timm:vit_small_patch16_224"),
-           "contradicts --model timm:vit_small_patch16_224",
-           "width 192, depth 2, patch 8")
-    fails(_knn(*data, "--model", "timm:vit_tiny_patch16_224", "--which", "student"),
-           "--which applies to flsl checkpoints only")
+    fails(
+        _knn(tiny_run, *data, "--resize", "72", "--crop", "60"),
+        "--crop 60 is not a multiple of the model's patch size (8)",
+    )
+    fails(
+        _knn(tiny_run, *data, "--model", "timm:vit_small_patch16_224"),
+        "contradicts --model timm:vit_small_patch16_224",
+        "width 192, depth 2, patch 8",
+    )
+    fails(
+        _knn(*data, "--model", "timm:vit_tiny_patch16_224", "--which", "student"),
+        "--which applies to flsl checkpoints only",
+    )
 
 
 def test_no_boxes_at_all_in_bbox_mode(tiny_run, demo_data, tmp_path):
     """Train shards without any box: a clear error that points to --mode global."""
     _copy_shards(demo_data / "train", tmp_path / "train", keep_boxes=lambda index: False, limit=40)
-    fails(_knn(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0"),
-           "none of the 40 images of the train set has a usable box (40 no boxes)", "--mode global")
+    fails(
+        _knn(tiny_run, "--train", tmp_path / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0"),
+        "none of the 40 images of the train set has a usable box (40 no boxes)",
+        "--mode global",
+    )
 
 
 def test_k_larger_than_the_bank(tiny_run, demo_data):
     """k beyond the number of bank features is refused with the bank's size."""
-    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", demo_data / "val", *EVAL_SIZE, "--workers", "0",
-                "--max-train-images", "10", "--k", "20,100"),
-           "--k 100 is larger than the memory bank (10 train images x 9 = 90 features)")
+    fails(
+        _knn(
+            tiny_run,
+            "--train",
+            demo_data / "train",
+            "--val",
+            demo_data / "val",
+            *EVAL_SIZE,
+            "--workers",
+            "0",
+            "--max-train-images",
+            "10",
+            "--k",
+            "20,100",
+        ),
+        "--k 100 is larger than the memory bank (10 train images x 9 = 90 features)",
+    )
 
 
 def test_empty_or_missing_shard_sets(tiny_run, demo_data, tmp_path):
     (tmp_path / "empty").mkdir()
     """An empty directory of shards, and a path that does not exist: named with the option."""
     fails(_knn(tiny_run, "--train", tmp_path / "empty", "--val", demo_data / "val"), "--train", "no .tar shards")
-    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "none"), "--val", str(tmp_path / "none"),
-           "flsl data demo")
+    fails(
+        _knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "none"),
+        "--val",
+        str(tmp_path / "none"),
+        "flsl data demo",
+    )
 
 
 def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
@@ -385,5 +541,8 @@ def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
     _copy_shards(demo_data / "val", tmp_path / "val")
     shard = sorted((tmp_path / "val").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    fails(_knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--workers", "0"),
-           str(shard), "could not be read to its end")
+    fails(
+        _knn(tiny_run, "--train", demo_data / "train", "--val", tmp_path / "val", *EVAL_SIZE, "--workers", "0"),
+        str(shard),
+        "could not be read to its end",
+    )

@@ -101,8 +101,11 @@ def test_the_check_fails_on_an_upward_import(tmp_path):
     """The check is able to fail: a planted `from flsl_cli.launch...` in train is reported, as
     is one hidden inside a function of eval."""
     graph = import_graph()
-    planted = {**graph, "flsl_cli.train.loop": graph["flsl_cli.train.loop"] | {"flsl_cli.launch.devices"},
-               "flsl_cli.eval.api": graph["flsl_cli.eval.api"] | {"flsl_cli.train.loop"}}
+    planted = {
+        **graph,
+        "flsl_cli.train.loop": graph["flsl_cli.train.loop"] | {"flsl_cli.launch.devices"},
+        "flsl_cli.eval.api": graph["flsl_cli.eval.api"] | {"flsl_cli.train.loop"},
+    }
     problems = layer_violations(planted)
     assert any(p.startswith("flsl_cli.train.loop imports flsl_cli.launch.devices") for p in problems)
     assert any(p.startswith("flsl_cli.eval.api imports flsl_cli.train.loop") for p in problems)
@@ -131,8 +134,9 @@ def test_modules_import_in_dependency_order_without_a_cycle():
         "        extra[name] = sorted(new)\n"
         "print(json.dumps(extra))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(order)], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(order)], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     parents = {name.rsplit(".", 1)[0] for name in order}
     extra = {name: [m for m in loaded if m not in parents] for name, loaded in json.loads(result.stdout).items()}

@@ -14,17 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _eval_overrides(data: Path) -> list[str]:
-    values = {"eval.at_end": "true", "eval.every_epochs": 1, "eval.knn.train": data / "train",
-              "eval.knn.val": data / "val", "eval.knn.k": "[10,20]", "eval.knn.resize": 36, "eval.knn.crop": 32,
-              "eval.knn.workers": 1}
+    values = {
+        "eval.at_end": "true",
+        "eval.every_epochs": 1,
+        "eval.knn.train": data / "train",
+        "eval.knn.val": data / "val",
+        "eval.knn.k": "[10,20]",
+        "eval.knn.resize": 36,
+        "eval.knn.crop": 32,
+        "eval.knn.workers": 1,
+    }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
 @pytest.fixture(scope="module")
 def evaluated_run(demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("learning") / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"),
-                      *_eval_overrides(demo_data), "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides(demo_data / "train"),
+        *_eval_overrides(demo_data),
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 0, result.stderr
     return run, result
 
@@ -41,9 +54,25 @@ def test_run_ends_with_teacher_random_init_and_chance(evaluated_run, demo_data, 
     assert final["knn_bbox_chance_feature_top1"] == pytest.approx(100 / 7, abs=0.01)
     for key in ("knn_bbox_feature_top1_k20", "random_init_knn_bbox_feature_top1_k20"):
         assert 0.0 <= final[key] <= 100.0
-    baseline = run_flsl("knn-eval", run, "--random-init", "--train", demo_data / "train", "--val",
-                        demo_data / "val", "--k", "10,20", "--resize", "36", "--crop", "32", "--workers", "1",
-                        "--output", tmp_path / "random.json")
+    baseline = run_flsl(
+        "knn-eval",
+        run,
+        "--random-init",
+        "--train",
+        demo_data / "train",
+        "--val",
+        demo_data / "val",
+        "--k",
+        "10,20",
+        "--resize",
+        "36",
+        "--crop",
+        "32",
+        "--workers",
+        "1",
+        "--output",
+        tmp_path / "random.json",
+    )
     assert baseline.returncode == 0, baseline.stderr
     figures = json.loads((tmp_path / "random.json").read_text())["results"]["20"]
     assert final["random_init_knn_bbox_feature_top1_k20"] == pytest.approx(figures["feature_top1"], abs=1e-3)
@@ -66,9 +95,13 @@ def test_plot_draws_the_learning_curve_with_chance_and_baseline(evaluated_run):
     assert len(steps) >= 2  # every epoch, then the end of training
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/learning.md: on the demo data no objective tried (FLSL in 14 configurations, DINO and SimCLR "
-    "controls) gets the teacher's bbox feature top-1 above random init within a CPU demo's length"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "docs/learning.md: on the demo data no objective tried (FLSL in 14 configurations, DINO and SimCLR "
+        "controls) gets the teacher's bbox feature top-1 above random init within a CPU demo's length"
+    ),
+)
 def test_demo_recipe_teacher_beats_random_init(tmp_path):
     """The demo recipe (4 of its 8 epochs, training seed 1, which it was not tuned on) ends with its
     teacher's feature top-1 above random init's on the demo val split."""
@@ -77,9 +110,16 @@ def test_demo_recipe_teacher_beats_random_init(tmp_path):
     data = tmp_path / "demo"
     write_demo_dataset(data, images=2000, seed=0, image_size=96)
     run = tmp_path / "run"
-    overrides = {"data.train": data / "train", "data.demo": "null", "optim.epochs": 4, "optim.seed": 1,
-                 "eval.every_epochs": "null", "eval.knn.train": data / "train", "eval.knn.val": data / "val",
-                 "checkpoint.every_minutes": "null"}
+    overrides = {
+        "data.train": data / "train",
+        "data.demo": "null",
+        "optim.epochs": 4,
+        "optim.seed": 1,
+        "eval.every_epochs": "null",
+        "eval.knn.train": data / "train",
+        "eval.knn.val": data / "val",
+        "checkpoint.every_minutes": "null",
+    }
     args = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     result = run_flsl("pretrain", "recipes/demo.yaml", *args, "--run-dir", run, timeout=1800)
     assert result.returncode == 0, result.stderr

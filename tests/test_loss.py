@@ -97,9 +97,17 @@ def _setup(seed=0):
 
 
 def _loss(student_tokens, teacher_tokens, index, student_head, teacher_head):
-    return flsl_loss([StudentView(student_tokens, index)], teacher_tokens, student_head=student_head,
-                     teacher_head=teacher_head, beta_sa=0.5, beta_ca=1.0, student_temp=0.1, teacher_temp=0.04,
-                     weights=LossWeights(upsilon=0.03, eta=1.0, gamma=5.0))
+    return flsl_loss(
+        [StudentView(student_tokens, index)],
+        teacher_tokens,
+        student_head=student_head,
+        teacher_head=teacher_head,
+        beta_sa=0.5,
+        beta_ca=1.0,
+        student_temp=0.1,
+        teacher_temp=0.04,
+        weights=LossWeights(upsilon=0.03, eta=1.0, gamma=5.0),
+    )
 
 
 def test_no_gradient_reaches_the_teacher():
@@ -158,13 +166,18 @@ def test_query_sampling_picks_one_token_per_window(grid, window):
         all_cells = {(i, j) for i in range(windows) for j in range(windows)}
 
         def one_per_window(top, left, rows=rows, cols=cols, block=block, all_cells=all_cells):
-            inside = (rows >= top).all() and (rows < top + block).all() and (cols >= left).all() \
+            inside = (
+                (rows >= top).all()
+                and (rows < top + block).all()
+                and (cols >= left).all()
                 and (cols < left + block).all()
+            )
             cells = [((r - top) // window, (c - left) // window) for r, c in zip(rows, cols)]
             return inside and len(cells) == len(set(cells)) and set(cells) == all_cells
 
         corners = [(top, left) for top in (0, grid - block) for left in (0, grid - block)]
         assert any(one_per_window(top, left) for top, left in corners)
+
 
 def test_query_sampling_uses_every_corner_and_offset():
     """Over many draws the block lands on all four corners and every in-window position occurs."""

@@ -39,8 +39,11 @@ def _jpeg(path: Path, rng: np.random.Generator, width: int, height: int) -> None
 
 
 def _voc_xml(stem: str, boxes: list[tuple]) -> str:
-    objects = "".join(f"<object><name>{s}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
-                      f"<ymax>{y1}</ymax></bndbox></object>" for s, x0, y0, x1, y1 in boxes)
+    objects = "".join(
+        f"<object><name>{s}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>"
+        for s, x0, y0, x1, y1 in boxes
+    )
     size = "<size><width>48</width><height>40</height></size>"
     return f"<annotation><filename>{stem}</filename>{size}{objects}</annotation>"
 
@@ -89,8 +92,17 @@ def reference(imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _shards(imagenet: Path, dest: Path | str, *extra: object, src: Path | None = None):
-    return run_flsl("data", "shards", src or imagenet / "train", dest, "--samples-per-shard", "5",
-                    "--class-names", imagenet / "LOC_synset_mapping.txt", *extra)
+    return run_flsl(
+        "data",
+        "shards",
+        src or imagenet / "train",
+        dest,
+        "--samples-per-shard",
+        "5",
+        "--class-names",
+        imagenet / "LOC_synset_mapping.txt",
+        *extra,
+    )
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -123,8 +135,12 @@ def test_index_lists_shards_classes_settings_and_skipped(reference: Path, imagen
     assert all(s["bytes"] == (reference / s["name"]).stat().st_size for s in index["shards"])
     assert index["synsets"] == list(SYNSETS)
     assert index["classes"] == list(NAMES)
-    assert index["skipped"] == [{"file": f"{SYNSETS[1]}/{SYNSETS[1]}_broken.JPEG",
-                                 "reason": "not a readable image (PIL cannot identify its format)"}]
+    assert index["skipped"] == [
+        {
+            "file": f"{SYNSETS[1]}/{SYNSETS[1]}_broken.JPEG",
+            "reason": "not a readable image (PIL cannot identify its format)",
+        }
+    ]
     settings = index["settings"]
     assert settings["source"] == str((imagenet / "train").resolve())
     assert settings["boxes"] == str((imagenet / "Annotation").resolve())
@@ -153,16 +169,23 @@ def test_samples_hold_original_bytes_labels_and_boxes(reference: Path, imagenet:
         assert (info["synset"], info["class_name"]) == (SYNSETS[label], NAMES[label])
         with Image.open(source) as image:
             assert (info["width"], info["height"]) == image.size
-        expected = [{"bbox": [x0, y0, x1, y1], "class": SYNSETS.index(s), "name": NAMES[SYNSETS.index(s)],
-                     "synset": s} for s, x0, y0, x1, y1 in TRAIN_BOXES.get(source.stem, [])]
+        expected = [
+            {"bbox": [x0, y0, x1, y1], "class": SYNSETS.index(s), "name": NAMES[SYNSETS.index(s)], "synset": s}
+            for s, x0, y0, x1, y1 in TRAIN_BOXES.get(source.stem, [])
+        ]
         assert info["boxes"] == expected, key
     assert "extra" in samples and "n01440764_0" in samples
 
 
 def test_loc_csv_boxes_equal_voc_xml_boxes(reference: Path, imagenet: Path, tmp_path: Path) -> None:
     """Boxes from LOC_train_solution.csv give the same shards as the same boxes in VOC XML files."""
-    make_shards(imagenet / "train", str(tmp_path / "csv"), boxes=imagenet / "LOC_train_solution.csv",
-                class_names=imagenet / "LOC_synset_mapping.txt", samples_per_shard=5)
+    make_shards(
+        imagenet / "train",
+        str(tmp_path / "csv"),
+        boxes=imagenet / "LOC_train_solution.csv",
+        class_names=imagenet / "LOC_synset_mapping.txt",
+        samples_per_shard=5,
+    )
     tars = {name: data for name, data in _files(tmp_path / "csv").items() if name.endswith(".tar")}
     assert tars == {name: data for name, data in _files(reference).items() if name.endswith(".tar")}
 
@@ -175,8 +198,14 @@ def test_loc_csv_boxes_equal_voc_xml_boxes(reference: Path, imagenet: Path, tmp_
 def test_deterministic_and_independent_of_workers(reference: Path, imagenet: Path, tmp_path: Path) -> None:
     """Another run with 1 worker and one with 2 workers write byte-identical shards and index."""
     for name, workers in (("again", 1), ("two", 2)):
-        report = make_shards(imagenet / "train", str(tmp_path / name), boxes=imagenet / "Annotation",
-                             class_names=imagenet / "LOC_synset_mapping.txt", samples_per_shard=5, workers=workers)
+        report = make_shards(
+            imagenet / "train",
+            str(tmp_path / name),
+            boxes=imagenet / "Annotation",
+            class_names=imagenet / "LOC_synset_mapping.txt",
+            samples_per_shard=5,
+            workers=workers,
+        )
         assert (report.shards, report.samples, report.skipped, report.written) == (4, 16, 1, 4)
         assert _files(tmp_path / name) == _files(reference)
 
@@ -212,8 +241,11 @@ def test_rerun_writes_only_what_is_missing(reference: Path, imagenet: Path, tmp_
     assert "3 kept from an earlier run" in result.stdout
     assert _files(dest) == _files(reference)
     mtimes = {p.name: p.stat().st_mtime for p in dest.iterdir()}
-    assert {name for name, t in mtimes.items() if t == old} == {"train-000000.tar", "train-000002.tar",
-                                                                 "train-000003.tar"}
+    assert {name for name, t in mtimes.items() if t == old} == {
+        "train-000000.tar",
+        "train-000002.tar",
+        "train-000003.tar",
+    }
 
     again = _shards(imagenet, dest, "--boxes", imagenet / "Annotation")
     assert again.returncode == 0, again.stderr
@@ -227,12 +259,25 @@ def test_rerun_with_other_settings_is_refused(reference: Path, imagenet: Path, t
     shutil.copytree(reference, dest)
     (dest / "index.json").unlink()
     before = _files(dest)
-    fails(run_flsl("data", "shards", imagenet / "train", dest, "--samples-per-shard", "4",
-                    "--class-names", imagenet / "LOC_synset_mapping.txt", "--boxes", imagenet / "Annotation"),
-           "another plan", "samples_per_shard was 5, now 4", "new DEST")
+    fails(
+        run_flsl(
+            "data",
+            "shards",
+            imagenet / "train",
+            dest,
+            "--samples-per-shard",
+            "4",
+            "--class-names",
+            imagenet / "LOC_synset_mapping.txt",
+            "--boxes",
+            imagenet / "Annotation",
+        ),
+        "another plan",
+        "samples_per_shard was 5, now 4",
+        "new DEST",
+    )
     assert _files(dest) == before
-    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", imagenet / "val_labels.txt"),
-           "another plan")
+    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", imagenet / "val_labels.txt"), "another plan")
     (dest / "progress.json").unlink()
     fails(_shards(imagenet, dest), "not empty", "was not made by `flsl data shards`")
 
@@ -242,22 +287,33 @@ def test_rerun_with_other_settings_is_refused(reference: Path, imagenet: Path, t
 
 def test_flat_val_with_labels(imagenet: Path, tmp_path: Path) -> None:
     """A flat val/ labelled by LOC_val_solution.csv or a 'FILENAME SYNSET' file: same labels, sorted by name."""
-    from_csv = make_shards(imagenet / "val", str(tmp_path / "csv"), labels=imagenet / "LOC_val_solution.csv",
-                           boxes=imagenet / "LOC_val_solution.csv", class_names=imagenet / "LOC_synset_mapping.txt",
-                           samples_per_shard=4)
+    from_csv = make_shards(
+        imagenet / "val",
+        str(tmp_path / "csv"),
+        labels=imagenet / "LOC_val_solution.csv",
+        boxes=imagenet / "LOC_val_solution.csv",
+        class_names=imagenet / "LOC_synset_mapping.txt",
+        samples_per_shard=4,
+    )
     assert (from_csv.shards, from_csv.samples, from_csv.classes) == (2, 6, 3)
     samples = _samples(tmp_path / "csv")
     assert list(samples) == sorted(VAL_LABELS)
     for key, fields in samples.items():
         info = json.loads(fields["json"])
         assert info["synset"] == VAL_LABELS[key] and int(fields["cls"]) == SYNSETS.index(VAL_LABELS[key])
-        assert info["boxes"] == [{"bbox": [2, 3, 20, 18], "class": info["label"], "name": info["class_name"],
-                                  "synset": VAL_LABELS[key]}]
+        assert info["boxes"] == [
+            {"bbox": [2, 3, 20, 18], "class": info["label"], "name": info["class_name"], "synset": VAL_LABELS[key]}
+        ]
         assert fields["jpg"] == (imagenet / "val" / f"{key}.JPEG").read_bytes()
     assert json.loads((tmp_path / "csv" / "index.json").read_text())["settings"]["layout"] == "flat"
 
-    from_text = make_shards(imagenet / "val", str(tmp_path / "txt"), labels=imagenet / "val_labels.txt",
-                            class_names=imagenet / "LOC_synset_mapping.txt", samples_per_shard=4)
+    from_text = make_shards(
+        imagenet / "val",
+        str(tmp_path / "txt"),
+        labels=imagenet / "val_labels.txt",
+        class_names=imagenet / "LOC_synset_mapping.txt",
+        samples_per_shard=4,
+    )
     assert from_text.samples == 6
     labels = {key: fields["cls"] for key, fields in _samples(tmp_path / "txt").items()}
     assert labels == {key: fields["cls"] for key, fields in samples.items()}
@@ -270,10 +326,17 @@ def test_memory_destination(reference: Path, imagenet: Path) -> None:
     fs = fsspec.filesystem("memory")
     for workers in (1, 2):
         url = f"memory://flsl-test-{workers}/train"
-        make_shards(imagenet / "train", url, boxes=imagenet / "Annotation",
-                    class_names=imagenet / "LOC_synset_mapping.txt", samples_per_shard=5, workers=workers)
-        written = {path.rsplit("/", 1)[-1]: fs.cat_file(path) for path in fs.ls(f"/flsl-test-{workers}/train",
-                                                                                detail=False)}
+        make_shards(
+            imagenet / "train",
+            url,
+            boxes=imagenet / "Annotation",
+            class_names=imagenet / "LOC_synset_mapping.txt",
+            samples_per_shard=5,
+            workers=workers,
+        )
+        written = {
+            path.rsplit("/", 1)[-1]: fs.cat_file(path) for path in fs.ls(f"/flsl-test-{workers}/train", detail=False)
+        }
         expected = _files(reference)
         assert set(written) == set(expected)
         assert all(written[name] == expected[name] for name in expected if name != "index.json")
@@ -292,21 +355,34 @@ def test_s3_destination_with_moto(reference: Path, imagenet: Path, monkeypatch: 
     server.start()
     try:
         host, port = server.get_host_and_port()
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("flsl-bucket")
-        make_shards(imagenet / "train", "s3://flsl-bucket/in1k/train", boxes=imagenet / "Annotation",
-                    class_names=imagenet / "LOC_synset_mapping.txt", samples_per_shard=5, workers=2)
+        make_shards(
+            imagenet / "train",
+            "s3://flsl-bucket/in1k/train",
+            boxes=imagenet / "Annotation",
+            class_names=imagenet / "LOC_synset_mapping.txt",
+            samples_per_shard=5,
+            workers=2,
+        )
         fs.invalidate_cache()
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("flsl-bucket/in1k/train", detail=False))
         assert names == sorted(_files(reference))
         assert fs.cat_file("flsl-bucket/in1k/train/train-000001.tar") == (reference / "train-000001.tar").read_bytes()
 
-        fails(_shards(imagenet, "s3://no-such-bucket/train"), "bucket 'no-such-bucket' does not exist",
-               "s3://no-such-bucket/train")
+        fails(
+            _shards(imagenet, "s3://no-such-bucket/train"),
+            "bucket 'no-such-bucket' does not exist",
+            "s3://no-such-bucket/train",
+        )
     finally:
         server.stop()
 
@@ -331,8 +407,14 @@ def test_plain_webdataset_and_tar_read_the_shards(reference: Path) -> None:
     assert len(keys) == len(set(keys)) == 16
 
     listing = subprocess.run(["tar", "-tf", urls[0]], capture_output=True, text=True, check=True).stdout.split()
-    assert listing[:6] == ["extra.cls", "extra.json", "extra.png", "n01440764_0.cls", "n01440764_0.jpg",
-                           "n01440764_0.json"]  # sorted by file name within a class, fields by extension
+    assert listing[:6] == [
+        "extra.cls",
+        "extra.json",
+        "extra.png",
+        "n01440764_0.cls",
+        "n01440764_0.jpg",
+        "n01440764_0.json",
+    ]  # sorted by file name within a class, fields by extension
     assert len(listing) == 15
 
 
@@ -350,8 +432,12 @@ def test_src_without_images(tmp_path: Path) -> None:
 
 def test_unknown_protocol_and_missing_backend(imagenet: Path) -> None:
     """An unknown protocol, or one whose fsspec backend is not installed, names the URL and the remedy."""
-    fails(_shards(imagenet, "foo://bucket/train"), "foo://bucket/train", "cannot open foo:// URLs",
-           "protocol fsspec knows")
+    fails(
+        _shards(imagenet, "foo://bucket/train"),
+        "foo://bucket/train",
+        "cannot open foo:// URLs",
+        "protocol fsspec knows",
+    )
     fails(_shards(imagenet, "gs://bucket/train"), "gs://bucket/train", "install gcsfs", "pip install gcsfs")
     result = _shards(imagenet, "foo://me:s3cr3t@bucket/train")
     fails(result, "foo://***@bucket/train")
@@ -367,8 +453,10 @@ def test_malformed_annotations_name_file_and_line(imagenet: Path, tmp_path: Path
     bad_xml.write_text("<annotation>\n<object><name>n01440764</name>\n<bndbox><xmin>1</xmin></object>\n")
     fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml}:3", "malformed XML")
 
-    bad_xml.write_text("<annotation><object><name>n01440764</name><bndbox><xmin>1</xmin><ymin>2</ymin>"
-                       "<xmax>oops</xmax><ymax>4</ymax></bndbox></object></annotation>")
+    bad_xml.write_text(
+        "<annotation><object><name>n01440764</name><bndbox><xmin>1</xmin><ymin>2</ymin>"
+        "<xmax>oops</xmax><ymax>4</ymax></bndbox></object></annotation>"
+    )
     fails(_shards(imagenet, dest, "--boxes", boxes), f"{bad_xml} <object> #1 <xmax>", "'oops' is not a number")
 
     bad_csv = tmp_path / "LOC_train_solution.csv"
@@ -378,8 +466,11 @@ def test_malformed_annotations_name_file_and_line(imagenet: Path, tmp_path: Path
     bad_csv.write_text("ImageId,PredictionString\nn01440764_0,n01440764 1 2 30 25\nn01443537_1,n09999999 1 2 3 4\n")
     fails(_shards(imagenet, dest, "--boxes", bad_csv), f"{bad_csv}:3", "'n09999999' is not in the class map")
 
-    fails(_shards(imagenet, dest, "--boxes", imagenet / "LOC_val_solution.csv"), "none of the 17 images",
-           str(imagenet / "LOC_val_solution.csv"))
+    fails(
+        _shards(imagenet, dest, "--boxes", imagenet / "LOC_val_solution.csv"),
+        "none of the 17 images",
+        str(imagenet / "LOC_val_solution.csv"),
+    )
 
     bad_names = tmp_path / "names.txt"
     bad_names.write_text(f"{SYNSETS[0]} tench\n{SYNSETS[1]}\n")
@@ -393,8 +484,11 @@ def test_bad_labels_for_flat_val(imagenet: Path, tmp_path: Path) -> None:
     fails(run_flsl("data", "shards", imagenet / "val", dest), "flat directory", "--labels")
     partial = tmp_path / "labels.txt"
     partial.write_text(f"ILSVRC2012_val_00000001.JPEG {SYNSETS[0]}\n")
-    fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", partial), "5 image(s) of SRC have no label",
-           str(partial))
+    fails(
+        run_flsl("data", "shards", imagenet / "val", dest, "--labels", partial),
+        "5 image(s) of SRC have no label",
+        str(partial),
+    )
     numeric = tmp_path / "numeric.txt"
     numeric.write_text("".join(f"{stem}.JPEG 1\n" for stem in VAL_LABELS))
     fails(run_flsl("data", "shards", imagenet / "val", dest, "--labels", numeric), "--class-names")
@@ -425,19 +519,28 @@ def test_training_and_knn_readers_read_the_same_samples(reference: Path) -> None
 
     shards = resolve_shards(str(reference))
     listed = _samples(reference)
-    ordered = [key for shard in json.loads((reference / "index.json").read_text())["shards"]
-               for key in dict.fromkeys(m.name.split(".", 1)[0] for m in tarfile.open(reference / shard["name"]))]
+    ordered = [
+        key
+        for shard in json.loads((reference / "index.json").read_text())["shards"]
+        for key in dict.fromkeys(m.name.split(".", 1)[0] for m in tarfile.open(reference / shard["name"]))
+    ]
 
-    recipe = Recipe.model_validate({"data": {"train": str(reference)}, "model": {"arch": "vit_tiny", "patch_size": 8},
-                                    "augment": {"global_size": 32, "local_size": 16},
-                                    "loss": {"query_window_global": 2, "query_window_local": 2}})
+    recipe = Recipe.model_validate(
+        {
+            "data": {"train": str(reference)},
+            "model": {"arch": "vit_tiny", "patch_size": 8},
+            "augment": {"global_size": 32, "local_size": 16},
+            "loss": {"query_window_global": 2, "query_window_local": 2},
+        }
+    )
     layout, _ = plan_layout(shards, world_size=1, num_workers=1, local_batch=4)
     stream = TrainStream(shards, layout=layout, rank=0, seed=0, shuffle_buffer=8, augment=MultiCropAugment(recipe))
     stream.set_epoch(0)
     training = [key for batch in build_loader(stream, pin_memory=False) for key in batch["key"]]
 
-    settings = SampleSettings(mode="global", grid=2, resize=36, crop=32, patch_size=16,
-                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    settings = SampleSettings(
+        mode="global", grid=2, resize=36, crop=32, patch_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
     evaluation = EvalSamples(ReadPlan.from_shards(shards), rank=0, world_size=1, settings=settings)
     knn: dict[str, int] = {}
     for batch in DataLoader(evaluation, batch_size=4, num_workers=2, collate_fn=collate):

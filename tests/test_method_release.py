@@ -20,13 +20,15 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def _cubic_weights(t: float, a: float = -0.75) -> np.ndarray:
     """Keys' cubic convolution weights (a = -0.75, PyTorch's bicubic) of the 4 taps at offset t."""
+
     def kernel(x: float) -> float:
         x = abs(x)
         if x <= 1:
-            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
         if x < 2:
-            return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
         return 0.0
+
     return np.array([kernel(t + 1), kernel(t), kernel(1 - t), kernel(2 - t)])
 
 
@@ -58,13 +60,28 @@ def test_position_table_is_resampled_bicubic_without_antialias_as_released():
 def test_backbone_adds_the_release_table_on_local_views_and_the_plain_table_on_global_views():
     """A 96 px forward adds the release-resampled table to the patch embeddings; a 224 px
     forward adds the 14 x 14 table unchanged."""
-    recipe = Recipe.model_validate({"data": {"train": "x"}, "model": {
-        "arch": "vit_tiny", "depth": 1, "head_out_dim": 8, "head_hidden_dim": 16, "head_bottleneck_dim": 8}})
+    recipe = Recipe.model_validate(
+        {
+            "data": {"train": "x"},
+            "model": {
+                "arch": "vit_tiny",
+                "depth": 1,
+                "head_out_dim": 8,
+                "head_hidden_dim": 16,
+                "head_bottleneck_dim": 8,
+            },
+        }
+    )
     backbone = build_student_teacher(recipe)[0].backbone.eval()
     for size, grid in ((96, 6), (224, 14)):
         images = torch.randn(2, 3, size, size)
-        table = backbone.pos_embed.detach() if grid == 14 else torch.from_numpy(
-            _release_resample(backbone.pos_embed[0].double().detach().numpy(), old=14, new=grid)).float()
+        table = (
+            backbone.pos_embed.detach()
+            if grid == 14
+            else torch.from_numpy(
+                _release_resample(backbone.pos_embed[0].double().detach().numpy(), old=14, new=grid)
+            ).float()
+        )
         with torch.no_grad():
             x = backbone.patch_embed(images).flatten(1, 2) + table
             expected = backbone.norm(backbone.blocks(backbone.norm_pre(x)))

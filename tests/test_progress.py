@@ -17,8 +17,9 @@ VALUES = {"loss": 3.1946, "intra": 0.1653, "inter": 3.1435, "volume": 0.0092, "l
 def _show(*, terminal: bool) -> str:
     out = io.StringIO()
     console = Console(file=out, force_terminal=terminal, width=80, color_system=None)
-    progress = TrainProgress(total_steps=192, start_step=0, epochs=8, steps_per_epoch=24, enabled=True,
-                             log_every=24, console=console)
+    progress = TrainProgress(
+        total_steps=192, start_step=0, epochs=8, steps_per_epoch=24, enabled=True, log_every=24, console=console
+    )
     for step in range(1, 151):
         progress.update(step=step, values=VALUES, images_per_s=96.8)
     progress.close()

@@ -33,9 +33,14 @@ def test_shipped_recipes_are_valid():
         load_recipe(path)
 
 
-@pytest.mark.parametrize("name,arch,patch", [("vits16_300ep.yaml", "vit_small", 16),
-                                             ("vits8_300ep.yaml", "vit_small", 8),
-                                             ("vitb16_300ep.yaml", "vit_base", 16)])
+@pytest.mark.parametrize(
+    "name,arch,patch",
+    [
+        ("vits16_300ep.yaml", "vit_small", 16),
+        ("vits8_300ep.yaml", "vit_small", 8),
+        ("vitb16_300ep.yaml", "vit_base", 16),
+    ],
+)
 def test_paper_recipes_hold_the_paper_settings(name, arch, patch):
     """The paper recipes carry FLSL-method.md's defaults (batch 512, 300 epochs, coefficients, K)."""
     r = load_recipe(REPO / "recipes" / name)
@@ -76,8 +81,9 @@ def test_local_crop_larger_than_global(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    problems = _problems(tmp_path, {"data": {"train": "x", "num_workers": -1}, "model": {"arch": "vit_huge"},
-                                    "optim": {"base_lr": -1}})
+    problems = _problems(
+        tmp_path, {"data": {"train": "x", "num_workers": -1}, "model": {"arch": "vit_huge"}, "optim": {"base_lr": -1}}
+    )
     assert len(problems) == 3
 
 
@@ -117,10 +123,13 @@ def test_cli_validate_and_show(tmp_path, flsl):
     assert resolved["optim"]["epochs"] == 10 and resolved["loss"]["gamma"] == 5.0
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("model: [unclosed", "not valid YAML (line 1"),
-    ("- just\n- a list\n", "expected a mapping of sections"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("model: [unclosed", "not valid YAML (line 1"),
+        ("- just\n- a list\n", "expected a mapping of sections"),
+    ],
+)
 def test_recipe_not_yaml(tmp_path, flsl, content, needle):
     result = flsl("recipe", "validate", _write(tmp_path, content))
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr

@@ -23,13 +23,25 @@ def _without_speed(lines: list[str]) -> list[dict]:
 
 
 def _env(endpoint: str) -> dict:
-    return {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
-            "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return {
+        **os.environ,
+        **S3_ENV,
+        "AWS_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",
+    }
 
 
 def _flsl(*args, env, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flsl_cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -57,8 +69,9 @@ def test_train_from_s3_index_and_brace_pattern(s3, tmp_path):
     env = _env(s3["endpoint"])
     for spec in ("s3://shards/train", "s3://shards/train/demo-train-{000000..000007}.tar"):
         run = tmp_path / f"run{len(spec)}"
-        result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(spec, optim__max_steps=3), "--run-dir", run,
-                       env=env)
+        result = _flsl(
+            "pretrain", "recipes/demo.yaml", *tiny_overrides(spec, optim__max_steps=3), "--run-dir", run, env=env
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert "testing" not in result.stderr + result.stdout  # credentials never printed
@@ -73,12 +86,18 @@ def test_endpoint_outage_mid_epoch(s3, tmp_path):
     assert _flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", calm, env=env).returncode == 0
 
     stormy = tmp_path / "stormy"
-    process = subprocess.Popen([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common,
-                                "--run-dir", str(stormy)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *common, "--run-dir", str(stormy)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not ((stormy / "metrics.jsonl").exists()
-                                          and len((stormy / "metrics.jsonl").read_text().splitlines()) >= 2):
+    while time.time() < deadline and not (
+        (stormy / "metrics.jsonl").exists() and len((stormy / "metrics.jsonl").read_text().splitlines()) >= 2
+    ):
         time.sleep(0.1)
     s3["proxy"].kill()
     time.sleep(4)
@@ -93,8 +112,10 @@ def test_endpoint_outage_mid_epoch(s3, tmp_path):
 
 def test_missing_bucket_and_unmatched_pattern(s3, tmp_path):
     env = _env(s3["endpoint"])
-    for spec, needle in (("s3://no-such-bucket/train", "does not exist"),
-                         ("s3://shards/train/other-{000000..000003}.tar", "matches no shard")):
+    for spec, needle in (
+        ("s3://no-such-bucket/train", "does not exist"),
+        ("s3://shards/train/other-{000000..000003}.tar", "matches no shard"),
+    ):
         result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(spec), "--run-dir", tmp_path / "r", env=env)
         assert result.returncode == 2, result.stderr
         assert needle in result.stderr and "Traceback" not in result.stderr
@@ -102,8 +123,14 @@ def test_missing_bucket_and_unmatched_pattern(s3, tmp_path):
 
 
 def test_unknown_protocol(tmp_path):
-    result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides("nosuchproto://bucket/train"),
-                   "--run-dir", tmp_path / "r", env=_env("http://127.0.0.1:9"))
+    result = _flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *tiny_overrides("nosuchproto://bucket/train"),
+        "--run-dir",
+        tmp_path / "r",
+        env=_env("http://127.0.0.1:9"),
+    )
     assert result.returncode == 2 and "nosuchproto://" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -112,8 +139,14 @@ def test_train_from_http_server(demo_data, tmp_path):
     server = http_server(demo_data / "train").start()
     try:
         url = f"http://127.0.0.1:{server.port}/index.json"
-        result = _flsl("pretrain", "recipes/demo.yaml", *tiny_overrides(url, optim__max_steps=3),
-                       "--run-dir", tmp_path / "run", env=_env("http://127.0.0.1:9"))
+        result = _flsl(
+            "pretrain",
+            "recipes/demo.yaml",
+            *tiny_overrides(url, optim__max_steps=3),
+            "--run-dir",
+            tmp_path / "run",
+            env=_env("http://127.0.0.1:9"),
+        )
         assert result.returncode == 0, result.stderr
     finally:
         server.kill()
@@ -165,8 +198,10 @@ def test_every_rank_log_of_a_remote_run_lands_there_and_keeps_its_earlier_lines(
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("runs/two/logs")) == ["rank-0.log", "rank-1.log"]
 
-    earlier = {rank: f"2026-12-02 05:00:00,000 rank {rank} WARNING flsl_cli.storage: retrying listing {url}\n"
-               for rank in (0, 1)}
+    earlier = {
+        rank: f"2026-12-02 05:00:00,000 rank {rank} WARNING flsl_cli.storage: retrying listing {url}\n"
+        for rank in (0, 1)
+    }
     for rank, line in earlier.items():  # what the first attempt would have logged
         fs.pipe_file(f"runs/two/logs/rank-{rank}.log", line.encode())
     resumed = _flsl("resume", url, "--devices", "2", "--set", "optim.max_steps=5", env=env)
@@ -187,21 +222,33 @@ def test_transient_is_told_by_type_errno_and_status_not_by_words():
     from flsl_cli import storage
 
     def s3_error(status: int, code: str) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                           "GetObject")
+        return ClientError(
+            {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+        )
 
     def translated(status: int, code: str) -> OSError:
         error = OSError(errno.EIO, "whatever the server said")
         error.__cause__ = s3_error(status, code)
         return error
 
-    permanent = [ValueError("malformed header in s3://b/in1k-train-000500.tar"),
-                 ValueError("HTTP 503 connection reset timeout"), FileNotFoundError("s3://b/x"),
-                 PermissionError("Connection timed out"), translated(403, "AccessDenied"),
-                 s3_error(404, "NoSuchKey"), OSError(errno.EIO, "503 Service Unavailable")]
-    transient = [ConnectionResetError(errno.ECONNRESET, "x"), TimeoutError(), OSError(errno.ETIMEDOUT, "x"),
-                 s3_error(503, "SlowDown"), s3_error(429, "x"), translated(502, "BadGateway"),
-                 OSError(errno.EBUSY, "x")]
+    permanent = [
+        ValueError("malformed header in s3://b/in1k-train-000500.tar"),
+        ValueError("HTTP 503 connection reset timeout"),
+        FileNotFoundError("s3://b/x"),
+        PermissionError("Connection timed out"),
+        translated(403, "AccessDenied"),
+        s3_error(404, "NoSuchKey"),
+        OSError(errno.EIO, "503 Service Unavailable"),
+    ]
+    transient = [
+        ConnectionResetError(errno.ECONNRESET, "x"),
+        TimeoutError(),
+        OSError(errno.ETIMEDOUT, "x"),
+        s3_error(503, "SlowDown"),
+        s3_error(429, "x"),
+        translated(502, "BadGateway"),
+        OSError(errno.EBUSY, "x"),
+    ]
     assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
     assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
 
@@ -230,9 +277,16 @@ def test_endpoint_away_is_retried_and_logged(s3, monkeypatch, caplog):
 
     from flsl_cli import storage
 
-    monkeypatch.setitem(fsspec.config.conf, "s3", {  # as FSSPEC_S3_* variables would set it
-        "endpoint_url": s3["endpoint"], "key": "testing", "secret": "testing",
-        "config_kwargs": {"retries": {"max_attempts": 1}}})
+    monkeypatch.setitem(
+        fsspec.config.conf,
+        "s3",
+        {  # as FSSPEC_S3_* variables would set it
+            "endpoint_url": s3["endpoint"],
+            "key": "testing",
+            "secret": "testing",
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+        },
+    )
     s3["fs"].pipe_file("shards/note.txt", b"hello")
     s3["proxy"].kill()
     waits = []

@@ -29,8 +29,9 @@ def test_transitions_of_a_slurm_run(tmp_path):
     larger of flsl's and SLURM's), a requeue that did not happen undone, stopped, failed,
     finished: each is what run.json then says, and keys of other versions are kept."""
     write_record(tmp_path, RunRecord(flsl_version="0.1.0", created="now", recipe_fingerprint="abc"))
-    (tmp_path / "run.json").write_text(json.dumps({**json.loads((tmp_path / "run.json").read_text()),
-                                                   "future_key": [1, 2]}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({**json.loads((tmp_path / "run.json").read_text()), "future_key": [1, 2]})
+    )
     with update_record(tmp_path) as record:
         record.submitting(slurm={"nodes": 2})
     assert load_record(tmp_path).status is RunStatus.SUBMITTING
@@ -88,8 +89,9 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     200 times each: every change of both is there."""
     write_record(tmp_path, RunRecord())
     context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_writer, args=(str(tmp_path), field, 200))
-               for field in ("resumes", "job_requeues")]
+    writers = [
+        context.Process(target=_writer, args=(str(tmp_path), field, 200)) for field in ("resumes", "job_requeues")
+    ]
     for writer in writers:
         writer.start()
     for writer in writers:
@@ -110,8 +112,14 @@ def test_a_truncated_or_unreadable_run_json_is_a_clear_error(tmp_path, content):
         with update_record(tmp_path):
             pass
     assert (tmp_path / "run.json").read_text() == content
-    shown = subprocess.run([sys.executable, "-m", "flsl_cli", "status", str(tmp_path)], capture_output=True,
-                           text=True, cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    shown = subprocess.run(
+        [sys.executable, "-m", "flsl_cli", "status", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert shown.returncode == 2 and "Traceback" not in shown.stderr, shown.stderr
     assert "run.json" in shown.stderr and str(tmp_path) in " ".join(shown.stderr.split()), shown.stderr
 
@@ -129,23 +137,39 @@ def test_status_of_a_run_dir_in_s3(tmp_path):
         fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
         fs.mkdir("runs")
         fs.pipe("runs/x/recipe.yaml", b"{}\n")
-        fs.pipe("runs/x/run.json", json.dumps({"status": "stopped", "stopped_at_step": 20,
-                                               "stop_signal": "SIGINT"}).encode())
-        fs.pipe("runs/x/metrics.jsonl", b"".join(json.dumps({"step": s, "epoch": s / 10}).encode() + b"\n"
-                                                  for s in range(1, 21)))
+        fs.pipe(
+            "runs/x/run.json",
+            json.dumps({"status": "stopped", "stopped_at_step": 20, "stop_signal": "SIGINT"}).encode(),
+        )
+        fs.pipe(
+            "runs/x/metrics.jsonl",
+            b"".join(json.dumps({"step": s, "epoch": s / 10}).encode() + b"\n" for s in range(1, 21)),
+        )
         for step in (10, 20):
             fs.pipe(f"runs/x/checkpoints/step-{step:08d}.json", b"{}")
             fs.pipe(f"runs/x/checkpoints/step-{step:08d}.pt", b"0")
         env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
-        shown = subprocess.run([sys.executable, "-m", "flsl_cli", "status", "s3://runs/x", "--json"],
-                               capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        shown = subprocess.run(
+            [sys.executable, "-m", "flsl_cli", "status", "s3://runs/x", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
         assert shown.returncode == 0, shown.stderr
         summary = json.loads(shown.stdout)
         assert summary["run_dir"] == "s3://runs/x" and summary["status"] == "stopped" and summary["step"] == 20
         assert summary["newest_checkpoint"]["step"] == 20 and summary["checkpoints"] == 2
         assert summary["stopped"] == {"step": 20, "signal": "SIGINT"}
-        missing = subprocess.run([sys.executable, "-m", "flsl_cli", "status", "s3://runs/none"],
-                                 capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        missing = subprocess.run(
+            [sys.executable, "-m", "flsl_cli", "status", "s3://runs/none"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
         assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
         assert "not a flsl run directory" in " ".join(missing.stderr.split())
     finally:

@@ -58,8 +58,12 @@ def slurm_cluster():
 
 
 def _signal_mid_run(job: str, run: Path, signal_name: str, *, after_step: int) -> None:
-    wait_for(lambda: len(metric_steps(run)) >= 3 and metric_steps(run)[-1] >= after_step,
-          what=f"job {job} to pass step {after_step}", run=run, timeout=120)
+    wait_for(
+        lambda: len(metric_steps(run)) >= 3 and metric_steps(run)[-1] >= after_step,
+        what=f"job {job} to pass step {after_step}",
+        run=run,
+        timeout=120,
+    )
     sent = slurm("scancel", f"--signal={signal_name}", job)
     assert sent.returncode == 0, sent.stderr
 
@@ -82,8 +86,9 @@ def _sbatch_lines(text: str) -> list[str]:
 
 def _preempt(job: str) -> None:
     """A job of the higher-tier partition that needs the whole node."""
-    sent = slurm("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=16", "--output=/dev/null",
-                  "--wrap", "sleep 2")
+    sent = slurm(
+        "sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=16", "--output=/dev/null", "--wrap", "sleep 2"
+    )
     assert sent.returncode == 0, sent.stderr
 
 
@@ -96,8 +101,9 @@ STOPS = [  # (how the job is stopped, the command, who requeues it)
 ]
 
 
-def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm_cluster, demo_data,
-                                                                            uninterrupted, tmp_path):
+def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(
+    slurm_cluster, demo_data, uninterrupted, tmp_path
+):
     """One 2-task job, its data workers on, stopped five ways in turn: the time-limit warning
     (USR2 to the tasks), TERM to the tasks, USR2to the batch shell alone, `scontrol requeue`,
     and partition-priority preemption. Each time the step reached is committed (only the step
@@ -116,12 +122,20 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm
     assert (run.stat().st_mode & 0o777) == 0o700 and ((run / "slurm").stat().st_mode & 0o777) == 0o700
     step = 0
     for count, (how, stop, by) in enumerate(STOPS, start=1):
-        wait_for(lambda: restarts_of(run, job) == count - 1 and metric_steps(run) and metric_steps(run)[-1] >= step + 3,
-              what=f"job {job} to pass step {step + 3} before '{how}'", run=run, timeout=150)
+        wait_for(
+            lambda: restarts_of(run, job) == count - 1 and metric_steps(run) and metric_steps(run)[-1] >= step + 3,
+            what=f"job {job} to pass step {step + 3} before '{how}'",
+            run=run,
+            timeout=150,
+        )
         sent = stop(job)
         assert getattr(sent, "returncode", 0) == 0, sent.stderr
-        requeued = wait_for(lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
-                         what=f"the requeue after '{how}'", run=run, timeout=90)
+        requeued = wait_for(
+            lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
+            what=f"the requeue after '{how}'",
+            run=run,
+            timeout=90,
+        )
         step = requeued["step"]
         assert (run / "checkpoints" / f"step-{step:08d}.json").exists(), how  # committed
         assert metric_steps(run)[-1] == step, how  # nothing trained past it is lost
@@ -130,8 +144,12 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(slurm
             assert requeued["cause"] == "preemption", requeued
         release_requeued(job, run, restarts=count)
         resumed = squeeze(f"resumed from {run}/checkpoints/step-{step:08d}.pt (step {step})")
-        wait_for(lambda: resumed in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
-              what=f"the resume from step {step} after '{how}'", run=run, timeout=90)
+        wait_for(
+            lambda: resumed in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
+            what=f"the resume from step {step} after '{how}'",
+            run=run,
+            timeout=90,
+        )
 
     wait_finished(job, run)
     record = run_json(run)
@@ -175,9 +193,22 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
     # run): its rank 0 is refused and leaves run.json alone.
     env = dict(os.environ, RUN_DIR=str(run), FLSL_CPU="1", FLSL_PYTHON=sys.executable)
     other = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-         f"--output={run}/slurm/%j_0_log.err", str(REPO / "slurm" / "flsl.sbatch")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=30).stdout.strip()
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={run}/slurm/%j_0_log.err",
+            str(REPO / "slurm" / "flsl.sbatch"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=30,
+    ).stdout.strip()
     assert other.isdigit()
     wait_finished(other, run)
     assert f"being written by SLURM job {job}" in (run / "slurm" / f"{other}_0_log.err").read_text()
@@ -204,8 +235,16 @@ def test_requeue_limit_cancel_and_resume(slurm_cluster, demo_data, uninterrupted
 
     second = submitted(run_flsl("resume", run, *ON_CPU), run)
     assert second != job
-    wait_for(lambda: run_json(run).get("job_id") == second and run_json(run).get("status") == "running"
-          and metric_steps(run)[-1] >= stopped_at + 3, what=f"job {second} to train", run=run, timeout=120)
+    wait_for(
+        lambda: (
+            run_json(run).get("job_id") == second
+            and run_json(run).get("status") == "running"
+            and metric_steps(run)[-1] >= stopped_at + 3
+        ),
+        what=f"job {second} to train",
+        run=run,
+        timeout=120,
+    )
     assert slurm("scancel", second).returncode == 0  # plain scancel: stop for good, with the step saved
     wait_finished(second, run)
     record = run_json(run)
@@ -229,16 +268,18 @@ def test_the_time_limit_warning_requeues_before_the_limit(slurm_cluster, demo_da
     may send the warning up to a minute early: the job has trained by then.)"""
     run = tmp_path / "limit"
     common = _common(demo_data, optim__epochs=1000, slurm__signal_minutes_before_end=2)
-    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--time", "4", "--run-dir", run),
-                     run)
-    requeued = wait_for(lambda: run_json(run).get("last_requeue"), what="the time-limit warning", run=run,
-                     timeout=240)
+    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *common, *ON_CPU, "--time", "4", "--run-dir", run), run)
+    requeued = wait_for(lambda: run_json(run).get("last_requeue"), what="the time-limit warning", run=run, timeout=240)
     step = requeued["step"]
     assert requeued["signal"] == "SIGUSR2" and requeued["by"] == "flsl"
     assert (run / "checkpoints" / f"step-{step:08d}.json").exists() and metric_steps(run)[-1] == step
     release_requeued(job, run, restarts=1)
-    wait_for(lambda: squeeze(f"(step {step})") in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
-          what="the resume", run=run, timeout=60)
+    wait_for(
+        lambda: squeeze(f"(step {step})") in squeeze((run / "slurm" / f"{job}_0_log.err").read_text()),
+        what="the resume",
+        run=run,
+        timeout=60,
+    )
     assert slurm("scancel", job).returncode == 0
     wait_finished(job, run)
     assert run_json(run)["status"] == "stopped" and "Traceback" not in job_logs(run)
@@ -247,8 +288,15 @@ def test_the_time_limit_warning_requeues_before_the_limit(slurm_cluster, demo_da
 def test_concurrent_jobs_meet_on_different_ports(slurm_cluster, demo_data, tmp_path):
     """Two jobs at once on the same first node: each rendezvous on its own port, both finish."""
     runs = [tmp_path / "a", tmp_path / "b"]
-    jobs = [submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__max_steps=4), *ON_CPU,
-                                "--run-dir", run), run) for run in runs]
+    jobs = [
+        submitted(
+            run_flsl(
+                "pretrain", "recipes/demo.yaml", *_common(demo_data, optim__max_steps=4), *ON_CPU, "--run-dir", run
+            ),
+            run,
+        )
+        for run in runs
+    ]
     for job, run in zip(jobs, runs):
         wait_finished(job, run)
         assert metric_steps(run)[-1] == 4 and "Traceback" not in job_logs(run), job_logs(run)  # optim.max_steps
@@ -273,8 +321,12 @@ def test_the_python_entry_point_returns_the_submitit_job(slurm_cluster, demo_dat
     options = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2}
     run = tmp_path / "python"
     shown: list[str] = []
-    assert submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run, dry_run=True,
-                           on_script=shown.append) is None
+    assert (
+        submit_pretrain(
+            recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run, dry_run=True, on_script=shown.append
+        )
+        is None
+    )
     assert "#SBATCH --ntasks-per-node=2" in shown[0] and not run.exists()
     job = submit_pretrain(recipe, overrides=[pairs[-1]], slurm_options=options, run_dir=run)
     assert isinstance(job, submitit.Job) and job.job_id.isdigit()
@@ -289,8 +341,19 @@ def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_pa
     starting); a job SLURM no longer knows is shown as such; a run dir that vanished before its
     job started is not recreated and the job is not requeued."""
     run = tmp_path / "broken"
-    job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU,
-                              "--set", "slurm.python=/nonexistent/python", "--run-dir", run), run)
+    job = submitted(
+        run_flsl(
+            "pretrain",
+            "recipes/demo.yaml",
+            *_common(demo_data),
+            *ON_CPU,
+            "--set",
+            "slurm.python=/nonexistent/python",
+            "--run-dir",
+            run,
+        ),
+        run,
+    )
     wait_finished(job, run, timeout=60)
     summary = json.loads(run_flsl("status", run, "--json").stdout)
     assert summary["status"].startswith("failed"), summary
@@ -313,12 +376,31 @@ def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_p
     requeues itself and finishes from that step."""
     run = tmp_path / "template"
     overrides = " ".join(_common(demo_data))
-    env = dict(os.environ, RECIPE=str(REPO / "recipes" / "demo.yaml"), RUN_DIR=str(run), FLSL_CPU="1",
-               FLSL_PYTHON=sys.executable, FLSL_SET=overrides)
+    env = dict(
+        os.environ,
+        RECIPE=str(REPO / "recipes" / "demo.yaml"),
+        RUN_DIR=str(run),
+        FLSL_CPU="1",
+        FLSL_PYTHON=sys.executable,
+        FLSL_SET=overrides,
+    )
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-         f"--output={tmp_path}/template-%j.out", str(REPO / "slurm" / "flsl.sbatch")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/template-%j.out",
+            str(REPO / "slurm" / "flsl.sbatch"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=30,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     log = tmp_path / f"template-{job}.out"
@@ -337,36 +419,59 @@ def test_plain_sbatch_template_runs_and_requeues(slurm_cluster, demo_data, tmp_p
 
 def test_unknown_partition_is_refused_in_one_line(slurm_cluster, demo_data, tmp_path):
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--partition", "nosuch",
-                      "--run-dir", run)
+    result = run_flsl(
+        "pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--partition", "nosuch", "--run-dir", run
+    )
     fails(result, "sbatch refused the job", "invalid partition", "--partition")
     assert len(result.stderr.strip().splitlines()) <= 4  # one message (wrapped by the console)
     assert not run.exists()
 
 
 def test_nodes_zero(demo_data, tmp_path):
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "0", "--run-dir",
-                    tmp_path / "run"), "--nodes: expected greater than or equal to 1, found 0", "leave out --nodes")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "0", "--run-dir", tmp_path / "run"),
+        "--nodes: expected greater than or equal to 1, found 0",
+        "leave out --nodes",
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_sbatch_missing_suggests_running_here(demo_data, tmp_path):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent), COLUMNS="200")
-    result = subprocess.run([sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *_common(demo_data),
-                             *ON_CPU, "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
-                            cwd=REPO, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flsl_cli",
+            "pretrain",
+            "recipes/demo.yaml",
+            *_common(demo_data),
+            *ON_CPU,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     fails(result, "sbatch was not found on PATH", "leaving out --nodes", "--devices")
     assert not (tmp_path / "run").exists()
 
 
 def test_devices_with_nodes_is_refused(demo_data, tmp_path):
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "2", "--devices", "2"),
-           "--devices is for runs on this machine")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "2", "--devices", "2"),
+        "--devices is for runs on this machine",
+    )
 
 
 def test_time_limit_shorter_than_the_warning(demo_data, tmp_path):
-    fails(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--time", "00:04:00",
-                    "--dry-run"), "not longer than slurm.signal_minutes_before_end")
+    fails(
+        run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--time", "00:04:00", "--dry-run"),
+        "not longer than slurm.signal_minutes_before_end",
+    )
 
 
 def test_a_multi_node_run_dir_on_a_local_filesystem_is_warned_about(demo_data, tmp_path):
@@ -375,14 +480,27 @@ def test_a_multi_node_run_dir_on_a_local_filesystem_is_warned_about(demo_data, t
     from flsl_cli.launch.slurm.submit import filesystem_type
 
     kind = filesystem_type(tmp_path)
-    result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__global_batch_size=8), "--nodes", "2",
-                      "--gpus-per-node", "0", "--tasks-per-node", "1", "--run-dir", tmp_path / "run", "--dry-run")
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data, optim__global_batch_size=8),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--run-dir",
+        tmp_path / "run",
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     flat = " ".join(result.stderr.split())
     if kind in ("ext4", "xfs", "btrfs", "tmpfs", "overlay"):
         assert f"filesystem of type {kind}" in flat and "shared filesystem" in flat, flat
-    one = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", tmp_path / "one",
-                   "--dry-run")
+    one = run_flsl(
+        "pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", tmp_path / "one", "--dry-run"
+    )
     assert one.returncode == 0 and "filesystem, which is usually local" not in " ".join(one.stderr.split())
 
 
@@ -390,16 +508,43 @@ def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
     """--dry-run needs no SLURM and writes nothing: the sbatch script holds the nodes, tasks,
     GPUs, stop signal, time limit and partition asked for."""
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data, optim__global_batch_size=64),
-                      "--nodes", "4", "--gpus-per-node", "2", "--partition", "gpu", "--time", "1-12:00:00",
-                      "--account", "vision", "--set", "slurm.signal_minutes_before_end=10",
-                      "--set", "slurm.extra_sbatch={gres: 'gpu:2'}", "--run-dir", run, "--dry-run")
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data, optim__global_batch_size=64),
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "2",
+        "--partition",
+        "gpu",
+        "--time",
+        "1-12:00:00",
+        "--account",
+        "vision",
+        "--set",
+        "slurm.signal_minutes_before_end=10",
+        "--set",
+        "slurm.extra_sbatch={gres: 'gpu:2'}",
+        "--run-dir",
+        run,
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     script = result.stdout
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2",
-                 "#SBATCH --signal=USR2@600", "#SBATCH --time=2160", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=vision", "#SBATCH --requeue", "#SBATCH --gres=gpu:2",
-                 "#SBATCH --open-mode=append", f"#SBATCH --error={run}/slurm/%j_0_log.err"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --signal=USR2@600",
+        "#SBATCH --time=2160",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --requeue",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --error={run}/slurm/%j_0_log.err",
+    ):
         assert line in script.splitlines(), (line, script)
     assert "use_srun=False" in script and "submitit.SlurmExecutor" in script and "srun" in script
     assert "8 GPU process(es)" not in result.stderr and "= 8" in " ".join(result.stderr.split())
@@ -409,13 +554,16 @@ def test_dry_run_prints_what_was_asked(demo_data, tmp_path):
 # --- Pieces that need no cluster ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
-    ("r[1-2]n[01-03]", ["r1n01", "r1n02", "r1n03", "r2n01", "r2n02", "r2n03"]),
-    ("gpu-st-p4d-[1-3]", ["gpu-st-p4d-1", "gpu-st-p4d-2", "gpu-st-p4d-3"]),
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("gpu[001-003,010],login5,n[8-9]", ["gpu001", "gpu002", "gpu003", "gpu010", "login5", "n8", "n9"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
+        ("r[1-2]n[01-03]", ["r1n01", "r1n02", "r1n03", "r2n01", "r2n02", "r2n03"]),
+        ("gpu-st-p4d-[1-3]", ["gpu-st-p4d-1", "gpu-st-p4d-2", "gpu-st-p4d-3"]),
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("gpu[001-003,010],login5,n[8-9]", ["gpu001", "gpu002", "gpu003", "gpu010", "login5", "n8", "n9"]),
+    ],
+)
 def test_every_form_of_slurm_node_list_gives_the_hosts_and_the_rendezvous(monkeypatch, nodelist, hosts):
     """The function the tasks use (submitit's JobEnvironment underneath) expands every form of
     SLURM_JOB_NODELIST, and the rendezvous is the first host."""
@@ -431,14 +579,39 @@ def test_a_node_list_that_cannot_be_read_is_recorded_not_a_traceback(demo_data, 
     """A task whose SLURM_JOB_NODELIST cannot be read ends with a message naming the node list,
     no traceback, and run.json records that error."""
     run = tmp_path / "run"
-    prepared = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "prepare", "recipes/demo.yaml",
-                               str(run), *_common(demo_data)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    prepared = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flsl_cli.launch.slurm.job",
+            "prepare",
+            "recipes/demo.yaml",
+            str(run),
+            *_common(demo_data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert prepared.returncode == 0, prepared.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
-    env.update(SLURM_JOB_ID="4243", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1",
-               SLURM_JOB_NODELIST="gpu[01-02", SLURMD_NODENAME="gpu01")
-    task = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    env.update(
+        SLURM_JOB_ID="4243",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="1",
+        SLURM_JOB_NODELIST="gpu[01-02",
+        SLURMD_NODENAME="gpu01",
+    )
+    task = subprocess.run(
+        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
     assert "cannot read the SLURM node list 'gpu[01-02'" in " ".join(task.stderr.split())
     record = run_json(run)
@@ -451,8 +624,14 @@ def test_rendezvous_from_slurm_variables(monkeypatch):
     from flsl_cli.launch.slurm.rendezvous import torch_env
 
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
-    base = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
-            "RANK": "3", "WORLD_SIZE": "1", "MASTER_ADDR": "login-node"}
+    base = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NTASKS": "16",
+        "RANK": "3",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "login-node",
+    }
     tasks = [torch_env({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 8)}) for r in range(16)]
     assert {(t["MASTER_ADDR"], t["MASTER_PORT"]) for t in tasks} == {("gpu07", tasks[0]["MASTER_PORT"])}
     assert [t["RANK"] for t in tasks] == [str(r) for r in range(16)]
@@ -516,18 +695,21 @@ def test_ports_of_concurrent_jobs_and_restarts_differ():
     assert len(ports) == 400
 
 
-@pytest.mark.parametrize("fields, outcome", [
-    ({"JobState": "RUNNING", "Restarts": "0", "PreemptTime": "None"}, "running"),  # USR2 / scancel --signal
-    ({"JobState": "RUNNING", "Restarts": "0", "PreemptTime": "2026-01-01T00:00:00"}, "running"),  # in grace
-    ({"JobState": "COMPLETING", "Restarts": "1"}, "requeued"),  # scontrol requeue, preemption after grace
-    ({"JobState": "PENDING", "Restarts": "1"}, "requeued"),
-    ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:00:30", "TimeLimit": "00:10:00"}, "cancelled"),
-    ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:10:00", "TimeLimit": "00:10:00"}, "time limit"),
-    ({"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
-    ({"JobState": "PREEMPTED", "Restarts": "0"}, "cancelled"),  # PreemptMode=CANCEL: it does not come back
-    ({"JobState": "PREEMPTED", "Restarts": "1"}, "requeued"),
-    (None, "running"),  # scontrol did not answer: try to requeue
-])
+@pytest.mark.parametrize(
+    "fields, outcome",
+    [
+        ({"JobState": "RUNNING", "Restarts": "0", "PreemptTime": "None"}, "running"),  # USR2 / scancel --signal
+        ({"JobState": "RUNNING", "Restarts": "0", "PreemptTime": "2026-01-01T00:00:00"}, "running"),  # in grace
+        ({"JobState": "COMPLETING", "Restarts": "1"}, "requeued"),  # scontrol requeue, preemption after grace
+        ({"JobState": "PENDING", "Restarts": "1"}, "requeued"),
+        ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:00:30", "TimeLimit": "00:10:00"}, "cancelled"),
+        ({"JobState": "COMPLETING", "Restarts": "0", "RunTime": "00:10:00", "TimeLimit": "00:10:00"}, "time limit"),
+        ({"JobState": "TIMEOUT", "Restarts": "0"}, "time limit"),
+        ({"JobState": "PREEMPTED", "Restarts": "0"}, "cancelled"),  # PreemptMode=CANCEL: it does not come back
+        ({"JobState": "PREEMPTED", "Restarts": "1"}, "requeued"),
+        (None, "running"),  # scontrol did not answer: try to requeue
+    ],
+)
 def test_what_became_of_a_stopped_job(fields, outcome):
     """The states `scontrol show job` showed in the private cluster for each kind of stop."""
     from flsl_cli.launch.slurm.job import stop_outcome
@@ -560,16 +742,30 @@ def test_a_job_that_requeues_itself_gets_slurm_s_answer(slurm_cluster, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     jobs = []
     for _ in range(4):
-        sent = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--output=/dev/null",
-                               "--wrap", f"{sys.executable} {script} {tmp_path}"],
-                              capture_output=True, text=True, env=env, timeout=30)
+        sent = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--chdir={tmp_path}",
+                "--output=/dev/null",
+                "--wrap",
+                f"{sys.executable} {script} {tmp_path}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
         assert sent.returncode == 0, sent.stderr
         jobs.append(sent.stdout.strip())
     try:
         for job in jobs:
-            answer = wait_for(lambda: (tmp_path / f"{job}.json").exists() and json.loads(
-                (tmp_path / f"{job}.json").read_text()), what=f"job {job} to requeue itself", run=tmp_path,
-                timeout=90)
+            answer = wait_for(
+                lambda: (tmp_path / f"{job}.json").exists() and json.loads((tmp_path / f"{job}.json").read_text()),
+                what=f"job {job} to requeue itself",
+                run=tmp_path,
+                timeout=90,
+            )
             assert answer == {"reason": None, "restarts": "1"}, (job, answer)
     finally:
         slurm("scancel", *jobs)

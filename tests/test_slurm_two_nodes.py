@@ -1,13 +1,12 @@
-"""SLURM across two nodes: a private cluster of two slurmd daemons on this machine (nodes n1-ib
-and n2-ib, `FLSL_SLURM_NODE_SUFFIX=-ib slurm/cluster.sh start --nodes 2`), one CPU rank with its
-2 data workers on each node, the run dir shared by both as on a real cluster. A two-node run equals the same run as two local
-processes, bitwise; a stop that reaches both nodes (USR2, TERM, preemption) saves one step and
-resumes exactly; a rank that is killed or hangs on one node ends the job with the node, rank
-and signal named, and the run resumes (by itself within slurm.requeue_on_failure, or with
-`flsl resume`); a run moves between one and two nodes; and the bad inputs of a multi-node job.
-
-Like tests/test_slurm.py, these skip, saying why, only where SLURM is missing and cannot be
-installed; with CI=true they fail instead."""
+"""SLURM across two nodes: a private cluster of two slurmd daemons on this machine (nodes n1-ib and
+n2-ib, `FLSL_SLURM_NODE_SUFFIX=-ib slurm/cluster.sh start --nodes 2`), one CPU rank with its 2
+data workers on each node, the run dir shared by both as on a real cluster. A two-node run
+equals the same run as two local processes, bitwise; a stop that reaches both nodes (USR2, TERM,
+preemption) saves one step and resumes exactly; a rank that is killed or hangs on one node ends
+the job with the node, rank and signal named, and the run resumes (by itself within
+slurm.requeue_on_failure, or with `flsl resume`); a run moves between one and two nodes; and the
+bad inputs of a multi-node job. Like tests/test_slurm.py, these skip, saying why, only where
+SLURM is missing and cannot be installed; with CI=true they fail instead."""
 
 from __future__ import annotations
 
@@ -107,8 +106,16 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
     assert run_json(run)["status"] == "finished", job_logs(run)
     assert_same_run(reference, run)
     assert metric_steps(run) == list(range(1, TOTAL_STEPS + 1))  # one writer: no step twice
-    assert sorted(p.name for p in run.iterdir()) == ["bad_samples.jsonl", "checkpoints", "logs", "metrics.jsonl",
-                                                      "recipe.yaml", "run.json", "run.json.lock", "slurm"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "bad_samples.jsonl",
+        "checkpoints",
+        "logs",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "run.json",
+        "run.json.lock",
+        "slurm",
+    ]
     assert f"flsl: rank 0 of 2 on node {N1}" in _rank_log(run, job, 0)
     assert f"flsl: rank 1 of 2 on node {N2}" in _rank_log(run, job, 1)
     assert f"rendezvous {N1}:" in _rank_log(run, job, 0)
@@ -122,8 +129,17 @@ def test_a_two_node_run_equals_the_same_run_on_one_machine(two_nodes, demo_data,
 
 def _preempt_both_nodes(job: str) -> subprocess.CompletedProcess:
     """A job of the higher-tier partition that needs every CPU of both nodes."""
-    return slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--ntasks-per-node=1",
-                 "--cpus-per-task=8", "--output=/dev/null", "--wrap", "sleep 2")
+    return slurm(
+        "sbatch",
+        "--parsable",
+        "--partition=urgent",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=8",
+        "--output=/dev/null",
+        "--wrap",
+        "sleep 2",
+    )
 
 
 STOPS = [  # (how, the command, the signal the ranks get)
@@ -133,8 +149,7 @@ STOPS = [  # (how, the command, the signal the ranks get)
 ]
 
 
-def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_nodes, demo_data, reference,
-                                                                           tmp_path):
+def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_nodes, demo_data, reference, tmp_path):
     """USR2 (the time-limit warning), TERM, and partition preemption, each reaching the tasks
     on both nodes: both ranks stop after the same step, that step is committed once, the job is
     requeued and resumes on both nodes from it; the final weights equal the uninterrupted local
@@ -143,12 +158,20 @@ def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_n
     job = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_recipe(demo_data), *TWO_NODES, "--run-dir", run), run)
     step = 0
     for count, (how, stop, signal_name) in enumerate(STOPS, start=1):
-        wait_for(lambda: restarts_of(run, job) == count - 1 and _past(run, step + 3),
-                 what=f"job {job} to pass step {step + 3}", run=run, timeout=150)
+        wait_for(
+            lambda: restarts_of(run, job) == count - 1 and _past(run, step + 3),
+            what=f"job {job} to pass step {step + 3}",
+            run=run,
+            timeout=150,
+        )
         sent = stop(job)
         assert sent.returncode == 0, sent.stderr
-        requeued = wait_for(lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
-                            what=f"the requeue after '{how}'", run=run, timeout=90)
+        requeued = wait_for(
+            lambda: run_json(run).get("requeues") == count and run_json(run).get("last_requeue"),
+            what=f"the requeue after '{how}'",
+            run=run,
+            timeout=90,
+        )
         step = requeued["step"]
         assert requeued["signal"] == signal_name and requeued["by"] == "flsl", (how, requeued)
         if how.startswith("preemption"):
@@ -157,16 +180,21 @@ def test_a_stop_that_reaches_both_nodes_saves_one_step_and_resumes_bitwise(two_n
         for rank in (0, 1):  # both ranks stopped after that same step
             assert squeeze(f"after step {step}") in squeeze(_rank_log(run, job, rank)), _rank_log(run, job, rank)
         release_requeued(job, run, restarts=count)
-        wait_for(lambda: _pid(run, job, 1, restart=count) and squeeze(f"(step {step})") in squeeze(
-            _rank_log(run, job, 0)), what=f"both nodes to resume from step {step}", run=run, timeout=90)
+        wait_for(
+            lambda: _pid(run, job, 1, restart=count) and squeeze(f"(step {step})") in squeeze(_rank_log(run, job, 0)),
+            what=f"both nodes to resume from step {step}",
+            run=run,
+            timeout=90,
+        )
     wait_finished(job, run)
     assert run_json(run)["status"] == "finished", job_logs(run)
     assert run_json(run)["requeues"] == len(STOPS) and "Traceback" not in job_logs(run)
     assert_same_run(reference, run)
 
 
-def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(two_nodes, demo_data, reference,
-                                                                               tmp_path):
+def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(
+    two_nodes, demo_data, reference, tmp_path
+):
     """Rank 1 on n2 hangs (SIGSTOP): rank 0 gives up after slurm.collective_timeout_minutes
     with a clear error, and slurm.requeue_on_failure=1 requeues the job, which resumes. Then
     rank 1 is killed (SIGKILL): past the limit the job ends, run.json and `flsl status` name
@@ -179,15 +207,24 @@ def test_a_rank_that_dies_or_hangs_on_one_node_ends_the_job_and_the_run_resumes(
     wait_for(lambda: _past(run, 12), what=f"job {job} to pass step 12", run=run, timeout=150)
     hung = _pid(run, job, 1, restart=0)
     os.kill(hung, signal.SIGSTOP)
-    requeued = wait_for(lambda: run_json(run).get("last_requeue"), what="the requeue after the hang", run=run,
-                        timeout=120)
+    requeued = wait_for(
+        lambda: run_json(run).get("last_requeue"), what="the requeue after the hang", run=run, timeout=120
+    )
     assert requeued["cause"] == "failure" and requeued["step"] >= 10, requeued
     error = run_json(run)["last_error"]
     assert error["rank"] == 0 and error["node"] == N1, error
     assert "lost contact with another process" in error["message"] and "= 0.25" in error["message"], error
     release_requeued(job, run, restarts=1)
-    wait_for(lambda: _pid(run, job, 1, restart=1) and run_json(run).get("status") == "running"
-             and _past(run, requeued["step"] + 3), what="the requeued job to train", run=run, timeout=120)
+    wait_for(
+        lambda: (
+            _pid(run, job, 1, restart=1)
+            and run_json(run).get("status") == "running"
+            and _past(run, requeued["step"] + 3)
+        ),
+        what="the requeued job to train",
+        run=run,
+        timeout=120,
+    )
 
     os.kill(_pid(run, job, 1, restart=1), signal.SIGKILL)
     wait_finished(job, run)
@@ -210,17 +247,20 @@ def test_a_run_moves_between_two_nodes_and_one(two_nodes, demo_data, tmp_path):
     """A two-node run cancelled mid-run resumes on one node (1 process), is cancelled again and
     finishes on two nodes; each resume notes that the world size changed."""
     run = tmp_path / "run"
-    first = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_recipe(demo_data), *TWO_NODES, "--run-dir", run),
-                      run)
+    first = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_recipe(demo_data), *TWO_NODES, "--run-dir", run), run)
     legs = [(first, None), ("one node", ONE_NODE), ("two nodes", TWO_NODES)]
     job = first
-    for index, (name, flags) in enumerate(legs):
+    for index, (_name, flags) in enumerate(legs):
         if flags is not None:
             job = submitted(run_flsl("resume", run, *flags), run)
         if index < len(legs) - 1:
             start = metric_steps(run)[-1] if metric_steps(run) else 0
-            wait_for(lambda: run_json(run).get("job_id") == job and _past(run, start + 12),
-                     what=f"job {job} to train", run=run, timeout=150)
+            wait_for(
+                lambda: run_json(run).get("job_id") == job and _past(run, start + 12),
+                what=f"job {job} to train",
+                run=run,
+                timeout=150,
+            )
             assert slurm("scancel", job).returncode == 0
         wait_finished(job, run)
     record = run_json(run)
@@ -239,12 +279,23 @@ def test_more_nodes_than_the_partition_has(two_nodes, demo_data, tmp_path):
     """--nodes 3 on the two-node cluster: SLURM refuses; one line names the partition's node
     count; nothing is left behind."""
     run = tmp_path / "run"
-    result = run_flsl("pretrain", "recipes/demo.yaml", *_recipe(demo_data, optim__global_batch_size=12),
-                      "--nodes", "3", "--gpus-per-node", "0", "--tasks-per-node", "1", "--run-dir", run)
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_recipe(demo_data, optim__global_batch_size=12),
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--run-dir",
+        run,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     flat = " ".join(result.stderr.split())
     assert "sbatch refused the job" in flat and "partition debug has 2 node(s), the job asks for 3" in flat, flat
-    error = result.stderr[result.stderr.index("error"):]  # after the shared-filesystem warning, if any
+    error = result.stderr[result.stderr.index("error") :]  # after the shared-filesystem warning, if any
     assert len(error.strip().splitlines()) <= 4  # one message (wrapped by the console)
     assert not run.exists()
     assert "flsl-" not in slurm("squeue", "-h", "-o", "%j").stdout
@@ -254,14 +305,39 @@ def test_a_first_node_that_does_not_resolve_is_a_clear_error(demo_data, tmp_path
     """A task whose node list begins with a name that does not resolve stops at the rendezvous
     with a message naming it (no hang, no traceback), and run.json records it."""
     run = tmp_path / "run"
-    prepared = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "prepare", "recipes/demo.yaml",
-                               str(run), *_recipe(demo_data)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    prepared = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flsl_cli.launch.slurm.job",
+            "prepare",
+            "recipes/demo.yaml",
+            str(run),
+            *_recipe(demo_data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert prepared.returncode == 0, prepared.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
-    env.update(SLURM_JOB_ID="4242", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NTASKS="2",
-               SLURM_JOB_NODELIST="flsl-no-such-node[1-2]", SLURMD_NODENAME="flsl-no-such-node2")
-    task = subprocess.run([sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    env.update(
+        SLURM_JOB_ID="4242",
+        SLURM_PROCID="1",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="flsl-no-such-node[1-2]",
+        SLURMD_NODENAME="flsl-no-such-node2",
+    )
+    task = subprocess.run(
+        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
     flat = " ".join(task.stderr.split())
     assert "the rendezvous host flsl-no-such-node1 (the first node of flsl-no-such-node[1-2]) does not resolve" in flat

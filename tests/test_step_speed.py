@@ -15,15 +15,30 @@ from flsl_cli.train.step import TERMS
 
 
 def _recipe(**optim) -> Recipe:
-    return Recipe.model_validate({
-        "data": {"train": "x"},
-        "model": {"arch": "vit_tiny", "patch_size": 8, "depth": 2, "drop_path": 0.1, "head_out_dim": 64,
-                  "head_hidden_dim": 64, "head_bottleneck_dim": 32},
-        "augment": {"global_size": 32, "local_size": 16},
-        "loss": {"query_window_global": 2, "query_window_local": 2},
-        "optim": {"global_batch_size": 4, "epochs": 2, "warmup_epochs": 0, "freeze_last_layer_epochs": 0,
-                  "precision": "auto", **optim},
-    })
+    return Recipe.model_validate(
+        {
+            "data": {"train": "x"},
+            "model": {
+                "arch": "vit_tiny",
+                "patch_size": 8,
+                "depth": 2,
+                "drop_path": 0.1,
+                "head_out_dim": 64,
+                "head_hidden_dim": 64,
+                "head_bottleneck_dim": 32,
+            },
+            "augment": {"global_size": 32, "local_size": 16},
+            "loss": {"query_window_global": 2, "query_window_local": 2},
+            "optim": {
+                "global_batch_size": 4,
+                "epochs": 2,
+                "warmup_epochs": 0,
+                "freeze_last_layer_epochs": 0,
+                "precision": "auto",
+                **optim,
+            },
+        }
+    )
 
 
 def _runner(recipe: Recipe, *, eager: bool):
@@ -57,15 +72,17 @@ def test_fused_modes_equal_explicit_modes_and_their_gradients():
     """softmax(beta z.Z^T) Z computed by scaled_dot_product_attention equals the explicit form,
     values and gradients to queries and tokens, at the betas the recipes use."""
     generator = torch.Generator().manual_seed(0)
-    for beta in (0.1 / 384 ** 0.5, 0.2 / 384 ** 0.5, 1.0):
+    for beta in (0.1 / 384**0.5, 0.2 / 384**0.5, 1.0):
         queries = torch.randn(3, 5, 48, generator=generator, requires_grad=True)
         tokens = torch.randn(3, 36, 48, generator=generator, requires_grad=True)
         fused = attention_modes(queries, tokens, beta=beta, fused=True)
         explicit = attention_modes(queries, tokens, beta=beta)
         torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=2e-5)
         upstream = torch.randn(fused.shape, generator=generator)
-        for a, b in zip(torch.autograd.grad(fused, (queries, tokens), upstream),
-                        torch.autograd.grad(explicit, (queries, tokens), upstream)):
+        for a, b in zip(
+            torch.autograd.grad(fused, (queries, tokens), upstream),
+            torch.autograd.grad(explicit, (queries, tokens), upstream),
+        ):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
@@ -136,8 +153,9 @@ def test_bf16_step_runs_without_a_scaler_and_stays_near_fp32_on_cuda():
         pytest.skip("this GPU has no bf16")
     values = {}
     for precision in ("auto", "fp32"):
-        runner = build_runner(_recipe(precision=precision, fused_modes=True), device=device, rank=0, world_size=1,
-                              steps_per_epoch=10)
+        runner = build_runner(
+            _recipe(precision=precision, fused_modes=True), device=device, rank=0, world_size=1, steps_per_epoch=10
+        )
         assert not runner.scaler.is_enabled()
         values[precision] = runner.run(synthetic_batch(runner.recipe, images=8, device=device), step=0)
     for name in TERMS:
@@ -151,8 +169,12 @@ def test_compiled_step_equals_the_plain_step_on_cuda():
     device = torch.device("cuda")
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        runners = [build_runner(_recipe(precision="fp32", compile=flag), device=device, rank=0, world_size=1,
-                                steps_per_epoch=10) for flag in (True, False)]
+        runners = [
+            build_runner(
+                _recipe(precision="fp32", compile=flag), device=device, rank=0, world_size=1, steps_per_epoch=10
+            )
+            for flag in (True, False)
+        ]
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         batch = synthetic_batch(runners[0].recipe, images=4, device=device)
         for step in range(2):

@@ -45,9 +45,13 @@ class Run:
         self.run = run
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *map(str, args), "--run-dir", str(run)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
-            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setsid()))
+            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setsid()),
+        )
 
     def wait_for(self, condition, *, what: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -98,8 +102,7 @@ def _committed(run: Path, step: int) -> None:
 
 
 @pytest.mark.parametrize("signum, devices", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
-def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data, straight, tmp_path, signum,
-                                                                         devices):
+def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data, straight, tmp_path, signum, devices):
     """The whole process group (ranks and data workers) signalled at a random step."""
     run = tmp_path / "run"
     at = random.Random().randrange(3, 40)
@@ -254,7 +257,13 @@ def test_a_signal_while_the_processes_start_reaches_them(tmp_path):
     passed on to them once they exist; the parent lives on to wait for them."""
     script = tmp_path / "spawning.py"
     script.write_text(_SIGNAL_WHILE_SPAWNING)
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert "the training process ended by SIGTERM" in done.stdout, done.stdout

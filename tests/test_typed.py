@@ -36,6 +36,10 @@ def _untyped(path: Path) -> list[str]:
 
 def test_public_functions_are_typed():
     """No public function or method leaves a parameter or its return type unannotated."""
-    untyped = [entry for path in sorted(PACKAGE.rglob("*.py")) if str(path.relative_to(PACKAGE)) not in UNDER_REWORK
-               for entry in _untyped(path)]
+    untyped = [
+        entry
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if str(path.relative_to(PACKAGE)) not in UNDER_REWORK
+        for entry in _untyped(path)
+    ]
     assert not untyped, "\n".join(untyped)

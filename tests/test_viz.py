@@ -56,7 +56,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("photos")
     paths = {"cat": folder / "cat.png", "coffee": folder / "coffee.jpg"}
-    Image.fromarray(data.chelsea()).save(paths["cat"])   # 451 x 300
+    Image.fromarray(data.chelsea()).save(paths["cat"])  # 451 x 300
     Image.fromarray(data.coffee()).save(paths["coffee"])  # 600 x 400
     return paths
 
@@ -106,8 +106,11 @@ class RegionColours:
         return [F.avg_pool2d(images, 8) for _ in indices]
 
     def forward_features(self, images):
-        return self.forward_intermediates(images, indices=[0], norm=False, output_fmt="NCHW",
-                                          intermediates_only=True)[0].flatten(2).transpose(1, 2)
+        return (
+            self.forward_intermediates(images, indices=[0], norm=False, output_fmt="NCHW", intermediates_only=True)[0]
+            .flatten(2)
+            .transpose(1, 2)
+        )
 
 
 def test_two_flat_regions_separate_in_ass_and_probe_maps(tmp_path):
@@ -124,8 +127,9 @@ def test_two_flat_regions_separate_in_ass_and_probe_maps(tmp_path):
     pixels[:, :48, 0] = 255
     pixels[:, 48:, 2] = 255
     Image.fromarray(pixels).save(tmp_path / "regions.png")
-    model = wrap_module(RegionColours().module, mean=(0, 0, 0), std=(1, 1, 1), description={"kind": "test"},
-                        identity="test")
+    model = wrap_module(
+        RegionColours().module, mean=(0, 0, 0), std=(1, 1, 1), description={"kind": "test"}, identity="test"
+    )
     image = prepare_image(tmp_path / "regions.png", size=48, patch=8, points=[(10, 20), (70, 5)])
     panels = model_row(Subject(model, name="hand-built"), image=image, layers=[1, 2])
 
@@ -178,8 +182,21 @@ def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, pho
     assert _png_size(one / "cat.png") == (columns * PANEL_PX, HEADER_PX + cat_panel_h + TITLE_PX)
 
     several = tmp_path / "several"
-    code, output = _invoke("visualize", resumed_run, photos["cat"], photos["coffee"], "--out", several,
-                           "--size", 64, "--compare-random-init", "--layers", "2", "--points", "300,200")
+    code, output = _invoke(
+        "visualize",
+        resumed_run,
+        photos["cat"],
+        photos["coffee"],
+        "--out",
+        several,
+        "--size",
+        64,
+        "--compare-random-init",
+        "--layers",
+        "2",
+        "--points",
+        "300,200",
+    )
     assert code == 0, output
     assert sorted(p.name for p in several.iterdir()) == ["cat.png", "coffee.png", "index.html"]
     columns = 1 + 1 + 1 + 1  # image, ASS at layer 2, one probe (layer 2 is the last), clusters
@@ -236,8 +253,15 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
             if line.get_gid() != RESUME_GID:
                 drawn[(axes.get_title(), line.get_label())] = (list(line.get_xdata()), list(line.get_ydata()))
     titles = {title for title, _ in drawn}
-    assert {"loss terms", "learning rate", "weight decay", "teacher temperature", "teacher momentum",
-            "images/s", "data health (cumulative)"} <= titles
+    assert {
+        "loss terms",
+        "learning rate",
+        "weight decay",
+        "teacher temperature",
+        "teacher momentum",
+        "images/s",
+        "data health (cumulative)",
+    } <= titles
     assert drawn[("loss terms", "total")] == ([r["step"] for r in rows], [r["loss"] for r in rows])
     assert drawn[("loss terms", "volume (L3)")][1] == [r["volume"] for r in rows]
     assert drawn[("learning rate", "lr")][1] == [r["lr"] for r in rows]
@@ -283,9 +307,19 @@ def test_tensorboard_holds_one_value_per_step_after_a_resume(resumed_run):
     accumulator = EventAccumulator(str(resumed_run / "tensorboard"))
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    assert {"loss/total", "loss/intra", "loss/inter", "loss/volume", "schedule/lr", "schedule/weight_decay",
-            "schedule/teacher_temp", "schedule/teacher_momentum", "speed/images_per_s",
-            "data/samples_seen", "data/bad_samples"} == set(tags)
+    assert {
+        "loss/total",
+        "loss/intra",
+        "loss/inter",
+        "loss/volume",
+        "schedule/lr",
+        "schedule/weight_decay",
+        "schedule/teacher_temp",
+        "schedule/teacher_momentum",
+        "speed/images_per_s",
+        "data/samples_seen",
+        "data/bad_samples",
+    } == set(tags)
     for tag, key in (("loss/total", "loss"), ("schedule/lr", "lr"), ("data/samples_seen", "seen")):
         events = accumulator.Scalars(tag)
         assert [e.step for e in events] == list(range(1, FINAL + 1)), tag
@@ -295,12 +329,16 @@ def test_tensorboard_holds_one_value_per_step_after_a_resume(resumed_run):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     first, second = sorted((resumed_run / "tensorboard").glob("events.out.tfevents.*"))
-    starts = [e.step for e in EventFileLoader(str(second)).Load()
-              if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    starts = [
+        e.step
+        for e in EventFileLoader(str(second)).Load()
+        if e.HasField("session_log") and e.session_log.status == e.session_log.START
+    ]
     assert starts == [RESUMED_AT + 1]
 
     def logged(path):
         return sorted({e.step for e in EventFileLoader(str(path)).Load() if e.HasField("summary")})
+
     assert logged(first) == list(range(1, STOP + 1))
     assert logged(second) == list(range(RESUMED_AT + 1, FINAL + 1))
 
@@ -361,8 +399,7 @@ def test_bad_visualize_input_is_refused_and_writes_nothing(resumed_run, photos, 
     cases = [
         ((resumed_run, tmp_path / "missing.png"), ["missing.png", "the image does not exist"]),
         ((resumed_run, photos["cat"], broken), ["broken.jpg", "cannot read the image"]),
-        ((resumed_run, photos["cat"], "--points", "451,10"), ["the point 451,10 lies outside the image",
-                                                             "451 x 300"]),
+        ((resumed_run, photos["cat"], "--points", "451,10"), ["the point 451,10 lies outside the image", "451 x 300"]),
         ((resumed_run, photos["cat"], "--points", "3;4"), ["not of the form X,Y"]),
         ((resumed_run, photos["cat"], "--layers", "1,3"), ["layer 3 is beyond the depth", "2 blocks"]),
         ((resumed_run, photos["cat"], "--compare", other), ["patch 16", "patch 8", "same patch size"]),
@@ -383,9 +420,11 @@ def test_bad_plot_input_is_refused(resumed_run, tmp_path):
     fresh.mkdir()
     shutil.copy(resumed_run / "run.json", fresh / "run.json")
     (fresh / "metrics.jsonl").write_text("")
-    for run_dir, needles in ((fresh, ["no metrics yet", "flsl status"]),
-                             (tmp_path / "nowhere", ["does not exist"]),
-                             (resumed_run / "checkpoints", ["not a flsl run directory"])):
+    for run_dir, needles in (
+        (fresh, ["no metrics yet", "flsl status"]),
+        (tmp_path / "nowhere", ["does not exist"]),
+        (resumed_run / "checkpoints", ["not a flsl run directory"]),
+    ):
         code, output = _invoke("plot", run_dir, "--out", tmp_path / "p.png")
         assert code == 2, output
         for needle in needles:
@@ -425,14 +464,26 @@ def test_remote_run_dir_gets_tensorboard_events_and_plots(demo_data, tmp_path):
         endpoint = f"http://127.0.0.1:{server.port}"
         fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
         fs.mkdir("runs")
-        env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
-               "COLUMNS": "200"}
-        common = tiny_overrides(demo_data / "train", data__num_workers=0, logging__tensorboard="true",
-                                optim__max_steps=3)
+        env = {
+            **os.environ,
+            **S3_ENV,
+            "AWS_ENDPOINT_URL": endpoint,
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "COLUMNS": "200",
+        }
+        common = tiny_overrides(
+            demo_data / "train", data__num_workers=0, logging__tensorboard="true", optim__max_steps=3
+        )
 
         def flsl(*args):
-            return subprocess.run([sys.executable, "-m", "flsl_cli", *map(str, args)], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=600)
+            return subprocess.run(
+                [sys.executable, "-m", "flsl_cli", *map(str, args)],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
 
         done = flsl("pretrain", "recipes/demo.yaml", *common, "--run-dir", "s3://runs/tb")
         assert done.returncode == 0, done.stderr

@@ -46,8 +46,10 @@ from flsl_cli.errors import DataError
 
 ROUNDS = 2  # turns per pipeline; each measures seconds / ROUNDS
 BATCH_CAP = 64  # a loader's batch on one GPU; larger batches only add collation memory
-NOTE = ("Figures are for this machine only; both pipelines ran in the same invocation, one after "
-        "the other in alternating turns, with the same augmentation, workers and batch size.")
+NOTE = (
+    "Figures are for this machine only; both pipelines ran in the same invocation, one after "
+    "the other in alternating turns, with the same augmentation, workers and batch size."
+)
 
 Progress = Callable[[int, int], None]
 
@@ -103,8 +105,11 @@ def extract_imagefolder(shards: ShardSet, dest: Path, *, on_progress: Progress |
                 if index >= shard.samples:
                     break
                 if isinstance(item, BadShard):
-                    raise DataError(f"cannot read the shard for the ImageFolder copy: {item.reason}",
-                                    where=item.url, fix="Check the shard, or pick other data")
+                    raise DataError(
+                        f"cannot read the shard for the ImageFolder copy: {item.reason}",
+                        where=item.url,
+                        fix="Check the shard, or pick other data",
+                    )
                 key, fields = item
                 ext = image_field(fields)
                 if ext is None:
@@ -139,20 +144,24 @@ def measure(batches: Callable[[], Generator[int, None, None]], *, seconds: float
                     if elapsed + (last - start) >= seconds:
                         break
         if start is None or last is None or last == start:
-            raise DataError(f"too few samples to measure: an epoch ends within the warm-up ({warmup} batch(es))",
-                            fix="Raise --max-images, or use fewer --workers")
+            raise DataError(
+                f"too few samples to measure: an epoch ends within the warm-up ({warmup} batch(es))",
+                fix="Raise --max-images, or use fewer --workers",
+            )
         elapsed += last - start
     return Measurement(images=images, seconds=elapsed)
 
 
-def flsl_batches(recipe: Recipe, shards: ShardSet, *, workers: int,
-                 batch: int) -> tuple[Callable[[], Generator[int, None, None]], int, list[str]]:
+def flsl_batches(
+    recipe: Recipe, shards: ShardSet, *, workers: int, batch: int
+) -> tuple[Callable[[], Generator[int, None, None]], int, list[str]]:
     """(batches(), workers used, notes) of the training stream over `shards`, a new epoch per call."""
     layout, notes = plan_layout(shards, world_size=1, num_workers=workers, local_batch=batch, source="URL")
     # A shuffle buffer of 1 keeps file order, so this pipeline decodes exactly the samples copied
     # for the reference; a larger buffer only moves undecoded bytes around.
-    stream = TrainStream(shards, layout=layout, rank=0, seed=recipe.optim.seed, shuffle_buffer=1,
-                         augment=MultiCropAugment(recipe))
+    stream = TrainStream(
+        shards, layout=layout, rank=0, seed=recipe.optim.seed, shuffle_buffer=1, augment=MultiCropAugment(recipe)
+    )
     loader = build_loader(stream, pin_memory=False)
     epochs = itertools.count()
 
@@ -174,19 +183,31 @@ class ReferenceTransform:
         return self.augment(image, rng=np.random.default_rng())
 
 
-def reference_batches(recipe: Recipe, folder: Path, *, workers: int, batch: int,
-                      max_images: int) -> tuple[Callable[[], Generator[int, None, None]], int]:
+def reference_batches(
+    recipe: Recipe, folder: Path, *, workers: int, batch: int, max_images: int
+) -> tuple[Callable[[], Generator[int, None, None]], int]:
     """(batches(), images) of torchvision's ImageFolder + DataLoader, read with PIL's
     default loader."""
     try:
         dataset = ImageFolder(str(folder), transform=ReferenceTransform(MultiCropAugment(recipe)))
     except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"not a usable ImageFolder copy ({exc})", where=str(folder),
-                        fix="Point --imagefolder at DIR/<label>/<image> files, or leave it out") from None
+        raise DataError(
+            f"not a usable ImageFolder copy ({exc})",
+            where=str(folder),
+            fix="Point --imagefolder at DIR/<label>/<image> files, or leave it out",
+        ) from None
     if len(dataset) > max_images:
         dataset = Subset(dataset, range(max_images))
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False, drop_last=True,
-                        prefetch_factor=2, persistent_workers=False, worker_init_fn=_one_thread)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        shuffle=False,
+        drop_last=True,
+        prefetch_factor=2,
+        persistent_workers=False,
+        worker_init_fn=_one_thread,
+    )
 
     def batches() -> Generator[int, None, None]:
         for _views, labels in loader:
@@ -207,25 +228,37 @@ def machine_info() -> dict:
     except importlib.metadata.PackageNotFoundError:
         simd = False
     return {
-        "cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
+        "machine": platform.machine(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(), "pillow": PIL.__version__, "pillow_simd": simd,
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "pillow_simd": simd,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
     }
 
 
 def pipeline_figures(turns: list[Measurement], *, workers: int, source: str) -> dict:
     images, seconds = sum(turn.images for turn in turns), sum(turn.seconds for turn in turns)
     total = images / seconds
-    return {"source": source, "workers": workers, "images": images, "seconds": round(seconds, 3),
-            "images_per_second": total, "images_per_second_per_worker": total / workers,
-            "turns_images_per_second": [round(turn.images_per_second, 2) for turn in turns]}
+    return {
+        "source": source,
+        "workers": workers,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_second": total,
+        "images_per_second_per_worker": total / workers,
+        "turns_images_per_second": [round(turn.images_per_second, 2) for turn in turns],
+    }
 
 
 @contextmanager
-def reference_copy(shards: ShardSet, target: Path | None, *, stage: Callable[[str], None],
-                   on_progress: Progress | None) -> Iterator[tuple[Path, bool]]:
+def reference_copy(
+    shards: ShardSet, target: Path | None, *, stage: Callable[[str], None], on_progress: Progress | None
+) -> Iterator[tuple[Path, bool]]:
     """(folder, reused): `target` as it is when it holds files, else the samples copied into it
     (kept), or into a temporary folder removed afterwards when there is no target."""
     folder = target or Path(tempfile.mkdtemp(prefix="flsl-bench-imagefolder-"))
@@ -234,8 +267,10 @@ def reference_copy(shards: ShardSet, target: Path | None, *, stage: Callable[[st
         if reused:
             stage(f"reusing the ImageFolder copy in {folder}")
         else:
-            stage(f"copying {shards.num_samples} images from the shards to "
-                  f"{folder if target else 'a temporary ImageFolder'}")
+            stage(
+                f"copying {shards.num_samples} images from the shards to "
+                f"{folder if target else 'a temporary ImageFolder'}"
+            )
             extract_imagefolder(shards, folder, on_progress=on_progress)
         yield folder, reused
     finally:
@@ -243,8 +278,9 @@ def reference_copy(shards: ShardSet, target: Path | None, *, stage: Callable[[st
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def measure_in_turns(pipelines: dict[str, Callable[[], Generator[int, None, None]]], *, seconds: float,
-                     warmup: int) -> dict[str, list[Measurement]]:
+def measure_in_turns(
+    pipelines: dict[str, Callable[[], Generator[int, None, None]]], *, seconds: float, warmup: int
+) -> dict[str, list[Measurement]]:
     """ROUNDS turns per pipeline, taken in order, each of seconds / ROUNDS."""
     turns: dict[str, list[Measurement]] = {name: [] for name in pipelines}
     for _ in range(ROUNDS):
@@ -253,29 +289,41 @@ def measure_in_turns(pipelines: dict[str, Callable[[], Generator[int, None, None
     return turns
 
 
-def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
-                   on_extract: Progress | None = None, on_stage: Callable[[str], None] | None = None) -> dict:
+def run_data_bench(
+    recipe: Recipe,
+    settings: DataBenchSettings,
+    *,
+    on_extract: Progress | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict:
     """Measure both pipelines; returns the figures (see `flsl bench data --output`)."""
     stage = on_stage or (lambda _message: None)
     # Both pipelines make their views with PIL in the workers; settings.device measures the other paths.
     recipe = recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"device": "cpu"})})
     machine = machine_info()
-    shards = select_samples(resolve_shards(settings.url, key="URL"), max_images=settings.max_images,
-                            workers=settings.workers)
+    shards = select_samples(
+        resolve_shards(settings.url, key="URL"), max_images=settings.max_images, workers=settings.workers
+    )
     batch = bench_batch_size(recipe, shards, workers=min(settings.workers, len(shards.shards)))
     flsl, workers, notes = flsl_batches(recipe, shards, workers=settings.workers, batch=batch)
     for message in notes:
         stage(message)
     with reference_copy(shards, settings.imagefolder, stage=stage, on_progress=on_extract) as (folder, reused):
-        reference, reference_samples = reference_batches(recipe, folder, workers=workers, batch=batch,
-                                                         max_images=settings.max_images)
-        stage(f"measuring {settings.seconds:g} s per pipeline, in {ROUNDS} turns each (flsl, reference, ...), "
-              f"with {workers} worker(s) and batch {batch}")
+        reference, reference_samples = reference_batches(
+            recipe, folder, workers=workers, batch=batch, max_images=settings.max_images
+        )
+        stage(
+            f"measuring {settings.seconds:g} s per pipeline, in {ROUNDS} turns each (flsl, reference, ...), "
+            f"with {workers} worker(s) and batch {batch}"
+        )
         turns = measure_in_turns({"flsl": flsl, "reference": reference}, seconds=settings.seconds, warmup=workers)
     pipelines = {
         "flsl": pipeline_figures(turns["flsl"], workers=workers, source=settings.url),
-        "reference": pipeline_figures(turns["reference"], workers=workers,
-                                      source=str(folder) if settings.imagefolder else "temporary ImageFolder copy"),
+        "reference": pipeline_figures(
+            turns["reference"],
+            workers=workers,
+            source=str(folder) if settings.imagefolder else "temporary ImageFolder copy",
+        ),
     }
     aug = recipe.augment
     view_cost = None
@@ -283,16 +331,27 @@ def run_data_bench(recipe: Recipe, settings: DataBenchSettings, *,
         from flsl_cli.bench.view_cost import VIEW_COST_IMAGES, run_view_cost
 
         stage(f"measuring data-worker CPU time per image: views in the workers (cpu) against {settings.device}")
-        view_cost = run_view_cost(recipe, shards, device=settings.device, batch=batch,
-                                  images=min(shards.num_samples, VIEW_COST_IMAGES))
+        view_cost = run_view_cost(
+            recipe, shards, device=settings.device, batch=batch, images=min(shards.num_samples, VIEW_COST_IMAGES)
+        )
     return {
         "view_cost": view_cost,
         "pipelines": pipelines,
         "ratio": pipelines["flsl"]["images_per_second"] / pipelines["reference"]["images_per_second"],
-        "settings": {"url": settings.url, "workers": workers, "batch_size": batch, "seconds": settings.seconds,
-                     "turns": ROUNDS, "samples": shards.num_samples, "reference_samples": reference_samples,
-                     "imagefolder_reused": reused, "global_size": aug.global_size, "local_size": aug.local_size,
-                     "local_crops": aug.local_crops, "patch_size": recipe.model.patch_size},
+        "settings": {
+            "url": settings.url,
+            "workers": workers,
+            "batch_size": batch,
+            "seconds": settings.seconds,
+            "turns": ROUNDS,
+            "samples": shards.num_samples,
+            "reference_samples": reference_samples,
+            "imagefolder_reused": reused,
+            "global_size": aug.global_size,
+            "local_size": aug.local_size,
+            "local_crops": aug.local_crops,
+            "patch_size": recipe.model.patch_size,
+        },
         "machine": machine,
         "notes": notes,
         "note": NOTE,

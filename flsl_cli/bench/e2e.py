@@ -39,9 +39,11 @@ from flsl_cli.errors import FlslError
 from flsl_cli.train.loop import build_runner
 from flsl_cli.train.step import StepRunner
 
-NOTE = ("Both figures come from the same networks and step in one invocation: the step alone on a synthetic batch "
-        "resident on the device, timed in two turns before and after the step fed from the shards by the data "
-        "workers; the first steps (warm-up, and the workers' start) are not timed.")
+NOTE = (
+    "Both figures come from the same networks and step in one invocation: the step alone on a synthetic batch "
+    "resident on the device, timed in two turns before and after the step fed from the shards by the data "
+    "workers; the first steps (warm-up, and the workers' start) are not timed."
+)
 SCHEDULE_STEPS = 1_000_000  # schedules long enough for any bench; their values do not change the speed
 
 
@@ -61,9 +63,11 @@ def view_device_for(recipe: Recipe, asked: str | None) -> str:
     view_device = asked or ("cuda" if torch.cuda.is_available() else recipe.augment.device)
     if view_device == "cuda" and not torch.cuda.is_available():
         named = "--device cuda" if asked else "the recipe's augment.device: cuda"
-        raise FlslError(f"{named} makes the views and runs the step on a CUDA GPU, but torch sees none",
-                        where="--device",
-                        fix="Run on a machine with a GPU, or pass --device cpu or --device tensor-cpu")
+        raise FlslError(
+            f"{named} makes the views and runs the step on a CUDA GPU, but torch sees none",
+            where="--device",
+            fix="Run on a machine with a GPU, or pass --device cpu or --device tensor-cpu",
+        )
     return view_device
 
 
@@ -75,8 +79,9 @@ def bench_recipe(recipe: Recipe, *, data: str, view_device: str, images: int, wo
     return with_view_device(recipe, view_device).model_copy(update={"data": data_config, "optim": optim})
 
 
-def timed_from_shards(runner: StepRunner, stream: TrainStream, *, views: DeviceViews | None, steps: int, warmup: int,
-                      first_step: int) -> dict:
+def timed_from_shards(
+    runner: StepRunner, stream: TrainStream, *, views: DeviceViews | None, steps: int, warmup: int, first_step: int
+) -> dict:
     """`warmup` untimed then `steps` timed training steps on the stream's batches, epoch after
     epoch, as the training loop takes them."""
     device = runner.device
@@ -103,12 +108,18 @@ def timed_from_shards(runner: StepRunner, stream: TrainStream, *, views: DeviceV
     sync_device(device)
     seconds = time.perf_counter() - start
     runner.optimizer.zero_grad(set_to_none=True)
-    return {"steps": steps, "seconds": round(seconds, 4), "step_seconds": seconds / steps,
-            "epochs": epochs_timed, "bad_samples": bad}
+    return {
+        "steps": steps,
+        "seconds": round(seconds, 4),
+        "step_seconds": seconds / steps,
+        "epochs": epochs_timed,
+        "bad_samples": bad,
+    }
 
 
-def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
-                  on_stage: Callable[[str], None] = lambda message: None) -> dict:
+def run_e2e_bench(
+    recipe: Recipe, settings: E2EBenchSettings, *, on_stage: Callable[[str], None] = lambda message: None
+) -> dict:
     """The step alone and the step fed from the shards, their images/s and ratio, and the data
     workers' CPU time per image."""
     view_device = view_device_for(recipe, settings.device)
@@ -116,8 +127,9 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
     shards = resolve_shards(settings.data, key="--data")
     images = settings.batch or min(recipe.optim.global_batch_size, 64)
     recipe = bench_recipe(recipe, data=settings.data, view_device=view_device, images=images, workers=settings.workers)
-    layout, notes = plan_layout(shards, world_size=1, num_workers=recipe.data.num_workers, local_batch=images,
-                                source="--data")
+    layout, notes = plan_layout(
+        shards, world_size=1, num_workers=recipe.data.num_workers, local_batch=images, source="--data"
+    )
     threads = torch.get_num_threads()
     if device.type == "cpu":  # as `flsl pretrain` sets it: the data workers compute too
         torch.set_num_threads(cpu_threads(data_workers=layout.loader_workers))
@@ -128,41 +140,69 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
         # The step alone is timed in two turns around the shards' turn, so that the first steps'
         # slowness (allocator, caches) and a change in a shared machine's load weigh on both.
         before, after = settings.steps - settings.steps // 2, settings.steps // 2
-        on_stage(f"the step alone on a synthetic batch of {images} images: {settings.warmup} untimed, then "
-                 f"{before} timed steps (and {after} more after the shards' turn)")
+        on_stage(
+            f"the step alone on a synthetic batch of {images} images: {settings.warmup} untimed, then "
+            f"{before} timed steps (and {after} more after the shards' turn)"
+        )
         warm_up(runner, batch, steps=settings.warmup, first_step=0)
-        seconds, peak = timed_turn(runner, batch, steps=before, first_step=settings.warmup, device=device,
-                                   others_resident=0)
-        reading = (f"{layout.loader_workers} data worker(s)" if layout.loader_workers
-                   else "the training process reading")
-        on_stage(f"from the shards with {reading}, views made on {view_device}: {settings.warmup} untimed, "
-                 f"then {settings.steps} timed steps")
-        stream = TrainStream(shards, layout=layout, rank=0, seed=recipe.optim.seed,
-                             shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
-        e2e = timed_from_shards(runner, stream, views=views, steps=settings.steps, warmup=settings.warmup,
-                                first_step=settings.warmup + before)
+        seconds, peak = timed_turn(
+            runner, batch, steps=before, first_step=settings.warmup, device=device, others_resident=0
+        )
+        reading = f"{layout.loader_workers} data worker(s)" if layout.loader_workers else "the training process reading"
+        on_stage(
+            f"from the shards with {reading}, views made on {view_device}: {settings.warmup} untimed, "
+            f"then {settings.steps} timed steps"
+        )
+        stream = TrainStream(
+            shards,
+            layout=layout,
+            rank=0,
+            seed=recipe.optim.seed,
+            shuffle_buffer=recipe.data.shuffle_buffer,
+            augment=MultiCropAugment(recipe),
+        )
+        e2e = timed_from_shards(
+            runner,
+            stream,
+            views=views,
+            steps=settings.steps,
+            warmup=settings.warmup,
+            first_step=settings.warmup + before,
+        )
         if after:
             on_stage(f"the step alone again: {after} timed steps")
-            more, peak_after = timed_turn(runner, batch, steps=after, device=device, others_resident=0,
-                                          first_step=2 * settings.warmup + before + settings.steps)
+            more, peak_after = timed_turn(
+                runner,
+                batch,
+                steps=after,
+                device=device,
+                others_resident=0,
+                first_step=2 * settings.warmup + before + settings.steps,
+            )
             seconds += more
             peak = None if peak is None or peak_after is None else max(peak, peak_after)
         del batch
         machine = machine_info(device)
     finally:
         torch.set_num_threads(threads)
-    step: dict[str, Any] = {"steps": settings.steps, "seconds": round(seconds, 4),
-                            "step_seconds": seconds / settings.steps, "peak_memory_bytes": peak}
+    step: dict[str, Any] = {
+        "steps": settings.steps,
+        "seconds": round(seconds, 4),
+        "step_seconds": seconds / settings.steps,
+        "peak_memory_bytes": peak,
+    }
     for figures in (step, e2e):
         figures["images_per_second"] = images / figures["step_seconds"]
     paths = ("cpu",) if view_device == "cpu" else ("cpu", view_device)
     worker_images = min(shards.num_samples, settings.worker_images)
-    on_stage(f"data-worker CPU time per image ({worker_images} images, one worker): views made on "
-             + " and on ".join(paths))
+    on_stage(
+        f"data-worker CPU time per image ({worker_images} images, one worker): views made on " + " and on ".join(paths)
+    )
     cost = worker_cpu_by_path(recipe, shards, devices=paths, images=worker_images)
     return {
-        "settings": _settings(recipe, settings, layout=layout, images=images, view_device=view_device,
-                              worker_images=worker_images),
+        "settings": _settings(
+            recipe, settings, layout=layout, images=images, view_device=view_device, worker_images=worker_images
+        ),
         "step": step,
         "e2e": e2e,
         "e2e_fraction_of_step": e2e["images_per_second"] / step["images_per_second"],
@@ -174,13 +214,32 @@ def run_e2e_bench(recipe: Recipe, settings: E2EBenchSettings, *,
     }
 
 
-def _settings(recipe: Recipe, settings: E2EBenchSettings, *, layout: StreamLayout, images: int, view_device: str,
-              worker_images: int) -> dict:
+def _settings(
+    recipe: Recipe,
+    settings: E2EBenchSettings,
+    *,
+    layout: StreamLayout,
+    images: int,
+    view_device: str,
+    worker_images: int,
+) -> dict:
     aug, model = recipe.augment, recipe.model
-    return {"data": settings.data, "images": images, "steps": settings.steps, "warmup": settings.warmup,
-            "view_device": view_device, "workers": layout.loader_workers, "steps_per_epoch": layout.steps_per_epoch,
-            "worker_images": worker_images, "global_size": aug.global_size, "local_size": aug.local_size,
-            "local_crops": aug.local_crops, "arch": model.arch, "patch_size": model.patch_size,
-            "depth": model.dims()["depth"], "precision": recipe.optim.precision, "compile": recipe.optim.compile,
-            "fused_modes": recipe.optim.fused_modes}
-
+    return {
+        "data": settings.data,
+        "images": images,
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "view_device": view_device,
+        "workers": layout.loader_workers,
+        "steps_per_epoch": layout.steps_per_epoch,
+        "worker_images": worker_images,
+        "global_size": aug.global_size,
+        "local_size": aug.local_size,
+        "local_crops": aug.local_crops,
+        "arch": model.arch,
+        "patch_size": model.patch_size,
+        "depth": model.dims()["depth"],
+        "precision": recipe.optim.precision,
+        "compile": recipe.optim.compile,
+        "fused_modes": recipe.optim.fused_modes,
+    }

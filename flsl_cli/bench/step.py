@@ -46,8 +46,10 @@ from flsl_cli.train.step import TERMS, StepRunner, autocast_dtype
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 TURNS = 2  # timed turns per variant, alternating
-NOTE = ("Both variants ran in the same invocation on the same networks, batch and device, in alternating "
-        "turns; the batch is synthetic and already on the device, so no data loading is included.")
+NOTE = (
+    "Both variants ran in the same invocation on the same networks, batch and device, in alternating "
+    "turns; the batch is synthetic and already on the device, so no data loading is included."
+)
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,20 @@ def synthetic_batch(recipe: Recipe, *, images: int, device: torch.device, seed: 
         return torch.randn(*shape, generator=generator)
 
     def queries(size: int, window: int, count: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([grid_query_indices(grid=size // patch, window=window, rng=rng)
-                                          for _ in range(count)]))
+        return torch.from_numpy(
+            np.stack([grid_query_indices(grid=size // patch, window=window, rng=rng) for _ in range(count)])
+        )
 
-    batch = {"teacher": views(images, 3, aug.global_size, aug.global_size),
-             "global": views(images, 3, aug.global_size, aug.global_size),
-             "global_queries": queries(aug.global_size, loss.query_window_global, images)}
+    batch = {
+        "teacher": views(images, 3, aug.global_size, aug.global_size),
+        "global": views(images, 3, aug.global_size, aug.global_size),
+        "global_queries": queries(aug.global_size, loss.query_window_global, images),
+    }
     if aug.local_crops:
         batch["locals"] = views(images, aug.local_crops, 3, aug.local_size, aug.local_size)
-        batch["local_queries"] = queries(aug.local_size, loss.query_window_local,
-                                         images * aug.local_crops).unflatten(0, (images, aug.local_crops))
+        batch["local_queries"] = queries(aug.local_size, loss.query_window_local, images * aug.local_crops).unflatten(
+            0, (images, aug.local_crops)
+        )
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
@@ -106,15 +112,19 @@ def variant_recipe(recipe: Recipe, *, name: str, device: torch.device, compile_:
 
 
 def build_variant(recipe: Recipe, *, name: str, device: torch.device, compile_: bool) -> StepRunner:
-    runner = build_runner(variant_recipe(recipe, name=name, device=device, compile_=compile_), device=device,
-                          rank=0, world_size=1, steps_per_epoch=1_000_000)
+    runner = build_runner(
+        variant_recipe(recipe, name=name, device=device, compile_=compile_),
+        device=device,
+        rank=0,
+        world_size=1,
+        steps_per_epoch=1_000_000,
+    )
     if name != "baseline":
         return runner
     for network in (runner.student, runner.teacher):
         set_fused_attention(network.backbone, enabled=False)
     optim = runner.recipe.optim
-    runner.optimizer = torch.optim.AdamW(parameter_groups(runner.student), lr=0.0, betas=optim.betas,
-                                         weight_decay=0.0)
+    runner.optimizer = torch.optim.AdamW(parameter_groups(runner.student), lr=0.0, betas=optim.betas, weight_decay=0.0)
     return EagerBaseline(**{field.name: getattr(runner, field.name) for field in dataclasses.fields(StepRunner)})
 
 
@@ -145,8 +155,15 @@ def warm_up(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int, f
     runner.optimizer.zero_grad(set_to_none=True)
 
 
-def timed_turn(runner: StepRunner, batch: dict[str, torch.Tensor], *, steps: int, first_step: int,
-               device: torch.device, others_resident: int) -> tuple[float, int | None]:
+def timed_turn(
+    runner: StepRunner,
+    batch: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    first_step: int,
+    device: torch.device,
+    others_resident: int,
+) -> tuple[float, int | None]:
     """Seconds for `steps` steps, and the peak memory of this variant alone (the peak during the
     turn less what the other variant keeps resident)."""
     sync_device(device)
@@ -166,8 +183,10 @@ def resolve_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise FlslError("--device cuda was asked for but torch sees no CUDA GPU",
-                        fix="Run on a machine with a GPU, or pass --device cpu")
+        raise FlslError(
+            "--device cuda was asked for but torch sees no CUDA GPU",
+            fix="Run on a machine with a GPU, or pass --device cpu",
+        )
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
 
 
@@ -189,8 +208,12 @@ def machine_info(device: torch.device) -> dict:
         "cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        "timm": timm.__version__, "torch_threads": torch.get_num_threads(), "device": str(device),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
     }
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
@@ -228,8 +251,14 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
             if not steps:
                 continue
             other = sum(value for key, value in resident.items() if key != name)
-            elapsed, peak_bytes = timed_turn(runners[name], batch, steps=steps, first_step=first + steps_done[name],
-                                             device=device, others_resident=other)
+            elapsed, peak_bytes = timed_turn(
+                runners[name],
+                batch,
+                steps=steps,
+                first_step=first + steps_done[name],
+                device=device,
+                others_resident=other,
+            )
             seconds[name] += elapsed
             steps_done[name] += steps
             if peak_bytes is not None:
@@ -239,22 +268,37 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
         step_seconds = seconds[name] / steps_done[name]
         optim = runners[name].recipe.optim
         variants[name] = {
-            "steps": steps_done[name], "seconds": round(seconds[name], 4), "step_seconds": step_seconds,
-            "images_per_second": images / step_seconds, "tflops_per_second": flops / step_seconds / 1e12,
-            "mfu": flops / step_seconds / 1e12 / peak if peak else None, "peak_memory_bytes": peaks[name],
+            "steps": steps_done[name],
+            "seconds": round(seconds[name], 4),
+            "step_seconds": step_seconds,
+            "images_per_second": images / step_seconds,
+            "tflops_per_second": flops / step_seconds / 1e12,
+            "mfu": flops / step_seconds / 1e12 / peak if peak else None,
+            "peak_memory_bytes": peaks[name],
             "resident_memory_bytes": resident[name] if device.type == "cuda" else None,
             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + grad scaler"}[
-                autocast_dtype(optim.precision, device)],
-            "compile": optim.compile, "fused_modes": optim.fused_modes,
+                autocast_dtype(optim.precision, device)
+            ],
+            "compile": optim.compile,
+            "fused_modes": optim.fused_modes,
         }
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {
-        "settings": {"images": images, "steps": settings.steps, "warmup": settings.warmup,
-                     "global_size": recipe.augment.global_size, "local_size": recipe.augment.local_size,
-                     "local_crops": recipe.augment.local_crops, "arch": recipe.model.arch,
-                     "patch_size": recipe.model.patch_size, "depth": recipe.model.dims()["depth"]},
-        "flops_per_step": flops, "flops_per_image": flops / images,
-        "peak_tflops": peak, "peak_source": peak_source,
+        "settings": {
+            "images": images,
+            "steps": settings.steps,
+            "warmup": settings.warmup,
+            "global_size": recipe.augment.global_size,
+            "local_size": recipe.augment.local_size,
+            "local_crops": recipe.augment.local_crops,
+            "arch": recipe.model.arch,
+            "patch_size": recipe.model.patch_size,
+            "depth": recipe.model.dims()["depth"],
+        },
+        "flops_per_step": flops,
+        "flops_per_image": flops / images,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
         "variants": variants,
         "speedup": variants["baseline"]["step_seconds"] / variants["flsl"]["step_seconds"],
         "process_peak_rss_bytes": peak_rss,

@@ -31,8 +31,9 @@ VIEW_COST_IMAGES = 256  # samples each path reads
 def worker_samples(recipe: Recipe, shards: ShardSet, *, images: int) -> Iterator[dict]:
     """The first `images` samples one reader delivers, views or plans as `recipe.augment.device` says."""
     layout, _ = plan_layout(shards, world_size=1, num_workers=0, local_batch=1, source="URL")
-    stream = TrainStream(shards, layout=layout, rank=0, seed=recipe.optim.seed, shuffle_buffer=1,
-                         augment=MultiCropAugment(recipe))
+    stream = TrainStream(
+        shards, layout=layout, rank=0, seed=recipe.optim.seed, shuffle_buffer=1, augment=MultiCropAugment(recipe)
+    )
     stream.set_epoch(0)
     for _, sample in zip(range(images), stream):
         yield sample
@@ -71,14 +72,17 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
     per image on the tensor path."""
     target = torch.device("cuda" if device == "cuda" else "cpu")
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise FlslError("--device cuda needs a CUDA GPU, and this machine has none", where="--device",
-                        fix="Use --device tensor-cpu to measure the tensor path on the CPU")
+        raise FlslError(
+            "--device cuda needs a CUDA GPU, and this machine has none",
+            where="--device",
+            fix="Use --device tensor-cpu to measure the tensor path on the CPU",
+        )
     paths = worker_cpu_by_path(recipe, shards, devices=("cpu", device), images=images)
     pil_seconds, tensor_seconds = paths["cpu"], paths[device]
     tensor_recipe = with_view_device(recipe, device)
     samples = list(worker_samples(tensor_recipe, shards, images=images))
     views = DeviceViews(tensor_recipe, device=target)
-    batches = [collate([dict(s) for s in samples[i:i + batch]]) for i in range(0, len(samples), batch)]
+    batches = [collate([dict(s) for s in samples[i : i + batch]]) for i in range(0, len(samples), batch)]
     views(collate([dict(s) for s in samples[:batch]]))  # warm-up
     sync_device(target)
     cpu_start, wall_start = time.process_time(), time.perf_counter()
@@ -87,11 +91,14 @@ def run_view_cost(recipe: Recipe, shards: ShardSet, *, device: str, images: int,
     sync_device(target)
     made = sum(len(item["key"]) for item in batches)
     return {
-        "device": device, "images": len(samples), "batch_size": batch,
+        "device": device,
+        "images": len(samples),
+        "batch_size": batch,
         "worker_cpu_ms_per_image": {"cpu": pil_seconds * 1e3, device: tensor_seconds * 1e3},
         "worker_cpu_ratio": tensor_seconds / pil_seconds if pil_seconds > 0 else None,
-        "training_process_ms_per_image": {"cpu": (time.process_time() - cpu_start) * 1e3 / made,
-                                          "wall": (time.perf_counter() - wall_start) * 1e3 / made},
+        "training_process_ms_per_image": {
+            "cpu": (time.process_time() - cpu_start) * 1e3 / made,
+            "wall": (time.perf_counter() - wall_start) * 1e3 / made,
+        },
         "training_process_threads": torch.get_num_threads(),
     }
-

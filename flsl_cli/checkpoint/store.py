@@ -133,7 +133,9 @@ def load_file(path: Path) -> dict[str, Any]:
     if _is_safetensors(path):
         raise CheckpointError(
             "this is a safetensors file (a `flsl export --format timm` output?), not a flsl checkpoint",
-            where=str(path), fix=_PASS_INSTEAD)
+            where=str(path),
+            fix=_PASS_INSTEAD,
+        )
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
             warnings.simplefilter("ignore")
@@ -145,8 +147,11 @@ def load_file(path: Path) -> dict[str, Any]:
         untrusted = "; never load files from untrusted sources" if "pickled" in reason else ""
         raise CheckpointError(reason, where=str(path), fix=_PASS_INSTEAD + untrusted) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError("this is a PyTorch file but not a flsl checkpoint (it has no flsl format marker)",
-                              where=str(path), fix=_PASS_INSTEAD)
+        raise CheckpointError(
+            "this is a PyTorch file but not a flsl checkpoint (it has no flsl format marker)",
+            where=str(path),
+            fix=_PASS_INSTEAD,
+        )
     return payload
 
 
@@ -172,8 +177,10 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
     if size == 0:
         return "the file is empty (0 bytes), not a checkpoint"
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
-        return (f"the file is truncated or damaged: its zip archive is incomplete ({size} bytes; "
-                "was it still being copied or written?)")
+        return (
+            f"the file is truncated or damaged: its zip archive is incomplete ({size} bytes; "
+            "was it still being copied or written?)"
+        )
     if head.startswith(b"\x80"):  # a pickle: a plain one, or torch's legacy format
         if any(sign in str(exc) for sign in ("weights_only", "GLOBAL", "global")):
             return "refused to load the file: it contains pickled Python objects or code, which flsl never runs"
@@ -190,8 +197,9 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
     return "this is not a checkpoint: its contents are neither a PyTorch archive nor a format flsl reads"
 
 
-def newest_valid(run_dir: Path, *, on_skip: Callable[[CheckpointRef, str], None] | None = None
-                 ) -> tuple[CheckpointRef, dict[str, Any]]:
+def newest_valid(
+    run_dir: Path, *, on_skip: Callable[[CheckpointRef, str], None] | None = None
+) -> tuple[CheckpointRef, dict[str, Any]]:
     """The newest committed checkpoint that matches its manifest and loads safely.
 
     A damaged newer checkpoint is reported through `on_skip(ref, reason)` and an older one is
@@ -200,7 +208,8 @@ def newest_valid(run_dir: Path, *, on_skip: Callable[[CheckpointRef, str], None]
     refs = list_checkpoints(run_dir)
     if not refs:
         raise CheckpointError(
-            "no complete checkpoint in this run directory yet", where=str(run_dir),
+            "no complete checkpoint in this run directory yet",
+            where=str(run_dir),
             fix=f"A run writes its first checkpoint after checkpoint.every_steps steps or at its end; "
             f"`flsl resume {run_dir}` continues it (from step 0 when it has none)",
         )
@@ -216,7 +225,8 @@ def newest_valid(run_dir: Path, *, on_skip: Callable[[CheckpointRef, str], None]
         if on_skip:
             on_skip(ref, problem)
     raise CheckpointError(
-        "no usable checkpoint: " + "; ".join(reasons), where=str(run_dir),
+        "no usable checkpoint: " + "; ".join(reasons),
+        where=str(run_dir),
         fix="Restore a checkpoint file from a backup, or start the run again",
     )
 

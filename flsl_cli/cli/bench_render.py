@@ -21,12 +21,15 @@ def write_figures(output: str | Path, results: dict) -> None:
 def measured_shape(settings: dict) -> str:
     """The model and the views of a training-step benchmark, e.g. "vit_small/16 (12 blocks),
     64 images, 224 px + 10 x 96 px"."""
-    return (f"{settings['arch']}/{settings['patch_size']} ({settings['depth']} blocks), {settings['images']} "
-            f"images, {settings['global_size']} px + {settings['local_crops']} x {settings['local_size']} px")
+    return (
+        f"{settings['arch']}/{settings['patch_size']} ({settings['depth']} blocks), {settings['images']} "
+        f"images, {settings['global_size']} px + {settings['local_crops']} x {settings['local_size']} px"
+    )
 
 
 def training_machine(machine: dict) -> str:
     """The device (its GPU, else its CPUs and torch threads), the load and the library versions."""
-    where = machine.get("gpu") or (f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, "
-                                   f"{machine['torch_threads']} torch threads)")
+    where = machine.get("gpu") or (
+        f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, {machine['torch_threads']} torch threads)"
+    )
     return f"{where}, load {machine['load_average_1min']}, torch {machine['torch']}, timm {machine['timm']}"

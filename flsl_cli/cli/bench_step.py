@@ -23,17 +23,29 @@ def step(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe whose model, views and batch to use.")],
     *,
     steps: Annotated[int, typer.Option("--steps", "-n", min=1, help="Timed steps per variant.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per variant first (compilation "
-                                                                 "happens there).")] = 3,
-    batch: Annotated[int | None, typer.Option(
-        "--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64).")] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile flsl's backbones "
-                                                             "(as optim.compile: true).")] = False,
-    device: Annotated[Literal["cpu", "cuda"] | None, typer.Option(
-        "--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu).")] = None,
-    peak_tflops: Annotated[float | None, typer.Option(
-        "--peak-tflops", min=0.001, help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
-                                         "bf16/fp16 figure of known GPUs; none on CPU).")] = None,
+    warmup: Annotated[
+        int, typer.Option("--warmup", min=0, help="Untimed steps per variant first (compilation happens there).")
+    ] = 3,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", min=1, help="Images per step (default: the recipe's global batch, at most 64)."),
+    ] = None,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch.compile flsl's backbones (as optim.compile: true).")
+    ] = False,
+    device: Annotated[
+        Literal["cpu", "cuda"] | None,
+        typer.Option("--device", help="Where both variants run (default: cuda when torch sees a GPU, else cpu)."),
+    ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            "--peak-tflops",
+            min=0.001,
+            help="Peak TFLOP/s that utilisation divides by (default: the data-sheet dense "
+            "bf16/fp16 figure of known GPUs; none on CPU).",
+        ),
+    ] = None,
     set_: SetOption = None,
     out: OutOption = None,
     old_out: OldJsonFileOption = None,
@@ -44,8 +56,9 @@ def step(
     from flsl_cli.bench.step import StepBenchSettings, run_step_bench
     from flsl_cli.config.load import load_recipe
 
-    settings = StepBenchSettings(steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_,
-                                 peak_tflops=peak_tflops)
+    settings = StepBenchSettings(
+        steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_, peak_tflops=peak_tflops
+    )
     loaded = load_recipe(recipe, overrides=set_ or [])
     note(escape(f"measuring {steps} steps per variant (after {warmup} untimed)"))
     results = run_step_bench(loaded, settings)
@@ -66,17 +79,28 @@ def results_table(results: dict) -> Group:
         table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
     labels = {"baseline": "eager baseline (release-style)", "flsl": "flsl"}
     for name, figures in results["variants"].items():
-        label = labels[name] + (" + compile" if figures["compile"] else "") + (
-            " + fused modes" if figures["fused_modes"] else "")
+        label = (
+            labels[name]
+            + (" + compile" if figures["compile"] else "")
+            + (" + fused modes" if figures["fused_modes"] else "")
+        )
         memory = figures["peak_memory_bytes"]
-        table.add_row(label, figures["precision"], f"{figures['step_seconds'] * 1000:.1f}",
-                      f"{figures['images_per_second']:.1f}", f"{figures['tflops_per_second']:.3f}",
-                      "-" if figures["mfu"] is None else f"{figures['mfu']:.1%}",
-                      "-" if memory is None else f"{memory / 2**30:.2f} GiB",
-                      f"{results['speedup']:.2f}" if name == "flsl" else "1.00")
+        table.add_row(
+            label,
+            figures["precision"],
+            f"{figures['step_seconds'] * 1000:.1f}",
+            f"{figures['images_per_second']:.1f}",
+            f"{figures['tflops_per_second']:.3f}",
+            "-" if figures["mfu"] is None else f"{figures['mfu']:.1%}",
+            "-" if memory is None else f"{memory / 2**30:.2f} GiB",
+            f"{results['speedup']:.2f}" if name == "flsl" else "1.00",
+        )
     peak = "none" if results["peak_tflops"] is None else f"{results['peak_tflops']:g} TFLOP/s"
-    footer = Text(f"{results['flops_per_image'] / 1e9:.2f} GFLOP per image counted by torch; peak {peak} "
-                  f"({results['peak_source']}); process peak RSS {results['process_peak_rss_bytes'] / 2**30:.2f} GiB\n"
-                  f"{training_machine(machine)}\n"
-                  f"{results['note']}", style="dim")
+    footer = Text(
+        f"{results['flops_per_image'] / 1e9:.2f} GFLOP per image counted by torch; peak {peak} "
+        f"({results['peak_source']}); process peak RSS {results['process_peak_rss_bytes'] / 2**30:.2f} GiB\n"
+        f"{training_machine(machine)}\n"
+        f"{results['note']}",
+        style="dim",
+    )
     return Group(table, footer)

@@ -26,12 +26,19 @@ class Which(str, Enum):
 
 
 CheckpointArgument = Annotated[
-    Path, typer.Argument(help="A checkpoint file (RUN_DIR/checkpoints/step-*.pt) or a run directory "
-                              "(its newest valid checkpoint).")
+    Path,
+    typer.Argument(
+        help="A checkpoint file (RUN_DIR/checkpoints/step-*.pt) or a run directory (its newest valid checkpoint)."
+    ),
 ]
 OutOption = Annotated[
-    Path, typer.Option("--out", "-o", help="Where to write: NAME.safetensors or a directory (timm), NAME.onnx (onnx), "
-                                           "NAME.pth (mmdet, mmseg, detectron2).")
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Where to write: NAME.safetensors or a directory (timm), NAME.onnx (onnx), "
+        "NAME.pth (mmdet, mmseg, detectron2).",
+    ),
 ]
 FormatOption = Annotated[Format, typer.Option("--format", "-f", help="Target: timm, onnx, mmdet, mmseg or detectron2.")]
 WhichOption = Annotated[Which, typer.Option("--which", help="The teacher (EMA, as in the paper) or the student.")]
@@ -57,8 +64,10 @@ def export(
     from flsl_cli.export.api import export_checkpoint
 
     result = export_checkpoint(checkpoint, fmt=format_.value, out=out, which=which.value, force=force, on_note=note)
-    _say(f"[green]exported[/] the {result.which} backbone (step {result.step}) of {escape(str(result.source))} "
-         f"as [bold]{result.format}[/]")
+    _say(
+        f"[green]exported[/] the {result.which} backbone (step {result.step}) of {escape(str(result.source))} "
+        f"as [bold]{result.format}[/]"
+    )
     for file in result.files:
         _say(f"  file: {escape(str(file))}")
     for check in result.checks:

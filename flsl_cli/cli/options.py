@@ -12,8 +12,9 @@ from flsl_cli.errors import FlslError
 T = TypeVar("T")
 
 # What a command writes is `--out PATH`; `--json` prints JSON instead of a table.
-OutOption = Annotated[Path | None, typer.Option(
-    "--out", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")
+]
 # The spellings --out replaced: accepted for one release, with a note.
 OldOutputOption = Annotated[Path | None, typer.Option("--output", hidden=True)]
 OldJsonFileOption = Annotated[Path | None, typer.Option("--json", hidden=True)]

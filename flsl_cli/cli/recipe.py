@@ -33,9 +33,15 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     *,
     set_: SetOption = None,
-    devices: Annotated[int | None, typer.Option(
-        "--devices", min=1, help="Check against this many local processes (default: as `flsl pretrain` would "
-                                 "use: every local GPU, else one CPU process).")] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            "--devices",
+            min=1,
+            help="Check against this many local processes (default: as `flsl pretrain` would "
+            "use: every local GPU, else one CPU process).",
+        ),
+    ] = None,
 ) -> None:
     """Check a recipe as `flsl pretrain` would before training: the values, the process count, the
     memory the run needs on this machine, and the data when it is here. Exit 0 if it passes, else
@@ -56,6 +62,11 @@ def validate(
         note(f"data.train ({train}) does not exist yet: `flsl pretrain` generates the demo data there")
     else:
         note(f"data.train ({train}) is not on this machine's disk: not checked here")
-    out_console.print(Text.assemble(("ok:", "green"), f" {recipe} is a valid recipe for {nprocs} "
-                                    f"{'GPU' if use_cuda else 'CPU'} process{'es' if nprocs > 1 else ''}"),
-                      highlight=False)
+    out_console.print(
+        Text.assemble(
+            ("ok:", "green"),
+            f" {recipe} is a valid recipe for {nprocs} "
+            f"{'GPU' if use_cuda else 'CPU'} process{'es' if nprocs > 1 else ''}",
+        ),
+        highlight=False,
+    )

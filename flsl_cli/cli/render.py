@@ -37,9 +37,13 @@ def handle_errors(fn: F) -> F:
             err_console.print(error_text(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("[bold yellow]interrupted.[/] Every file flsl had finished writing is intact "
-                              "(each is written whole or not at all); a run with a checkpoint continues with "
-                              "`flsl resume` and its run dir.", highlight=False, soft_wrap=True)
+            err_console.print(
+                "[bold yellow]interrupted.[/] Every file flsl had finished writing is intact "
+                "(each is written whole or not at all); a run with a checkpoint continues with "
+                "`flsl resume` and its run dir.",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -68,4 +72,3 @@ def demo_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
     from flsl_cli.progress import ProgressBars
 
     return ProgressBars(console=err_console).callback("generating demo data")
-

@@ -11,8 +11,10 @@ from flsl_cli.cli.render import handle_errors, out_console
 
 @handle_errors
 def status(
-    run_dir: Annotated[str, typer.Argument(
-        help="Run directory written by `flsl pretrain`: a path or a URL such as s3://bucket/runs/x.")],
+    run_dir: Annotated[
+        str,
+        typer.Argument(help="Run directory written by `flsl pretrain`: a path or a URL such as s3://bucket/runs/x."),
+    ],
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
 ) -> None:
@@ -32,6 +34,7 @@ def status(
 
     def add(name: str, value: str) -> None:  # values are shown as they are, never as markup
         table.add_row(name, Text(value))
+
     add("state", result.status)
     step = "none yet" if result.step is None else f"{result.step}"
     if result.epoch is not None:
@@ -40,8 +43,7 @@ def status(
     if result.newest_checkpoint:
         newest = result.newest_checkpoint
         age = f", {_ago(newest['age_s'])}" if newest.get("age_s") is not None else ""
-        add("newest checkpoint", f"step {newest['step']}: {newest['path']}{age} "
-                                           f"({result.checkpoints} kept)")
+        add("newest checkpoint", f"step {newest['step']}: {newest['path']}{age} ({result.checkpoints} kept)")
     else:
         add("newest checkpoint", "none yet")
     if result.stopped:
@@ -72,8 +74,10 @@ def status(
         where = f"job {error['job_id']}, rank {error.get('rank', '?')}{node}: " if error.get("job_id") else ""
         add("last error", f"{where}{error.get('message', '')}")
     if result.leftovers:
-        add("leftovers", "\n".join(result.leftovers) + "\n(temporary files of writes that were cut "
-                      "off; `flsl resume` removes them)")
+        add(
+            "leftovers",
+            "\n".join(result.leftovers) + "\n(temporary files of writes that were cut off; `flsl resume` removes them)",
+        )
     if result.logs:
         add("logs", "\n".join(result.logs))
     out_console.print(table)

@@ -15,34 +15,71 @@ from flsl_cli.errors import FlslError
 
 @handle_errors
 def visualize(
-    checkpoint: Annotated[Path | None, typer.Argument(
-        help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
-             "config.json, or a .safetensors file). Omit it with --model timm:NAME.", show_default=False)] = None,
-    images: Annotated[list[Path] | None, typer.Argument(
-        help="Image files (any size).", show_default=False)] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A flsl checkpoint, a run directory (its newest checkpoint), or a timm export (folder with "
+            "config.json, or a .safetensors file). Omit it with --model timm:NAME.",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files (any size).", show_default=False)] = None,
     *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one grid PNG per image and index.html.")],
-    layers: Annotated[str | None, typer.Option(
-        "--layers", help="Blocks to draw, 1-based and comma-separated, e.g. 4,8,12 (default: three spread over "
-                         "the depth, the last included).")] = None,
-    points: Annotated[list[str] | None, typer.Option(
-        "--points", help="A query point X,Y in pixels of the original image; repeat for more (default: three "
-                         "points spread over each image).")] = None,
-    size: Annotated[int, typer.Option(
-        "--size", min=16, max=4096, help="Short side of the image in pixels; both sides are rounded to whole "
-                                         "patches.")] = 448,
-    compare: Annotated[Path | None, typer.Option(
-        "--compare", help="A second model drawn as a second row: a checkpoint or run dir (with CHECKPOINT's "
-                          "--which), an export, or timm:NAME.")] = None,
-    compare_random_init: Annotated[bool, typer.Option(
-        "--compare-random-init", help="Draw CHECKPOINT's architecture with random weights as the second row.")] = False,
-    which: Annotated[Literal["teacher", "student"] | None, typer.Option(
-        "--which", help="Network of a flsl checkpoint (default: the teacher).")] = None,
-    model: Annotated[str | None, typer.Option(
-        "--model", help="timm:NAME: a timm model with its pretrained weights, or the architecture of a "
-                        ".safetensors CHECKPOINT.")] = None,
-    random_init: Annotated[bool, typer.Option(
-        "--random-init", help="Same architecture, random weights (a baseline).")] = False,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="Blocks to draw, 1-based and comma-separated, e.g. 4,8,12 (default: three spread over "
+            "the depth, the last included).",
+        ),
+    ] = None,
+    points: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--points",
+            help="A query point X,Y in pixels of the original image; repeat for more (default: three "
+            "points spread over each image).",
+        ),
+    ] = None,
+    size: Annotated[
+        int,
+        typer.Option(
+            "--size",
+            min=16,
+            max=4096,
+            help="Short side of the image in pixels; both sides are rounded to whole patches.",
+        ),
+    ] = 448,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="A second model drawn as a second row: a checkpoint or run dir (with CHECKPOINT's "
+            "--which), an export, or timm:NAME.",
+        ),
+    ] = None,
+    compare_random_init: Annotated[
+        bool,
+        typer.Option(
+            "--compare-random-init", help="Draw CHECKPOINT's architecture with random weights as the second row."
+        ),
+    ] = False,
+    which: Annotated[
+        Literal["teacher", "student"] | None,
+        typer.Option("--which", help="Network of a flsl checkpoint (default: the teacher)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="timm:NAME: a timm model with its pretrained weights, or the architecture of a "
+            ".safetensors CHECKPOINT.",
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option("--random-init", help="Same architecture, random weights (a baseline).")
+    ] = False,
 ) -> None:
     """Similarity maps of a backbone's features (ASS per layer, probes at query points) and the FLSL
     head's clusters, one grid PNG per image."""
@@ -54,8 +91,7 @@ def visualize(
     source, image_paths = _split_sources(checkpoint, images or [], model=model)
     spec = ModelSpec(checkpoint=source, model=model, which=which, random_init=random_init)
     if compare is not None and compare_random_init:
-        raise FlslError("--compare and --compare-random-init both name the second row",
-                        fix="Pass one of them")
+        raise FlslError("--compare and --compare-random-init both name the second row", fix="Pass one of them")
     second = None
     if compare is not None and str(compare).startswith("timm:"):
         second = ModelSpec(model=str(compare))
@@ -69,8 +105,7 @@ def visualize(
 
     update, close = ProgressBars(console=err_console).callback("drawing")
     try:
-        written = draw(spec=spec, images=image_paths, out=out, settings=settings, compare=second,
-                       on_progress=update)
+        written = draw(spec=spec, images=image_paths, out=out, settings=settings, compare=second, on_progress=update)
     finally:
         close()
     out_console.print(f"[green]wrote[/] {len(written) - 1} grid(s) and {escape(str(written[-1]))}", highlight=False)
@@ -98,8 +133,9 @@ def _parse_layers(value: str | None) -> tuple[int, ...] | None:
     try:
         layers = tuple(int(part) for part in comma_list(value))
     except ValueError:
-        raise FlslError(f"--layers {value!r} is not a comma-separated list of block numbers",
-                        fix="Pass e.g. --layers 4,8,12") from None
+        raise FlslError(
+            f"--layers {value!r} is not a comma-separated list of block numbers", fix="Pass e.g. --layers 4,8,12"
+        ) from None
     if not layers:
         raise FlslError("--layers is empty", fix="Pass e.g. --layers 4,8,12")
     return layers

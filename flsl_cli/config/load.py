@@ -55,9 +55,12 @@ class YamlProblems(yaml.YAMLError):
         super().__init__(", ".join(key for key, _, _ in duplicates))
 
     def problems(self, *, prefix: str = "", lines: bool = True) -> list[str]:
-        return [f"{prefix}{key}: given twice" + (f" (lines {first} and {second})" if lines else "")
-                + "; YAML would silently keep the second; delete one of them"
-                for key, first, second in self.duplicates] + [f"{prefix}{p}" for p in self.other]
+        return [
+            f"{prefix}{key}: given twice"
+            + (f" (lines {first} and {second})" if lines else "")
+            + "; YAML would silently keep the second; delete one of them"
+            for key, first, second in self.duplicates
+        ] + [f"{prefix}{p}" for p in self.other]
 
 
 class _NodeScan:
@@ -71,8 +74,10 @@ class _NodeScan:
 
     def visit(self, node: yaml.Node, *, path: tuple[str, ...]) -> int:
         if id(node) in self.open:
-            self.problems.append(f"{'.'.join(path) or '(top level)'}: a YAML alias (line {node.start_mark.line + 1}) "
-                                 "refers to a value that contains it, which never ends; write the value out")
+            self.problems.append(
+                f"{'.'.join(path) or '(top level)'}: a YAML alias (line {node.start_mark.line + 1}) "
+                "refers to a value that contains it, which never ends; write the value out"
+            )
             return 1
         if id(node) in self.sizes:
             return self.sizes[id(node)]
@@ -95,8 +100,10 @@ class _NodeScan:
         self.open.discard(id(node))
         self.sizes[id(node)] = size
         if size > MAX_YAML_VALUES and not any("through YAML aliases" in p for p in self.problems):
-            self.problems.append(f"{'.'.join(path) or '(top level)'}: expands to more than {MAX_YAML_VALUES} "
-                                 "values through YAML aliases; write the recipe without them")
+            self.problems.append(
+                f"{'.'.join(path) or '(top level)'}: expands to more than {MAX_YAML_VALUES} "
+                "values through YAML aliases; write the recipe without them"
+            )
         return size
 
 
@@ -117,8 +124,7 @@ def recheck_command(path: str | Path, overrides: list[str] | None = None, *, dev
 
 
 @contextmanager
-def recheck_with(path: str | Path, overrides: list[str] | None = None, *,
-                 devices: int | None = None) -> Iterator[None]:
+def recheck_with(path: str | Path, overrides: list[str] | None = None, *, devices: int | None = None) -> Iterator[None]:
     """A RecipeError raised in the block says how to check the recipe again (once fixed)."""
     try:
         yield
@@ -131,9 +137,14 @@ def recheck_with(path: str | Path, overrides: list[str] | None = None, *,
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML file into a plain dict (no validation yet)."""
     path = Path(path)
-    text = storage.read_text_file(path, what="recipe file", missing_fix=(
-        "Pass a recipe .yaml file; the shipped recipes are in the recipes/ folder of flsl "
-        "(recipes/demo.yaml, recipes/vits16_300ep.yaml, ...)"))
+    text = storage.read_text_file(
+        path,
+        what="recipe file",
+        missing_fix=(
+            "Pass a recipe .yaml file; the shipped recipes are in the recipes/ folder of flsl "
+            "(recipes/demo.yaml, recipes/vits16_300ep.yaml, ...)"
+        ),
+    )
     try:
         data = parse_yaml(text)
     except YamlProblems as exc:
@@ -177,8 +188,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section; "
-                                f"set {'.'.join(parts[: depth + 1])} itself, or check the key's spelling")
+                problems.append(
+                    f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section; "
+                    f"set {'.'.join(parts[: depth + 1])} itself, or check the key's spelling"
+                )
                 break
             node = child
         else:
@@ -208,7 +221,7 @@ def validate_options(data: dict[str, Any], *, section: tuple[str, ...], options:
         problems = []
         for problem in validation_problems(exc, section=section):
             key, sep, rest = problem.partition(": ")
-            field, _, item = (key[len(prefix):] if key.startswith(prefix) else "").partition(".")
+            field, _, item = (key[len(prefix) :] if key.startswith(prefix) else "").partition(".")
             option = options.get(field) if sep else None
             problems.append(f"{option}{f'[{item}]' if item else ''}: {rest}" if option else problem)
         raise FlslError("; ".join(problems), fix=fix) from None
@@ -226,8 +239,11 @@ def _section_model(section: tuple[str, ...]) -> type[BaseModel]:
     model: type[BaseModel] = Recipe
     for part in section:
         annotation = model.model_fields[part].annotation
-        model = next(c for c in (annotation, *getattr(annotation, "__args__", ()))
-                     if isinstance(c, type) and issubclass(c, BaseModel))
+        model = next(
+            c
+            for c in (annotation, *getattr(annotation, "__args__", ()))
+            if isinstance(c, type) and issubclass(c, BaseModel)
+        )
     return model
 
 
@@ -236,8 +252,10 @@ _UNION_TAGS = {"str", "int", "bool", "float", "none"}
 
 def _without_union_tags(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """pydantic names the member of a union (`str`, `int`, ...) in the location; drop it."""
-    return [{**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
-            for err in errors]
+    return [
+        {**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))}
+        for err in errors
+    ]
 
 
 def _merge_union_errors(problems: list[str]) -> list[str]:
@@ -251,8 +269,10 @@ def _merge_union_errors(problems: list[str]) -> list[str]:
             merged.setdefault((key, found), []).append(expected)
         else:
             merged.setdefault((problem, ""), [])
-    return [f"{key}: expected {' or '.join(dict.fromkeys(expected))}, found {found}" if expected else key
-            for (key, found), expected in merged.items()]
+    return [
+        f"{key}: expected {' or '.join(dict.fromkeys(expected))}, found {found}" if expected else key
+        for (key, found), expected in merged.items()
+    ]
 
 
 def load_recipe(path: str | Path, *, overrides: list[str] | None = None) -> Recipe:
@@ -312,15 +332,19 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: required key is missing; add it" + (
             " (the training shards: a directory, a .tar, a brace pattern or an index.json URL)"
-            if key == "data.train" else "")
+            if key == "data.train"
+            else ""
+        )
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         known = _field_names(loc)
         example = f" ({', '.join(known[:3])}, ...)" if known else ""
-        return (f"{key}: expected a section of keys{example}, found {found!r}; write it as `{loc[-1]}:` "
-                "followed by indented keys")
+        return (
+            f"{key}: expected a section of keys{example}, found {found!r}; write it as `{loc[-1]}:` "
+            "followed by indented keys"
+        )
     message = err["msg"]
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
         field, sep, rest = message.partition(": ")
         if sep and field in _field_names(loc):
             return f"{'.'.join(loc + [field])}: {rest}"
@@ -372,8 +396,11 @@ def _field_info(loc: list[str]) -> FieldInfo | None:
         if info is None:
             return None
         annotation = info.annotation
-        nested = [c for c in (annotation, *getattr(annotation, "__args__", ()))
-                  if isinstance(c, type) and issubclass(c, BaseModel)]
+        nested = [
+            c
+            for c in (annotation, *getattr(annotation, "__args__", ()))
+            if isinstance(c, type) and issubclass(c, BaseModel)
+        ]
         model = nested[0] if nested else None
     return info
 
@@ -391,7 +418,7 @@ def _expected(message: str) -> str:
     message = message[0].lower() + message[1:]
     for prefix in ("input should be ", "value should be "):
         if message.startswith(prefix):
-            return message[len(prefix):]
+            return message[len(prefix) :]
     if message.startswith("string should have at least 1 character"):
         return "a non-empty string"
     return message.replace(" should ", " that should ", 1) if " should " in message else message

@@ -51,8 +51,10 @@ class MemoryEstimate:
         return self.model_state + self.prototypes + self.activations + self.inputs
 
     def describe(self) -> str:
-        return (f"activations {gb(self.activations)}, prototype logits {gb(self.prototypes)}, model state "
-                f"{gb(self.model_state)} for {self.parameters / 1e6:.4g} M parameters, inputs {gb(self.inputs)}")
+        return (
+            f"activations {gb(self.activations)}, prototype logits {gb(self.prototypes)}, model state "
+            f"{gb(self.model_state)} for {self.parameters / 1e6:.4g} M parameters, inputs {gb(self.inputs)}"
+        )
 
 
 def gb(size: float) -> str:
@@ -83,21 +85,25 @@ def estimate_memory(recipe: Recipe, *, world_size: int = 1) -> MemoryEstimate:
     global_tokens = (augment.global_size // patch) ** 2
     local_tokens = (augment.local_size // patch) ** 2
     views = [global_tokens] + [local_tokens] * augment.local_crops  # student views, with gradients
-    queries = ((augment.global_size // patch) // loss.query_window_global) ** 2 \
-        + augment.local_crops * ((augment.local_size // patch) // loss.query_window_local) ** 2
+    queries = ((augment.global_size // patch) // loss.query_window_global) ** 2 + augment.local_crops * (
+        (augment.local_size // patch) // loss.query_window_local
+    ) ** 2
 
     parameters = count_parameters(recipe)
     model_state = parameters * STATE_COPIES * NETWORKS * FLOAT_BYTES
     per_query = model.head_out_dim * LOGIT_COPIES + 2 * model.head_hidden_dim * max(1, model.head_layers - 1)
     prototypes = batch * queries * per_query * FLOAT_BYTES
-    per_image = sum(depth * (tokens * dim * ACTIVATION_FLOATS_PER_DIM + ATTENTION_MAPS * heads * tokens * tokens)
-                    for tokens in views)
+    per_image = sum(
+        depth * (tokens * dim * ACTIVATION_FLOATS_PER_DIM + ATTENTION_MAPS * heads * tokens * tokens)
+        for tokens in views
+    )
     per_image += global_tokens * dim * 2  # the teacher's tokens, kept for the inter-view modes
     activations = batch * per_image * FLOAT_BYTES
-    pixels = 2 * augment.global_size ** 2 + augment.local_crops * augment.local_size ** 2  # teacher + views
+    pixels = 2 * augment.global_size**2 + augment.local_crops * augment.local_size**2  # teacher + views
     inputs = 3 * batch * pixels * FLOAT_BYTES * 3  # the step's copy and two prefetched batches
-    return MemoryEstimate(parameters=parameters, model_state=model_state, prototypes=prototypes,
-                          activations=activations, inputs=inputs)
+    return MemoryEstimate(
+        parameters=parameters, model_state=model_state, prototypes=prototypes, activations=activations, inputs=inputs
+    )
 
 
 def host_memory_bytes() -> int | None:
@@ -108,8 +114,15 @@ def host_memory_bytes() -> int | None:
         return None
 
 
-def check_memory(recipe: Recipe, *, world_size: int, source: str, device_bytes: int | None,
-                 device_name: str, processes_per_device: int = 1) -> MemoryEstimate:
+def check_memory(
+    recipe: Recipe,
+    *,
+    world_size: int,
+    source: str,
+    device_bytes: int | None,
+    device_name: str,
+    processes_per_device: int = 1,
+) -> MemoryEstimate:
     """Refuse the recipe when `processes_per_device` processes of a `world_size` run need more
     than `device_bytes` (a GPU's memory, or the host's for CPU processes, which share it)."""
     estimate = estimate_memory(recipe, world_size=world_size)
@@ -120,14 +133,18 @@ def check_memory(recipe: Recipe, *, world_size: int, source: str, device_bytes: 
     fitting = int((device_bytes / processes_per_device - estimate.model_state) // per_image) * world_size
     if fitting >= world_size:
         key = "optim.global_batch_size"
-        fix = (f"lower optim.global_batch_size to at most {fitting}, or model.head_out_dim or the view sizes "
-               "(augment.*), or spread the batch over more GPUs")
+        fix = (
+            f"lower optim.global_batch_size to at most {fitting}, or model.head_out_dim or the view sizes "
+            "(augment.*), or spread the batch over more GPUs"
+        )
     else:
         key = "model.head_out_dim" if estimate.prototypes > estimate.activations else "model.arch"
         fix = "use a smaller model (model.arch, model.depth) or head (model.head_out_dim, model.head_hidden_dim)"
     processes = "" if processes_per_device == 1 else f" x {processes_per_device} processes"
     raise RecipeError(
-        [f"{key}: the run needs about {gb(estimate.total)} per process{processes} ({estimate.describe()}; "
-         f"{batch} images per process) but {device_name} has {gb(device_bytes)}; {fix}"],
+        [
+            f"{key}: the run needs about {gb(estimate.total)} per process{processes} ({estimate.describe()}; "
+            f"{batch} images per process) but {device_name} has {gb(device_bytes)}; {fix}"
+        ],
         source=source,
     )

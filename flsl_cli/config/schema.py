@@ -58,10 +58,9 @@ class ModelConfig(Section):
         "vit_small", description="ViT size: vit_tiny, vit_small, vit_base or vit_large."
     )
     patch_size: Annotated[Literal[8, 14, 16], BeforeValidator(_whole_number)] = Field(
-        16, description="Patch size in pixels.")
-    depth: Int | None = Field(
-        None, ge=1, le=48, description="Override the number of blocks (None: the arch's own)."
+        16, description="Patch size in pixels."
     )
+    depth: Int | None = Field(None, ge=1, le=48, description="Override the number of blocks (None: the arch's own).")
     drop_path: Float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth of the student.")
     head_out_dim: Int = Field(4096, ge=2, le=131_072, description="K: number of prototypes (centroids).")
     head_hidden_dim: Int = Field(2048, ge=8, le=16_384, description="Hidden width of the projection head.")
@@ -83,14 +82,17 @@ class DemoDataConfig(Section):
 
 class DataConfig(Section):
     train: str = Field(
-        ..., min_length=1,
+        ...,
+        min_length=1,
         description="Training shards: a directory with index.json, a .tar file, a brace pattern, "
         "or a list of files separated by commas.",
     )
     num_workers: Int = Field(4, ge=0, le=64, description="Data-loader worker processes per rank.")
     shuffle_buffer: Int = Field(1000, ge=0, le=100_000, description="Samples held in the shuffle buffer.")
     max_bad_fraction: Float = Field(
-        0.001, ge=0.0, le=1.0,
+        0.001,
+        ge=0.0,
+        le=1.0,
         description="Stop when more than this fraction of the samples seen were bad (corrupt, missing, unreadable).",
     )
     demo: DemoDataConfig | None = Field(
@@ -120,7 +122,8 @@ class AugmentConfig(Section):
     solarize_p: Float = Field(0.2, ge=0.0, le=1.0, description="Solarize chance in the other branch.")
     blur_radius: Scale = Field((0.1, 2.0), description="Gaussian blur radius range.")
     device: Literal["cpu", "tensor-cpu", "cuda"] = Field(
-        "cpu", description="Where the views are made. cpu: with PIL in the data workers. tensor-cpu / cuda: the "
+        "cpu",
+        description="Where the views are made. cpu: with PIL in the data workers. tensor-cpu / cuda: the "
         "workers only read the images and draw each sample's random plan; the training process decodes the batch "
         "and makes its views with batched tensor ops on the CPU / on the training GPU (cuda needs GPU training).",
     )
@@ -148,9 +151,11 @@ class LossConfig(Section):
     sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(scale_dim).")
     ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(scale_dim).")
     scale_dim: Int | None = Field(
-        None, ge=1, le=65_536,
+        None,
+        ge=1,
+        le=65_536,
         description="The d under the square root of beta_sa and beta_ca (None: the model's embed dim). "
-                    "The authors' release fixes it at 384 for every width.",
+        "The authors' release fixes it at 384 for every width.",
     )
     student_temp: Float = Field(0.1, ge=1e-3, le=100.0, description="Student softmax temperature T_s.")
     teacher_temp: Float = Field(0.07, ge=1e-3, le=100.0, description="Teacher temperature T_t after warmup.")
@@ -173,17 +178,20 @@ class OptimConfig(Section):
     freeze_last_layer_epochs: Float = Field(1, ge=0.0, le=10_000, description="Epochs with the last head layer frozen.")
     betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "fp32", description="fp32 (the default until bf16 autocast has run on a GPU: see README, Benchmarks); "
-                            "auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU."
+        "fp32",
+        description="fp32 (the default until bf16 autocast has run on a GPU: see README, Benchmarks); "
+        "auto: bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU.",
     )
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice in the run.")
     fused_modes: bool = Field(
-        False, description="Compute the mean-shift modes with scaled_dot_product_attention (same math, equal "
-                           "within fp32 rounding, faster where a fused kernel exists).",
+        False,
+        description="Compute the mean-shift modes with scaled_dot_product_attention (same math, equal "
+        "within fp32 rounding, faster where a fused kernel exists).",
     )
     compile: bool = Field(
-        False, description="torch.compile the student's and teacher's backbones (static shapes; the first "
-                           "steps of each view size are slow while it compiles).",
+        False,
+        description="torch.compile the student's and teacher's backbones (static shapes; the first "
+        "steps of each view size are slow while it compiles).",
     )
     max_steps: Int | None = Field(
         None, ge=1, le=1_000_000_000, description="Stop after this many steps (schedules still span all epochs)."
@@ -192,9 +200,7 @@ class OptimConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
         if self.warmup_epochs > self.epochs:
-            raise ValueError(
-                f"warmup_epochs: expected at most epochs ({self.epochs}), found {self.warmup_epochs}"
-            )
+            raise ValueError(f"warmup_epochs: expected at most epochs ({self.epochs}), found {self.warmup_epochs}")
         if self.min_lr > self.base_lr:
             raise ValueError(f"min_lr: expected at most base_lr ({self.base_lr}), found {self.min_lr}")
         for beta in self.betas:
@@ -217,20 +223,26 @@ class KnnEvalConfig(Section):
     val: str = Field(..., min_length=1, description="Shards of the evaluated images.")
     mode: Literal["bbox", "global"] = Field("bbox", description="bbox: the paper's; global: instance k-NN.")
     k: list[Annotated[Int, Field(ge=1, le=10_000)]] = Field(
-        [10, 20, 100, 200], min_length=1, max_length=32, description="Neighbour counts.")
+        [10, 20, 100, 200], min_length=1, max_length=32, description="Neighbour counts."
+    )
     temperature: Float = Field(0.07, ge=1e-3, le=100.0)
     grid: Int = Field(3, ge=1, le=32, description="Features per box side in bbox mode.")
     resize: Int = Field(256, ge=1, le=4096, description="Shorter side after resizing.")
     crop: Int = Field(224, ge=1, le=4096, description="Center crop side.")
     batch_size: Int = Field(64, ge=1, le=4096, description="Images per forward pass and process.")
     workers: Int | None = Field(
-        None, ge=0, le=64,
-        description="Data-loader processes per process (None: up to 4, no more than the CPUs each process has).")
+        None,
+        ge=0,
+        le=64,
+        description="Data-loader processes per process (None: up to 4, no more than the CPUs each process has).",
+    )
     max_train_images: Int | None = Field(
-        None, ge=1, le=1_000_000_000, description="Use only the first N train samples.")
+        None, ge=1, le=1_000_000_000, description="Use only the first N train samples."
+    )
     max_val_images: Int | None = Field(None, ge=1, le=1_000_000_000, description="Use only the first N val samples.")
     bank: Literal["auto", "device", "host"] = Field(
-        "auto", description="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host.")
+        "auto", description="Where the fp16 memory bank lives: auto (the GPU when it fits), device or host."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> KnnEvalConfig:
@@ -243,16 +255,21 @@ class DavisEvalConfig(Section):
     """DAVIS 2017 video object segmentation by label propagation (DINO's protocol): the options
     of `flsl eval davis`, and the recipe's `eval.davis` section (run during pretraining)."""
 
-    davis: str = Field(..., min_length=1, description="DAVIS 2017 root (JPEGImages/480p, Annotations/480p, "
-                       "ImageSets/2017), on any storage.")
+    davis: str = Field(
+        ...,
+        min_length=1,
+        description="DAVIS 2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017), on any storage.",
+    )
     split: str = Field("val", min_length=1, description="The sequence list ImageSets/2017/SPLIT.txt.")
     sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, max_length=10_000, description="Only these sequences of the split (None: all).")
+        None, max_length=10_000, description="Only these sequences of the split (None: all)."
+    )
     max_sequences: Int | None = Field(None, ge=1, le=100_000, description="Only the first N sequences.")
     short_side: Int = Field(480, ge=16, le=4096, description="Short side of the frames the model sees, in pixels.")
     n_last_frames: Int = Field(7, ge=0, le=1000, description="Previous frames used as context besides the first.")
     size_mask_neighborhood: Int = Field(
-        12, ge=0, le=10_000, description="Window radius in tokens around each target token (0: the whole frame).")
+        12, ge=0, le=10_000, description="Window radius in tokens around each target token (0: the whole frame)."
+    )
     topk: Int = Field(5, ge=1, le=10_000, description="Source tokens whose labels each target token takes.")
     temperature: Float = Field(0.1, ge=1e-3, le=100.0, description="Affinity exp(cosine / T).")
     batch_size: Int = Field(8, ge=1, le=1024, description="Frames per forward pass and process.")
@@ -260,18 +277,23 @@ class DavisEvalConfig(Section):
 
 class EvalConfig(Section):
     every_epochs: Int | None = Field(
-        None, ge=1, le=10_000, description="Run the evaluations (k-NN, DAVIS) every N epochs (None: off).")
+        None, ge=1, le=10_000, description="Run the evaluations (k-NN, DAVIS) every N epochs (None: off)."
+    )
     at_end: bool = Field(
-        False, description="When training ends, evaluate the teacher and a random init of the same architecture "
-                           "with the k-NN section and print both beside the chance level.")
+        False,
+        description="When training ends, evaluate the teacher and a random init of the same architecture "
+        "with the k-NN section and print both beside the chance level.",
+    )
     knn: KnnEvalConfig | None = None
     davis: DavisEvalConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         if self.every_epochs and self.knn is None and self.davis is None:
-            raise ValueError("knn: expected a k-NN section (train, val, ...) or a davis section (davis: ROOT, ...) "
-                             "when every_epochs is set, found neither")
+            raise ValueError(
+                "knn: expected a k-NN section (train, val, ...) or a davis section (davis: ROOT, ...) "
+                "when every_epochs is set, found neither"
+            )
         if self.at_end and self.knn is None:
             raise ValueError("knn: expected a k-NN section (train, val, ...) when at_end is set, found none")
         return self
@@ -279,8 +301,11 @@ class EvalConfig(Section):
 
 class LoggingConfig(Section):
     every_steps: Int = Field(10, ge=1, le=1_000_000_000, description="Write metrics.jsonl every N steps.")
-    tensorboard: bool = Field(False, description="Also write the logged scalars and k-NN results to "
-                              "RUN_DIR/tensorboard/ (needs pip install 'flsl[tensorboard]').")
+    tensorboard: bool = Field(
+        False,
+        description="Also write the logged scalars and k-NN results to "
+        "RUN_DIR/tensorboard/ (needs pip install 'flsl[tensorboard]').",
+    )
 
 
 class SlurmConfig(Section):
@@ -291,8 +316,11 @@ class SlurmConfig(Section):
     nodes: Int = Field(1, ge=1, le=10_000, description="Nodes of the job.")
     gpus_per_node: Int = Field(8, ge=0, le=64, description="GPUs per node, one process each (0: CPU processes).")
     tasks_per_node: Int | None = Field(
-        None, ge=1, le=1024, description="Processes per node when gpus_per_node is 0 (default 1); with GPUs it "
-        "must equal gpus_per_node.")
+        None,
+        ge=1,
+        le=1024,
+        description="Processes per node when gpus_per_node is 0 (default 1); with GPUs it must equal gpus_per_node.",
+    )
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -302,23 +330,35 @@ class SlurmConfig(Section):
     cpus_per_task: Int | None = Field(None, ge=1, le=4096)
     exclusive: bool = False
     signal_minutes_before_end: Float = Field(
-        5.0, gt=0.0, le=1092.0,
-        description="Ask SLURM for SIGUSR2 this long before the time limit, to checkpoint and requeue.")
+        5.0,
+        gt=0.0,
+        le=1092.0,
+        description="Ask SLURM for SIGUSR2 this long before the time limit, to checkpoint and requeue.",
+    )
     max_requeues: Int = Field(20, ge=0, le=10_000, description="Requeues of one job before it stops for good.")
     requeue_on_failure: Int = Field(
-        0, ge=0, le=10_000, description="Requeues of one job after a task died (killed, crashed) rather than "
-        "stopped on request; it resumes from its newest checkpoint. 0: a failure ends the job, so a bug does not loop.")
+        0,
+        ge=0,
+        le=10_000,
+        description="Requeues of one job after a task died (killed, crashed) rather than "
+        "stopped on request; it resumes from its newest checkpoint. 0: a failure ends the job, so a bug does not loop.",
+    )
     collective_timeout_minutes: Float = Field(
-        5.0, gt=0.0, le=1440.0, description="How long a process waits in a collective (all-reduce, barrier) for "
+        5.0,
+        gt=0.0,
+        le=1440.0,
+        description="How long a process waits in a collective (all-reduce, barrier) for "
         "a peer before it gives up with an error, in every multi-process training run (also --devices): a rank "
-        "whose peer died does not hang.")
+        "whose peer died does not hang.",
+    )
     extra_sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict,
-        description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.")
+        description="More sbatch options, e.g. {gres: 'gpu:8', reservation: big} -> #SBATCH --gres=gpu:8.",
+    )
     setup: list[str] = Field(
-        default_factory=list, description="Shell lines run in the job before srun (module load ...).")
-    python: str | None = Field(
-        None, description="Python command on the nodes (default: the interpreter that submits).")
+        default_factory=list, description="Shell lines run in the job before srun (module load ...)."
+    )
+    python: str | None = Field(None, description="Python command on the nodes (default: the interpreter that submits).")
 
     @staticmethod
     def time_limit_seconds(text: str) -> int | None:
@@ -367,11 +407,13 @@ class SlurmConfig(Section):
                 raise ValueError(
                     f"time: the time limit {self.time} is not longer than slurm.signal_minutes_before_end "
                     f"({self.signal_minutes_before_end} min), so the job would be told to stop as it starts; "
-                    "ask for more time, or lower slurm.signal_minutes_before_end")
+                    "ask for more time, or lower slurm.signal_minutes_before_end"
+                )
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise ValueError(
                 f"tasks_per_node: expected {self.gpus_per_node} (one process per GPU) or null with "
-                f"gpus_per_node {self.gpus_per_node}, found {self.tasks_per_node}")
+                f"gpus_per_node {self.gpus_per_node}, found {self.tasks_per_node}"
+            )
         return self
 
 
@@ -407,20 +449,18 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_geometry(self) -> Recipe:
         patch = self.model.patch_size
-        for key, size in (("augment.global_size", self.augment.global_size),
-                          ("augment.local_size", self.augment.local_size)):
+        for key, size in (
+            ("augment.global_size", self.augment.global_size),
+            ("augment.local_size", self.augment.local_size),
+        ):
             if size % patch:
-                raise ValueError(
-                    f"{key} ({size}) is not a multiple of model.patch_size ({patch})"
-                )
+                raise ValueError(f"{key} ({size}) is not a multiple of model.patch_size ({patch})")
         for key, size, window in (
             ("loss.query_window_global", self.augment.global_size, self.loss.query_window_global),
             ("loss.query_window_local", self.augment.local_size, self.loss.query_window_local),
         ):
             if window > size // patch:
-                raise ValueError(
-                    f"{key} ({window}) is larger than the token grid ({size // patch} tokens per side)"
-                )
+                raise ValueError(f"{key} ({window}) is larger than the token grid ({size // patch} tokens per side)")
         return self
 
     def beta_sa(self) -> float:
@@ -435,7 +475,12 @@ class Recipe(Section):
 
 # Keys whose change alters tensor shapes (or their meaning) in a checkpoint.
 SHAPE_KEYS = (
-    "model.arch", "model.patch_size", "model.depth", "model.head_out_dim",
-    "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
+    "model.arch",
+    "model.patch_size",
+    "model.depth",
+    "model.head_out_dim",
+    "model.head_hidden_dim",
+    "model.head_bottleneck_dim",
+    "model.head_layers",
     "augment.global_size",
 )

@@ -54,16 +54,22 @@ def read_class_names(path: Path) -> dict[str, str]:
         synset, _, name = line.strip().partition(" ")
         name = name.strip()
         if not name:
-            raise DataError(f"expected 'SYNSET NAME', found {line.strip()!r}", where=f"{path}:{number}",
-                            fix="Give a file like ImageNet's LOC_synset_mapping.txt "
-                                "(`n01440764 tench, Tinca tinca` on each line)")
+            raise DataError(
+                f"expected 'SYNSET NAME', found {line.strip()!r}",
+                where=f"{path}:{number}",
+                fix="Give a file like ImageNet's LOC_synset_mapping.txt (`n01440764 tench, Tinca tinca` on each line)",
+            )
         if synset in names:
-            raise DataError(f"synset {synset} is listed twice", where=f"{path}:{number}",
-                            fix="Keep one line per synset")
+            raise DataError(
+                f"synset {synset} is listed twice", where=f"{path}:{number}", fix="Keep one line per synset"
+            )
         names[synset] = name
     if not names:
-        raise DataError("the class-names file lists no classes", where=str(path),
-                        fix="Give a file like ImageNet's LOC_synset_mapping.txt")
+        raise DataError(
+            "the class-names file lists no classes",
+            where=str(path),
+            fix="Give a file like ImageNet's LOC_synset_mapping.txt",
+        )
     return names
 
 
@@ -74,8 +80,11 @@ def read_labels(path: Path) -> dict[str, tuple[str | int, str]]:
     """{image file name without extension: (synset (str) or 0-based label (int), "file:line")}."""
     lines = list(_lines(path, what="labels file"))
     if not lines:
-        raise DataError("the labels file is empty", where=str(path),
-                        fix="Give LOC_val_solution.csv or a text file of `FILENAME SYNSET` lines")
+        raise DataError(
+            "the labels file is empty",
+            where=str(path),
+            fix="Give LOC_val_solution.csv or a text file of `FILENAME SYNSET` lines",
+        )
     if "," in lines[0][1]:
         return {image_id: (boxes[0].synset, boxes[0].where) for image_id, boxes in _loc_rows(path, lines)}
 
@@ -85,14 +94,20 @@ def read_labels(path: Path) -> dict[str, tuple[str | int, str]]:
         where = f"{path}:{number}"
         parts = line.split()
         if len(parts) != 2:
-            raise DataError(f"expected 'FILENAME SYNSET' or 'FILENAME LABEL', found {line.strip()!r}", where=where,
-                            fix="Give LOC_val_solution.csv or a text file with two columns")
+            raise DataError(
+                f"expected 'FILENAME SYNSET' or 'FILENAME LABEL', found {line.strip()!r}",
+                where=where,
+                fix="Give LOC_val_solution.csv or a text file with two columns",
+            )
         filename, value = parts
         label: str | int = int(value) if value.lstrip("-").isdigit() else value
         kinds.add(type(label))
         if len(kinds) > 1:
-            raise DataError(f"this line gives a {'number' if isinstance(label, int) else 'synset'}, earlier lines "
-                            f"the other kind", where=where, fix="Use synsets on every line or labels on every line")
+            raise DataError(
+                f"this line gives a {'number' if isinstance(label, int) else 'synset'}, earlier lines the other kind",
+                where=where,
+                fix="Use synsets on every line or labels on every line",
+            )
         if isinstance(label, int) and label < 0:
             raise DataError(f"label {label} is negative", where=where, fix="Labels are 0-based class indices")
         stem = image_stem(filename)
@@ -119,8 +134,11 @@ def find_voc_files(root: Path) -> dict[str, Path]:
             if name.lower().endswith(".xml") and not name.startswith("."):
                 stem = name[: -len(".xml")]
                 if stem in found:
-                    raise DataError(f"two annotation files for image {stem}: {found[stem]} and {Path(directory, name)}",
-                                    where=str(root), fix="Keep one XML file per image")
+                    raise DataError(
+                        f"two annotation files for image {stem}: {found[stem]} and {Path(directory, name)}",
+                        where=str(root),
+                        fix="Keep one XML file per image",
+                    )
                 found[stem] = Path(directory, name)
     return found
 
@@ -132,11 +150,15 @@ def read_voc_xml(path: Path) -> list[RawBox]:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
         line, column = err.position
-        raise DataError(f"malformed XML at line {line}, column {column} ({_parse_reason(err)})", where=f"{path}:{line}",
-                        fix=fix) from None
+        raise DataError(
+            f"malformed XML at line {line}, column {column} ({_parse_reason(err)})", where=f"{path}:{line}", fix=fix
+        ) from None
     except OSError as err:
-        raise DataError(f"cannot read the annotation file ({err.strerror or err})", where=str(path),
-                        fix="Check the file's permissions") from None
+        raise DataError(
+            f"cannot read the annotation file ({err.strerror or err})",
+            where=str(path),
+            fix="Check the file's permissions",
+        ) from None
     boxes = []
     for number, obj in enumerate(root.iter("object"), start=1):
         where = f"{path} <object> #{number}"
@@ -184,15 +206,18 @@ def _loc_rows(path: Path, lines: list[tuple[int, str]]) -> Iterable[tuple[str, l
             raise DataError(f"expected 2 columns (ImageId,PredictionString), found {len(row)}", where=where, fix=fix)
         image_id, tokens = row[0].strip(), row[1].split()
         if not tokens or len(tokens) % 5:
-            raise DataError(f"the prediction string has {len(tokens)} fields, expected groups of 5 "
-                            "(SYNSET X0 Y0 X1 Y1)", where=where, fix=fix)
+            raise DataError(
+                f"the prediction string has {len(tokens)} fields, expected groups of 5 (SYNSET X0 Y0 X1 Y1)",
+                where=where,
+                fix=fix,
+            )
         if image_id in seen:
             raise DataError(f"image {image_id} is listed twice", where=where, fix="Keep one row per image")
         seen.add(image_id)
         boxes = []
         for start in range(0, len(tokens), 5):
             synset = tokens[start]
-            coords = [_number(token, where=where, fix=fix) for token in tokens[start + 1: start + 5]]
+            coords = [_number(token, where=where, fix=fix) for token in tokens[start + 1 : start + 5]]
             boxes.append(RawBox(synset, (coords[0], coords[1], coords[2], coords[3]), where))
         yield image_id, boxes
 
@@ -210,4 +235,3 @@ def _number(text: str, *, where: str, fix: str) -> float:
 def _parse_reason(err: ET.ParseError) -> str:
     message = str(err)
     return message.split(":", 1)[0] if ":" in message else message
-

@@ -66,9 +66,14 @@ def decode_for(image: Image.Image, plan: CropPlan, *, global_size: int, local_si
     Returns the RGB image and its scale relative to the original, per axis: the decoder rounds
     each side up on its own (2001 x 1500 at 1/4 is 501 x 375)."""
     width, height = image.size
-    needed = max(size / min(box[2], box[3])
-                 for box, size in [(plan.teacher, global_size), (plan.student, global_size),
-                                   *[(box, local_size) for box in plan.locals_]])
+    needed = max(
+        size / min(box[2], box[3])
+        for box, size in [
+            (plan.teacher, global_size),
+            (plan.student, global_size),
+            *[(box, local_size) for box in plan.locals_],
+        ]
+    )
     if image.format == "JPEG" and needed <= 0.5:
         image.draft("RGB", (math.ceil(width * needed), math.ceil(height * needed)))
     rgb = image.convert("RGB")
@@ -91,8 +96,9 @@ class MultiCropAugment:
         """The crop boxes, the first draws of a sample's plan."""
         return draw_crops(self.recipe.augment, size, rng=rng)
 
-    def render(self, image: Image.Image, crops: CropPlan, *, scale: Scale,
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def render(
+        self, image: Image.Image, crops: CropPlan, *, scale: Scale, rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         """Draw the rest of the plan, then make the views."""
         return self.execute(image, complete_plan(self.recipe, crops, rng=rng), scale=scale)
 
@@ -100,8 +106,10 @@ class MultiCropAugment:
         """The views of `plan` from `image`, decoded at `scale` of the original size."""
         aug = self.recipe.augment
         sizes = [aug.global_size, aug.global_size] + [aug.local_size] * len(plan.crops.locals_)
-        views = [photometric(crop_resize(image, box, size, scale=scale), choice)
-                 for box, size, choice in zip(plan.crops.boxes, sizes, plan.photometric)]
+        views = [
+            photometric(crop_resize(image, box, size, scale=scale), choice)
+            for box, size, choice in zip(plan.crops.boxes, sizes, plan.photometric)
+        ]
         made = {
             "teacher": to_tensor(views[0]),
             "global": to_tensor(views[1]),
@@ -113,8 +121,12 @@ class MultiCropAugment:
         return made
 
 
-_PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+_PIL_JITTER = {
+    "brightness": TF.adjust_brightness,
+    "contrast": TF.adjust_contrast,
+    "saturation": TF.adjust_saturation,
+    "hue": TF.adjust_hue,
+}
 
 
 def photometric(image: Image.Image, choice: Photometric) -> Image.Image:

@@ -73,9 +73,13 @@ def device_views_for(recipe: Recipe, *, device: torch.device, source: str) -> De
         return None
     if wanted == "cuda":
         if device.type != "cuda":
-            raise RecipeError([f"augment.device: cuda makes the views on the training GPU, but this process trains "
-                               f"on {device.type} (no CUDA GPU found); expected cpu or tensor-cpu here, found cuda"],
-                              source=source)
+            raise RecipeError(
+                [
+                    f"augment.device: cuda makes the views on the training GPU, but this process trains "
+                    f"on {device.type} (no CUDA GPU found); expected cpu or tensor-cpu here, found cuda"
+                ],
+                source=source,
+            )
         return DeviceViews(recipe, device=device)
     return DeviceViews(recipe, device=torch.device("cpu"))
 
@@ -100,9 +104,11 @@ class DeviceViews:
         images, failures = decode_batch(encoded, device=self.device)
         good = [i for i, image in enumerate(images) if image is not None]
         if not good:
-            raise DataError(f"no image of a batch of {len(encoded)} decodes ({failures[0][1]})",
-                            where=str(batch["key"][0]),
-                            fix="Check the shards with `tar -tf` and regenerate the damaged ones")
+            raise DataError(
+                f"no image of a batch of {len(encoded)} decodes ({failures[0][1]})",
+                where=str(batch["key"][0]),
+                fix="Check the shards with `tar -tf` and regenerate the damaged ones",
+            )
         for index, reason in failures:
             stand_in = min(good, key=lambda g: (g < index, abs(g - index)))  # the next good one, else the previous
             images[index] = images[stand_in]
@@ -111,8 +117,9 @@ class DeviceViews:
             for key in ("global_queries", "local_queries"):
                 if key in batch:
                     batch[key][index] = batch[key][stand_in]
-            batch["bad"].append({"kind": "sample", "shard": shards[index], "key": batch["key"][index],
-                                 "reason": reason, "samples": 1})
+            batch["bad"].append(
+                {"kind": "sample", "shard": shards[index], "key": batch["key"][index], "reason": reason, "samples": 1}
+            )
         ready = [image for image in images if image is not None]
         assert len(ready) == len(images), "each image that failed has a stand-in"
         views = self.make(ready, plan)
@@ -126,24 +133,30 @@ class DeviceViews:
         device = self.device
         boxes_nv4 = plan["plan_boxes"].to(device)
         # Boxes are in the pixels the plan was drawn for; a decoder may report another size.
-        decoded_wh = torch.tensor([[image.shape[2], image.shape[1]] for image in images],
-                                  dtype=torch.float64, device=device)
+        decoded_wh = torch.tensor(
+            [[image.shape[2], image.shape[1]] for image in images], dtype=torch.float64, device=device
+        )
         ratio_n2 = decoded_wh / plan["plan_size"].to(device, torch.float64)
         boxes_nv4 = boxes_nv4 * ratio_n2.repeat(1, 2)[:, None, :]
         views = cut_views(images, boxes_nv4=boxes_nv4, sizes=self.sizes)
         made = []
         for v, view in enumerate(views):
             view = photometric(
-                view, jitter_n4=plan["plan_jitter"][:, v].to(device),
+                view,
+                jitter_n4=plan["plan_jitter"][:, v].to(device),
                 order_n4=plan["plan_jitter_order"][:, v].to(device),
-                gray_n=plan["plan_gray"][:, v].to(device), blur_n=plan["plan_blur"][:, v].to(device),
-                solarize_n=plan["plan_solarize"][:, v].to(device), blur_max=self.blur_max)
+                gray_n=plan["plan_gray"][:, v].to(device),
+                blur_n=plan["plan_blur"][:, v].to(device),
+                solarize_n=plan["plan_solarize"][:, v].to(device),
+                blur_max=self.blur_max,
+            )
             made.append((view - self.mean) / self.std)
         return made
 
 
-def decode_batch(encoded: list[bytes], *,
-                 device: torch.device) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
+def decode_batch(
+    encoded: list[bytes], *, device: torch.device
+) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
     """Each image as uint8 (3, H, W) on `device`, None where no decoder reads it; and the
     (index, reason) of those."""
     datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
@@ -165,8 +178,9 @@ def decode_batch(encoded: list[bytes], *,
     return images, failures
 
 
-def _decode_one(tensor: torch.Tensor, data: bytes, *, device: torch.device,
-                jpeg: bool) -> tuple[torch.Tensor | None, str]:
+def _decode_one(
+    tensor: torch.Tensor, data: bytes, *, device: torch.device, jpeg: bool
+) -> tuple[torch.Tensor | None, str]:
     if jpeg and device.type != "cpu":
         try:
             return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device), ""
@@ -199,16 +213,23 @@ def cut_views(images: list[torch.Tensor], *, boxes_nv4: torch.Tensor, sizes: lis
         rois_v5 = torch.stack([torch.zeros_like(left), left, top, left + w, top + h], dim=-1).to(pixels.dtype)
         for size, index in by_size.items():
             # sampling_ratio <= 0: ceil(box side / output side) samples per output pixel and axis.
-            out = roi_align(pixels, rois_v5[index], output_size=size, spatial_scale=1.0, sampling_ratio=0,
-                            aligned=True)
+            out = roi_align(pixels, rois_v5[index], output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
             for k, v in enumerate(index):
                 made[v].append(out[k])
     return [torch.stack(per_view).clamp_(0.0, 1.0) for per_view in made]
 
 
-def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
-                blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_max: float,
-                masked: bool | None = None) -> torch.Tensor:
+def photometric(
+    view: torch.Tensor,
+    *,
+    jitter_n4: torch.Tensor,
+    order_n4: torch.Tensor,
+    gray_n: torch.Tensor,
+    blur_n: torch.Tensor,
+    solarize_n: torch.Tensor,
+    blur_max: float,
+    masked: bool | None = None,
+) -> torch.Tensor:
     """One view index's photometric ops over the batch, each sample with its own parameters.
 
     Two equal ways: on the CPU each op runs on the samples that take it (`indexed`); on a GPU
@@ -218,8 +239,15 @@ def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.
     masked = view.device.type != "cpu" if masked is None else masked
     blur_kernel = blur_kernel_size(blur_max, side=view.shape[-1])
     if masked:
-        return _photometric_masked(view, jitter_n4=jitter_n4, order_n4=order_n4, gray_n=gray_n, blur_n=blur_n,
-                                   solarize_n=solarize_n, blur_kernel=blur_kernel)
+        return _photometric_masked(
+            view,
+            jitter_n4=jitter_n4,
+            order_n4=order_n4,
+            gray_n=gray_n,
+            blur_n=blur_n,
+            solarize_n=solarize_n,
+            blur_kernel=blur_kernel,
+        )
     view = view.clone()
     for position in range(order_n4.shape[1]):
         for op in range(len(JITTER_OPS)):
@@ -238,8 +266,16 @@ def photometric(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.
     return view
 
 
-def _photometric_masked(view: torch.Tensor, *, jitter_n4: torch.Tensor, order_n4: torch.Tensor, gray_n: torch.Tensor,
-                        blur_n: torch.Tensor, solarize_n: torch.Tensor, blur_kernel: int) -> torch.Tensor:
+def _photometric_masked(
+    view: torch.Tensor,
+    *,
+    jitter_n4: torch.Tensor,
+    order_n4: torch.Tensor,
+    gray_n: torch.Tensor,
+    blur_n: torch.Tensor,
+    solarize_n: torch.Tensor,
+    blur_kernel: int,
+) -> torch.Tensor:
     def where(mask_n: torch.Tensor, made: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         return torch.where(mask_n.view(-1, 1, 1, 1), made, kept)
 
@@ -285,8 +321,12 @@ def adjust_hue(image: torch.Tensor, factor_n: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
-JITTER_FNS = {"brightness": adjust_brightness, "contrast": adjust_contrast,
-              "saturation": adjust_saturation, "hue": adjust_hue}
+JITTER_FNS = {
+    "brightness": adjust_brightness,
+    "contrast": adjust_contrast,
+    "saturation": adjust_saturation,
+    "hue": adjust_hue,
+}
 
 
 def grayscale(image: torch.Tensor) -> torch.Tensor:

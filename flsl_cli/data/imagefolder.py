@@ -49,19 +49,26 @@ def scan_source(src: Path, *, flat: bool) -> SourceTree:
     try:
         entries = sorted((e for e in os.scandir(src) if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as err:
-        raise DataError(f"cannot list SRC ({err.strerror or err})", where=str(src),
-                        fix="Check the directory's permissions") from None
+        raise DataError(
+            f"cannot list SRC ({err.strerror or err})", where=str(src), fix="Check the directory's permissions"
+        ) from None
     folders = tuple(e.name for e in entries if e.is_dir())
-    top_images = tuple(SourceImage(e.name, e.stat().st_size, None) for e in entries
-                       if e.is_file() and _is_image_name(e.name))
+    top_images = tuple(
+        SourceImage(e.name, e.stat().st_size, None) for e in entries if e.is_file() and _is_image_name(e.name)
+    )
 
     if flat:
         if not top_images:
-            held = f" (it holds {len(folders)} folder(s); --labels is for a flat directory like ImageNet's val/)" \
-                if folders else ""
-            raise DataError(f"SRC holds no images{held}", where=str(src),
-                            fix="Give a directory with image files directly inside, or drop --labels for a "
-                                "folder-per-class tree")
+            held = (
+                f" (it holds {len(folders)} folder(s); --labels is for a flat directory like ImageNet's val/)"
+                if folders
+                else ""
+            )
+            raise DataError(
+                f"SRC holds no images{held}",
+                where=str(src),
+                fix="Give a directory with image files directly inside, or drop --labels for a folder-per-class tree",
+            )
         return SourceTree(src, "flat", (), top_images)
 
     images = []
@@ -69,14 +76,18 @@ def scan_source(src: Path, *, flat: bool) -> SourceTree:
         images.extend(_walk_images(src, folder))
     if not images:
         if top_images:
-            raise DataError(f"SRC is a flat directory of {len(top_images)} images with no class folders",
-                            where=str(src),
-                            fix="Give the labels with --labels (e.g. LOC_val_solution.csv), or arrange the "
-                                "images in one folder per class")
-        raise DataError(f"SRC holds no images ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES[:4])}, ...) in "
-                        "class folders", where=str(src),
-                        fix="Give an ImageFolder tree (one folder per class, like ImageNet's train/) or a flat "
-                            "directory with --labels")
+            raise DataError(
+                f"SRC is a flat directory of {len(top_images)} images with no class folders",
+                where=str(src),
+                fix="Give the labels with --labels (e.g. LOC_val_solution.csv), or arrange the "
+                "images in one folder per class",
+            )
+        raise DataError(
+            f"SRC holds no images ({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES[:4])}, ...) in class folders",
+            where=str(src),
+            fix="Give an ImageFolder tree (one folder per class, like ImageNet's train/) or a flat "
+            "directory with --labels",
+        )
     return SourceTree(src, "imagefolder", folders, tuple(images))
 
 
@@ -89,8 +100,11 @@ def _walk_images(src: Path, folder: str) -> list[SourceImage]:
         try:
             entries = list(os.scandir(src / relative))
         except OSError as err:
-            raise DataError(f"cannot list a class folder ({err.strerror or err})", where=str(src / relative),
-                            fix="Check the directory's permissions") from None
+            raise DataError(
+                f"cannot list a class folder ({err.strerror or err})",
+                where=str(src / relative),
+                fix="Check the directory's permissions",
+            ) from None
         for entry in entries:
             if entry.name.startswith("."):
                 continue

@@ -68,8 +68,11 @@ class ShardResult:
     skipped: tuple[tuple[str, str], ...]  # (file, reason)
 
     def record(self) -> dict[str, Any]:
-        return {"bytes": self.bytes, "samples": self.samples,
-                "skipped": [{"file": file, "reason": reason} for file, reason in self.skipped]}
+        return {
+            "bytes": self.bytes,
+            "samples": self.samples,
+            "skipped": [{"file": file, "reason": reason} for file, reason in self.skipped],
+        }
 
 
 def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] | None = None) -> ShardResult:
@@ -90,8 +93,11 @@ def write_shard(job: ShardJob, out_path: str, *, on_sample: Callable[[], None] |
         size = os.path.getsize(out_path)
     except OSError as err:
         discard(out_path)
-        raise DataError(f"cannot write shard {job.name} ({err.strerror or err})", where=out_path,
-                        fix="Check free space and permissions where shards are written") from None
+        raise DataError(
+            f"cannot write shard {job.name} ({err.strerror or err})",
+            where=out_path,
+            fix="Check free space and permissions where shards are written",
+        ) from None
     except BaseException:
         discard(out_path)
         raise
@@ -119,14 +125,29 @@ def _encode(job: ShardJob, sample: PlannedSample) -> dict[str, bytes] | str:
     if field is None:
         return f"{image_format} images are not stored (flsl reads JPEG, PNG and WebP)"
     label = sample.label
-    info: dict[str, Any] = {"width": width, "height": height, "label": label, "class_name": job.classes[label],
-                            "synset": job.synsets[label], "file": sample.relpath}
+    info: dict[str, Any] = {
+        "width": width,
+        "height": height,
+        "label": label,
+        "class_name": job.classes[label],
+        "synset": job.synsets[label],
+        "file": sample.relpath,
+    }
     if sample.boxes is not None:
-        info["boxes"] = [{"bbox": [_plain(x0), _plain(y0), _plain(x1), _plain(y1)], "class": box_label,
-                          "name": job.classes[box_label], "synset": job.synsets[box_label]}
-                         for x0, y0, x1, y1, box_label in sample.boxes]
-    return {field: data, "cls": str(label).encode("ascii"),
-            "json": json.dumps(info, separators=(",", ":"), ensure_ascii=False).encode("utf-8")}
+        info["boxes"] = [
+            {
+                "bbox": [_plain(x0), _plain(y0), _plain(x1), _plain(y1)],
+                "class": box_label,
+                "name": job.classes[box_label],
+                "synset": job.synsets[box_label],
+            }
+            for x0, y0, x1, y1, box_label in sample.boxes
+        ]
+    return {
+        field: data,
+        "cls": str(label).encode("ascii"),
+        "json": json.dumps(info, separators=(",", ":"), ensure_ascii=False).encode("utf-8"),
+    }
 
 
 def _plain(value: float) -> float | int:
@@ -136,7 +157,6 @@ def _plain(value: float) -> float | int:
 def _write_task(task: tuple[ShardJob, str]) -> ShardResult:
     job, out_path = task
     return write_shard(job, out_path)
-
 
 
 # -- the whole command ------------------------------------------------------------------------
@@ -161,13 +181,25 @@ def make_shards(
     destination = Destination(str(dest))
     destination.check_reachable()
     if destination.is_local and Path(destination.root).resolve().is_relative_to(Path(src).expanduser().resolve()):
-        raise DataError("DEST is inside SRC (its folder would be taken for a class)", where=destination.url,
-                        fix="Choose a DEST outside SRC")
+        raise DataError(
+            "DEST is inside SRC (its folder would be taken for a class)",
+            where=destination.url,
+            fix="Choose a DEST outside SRC",
+        )
     pool = WorkerPool(workers)
     failed = True
     try:
-        plan = plan_shards(src, labels=labels, boxes=boxes, class_names=class_names, shard_size=shard_size,
-                           samples_per_shard=samples_per_shard, prefix=prefix, on_progress=on_progress, pool=pool)
+        plan = plan_shards(
+            src,
+            labels=labels,
+            boxes=boxes,
+            class_names=class_names,
+            shard_size=shard_size,
+            samples_per_shard=samples_per_shard,
+            prefix=prefix,
+            on_progress=on_progress,
+            pool=pool,
+        )
         report = _write_plan(plan, destination, pool, on_progress=on_progress)
         failed = False
         return report
@@ -176,16 +208,25 @@ def make_shards(
         destination.close()
 
 
-def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
-                on_progress: ProgressFn | None) -> ShardReport:
+def _write_plan(
+    plan: ShardPlan, destination: Destination, pool: WorkerPool, *, on_progress: ProgressFn | None
+) -> ShardReport:
     sizes = destination.listing()
     records = _usable_records(plan, destination, sizes)
     names = [job.name for job in plan.jobs]
     if records is None:  # already complete
         index = destination.read_json(INDEX_NAME)
         assert index is not None, "complete shards are the ones with an index"
-        return ShardReport(destination.url, len(plan.jobs), index["num_samples"], len(plan.classes),
-                           len(index.get("skipped", [])), written=0, kept=len(plan.jobs), already_complete=True)
+        return ShardReport(
+            destination.url,
+            len(plan.jobs),
+            index["num_samples"],
+            len(plan.classes),
+            len(index.get("skipped", [])),
+            written=0,
+            kept=len(plan.jobs),
+            already_complete=True,
+        )
 
     destination.prepare()
     progress = _Progress(plan, destination, records)
@@ -205,6 +246,7 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
     planned_count = {job.name: len(job.samples) for job in todo}
     try:
         if pool.workers <= 1:
+
             def tick() -> None:
                 nonlocal done
                 done += 1
@@ -229,8 +271,10 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
         raise
     progress.flush()
 
-    shards = [{"name": name, "samples": progress.records[name]["samples"], "bytes": progress.records[name]["bytes"]}
-              for name in names]
+    shards = [
+        {"name": name, "samples": progress.records[name]["samples"], "bytes": progress.records[name]["bytes"]}
+        for name in names
+    ]
     skipped = [item for name in names for item in progress.records[name]["skipped"]]
     num_samples = sum(shard["samples"] for shard in shards)
     index = {
@@ -244,12 +288,14 @@ def _write_plan(plan: ShardPlan, destination: Destination, pool: WorkerPool, *,
         "meta": {"made_by": "flsl data shards", "plan": plan.digest, "sample_format": SAMPLE_FORMAT},
     }
     destination.write_json(INDEX_NAME, index)
-    return ShardReport(destination.url, len(shards), num_samples, len(plan.classes), len(skipped),
-                       written=len(todo), kept=kept)
+    return ShardReport(
+        destination.url, len(shards), num_samples, len(plan.classes), len(skipped), written=len(todo), kept=kept
+    )
 
 
-def _usable_records(plan: ShardPlan, destination: Destination,
-                    sizes: dict[str, int | None]) -> dict[str, dict[str, Any]] | None:
+def _usable_records(
+    plan: ShardPlan, destination: Destination, sizes: dict[str, int | None]
+) -> dict[str, dict[str, Any]] | None:
     """Records of the finished shards in DEST that belong to `plan`, or None when DEST already
     holds the complete shard set. Refuses a DEST that holds anything else."""
     fix = "Rerun with the same SRC, annotations and settings to continue, or choose a new DEST"
@@ -258,27 +304,42 @@ def _usable_records(plan: ShardPlan, destination: Destination,
     records: dict[str, dict[str, Any]] = {}
     if index is not None:
         if not isinstance(index, dict) or index.get("meta", {}).get("plan") != plan.digest:
-            raise DataError("DEST already holds a shard set made from other input or settings", where=destination.url,
-                            fix=fix)
-        shard_of = {sample.relpath: job.name for job in plan.jobs for sample in job.samples} \
-            if index.get("skipped") else {}
-        records = {shard["name"]: {"bytes": shard.get("bytes"), "samples": shard["samples"],
-                                   "skipped": [s for s in index.get("skipped", [])
-                                               if shard_of.get(s.get("file")) == shard["name"]]}
-                   for shard in index["shards"]}
+            raise DataError(
+                "DEST already holds a shard set made from other input or settings", where=destination.url, fix=fix
+            )
+        shard_of = (
+            {sample.relpath: job.name for job in plan.jobs for sample in job.samples} if index.get("skipped") else {}
+        )
+        records = {
+            shard["name"]: {
+                "bytes": shard.get("bytes"),
+                "samples": shard["samples"],
+                "skipped": [s for s in index.get("skipped", []) if shard_of.get(s.get("file")) == shard["name"]],
+            }
+            for shard in index["shards"]
+        }
     if progress is not None:
         if not isinstance(progress, dict) or progress.get("plan") != plan.digest:
-            raise DataError(f"DEST holds an unfinished shard set of another plan ({_difference(progress, plan)})",
-                            where=destination.url, fix=fix)
+            raise DataError(
+                f"DEST holds an unfinished shard set of another plan ({_difference(progress, plan)})",
+                where=destination.url,
+                fix=fix,
+            )
         records.update(progress.get("shards", {}))
     if index is None and progress is None:
         partials = {f"{job.name}.tmp" for job in plan.jobs}
         foreign = [name for name in sizes if name not in partials]
         if foreign:
-            raise DataError(f"DEST is not empty (it holds {foreign[0]!r}) and was not made by `flsl data shards`",
-                            where=destination.url, fix="Choose a new or empty DEST")
-    usable = {name: record for name, record in records.items()
-              if sizes.get(name) is not None and sizes.get(name) == record.get("bytes")}
+            raise DataError(
+                f"DEST is not empty (it holds {foreign[0]!r}) and was not made by `flsl data shards`",
+                where=destination.url,
+                fix="Choose a new or empty DEST",
+            )
+    usable = {
+        name: record
+        for name, record in records.items()
+        if sizes.get(name) is not None and sizes.get(name) == record.get("bytes")
+    }
     if index is not None and len(usable) == len(plan.jobs):
         return None
     return usable
@@ -310,8 +371,12 @@ class _Progress:
 
     def flush(self, *, quiet: bool = False) -> None:
         order = {job.name: i for i, job in enumerate(self.plan.jobs)}
-        content = {"format": PROGRESS_FORMAT, "plan": self.plan.digest, "shape": self.plan.settings.shape(),
-                   "shards": {name: self.records[name] for name in sorted(self.records, key=order.__getitem__)}}
+        content = {
+            "format": PROGRESS_FORMAT,
+            "plan": self.plan.digest,
+            "shape": self.plan.settings.shape(),
+            "shards": {name: self.records[name] for name in sorted(self.records, key=order.__getitem__)},
+        }
         try:
             self.destination.write_json(PROGRESS_NAME, content)
         except DataError:

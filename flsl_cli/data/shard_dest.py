@@ -53,21 +53,33 @@ class Destination:
             try:
                 exists = storage.exists(f"{self.protocol}://{bucket}")
             except PermissionError:
-                raise DataError(f"access to bucket {bucket!r} is denied", where=self.url,
-                                fix="Check the credentials and the bucket's permissions") from None
+                raise DataError(
+                    f"access to bucket {bucket!r} is denied",
+                    where=self.url,
+                    fix="Check the credentials and the bucket's permissions",
+                ) from None
             except Exception as err:  # noqa: BLE001 - network and credential errors of any backend
-                raise DataError(f"cannot reach the destination ({type(err).__name__}: {_first_line(err)})",
-                                where=self.url, fix="Check the URL, the network and the credentials") from None
+                raise DataError(
+                    f"cannot reach the destination ({type(err).__name__}: {_first_line(err)})",
+                    where=self.url,
+                    fix="Check the URL, the network and the credentials",
+                ) from None
             if not exists:
-                raise DataError(f"bucket {bucket!r} does not exist", where=self.url,
-                                fix="Create the bucket first (flsl does not create buckets) or fix the URL")
+                raise DataError(
+                    f"bucket {bucket!r} does not exist",
+                    where=self.url,
+                    fix="Create the bucket first (flsl does not create buckets) or fix the URL",
+                )
         try:
             is_file = storage.isfile(self.root)
         except FileNotFoundError:
             is_file = False
         except OSError as err:
-            raise DataError(f"cannot reach the destination ({err.strerror or _first_line(err)})", where=self.url,
-                            fix="Check the URL, the permissions and the credentials") from None
+            raise DataError(
+                f"cannot reach the destination ({err.strerror or _first_line(err)})",
+                where=self.url,
+                fix="Check the URL, the permissions and the credentials",
+            ) from None
         if is_file:
             raise DataError("DEST is a file, expected a directory", where=self.url, fix="Choose another DEST")
 
@@ -80,8 +92,11 @@ class Destination:
 
     def not_writable(self, err: BaseException) -> DataError:
         reason = getattr(err, "strerror", None) or _first_line(err) or type(err).__name__
-        return DataError(f"DEST is not writable ({reason})", where=self.url,
-                         fix="Choose a DEST you can write to (check permissions, free space and credentials)")
+        return DataError(
+            f"DEST is not writable ({reason})",
+            where=self.url,
+            fix="Choose a DEST you can write to (check permissions, free space and credentials)",
+        )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -91,8 +106,11 @@ class Destination:
         try:
             return storage.list_sizes(self.root)
         except OSError as err:
-            raise DataError(f"cannot list DEST ({err.strerror or _first_line(err)})", where=self.url,
-                            fix="Check the permissions and credentials") from None
+            raise DataError(
+                f"cannot list DEST ({err.strerror or _first_line(err)})",
+                where=self.url,
+                fix="Check the permissions and credentials",
+            ) from None
 
     def read_json(self, name: str) -> Any | None:
         """The parsed JSON file `name`, or None if it does not exist."""
@@ -101,8 +119,11 @@ class Destination:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except ValueError as err:
-            raise DataError(f"{name} in DEST is not valid JSON ({err})", where=self.url,
-                            fix="Use a new DEST, or delete the damaged file to start over") from None
+            raise DataError(
+                f"{name} in DEST is not valid JSON ({err})",
+                where=self.url,
+                fix="Use a new DEST, or delete the damaged file to start over",
+            ) from None
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -37,8 +37,22 @@ from flsl_cli.errors import DataError
 SAMPLE_FORMAT = "flsl-shards-sample/1"  # bump when the bytes written for a sample change
 DEFAULT_SHARD_SIZE = "1GB"
 _VOC_CHUNK = 2000  # XML files per task when they are read by worker processes
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6,
-               "g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 Box = tuple[float, float, float, float, int]  # x0, y0, x1, y1, label
 ProgressFn = Callable[[str, int, int], None]  # (stage: "annotations" | "shards", done, total)
@@ -77,16 +91,29 @@ class ShardSettings:
     class_names: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "layout": self.layout, "labels": self.labels, "boxes": self.boxes,
-                "class_names": self.class_names, "prefix": self.prefix, "shard_size": self.shard_size,
-                "shard_bytes": self.shard_bytes, "samples_per_shard": self.samples_per_shard,
-                "flsl_version": __version__}
+        return {
+            "source": self.source,
+            "layout": self.layout,
+            "labels": self.labels,
+            "boxes": self.boxes,
+            "class_names": self.class_names,
+            "prefix": self.prefix,
+            "shard_size": self.shard_size,
+            "shard_bytes": self.shard_bytes,
+            "samples_per_shard": self.samples_per_shard,
+            "flsl_version": __version__,
+        }
 
     def shape(self) -> dict[str, Any]:
         """The settings that change what is written (compared when a rerun is refused)."""
-        return {"layout": self.layout, "prefix": self.prefix, "shard_bytes": self.shard_bytes,
-                "samples_per_shard": self.samples_per_shard, "boxes": self.boxes is not None,
-                "class_names": self.class_names is not None}
+        return {
+            "layout": self.layout,
+            "prefix": self.prefix,
+            "shard_bytes": self.shard_bytes,
+            "samples_per_shard": self.samples_per_shard,
+            "boxes": self.boxes is not None,
+            "class_names": self.class_names is not None,
+        }
 
 
 @dataclass(frozen=True)
@@ -125,28 +152,42 @@ def plan_shards(
         if names is not None:
             unnamed = [s for s in synsets if s not in names]
             if unnamed:
-                raise DataError(f"{len(unnamed)} class folder(s) of SRC are not in the class-names file, "
-                                f"e.g. {unnamed[0]!r}", where=str(class_names),
-                                fix="Give the class-names file of this data set (ImageNet: LOC_synset_mapping.txt)")
+                raise DataError(
+                    f"{len(unnamed)} class folder(s) of SRC are not in the class-names file, e.g. {unnamed[0]!r}",
+                    where=str(class_names),
+                    fix="Give the class-names file of this data set (ImageNet: LOC_synset_mapping.txt)",
+                )
         image_labels = _folder_labels(tree, synsets)
     else:
         synsets, image_labels = _file_labels(tree, labels, names, class_names)
     classes = tuple(names[s] if names is not None else s for s in synsets)
     settings = ShardSettings(
-        source=str(src.resolve()), layout=tree.layout, prefix=prefix,
-        shard_size=None if shard_bytes is None else (shard_size or DEFAULT_SHARD_SIZE), shard_bytes=shard_bytes,
-        samples_per_shard=samples_per_shard, labels=_str(labels), boxes=_str(boxes), class_names=_str(class_names),
+        source=str(src.resolve()),
+        layout=tree.layout,
+        prefix=prefix,
+        shard_size=None if shard_bytes is None else (shard_size or DEFAULT_SHARD_SIZE),
+        shard_bytes=shard_bytes,
+        samples_per_shard=samples_per_shard,
+        labels=_str(labels),
+        boxes=_str(boxes),
+        class_names=_str(class_names),
     )
 
     image_boxes = None
     if boxes is not None:
         stems = {image_stem(image.relpath) for image in tree.images}
-        raw = {stem: items for stem, items in _read_boxes(Path(boxes), tree.images, on_progress=on_progress,
-                                                           pool=pool).items() if stem in stems}
+        raw = {
+            stem: items
+            for stem, items in _read_boxes(Path(boxes), tree.images, on_progress=on_progress, pool=pool).items()
+            if stem in stems
+        }
         if not raw:
-            raise DataError(f"none of the {len(tree.images)} images of SRC has a box in --boxes", where=str(boxes),
-                            fix="Give the annotations of this SRC (boxes are matched by file name without "
-                                "extension, e.g. n01440764_10026)")
+            raise DataError(
+                f"none of the {len(tree.images)} images of SRC has a box in --boxes",
+                where=str(boxes),
+                fix="Give the annotations of this SRC (boxes are matched by file name without "
+                "extension, e.g. n01440764_10026)",
+            )
         image_boxes = _map_boxes(raw, {synset: label for label, synset in enumerate(synsets)}, synsets)
 
     samples = []
@@ -157,20 +198,25 @@ def plan_shards(
         samples.append(PlannedSample(image.relpath, image.size, _unique_key(stem, used_keys), label, sample_boxes))
 
     groups = _cut(samples, shard_bytes=shard_bytes, samples_per_shard=samples_per_shard, classes=classes)
-    jobs = tuple(ShardJob(f"{prefix}-{i:06d}.tar", str(src.resolve()), tuple(group), classes, tuple(synsets))
-                 for i, group in enumerate(groups))
+    jobs = tuple(
+        ShardJob(f"{prefix}-{i:06d}.tar", str(src.resolve()), tuple(group), classes, tuple(synsets))
+        for i, group in enumerate(groups)
+    )
     return ShardPlan(settings, tuple(synsets), classes, jobs, _digest(jobs, settings))
 
 
 def _check_sizes(shard_size: str | None, samples_per_shard: int | None) -> int | None:
     """Bytes per shard, or None when shards are cut by sample count."""
     if shard_size is not None and samples_per_shard is not None:
-        raise DataError("--shard-size and --samples-per-shard are both given",
-                        fix="Give one of them (shards are cut by size or by count)")
+        raise DataError(
+            "--shard-size and --samples-per-shard are both given",
+            fix="Give one of them (shards are cut by size or by count)",
+        )
     if samples_per_shard is not None:
         if samples_per_shard < 1:
-            raise DataError(f"--samples-per-shard must be at least 1 (got {samples_per_shard})",
-                            fix="Give a positive count")
+            raise DataError(
+                f"--samples-per-shard must be at least 1 (got {samples_per_shard})", fix="Give a positive count"
+            )
         return None
     return parse_size(shard_size or DEFAULT_SHARD_SIZE)
 
@@ -192,8 +238,9 @@ def _check_prefix(prefix: str | None, src: Path) -> str:
         name = re.sub(r"[^A-Za-z0-9_-]", "_", src.resolve().name).strip("_")
         return name or "shard"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
-        raise DataError(f"--prefix {prefix!r} may hold only letters, digits, '_' and '-'",
-                        fix="Choose a prefix like 'train'")
+        raise DataError(
+            f"--prefix {prefix!r} may hold only letters, digits, '_' and '-'", fix="Choose a prefix like 'train'"
+        )
     return prefix
 
 
@@ -206,14 +253,18 @@ def _folder_labels(tree: SourceTree, synsets: tuple[str, ...]) -> list[int]:
     return labels
 
 
-def _file_labels(tree: SourceTree, labels_path: Path, names: dict[str, str] | None,
-                 class_names: Path | None) -> tuple[tuple[str, ...], list[int]]:
+def _file_labels(
+    tree: SourceTree, labels_path: Path, names: dict[str, str] | None, class_names: Path | None
+) -> tuple[tuple[str, ...], list[int]]:
     """Class list and per-image labels of a flat directory, from --labels (and --class-names)."""
     entries = read_labels(labels_path)
     numeric = any(isinstance(value, int) for value, _ in entries.values())
     if numeric and names is None:
-        raise DataError("the labels file gives numeric labels, which need the class list", where=str(labels_path),
-                        fix="Add --class-names (e.g. ImageNet's LOC_synset_mapping.txt), or give synsets instead")
+        raise DataError(
+            "the labels file gives numeric labels, which need the class list",
+            where=str(labels_path),
+            fix="Add --class-names (e.g. ImageNet's LOC_synset_mapping.txt), or give synsets instead",
+        )
     if names is not None:
         synsets = tuple(sorted(names))
     else:
@@ -229,28 +280,39 @@ def _file_labels(tree: SourceTree, labels_path: Path, names: dict[str, str] | No
         value, where = entry
         if isinstance(value, int):
             if value >= len(synsets):
-                raise DataError(f"label {value} is out of range for the {len(synsets)} classes of {class_names}",
-                                where=where, fix="Labels are 0-based indices into the sorted class list")
+                raise DataError(
+                    f"label {value} is out of range for the {len(synsets)} classes of {class_names}",
+                    where=where,
+                    fix="Labels are 0-based indices into the sorted class list",
+                )
             result.append(value)
         elif value not in index:
-            raise DataError(f"synset {value!r} is not in the class-names file {class_names}", where=where,
-                            fix="Give the class-names file of this data set (ImageNet: LOC_synset_mapping.txt)")
+            raise DataError(
+                f"synset {value!r} is not in the class-names file {class_names}",
+                where=where,
+                fix="Give the class-names file of this data set (ImageNet: LOC_synset_mapping.txt)",
+            )
         else:
             result.append(index[value])
     if missing:
-        raise DataError(f"{len(missing)} image(s) of SRC have no label in the labels file, e.g. {missing[0]!r}",
-                        where=str(labels_path), fix="Give the labels file that belongs to SRC")
+        raise DataError(
+            f"{len(missing)} image(s) of SRC have no label in the labels file, e.g. {missing[0]!r}",
+            where=str(labels_path),
+            fix="Give the labels file that belongs to SRC",
+        )
     return synsets, result
 
 
-def _read_boxes(path: Path, images: tuple[SourceImage, ...], *, on_progress: ProgressFn | None,
-                pool: WorkerPool | None) -> dict[str, list[RawBox]]:
+def _read_boxes(
+    path: Path, images: tuple[SourceImage, ...], *, on_progress: ProgressFn | None, pool: WorkerPool | None
+) -> dict[str, list[RawBox]]:
     """{image stem: raw boxes} for the images of SRC that have an annotation."""
     if path.is_dir():
         files = find_voc_files(path)
         wanted = sorted({image_stem(image.relpath) for image in images} & files.keys())
-        chunks = [[(stem, str(files[stem])) for stem in wanted[i:i + _VOC_CHUNK]]
-                  for i in range(0, len(wanted), _VOC_CHUNK)]
+        chunks = [
+            [(stem, str(files[stem])) for stem in wanted[i : i + _VOC_CHUNK]] for i in range(0, len(wanted), _VOC_CHUNK)
+        ]
         found: dict[str, list[RawBox]] = {}
         results = pool.map(_read_voc_chunk, chunks) if pool is not None else map(_read_voc_chunk, chunks)
         for chunk in results:
@@ -260,16 +322,20 @@ def _read_boxes(path: Path, images: tuple[SourceImage, ...], *, on_progress: Pro
         return found
     if path.is_file():
         return read_loc_csv(path)
-    raise DataError("--boxes does not exist", where=str(path),
-                    fix="Give a directory of PASCAL-VOC XML files or a LOC_*_solution.csv file")
+    raise DataError(
+        "--boxes does not exist",
+        where=str(path),
+        fix="Give a directory of PASCAL-VOC XML files or a LOC_*_solution.csv file",
+    )
 
 
 def _read_voc_chunk(chunk: list[tuple[str, str]]) -> dict[str, list[RawBox]]:
     return {stem: read_voc_xml(Path(path)) for stem, path in chunk}
 
 
-def _map_boxes(raw: dict[str, list[RawBox]], index: dict[str, int],
-               synsets: tuple[str, ...]) -> dict[str, tuple[Box, ...]]:
+def _map_boxes(
+    raw: dict[str, list[RawBox]], index: dict[str, int], synsets: tuple[str, ...]
+) -> dict[str, tuple[Box, ...]]:
     mapped = {}
     for stem in sorted(raw):
         boxes = []
@@ -277,9 +343,11 @@ def _map_boxes(raw: dict[str, list[RawBox]], index: dict[str, int],
             label = index.get(box.synset)
             if label is None:
                 shown = ", ".join(synsets[:3]) + (", ..." if len(synsets) > 3 else "")
-                raise DataError(f"a box of class {box.synset!r} is not in the class map ({len(synsets)} classes: "
-                                f"{shown})", where=box.where,
-                                fix="Give the box annotations of this data set, or add the class to SRC")
+                raise DataError(
+                    f"a box of class {box.synset!r} is not in the class map ({len(synsets)} classes: {shown})",
+                    where=box.where,
+                    fix="Give the box annotations of this data set, or add the class to SRC",
+                )
             boxes.append((*box.bbox, label))
         mapped[stem] = tuple(boxes)
     return mapped
@@ -299,10 +367,11 @@ def _tar_bytes(size: int) -> int:
     return 512 + (size + 511) // 512 * 512
 
 
-def _cut(samples: list[PlannedSample], *, shard_bytes: int | None, samples_per_shard: int | None,
-         classes: tuple[str, ...]) -> list[list[PlannedSample]]:
+def _cut(
+    samples: list[PlannedSample], *, shard_bytes: int | None, samples_per_shard: int | None, classes: tuple[str, ...]
+) -> list[list[PlannedSample]]:
     if samples_per_shard is not None:
-        return [samples[i:i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
+        return [samples[i : i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
     assert shard_bytes is not None
     groups: list[list[PlannedSample]] = []
     current: list[PlannedSample] = []
@@ -323,8 +392,13 @@ def _cut(samples: list[PlannedSample], *, shard_bytes: int | None, samples_per_s
 
 def _digest(jobs: tuple[ShardJob, ...], settings: ShardSettings) -> str:
     digest = hashlib.sha256()
-    header = {"sample_format": SAMPLE_FORMAT, "layout": settings.layout, "boxes": settings.boxes is not None,
-              "classes": list(jobs[0].classes) if jobs else [], "synsets": list(jobs[0].synsets) if jobs else []}
+    header = {
+        "sample_format": SAMPLE_FORMAT,
+        "layout": settings.layout,
+        "boxes": settings.boxes is not None,
+        "classes": list(jobs[0].classes) if jobs else [],
+        "synsets": list(jobs[0].synsets) if jobs else [],
+    }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for job in jobs:
         digest.update(f"\n{job.name}".encode())

@@ -184,8 +184,7 @@ def check_sample(key: str, fields: Mapping[str, bytes]) -> None:
 def tar_writer(stream: IO[bytes]) -> webdataset.TarWriter:
     """A `webdataset.TarWriter` on an open binary stream, with the fixed member metadata that
     makes shards byte-reproducible and fields written as given (no encoding)."""
-    return webdataset.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False,
-                                format="PAX_FORMAT")
+    return webdataset.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False, format="PAX_FORMAT")
 
 
 def write_sample(writer: webdataset.TarWriter, key: str, fields: Mapping[str, bytes]) -> None:
@@ -198,4 +197,3 @@ def _check_key(key: str) -> None:
     # webdataset splits a member name into key and extension at the first '.' of its basename.
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key must be non-empty and contain no '.' or '/', got {key!r}")
-

@@ -81,8 +81,7 @@ def resolve_shards(spec: str, *, key: str = "data.train") -> ShardSet:
         classes = classes or found_classes
     shard_set = ShardSet(shards=tuple(shards), classes=classes)
     if shard_set.num_samples == 0:
-        raise DataError(f"{key} holds no samples", where=str(spec),
-                        fix="Check that the shards were written completely")
+        raise DataError(f"{key} holds no samples", where=str(spec), fix="Check that the shards were written completely")
     return shard_set
 
 
@@ -111,35 +110,47 @@ def _safe(action, url: str, *, key: str):
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{key}: the bucket, host or directory does not exist", where=url,
-                        fix="Check the URL (bucket name, prefix) and your credentials") from None
+        raise DataError(
+            f"{key}: the bucket, host or directory does not exist",
+            where=url,
+            fix="Check the URL (bucket name, prefix) and your credentials",
+        ) from None
     except PermissionError:
-        raise DataError(f"{key}: access denied", where=url,
-                        fix="Check that your credentials allow reading this location") from None
+        raise DataError(
+            f"{key}: access denied", where=url, fix="Check that your credentials allow reading this location"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any other storage failure
-        raise DataError(f"{key}: cannot reach the storage ({first_line(exc)})",
-                        where=url, fix="Check the URL, the network and your credentials") from None
+        raise DataError(
+            f"{key}: cannot reach the storage ({first_line(exc)})",
+            where=url,
+            fix="Check the URL, the network and your credentials",
+        ) from None
 
 
 def _from_index(index_url: str, *, key: str) -> tuple[list[Shard], tuple[str, ...]]:
     try:
         data = json.loads(_safe(lambda: storage.read_bytes(index_url), index_url, key=key))
         base = storage.parent(index_url)
-        shards = [Shard(url=storage.join(base, item["name"]), samples=int(item["samples"]))
-                  for item in data["shards"]]
+        shards = [Shard(url=storage.join(base, item["name"]), samples=int(item["samples"])) for item in data["shards"]]
         classes = tuple(data.get("classes", ()))
     except DataError as exc:
         if "does not exist" in exc.what:
             raise DataError(f"{key}: the shard index does not exist", where=index_url, fix=FIX) from None
         raise
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{key}: the shard index is malformed ({exc})", where=index_url,
-                        fix="Regenerate the shards, or remove index.json to count samples from the tars") from None
+        raise DataError(
+            f"{key}: the shard index is malformed ({exc})",
+            where=index_url,
+            fix="Regenerate the shards, or remove index.json to count samples from the tars",
+        ) from None
     if storage.is_local(index_url):
         missing = [s.url for s in shards if not storage.exists(s.url)]
         if missing:
-            raise DataError(f"{key}: {len(missing)} shard(s) listed in the index are missing, e.g. {missing[0]}",
-                            where=index_url, fix="Restore the missing files or regenerate the shards")
+            raise DataError(
+                f"{key}: {len(missing)} shard(s) listed in the index are missing, e.g. {missing[0]}",
+                where=index_url,
+                fix="Restore the missing files or regenerate the shards",
+            )
     return shards, classes
 
 
@@ -148,7 +159,7 @@ def _from_files(urls: list[str], *, key: str, spec: str) -> tuple[list[Shard], t
     missing = _missing(urls, key=key)
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        what = ("matches no shard" if len(missing) == len(urls) else f"names {len(missing)} shard(s) that do not exist")
+        what = "matches no shard" if len(missing) == len(urls) else f"names {len(missing)} shard(s) that do not exist"
         raise DataError(f"{key} {what}: {shown}", where=spec, fix=FIX)
     counts: dict[str, int] = {}
     index_classes: tuple[str, ...] = ()
@@ -173,8 +184,11 @@ def _missing(urls: list[str], *, key: str) -> list[str]:
         try:
             listed = set(storage.listdir(directory))
             if not listed and not _safe(lambda d=directory: storage.isdir(d), directory, key=key):
-                raise DataError(f"{key}: the bucket or directory does not exist", where=directory,
-                                fix="Check the URL (bucket name, prefix) and your credentials")
+                raise DataError(
+                    f"{key}: the bucket or directory does not exist",
+                    where=directory,
+                    fix="Check the URL (bucket name, prefix) and your credentials",
+                )
             missing += [url for url in members if storage.basename(url) not in listed]
         except DataError:
             raise
@@ -192,8 +206,9 @@ def count_samples(url: str) -> int:
                 if member.isfile() and key is not None:
                     keys.add(key)
     except (OSError, tarfile.TarError, EOFError) as exc:
-        raise DataError(f"cannot read the shard ({exc})", where=url,
-                        fix="Check the file's permissions, or regenerate it") from None
+        raise DataError(
+            f"cannot read the shard ({exc})", where=url, fix="Check the file's permissions, or regenerate it"
+        ) from None
     return len(keys)
 
 
@@ -207,8 +222,9 @@ def _read_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, {ext: data for ext, data in sample.items() if not ext.startswith("__")}
 
 
-def iter_samples(url: str, *, expected: int | None = None, attempts: int = storage.RETRY_ATTEMPTS
-                 ) -> Generator[tuple[str, dict[str, bytes]] | BadShard, None, None]:
+def iter_samples(
+    url: str, *, expected: int | None = None, attempts: int = storage.RETRY_ATTEMPTS
+) -> Generator[tuple[str, dict[str, bytes]] | BadShard, None, None]:
     """(key, {extension: bytes}) for each sample of a shard, in file order, then a BadShard
     record if the shard could not be read to its end."""
     delivered = 0

@@ -61,22 +61,26 @@ class StreamLayout:
         return self.workers * self.batches_per_slot
 
 
-def plan_layout(shards: ShardSet, *, world_size: int, num_workers: int, local_batch: int,
-                source: str = "data.train") -> tuple[StreamLayout, list[str]]:
+def plan_layout(
+    shards: ShardSet, *, world_size: int, num_workers: int, local_batch: int, source: str = "data.train"
+) -> tuple[StreamLayout, list[str]]:
     """Choose the layout; returns it with notes for the user (e.g. fewer workers than asked)."""
     notes = []
     count = len(shards.shards)
     if count < world_size:
         raise DataError(
             f"{source} has {count} shard(s) but the run has {world_size} processes; each process "
-            "needs at least one shard", where=source,
+            "needs at least one shard",
+            where=source,
             fix="Write the data into more shards (at least one per process), or use fewer --devices",
         )
     workers = max(1, num_workers)
     if count < world_size * workers:
         workers = max(1, count // world_size)
-        notes.append(f"{count} shards over {world_size} process(es): using {workers} data worker(s) "
-                     f"per process instead of {num_workers}")
+        notes.append(
+            f"{count} shards over {world_size} process(es): using {workers} data worker(s) "
+            f"per process instead of {num_workers}"
+        )
     loader_workers = workers if num_workers > 0 else 0
     slots = world_size * workers
     smallest = sorted(shard.samples for shard in shards.shards)[: count // slots]
@@ -85,17 +89,21 @@ def plan_layout(shards: ShardSet, *, world_size: int, num_workers: int, local_ba
         raise DataError(
             f"{source} holds too few samples for one step: {shards.num_samples} samples over "
             f"{slots} reader slot(s) cannot fill a batch of {local_batch} per process",
-            where=source, fix="Use a smaller optim.global_batch_size, fewer workers, or more data",
+            where=source,
+            fix="Use a smaller optim.global_batch_size, fewer workers, or more data",
         )
     read = slots * batches * local_batch
     if read < 0.99 * shards.num_samples:
-        notes.append(f"each epoch reads {read} of the {shards.num_samples} samples ({read / shards.num_samples:.1%}): "
-                     f"{count} shards do not split evenly over {slots} reader slot(s) ({world_size} process(es) x "
-                     f"{workers} data worker(s)), and each slot reads as many samples as the others; the ones "
-                     "left out change from epoch to epoch. A shard count that is a multiple of the slots reads "
-                     "them all")
-    return StreamLayout(world_size=world_size, loader_workers=loader_workers, local_batch=local_batch,
-                        batches_per_slot=batches), notes
+        notes.append(
+            f"each epoch reads {read} of the {shards.num_samples} samples ({read / shards.num_samples:.1%}): "
+            f"{count} shards do not split evenly over {slots} reader slot(s) ({world_size} process(es) x "
+            f"{workers} data worker(s)), and each slot reads as many samples as the others; the ones "
+            "left out change from epoch to epoch. A shard count that is a multiple of the slots reads "
+            "them all"
+        )
+    return StreamLayout(
+        world_size=world_size, loader_workers=loader_workers, local_batch=local_batch, batches_per_slot=batches
+    ), notes
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -105,8 +113,16 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 class TrainStream(IterableDataset):
     """Yields augmented samples for one rank; call `set_epoch` before iterating."""
 
-    def __init__(self, shards: ShardSet, *, layout: StreamLayout, rank: int, seed: int,
-                 shuffle_buffer: int, augment: MultiCropAugment) -> None:
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        layout: StreamLayout,
+        rank: int,
+        seed: int,
+        shuffle_buffer: int,
+        augment: MultiCropAugment,
+    ) -> None:
         super().__init__()
         self.shards = shards
         self.layout = layout
@@ -128,7 +144,7 @@ class TrainStream(IterableDataset):
 
     def slot_shards(self, epoch: int, worker: int) -> list[str]:
         slots = self.layout.world_size * self.layout.workers
-        return self.shard_order(epoch)[reader_slot(rank=self.rank, worker=worker, workers=self.layout.workers)::slots]
+        return self.shard_order(epoch)[reader_slot(rank=self.rank, worker=worker, workers=self.layout.workers) :: slots]
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -149,8 +165,12 @@ class TrainStream(IterableDataset):
         skip = max(0, math.ceil((self.skip_batches - worker) / workers)) * batch
         slot = reader_slot(rank=self.rank, worker=worker, workers=workers)
         lost: list[dict] = []
-        raw = _Peekable(self._shuffled(self._raw(self.slot_shards(self.epoch, worker), lost),
-                                       rng=random.Random(f"{self.seed}-{self.epoch}-{slot}")))
+        raw = _Peekable(
+            self._shuffled(
+                self._raw(self.slot_shards(self.epoch, worker), lost),
+                rng=random.Random(f"{self.seed}-{self.epoch}-{slot}"),
+            )
+        )
         recent: collections.deque = collections.deque(maxlen=RECENT_RECORDS)
         for position in range(take):
             record = raw.next()
@@ -165,8 +185,9 @@ class TrainStream(IterableDataset):
                 try:
                     sample = self._make(record)
                 except BadSample as exc:
-                    reports.append({"kind": "sample", "shard": record.url, "key": record.key,
-                                    "reason": str(exc), "samples": 1})
+                    reports.append(
+                        {"kind": "sample", "shard": record.url, "key": record.key, "reason": str(exc), "samples": 1}
+                    )
                     sample = self._replacement(record.key, recent=recent, ahead=raw)
                 recent.append(record)
             sample["bad"] = reports
@@ -177,8 +198,15 @@ class TrainStream(IterableDataset):
         for url in urls:
             for item in iter_samples(url, expected=counts.get(url)):
                 if isinstance(item, BadShard):
-                    lost.append({"kind": "shard", "shard": item.url, "key": None, "reason": item.reason,
-                                 "samples": item.samples})
+                    lost.append(
+                        {
+                            "kind": "shard",
+                            "shard": item.url,
+                            "key": None,
+                            "reason": item.reason,
+                            "samples": item.samples,
+                        }
+                    )
                 else:
                     yield RawRecord(key=item[0], fields=item[1], url=url)
 
@@ -229,9 +257,11 @@ class TrainStream(IterableDataset):
                 return self._make(record, rng_key=f"{name}~{record.key}")
             except BadSample:
                 continue
-        raise DataError(f"no readable sample near {name}: {len(recent)} recent and the next samples are all bad",
-                        where=self.slot_shards(self.epoch, 0)[0] if self.shards.shards else None,
-                        fix="Check the shards with `tar -tf` and regenerate the damaged ones")
+        raise DataError(
+            f"no readable sample near {name}: {len(recent)} recent and the next samples are all bad",
+            where=self.slot_shards(self.epoch, 0)[0] if self.shards.shards else None,
+            fix="Check the shards with `tar -tf` and regenerate the damaged ones",
+        )
 
 
 RECENT_RECORDS = 16
@@ -317,7 +347,8 @@ def quiet_when_the_reader_is_gone() -> None:
 
     def hook(exc_type, exc, tb) -> None:
         if issubclass(exc_type, (OSError, EOFError)) and any(
-                frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)):
+            frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)
+        ):
             return
         before(exc_type, exc, tb)
 
@@ -366,10 +397,10 @@ def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
     text = str(exc).strip()
     if isinstance(exc, WorkerDied):
         pid, how = exc.pid, exc.how
-    elif (killed := _WORKER_KILLED.search(text)):
+    elif killed := _WORKER_KILLED.search(text):
         pid, description = int(killed.group(1)), killed.group(2)
         how = next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
-    elif (exited := _WORKER_EXITED.search(text)):
+    elif exited := _WORKER_EXITED.search(text):
         pid = int(exited.group(1))
         died = worker_deaths.abnormal_end(pid=pid)
         how = died[1] if died else "unknown"
@@ -385,5 +416,5 @@ def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
         f"{what}; the run stopped (stop signals never end data workers, so something else did: "
         "out of memory? see `dmesg`)",
         fix="Check the machine's memory (fewer data.num_workers or a smaller optim.global_batch_size "
-            f"use less), then continue with `flsl resume {run_dir}`",
+        f"use less), then continue with `flsl resume {run_dir}`",
     )

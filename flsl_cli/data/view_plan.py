@@ -99,8 +99,9 @@ def draw_crops(aug: AugmentConfig, size: tuple[int, int], *, rng: np.random.Gene
         return teacher[0] + left * x_scale, teacher[1] + top * y_scale, w * x_scale, h * y_scale
 
     student = inside_teacher(aug.student_scale)
-    return CropPlan(teacher=teacher, student=student,
-                    locals_=tuple(inside_teacher(aug.local_scale) for _ in range(aug.local_crops)))
+    return CropPlan(
+        teacher=teacher, student=student, locals_=tuple(inside_teacher(aug.local_scale) for _ in range(aug.local_crops))
+    )
 
 
 def draw_photometric(aug: AugmentConfig, *, rng: np.random.Generator) -> Photometric:
@@ -135,12 +136,13 @@ def complete_plan(recipe: Recipe, crops: CropPlan, *, rng: np.random.Generator) 
     global_queries = grid_query_indices(grid=aug.global_size // patch, window=loss.query_window_global, rng=rng)
     local_queries = None
     if crops.locals_:
-        local_queries = np.stack([
-            grid_query_indices(grid=aug.local_size // patch, window=loss.query_window_local, rng=rng)
-            for _ in crops.locals_
-        ])
-    return SamplePlan(crops=crops, photometric=photometric, global_queries=global_queries,
-                      local_queries=local_queries)
+        local_queries = np.stack(
+            [
+                grid_query_indices(grid=aug.local_size // patch, window=loss.query_window_local, rng=rng)
+                for _ in crops.locals_
+            ]
+        )
+    return SamplePlan(crops=crops, photometric=photometric, global_queries=global_queries, local_queries=local_queries)
 
 
 def draw_plan(recipe: Recipe, size: tuple[int, int], *, rng: np.random.Generator) -> SamplePlan:

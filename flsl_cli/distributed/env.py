@@ -40,8 +40,11 @@ def read_env(environ: Mapping[str, str] | None = None) -> ProcessEnv:
     `flsl --devices` and flsl's SLURM tasks), else SLURM's, else a single process."""
     environ = os.environ if environ is None else environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return ProcessEnv(rank=int(environ["RANK"]), local_rank=int(environ.get("LOCAL_RANK", 0)),
-                          world_size=int(environ["WORLD_SIZE"]))
+        return ProcessEnv(
+            rank=int(environ["RANK"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            world_size=int(environ["WORLD_SIZE"]),
+        )
     task = slurm_task(environ)
     if task is not None and "SLURM_NTASKS" in environ:
         return ProcessEnv(rank=task.rank, local_rank=task.local_rank, world_size=task.world_size)
@@ -72,10 +75,13 @@ def slurm_task(environ: Mapping[str, str] | None = None) -> SlurmTask | None:
     if visible_gpus(environ) == 1:  # SLURM bound one GPU to this task: its only device is index 0
         local_rank = 0
     return SlurmTask(
-        job_id=environ["SLURM_JOB_ID"], rank=int(environ["SLURM_PROCID"]), local_rank=local_rank,
+        job_id=environ["SLURM_JOB_ID"],
+        rank=int(environ["SLURM_PROCID"]),
+        local_rank=local_rank,
         world_size=slurm_tasks(environ),
         nodelist=environ.get("SLURM_STEP_NODELIST") or slurm_job_nodes(environ) or "127.0.0.1",
-        restart=slurm_restarts(environ), node=slurm_node(environ),
+        restart=slurm_restarts(environ),
+        node=slurm_node(environ),
     )
 
 

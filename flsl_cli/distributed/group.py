@@ -16,9 +16,16 @@ DEFAULT_TIMEOUT_MINUTES = 5.0  # recipe slurm.collective_timeout_minutes
 # What gloo and NCCL say when the process at the other end of a collective is gone or silent.
 # torch.distributed.DistError covers most such failures by type; some backends and versions still
 # raise a plain RuntimeError whose words are all there is, so these are read as well.
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
-              "connection refused", "socket closed", "nccl communicator was aborted",
-              "caught collective operation timeout")
+_PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out waiting",
+    "connection refused",
+    "socket closed",
+    "nccl communicator was aborted",
+    "caught collective operation timeout",
+)
 
 
 class PeerLost(FlslError):
@@ -77,7 +84,7 @@ def peer_lost(exc: BaseException, *, rank: int, timeout_minutes: float) -> PeerL
         f"process of the run (it died, or did not answer within slurm.collective_timeout_minutes = "
         f"{timeout_minutes:g}): {first}",
         fix="Look for the first error in the logs of the other ranks; then `flsl resume` continues from the "
-            "newest checkpoint",
+        "newest checkpoint",
     )
 
 

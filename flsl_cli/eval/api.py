@@ -54,30 +54,47 @@ def check_model_fits(model: EvalModel, settings: KnnEvalConfig) -> None:
             f"--crop {settings.crop} is not a multiple of the model's patch size ({model.patch_size})",
             where=model.description.get("source"),
             fix=f"Use a crop that is a multiple of {model.patch_size}, e.g. "
-                f"--crop {settings.crop // model.patch_size * model.patch_size or model.patch_size}")
+            f"--crop {settings.crop // model.patch_size * model.patch_size or model.patch_size}",
+        )
 
 
-def run_knn_eval(*, spec: ModelSpec, settings: KnnEvalConfig, device: torch.device,
-                 features_dir: str | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
+def run_knn_eval(
+    *,
+    spec: ModelSpec,
+    settings: KnnEvalConfig,
+    device: torch.device,
+    features_dir: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
     """One process's part of the evaluation (every rank of a job calls it); the results dict,
     the same on every rank: model, settings, image counts, top-1/top-5 per k."""
     shard_sets = resolve_eval_shards(settings)  # before the (slow) model load
     model = load_eval_model(spec)
     check_model_fits(model, settings)
     model.module.to(device)
-    return evaluate_model(model, settings=settings, device=device, reporter=reporter or Reporter(enabled=False),
-                          shard_sets=shard_sets, features_dir=features_dir)
+    return evaluate_model(
+        model,
+        settings=settings,
+        device=device,
+        reporter=reporter or Reporter(enabled=False),
+        shard_sets=shard_sets,
+        features_dir=features_dir,
+    )
 
 
-def resolve_eval_shards(settings: KnnEvalConfig, *,
-                        names: tuple[str, str] = ("--train", "--val")) -> dict[str, ShardSet]:
+def resolve_eval_shards(
+    settings: KnnEvalConfig, *, names: tuple[str, str] = ("--train", "--val")
+) -> dict[str, ShardSet]:
     """The train and val shard sets, or a DataError naming the option."""
-    return {split: resolve_shards(spec, key=name)
-            for split, spec, name in (("train", settings.train, names[0]), ("val", settings.val, names[1]))}
+    return {
+        split: resolve_shards(spec, key=name)
+        for split, spec, name in (("train", settings.train, names[0]), ("val", settings.val, names[1]))
+    }
 
 
-def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConfig,
-                             device: torch.device, show_progress: bool = False) -> dict[str, float]:
+def evaluate_during_training(
+    *, backbone: torch.nn.Module, settings: KnnEvalConfig, device: torch.device, show_progress: bool = False
+) -> dict[str, float]:
     """k-NN accuracy of a live flsl backbone (the teacher's), for metrics.jsonl.
 
     Every rank of the training job must call it (features are gathered and counts summed over
@@ -88,12 +105,21 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConf
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]
     try:
-        model = wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                            description={"kind": "flsl", "source": "training"}, identity="")
+        model = wrap_module(
+            backbone,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description={"kind": "flsl", "source": "training"},
+            identity="",
+        )
         check_model_fits(model, settings)
-        results = evaluate_model(model, settings=settings, device=device,
-                                 reporter=Reporter(enabled=show_progress and rank() == 0),
-                                 names=("eval.knn.train", "eval.knn.val"))
+        results = evaluate_model(
+            model,
+            settings=settings,
+            device=device,
+            reporter=Reporter(enabled=show_progress and rank() == 0),
+            names=("eval.knn.train", "eval.knn.val"),
+        )
     finally:
         backbone.train(was_training)
         for parameter, flag in zip(backbone.parameters(), requires_grad):
@@ -111,15 +137,29 @@ def evaluate_during_training(*, backbone: torch.nn.Module, settings: KnnEvalConf
     return metrics
 
 
-def evaluate_model(model: EvalModel, *, settings: KnnEvalConfig, device: torch.device, reporter: Reporter,
-                   names: tuple[str, str] = ("--train", "--val"), shard_sets: dict[str, ShardSet] | None = None,
-                   features_dir: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: EvalModel,
+    *,
+    settings: KnnEvalConfig,
+    device: torch.device,
+    reporter: Reporter,
+    names: tuple[str, str] = ("--train", "--val"),
+    shard_sets: dict[str, ShardSet] | None = None,
+    features_dir: str | None = None,
+) -> dict[str, Any]:
     """The evaluation of a loaded model (on `device`, eval mode): see `run_knn_eval`."""
     started = time.monotonic()
     shard_sets = shard_sets or resolve_eval_shards(settings, names=names)
-    sample_settings = SampleSettings(mode=settings.mode, grid=settings.grid, resize=settings.resize,
-                                     crop=settings.crop, patch_size=model.patch_size, mean=model.mean, std=model.std)
-    g = settings.grid ** 2 if settings.mode == "bbox" else 1
+    sample_settings = SampleSettings(
+        mode=settings.mode,
+        grid=settings.grid,
+        resize=settings.resize,
+        crop=settings.crop,
+        patch_size=model.patch_size,
+        mean=model.mean,
+        std=model.std,
+    )
+    g = settings.grid**2 if settings.mode == "bbox" else 1
     limits = {"train": settings.max_train_images, "val": settings.max_val_images}
     seconds: dict[str, float] = {}
     splits: dict[str, SplitFeatures] = {}
@@ -132,16 +172,26 @@ def evaluate_model(model: EvalModel, *, settings: KnnEvalConfig, device: torch.d
         t0 = time.monotonic()
         plan = ReadPlan.from_shards(shard_sets[split], limit=limits[split])
         features, cached[split] = _split_features(
-            model, plan, split=split, settings=settings, sample_settings=sample_settings, device=device,
-            reporter=reporter, place=place_bank if split == "train" else _host, features_dir=features_dir)
+            model,
+            plan,
+            split=split,
+            settings=settings,
+            sample_settings=sample_settings,
+            device=device,
+            reporter=reporter,
+            place=place_bank if split == "train" else _host,
+            features_dir=features_dir,
+        )
         _check_split(features, split=split, name=names[split == "val"], mode=settings.mode)
         if split == "train":
             bank_rows = features.images * g
             if max(settings.k) > bank_rows:
                 raise FlslError(
                     f"--k {max(settings.k)} is larger than the memory bank ({features.images} train images x {g} "
-                    f"= {bank_rows} features)", where=names[0],
-                    fix=f"Use k values of at most {bank_rows}, or a larger train set")
+                    f"= {bank_rows} features)",
+                    where=names[0],
+                    fix=f"Use k values of at most {bank_rows}, or a larger train set",
+                )
             if cached[split]:  # extracted features were gathered straight to their place
                 features.features_igd = features.features_igd.to(place_bank(features.features_igd.numel() * 2))
         splits[split] = features
@@ -155,48 +205,89 @@ def evaluate_model(model: EvalModel, *, settings: KnnEvalConfig, device: torch.d
     mine = torch.arange(rank(), val.images, world_size())  # this rank's share of the val images
     queries_qd = val.features_igd[mine].reshape(-1, val.features_igd.shape[-1])
     with reporter.stage("k-NN search", total=1, unit="blocks") as stage:
-        sims_qk, index_qk = search_topk(queries_qd, bank_nd, k=max(settings.k), device=device,
-                                        on_progress=lambda done, total: stage.set(done, total))
-    correct = count_correct(sims_qk, index_qk, bank_labels_n=bank_labels_n, query_labels_i=val.labels_i[mine],
-                            features_per_image=g, ks=sorted(set(settings.k)), temperature=settings.temperature,
-                            num_classes=num_classes)
+        sims_qk, index_qk = search_topk(
+            queries_qd,
+            bank_nd,
+            k=max(settings.k),
+            device=device,
+            on_progress=lambda done, total: stage.set(done, total),
+        )
+    correct = count_correct(
+        sims_qk,
+        index_qk,
+        bank_labels_n=bank_labels_n,
+        query_labels_i=val.labels_i[mine],
+        features_per_image=g,
+        ks=sorted(set(settings.k)),
+        temperature=settings.temperature,
+        num_classes=num_classes,
+    )
     seconds["search"] = round(time.monotonic() - t0, 3)
     seconds["total"] = round(time.monotonic() - started, 3)
     results = {}
     for k, counts in correct.items():
         top1, top5, feature_top1 = all_reduce_sum(torch.tensor(list(counts), device=device)).tolist()
-        results[str(k)] = {"top1": round(100.0 * top1 / val.images, 4),
-                           "top5": round(100.0 * top5 / val.images, 4),
-                           "feature_top1": round(100.0 * feature_top1 / (val.images * g), 4),
-                           "correct_top1": int(top1), "correct_top5": int(top5),
-                           "correct_feature_top1": int(feature_top1)}
+        results[str(k)] = {
+            "top1": round(100.0 * top1 / val.images, 4),
+            "top5": round(100.0 * top5 / val.images, 4),
+            "feature_top1": round(100.0 * feature_top1 / (val.images * g), 4),
+            "correct_top1": int(top1),
+            "correct_top5": int(top5),
+            "correct_feature_top1": int(feature_top1),
+        }
     chance_top1, chance_top5 = chance_level(num_classes=num_classes, features_per_image=g)
     return {
         "format": RESULTS_FORMAT,
         "model": model.description,
         "settings": {
-            "mode": settings.mode, "k": sorted(set(settings.k)), "temperature": settings.temperature,
-            "grid": settings.grid if settings.mode == "bbox" else None, "features_per_image": g,
-            "resize": settings.resize, "crop": settings.crop, "interpolation": "bicubic",
-            "patch_size": model.patch_size, "mean": list(model.mean), "std": list(model.std),
-            "train": settings.train, "val": settings.val, "max_train_images": settings.max_train_images,
-            "max_val_images": settings.max_val_images, "num_classes": num_classes,
-            "bank": {"placement": "device" if train.features_igd.device.type == "cuda" else "host",
-                     "dtype": "float16", "search_dtype": str(compute_dtype(device)).replace("torch.", "")},
-            "world_size": world_size(), "device": device.type,
+            "mode": settings.mode,
+            "k": sorted(set(settings.k)),
+            "temperature": settings.temperature,
+            "grid": settings.grid if settings.mode == "bbox" else None,
+            "features_per_image": g,
+            "resize": settings.resize,
+            "crop": settings.crop,
+            "interpolation": "bicubic",
+            "patch_size": model.patch_size,
+            "mean": list(model.mean),
+            "std": list(model.std),
+            "train": settings.train,
+            "val": settings.val,
+            "max_train_images": settings.max_train_images,
+            "max_val_images": settings.max_val_images,
+            "num_classes": num_classes,
+            "bank": {
+                "placement": "device" if train.features_igd.device.type == "cuda" else "host",
+                "dtype": "float16",
+                "search_dtype": str(compute_dtype(device)).replace("torch.", ""),
+            },
+            "world_size": world_size(),
+            "device": device.type,
         },
         "train": _split_summary(train, g=g, cached=cached["train"]),
         "val": _split_summary(val, g=g, cached=cached["val"]),
         "results": results,
-        "chance": {"top1": round(100.0 * chance_top1, 4), "top5": round(100.0 * chance_top5, 4),
-                   "feature_top1": round(100.0 / num_classes, 4)},
+        "chance": {
+            "top1": round(100.0 * chance_top1, 4),
+            "top5": round(100.0 * chance_top5, 4),
+            "feature_top1": round(100.0 / num_classes, 4),
+        },
         "seconds": seconds,
     }
 
 
-def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: KnnEvalConfig,
-                    sample_settings: SampleSettings, device: torch.device, reporter: Reporter,
-                    place: Callable[[int], torch.device], features_dir: str | None) -> tuple[SplitFeatures, bool]:
+def _split_features(
+    model: EvalModel,
+    plan: ReadPlan,
+    *,
+    split: str,
+    settings: KnnEvalConfig,
+    sample_settings: SampleSettings,
+    device: torch.device,
+    reporter: Reporter,
+    place: Callable[[int], torch.device],
+    features_dir: str | None,
+) -> tuple[SplitFeatures, bool]:
     """A split's gathered features from the cache (host memory, memory-mapped) or the model (on
     the device `place` picks); (features, cached)."""
     path = None
@@ -210,14 +301,21 @@ def _split_features(model: EvalModel, plan: ReadPlan, *, split: str, settings: K
             return found, True
     expected = plan.expected(slot=rank(), slots=world_size())
     with reporter.stage(f"{split} features", total=expected, unit="images") as stage:
-        local = extract_local(model, plan, settings=sample_settings, device=device, batch_size=settings.batch_size,
-                              workers=default_workers(world_size()) if settings.workers is None else settings.workers,
-                              on_progress=stage.advance)
+        local = extract_local(
+            model,
+            plan,
+            settings=sample_settings,
+            device=device,
+            batch_size=settings.batch_size,
+            workers=default_workers(world_size()) if settings.workers is None else settings.workers,
+            on_progress=stage.advance,
+        )
     features = gather(local, device=device, place=place)
     del local
     if path is not None and rank() == 0:
-        save_cache(path, features,
-                   meta={"model": model.description, "split": split, "settings": asdict(sample_settings)})
+        save_cache(
+            path, features, meta={"model": model.description, "split": split, "settings": asdict(sample_settings)}
+        )
         reporter.note(f"{split} features cached in {path}")
     return features, False
 
@@ -228,9 +326,11 @@ def _check_split(features: SplitFeatures, *, split: str, name: str, mode: str) -
     if mode == "bbox" and features.seen:
         raise DataError(
             f"none of the {features.seen} images of the {split} set has a usable box "
-            f"({', '.join(f'{n} {why}' for why, n in features.skipped.items())})", where=name,
+            f"({', '.join(f'{n} {why}' for why, n in features.skipped.items())})",
+            where=name,
             fix="bbox mode needs boxes in each sample's json, as written by `flsl data demo` or "
-                "`flsl data shards --boxes`; use --mode global for images without boxes")
+            "`flsl data shards --boxes`; use --mode global for images without boxes",
+        )
     raise DataError(f"the {split} set yielded no images", where=name, fix="Check the shards (and --max-*-images)")
 
 
@@ -247,5 +347,10 @@ def _bank_device(choice: str, *, device: torch.device, bytes_needed: int) -> tor
 
 
 def _split_summary(features: SplitFeatures, *, g: int, cached: bool) -> dict[str, Any]:
-    return {"samples": features.seen, "images": features.images, "features": features.images * g,
-            "skipped": dict(features.skipped), "cached": cached}
+    return {
+        "samples": features.seen,
+        "images": features.images,
+        "features": features.images * g,
+        "skipped": dict(features.skipped),
+        "cached": cached,
+    }

@@ -29,8 +29,10 @@ TIMM_PREFIX = "timm:"
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 RANDOM_INIT_SEED = 0
-_SOURCES_FIX = ("Pass a flsl checkpoint (RUN_DIR/checkpoints/step-*.pt) or a run directory, a folder written by "
-                "`flsl export --format timm`, or a .safetensors file together with --model timm:NAME")
+_SOURCES_FIX = (
+    "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-*.pt) or a run directory, a folder written by "
+    "`flsl export --format timm`, or a .safetensors file together with --model timm:NAME"
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class EvalModel:
         out = self.module.forward_features(images_bchw)  # type: ignore[operator]  # timm's model contract
         if out.ndim == 4:  # a convolutional trunk: (b, d, h, w)
             return out.flatten(2).transpose(1, 2)
-        return out[:, self.prefix_tokens:]
+        return out[:, self.prefix_tokens :]
 
 
 def load_eval_model(spec: ModelSpec) -> EvalModel:
@@ -67,19 +69,26 @@ def load_eval_model(spec: ModelSpec) -> EvalModel:
     timm_name = _timm_name(spec.model)
     if spec.checkpoint is None:
         if timm_name is None:
-            raise FlslError("no model to evaluate", fix="Pass a CHECKPOINT (a flsl checkpoint or run dir, or a "
-                            "timm export), or --model timm:NAME for a timm model")
+            raise FlslError(
+                "no model to evaluate",
+                fix="Pass a CHECKPOINT (a flsl checkpoint or run dir, or a "
+                "timm export), or --model timm:NAME for a timm model",
+            )
         if spec.which is not None:
-            raise FlslError("--which applies to flsl checkpoints only (a timm model has no teacher/student)",
-                            fix="Drop --which")
+            raise FlslError(
+                "--which applies to flsl checkpoints only (a timm model has no teacher/student)", fix="Drop --which"
+            )
         return _plain_timm(timm_name, random_init=spec.random_init)
     path = Path(spec.checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError("the checkpoint does not exist", where=str(path), fix=_SOURCES_FIX)
     if (path.is_dir() and (path / EXPORT_CONFIG).exists()) or path.suffix == ".safetensors":
         if spec.which is not None:
-            raise FlslError("--which applies to flsl checkpoints only (an export holds one backbone)",
-                            where=str(path), fix="Drop --which")
+            raise FlslError(
+                "--which applies to flsl checkpoints only (an export holds one backbone)",
+                where=str(path),
+                fix="Drop --which",
+            )
         return _timm_export(path, timm_name=timm_name, random_init=spec.random_init)
     return _flsl_checkpoint(path, which=spec.which or "teacher", timm_name=timm_name, random_init=spec.random_init)
 
@@ -87,10 +96,11 @@ def load_eval_model(spec: ModelSpec) -> EvalModel:
 def _timm_name(model: str | None) -> str | None:
     if model is None:
         return None
-    if not model.startswith(TIMM_PREFIX) or not model[len(TIMM_PREFIX):].strip():
-        raise FlslError(f"--model {model!r} is not of the form timm:NAME",
-                        fix="Use e.g. --model timm:vit_small_patch16_224.dino")
-    return model[len(TIMM_PREFIX):].strip()
+    if not model.startswith(TIMM_PREFIX) or not model[len(TIMM_PREFIX) :].strip():
+        raise FlslError(
+            f"--model {model!r} is not of the form timm:NAME", fix="Use e.g. --model timm:vit_small_patch16_224.dino"
+        )
+    return model[len(TIMM_PREFIX) :].strip()
 
 
 def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_init: bool) -> EvalModel:
@@ -108,13 +118,17 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
         backbone = random_init_backbone(recipe)
     stat = loaded.source.stat()
     description = {
-        "kind": "flsl", "source": str(loaded.source), "step": loaded.step, "which": which,
-        "arch": arch.arch, "depth": arch.dims()["depth"], "patch_size": arch.patch_size,
+        "kind": "flsl",
+        "source": str(loaded.source),
+        "step": loaded.step,
+        "which": which,
+        "arch": arch.arch,
+        "depth": arch.dims()["depth"],
+        "patch_size": arch.patch_size,
         "random_init": random_init,
     }
     identity = f"flsl|{loaded.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{which}|random={random_init}"
-    return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 description=description, identity=identity)
+    return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description=description, identity=identity)
 
 
 def random_init_backbone(recipe: Recipe) -> VisionTransformer:
@@ -137,13 +151,16 @@ def _check_same_architecture(backbone: nn.Module, *, timm_name: str, source: str
             f"the checkpoint's backbone ({_describe(ours)}) contradicts --model timm:{timm_name} ({_describe(theirs)})",
             where=source,
             fix="Drop --model (a flsl checkpoint carries its own architecture), or pass a checkpoint of that "
-                "architecture",
+            "architecture",
         )
 
 
 def _shape_summary(module: nn.Module) -> dict[str, int]:
-    return {"embed_dim": int(getattr(module, "embed_dim", getattr(module, "num_features", 0))),
-            "depth": len(getattr(module, "blocks", ())), "patch_size": _patch_size(module)}
+    return {
+        "embed_dim": int(getattr(module, "embed_dim", getattr(module, "num_features", 0))),
+        "depth": len(getattr(module, "blocks", ())),
+        "patch_size": _patch_size(module),
+    }
 
 
 def _describe(summary: dict[str, int]) -> str:
@@ -156,24 +173,36 @@ def _timm_export(path: Path, *, timm_name: str | None, random_init: bool) -> Eva
     timm's hub format: `architecture`, `model_args`, `pretrained_cfg` (mean/std)."""
     weights = path / EXPORT_WEIGHTS if path.is_dir() else path
     if not weights.exists():
-        raise CheckpointError(f"the export has no {weights.name}", where=str(path),
-                              fix="Export the model again with `flsl export --format timm`")
+        raise CheckpointError(
+            f"the export has no {weights.name}",
+            where=str(path),
+            fix="Export the model again with `flsl export --format timm`",
+        )
     config, config_where = _export_config(path, weights)
     if config is not None:
         try:
             architecture = str(config["architecture"])
             model_args = dict(config.get("model_args") or {})
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"the export's config has no architecture ({exc})", where=config_where,
-                                  fix="Export the model again with `flsl export --format timm`") from None
+            raise CheckpointError(
+                f"the export's config has no architecture ({exc})",
+                where=config_where,
+                fix="Export the model again with `flsl export --format timm`",
+            ) from None
         if timm_name is not None and timm_name.split(".")[0] != architecture.split(".")[0]:
-            raise CheckpointError(f"the export is a {architecture} but --model asks for timm:{timm_name}",
-                                  where=config_where, fix="Drop --model (the export's config names its architecture)")
+            raise CheckpointError(
+                f"the export is a {architecture} but --model asks for timm:{timm_name}",
+                where=config_where,
+                fix="Drop --model (the export's config names its architecture)",
+            )
     elif timm_name is not None:
         architecture, model_args = timm_name, {}
     else:
-        raise CheckpointError("the .safetensors file does not say which model it is (no flsl metadata, no "
-                              f"{EXPORT_CONFIG} beside it)", where=str(path), fix="Add --model timm:NAME")
+        raise CheckpointError(
+            f"the .safetensors file does not say which model it is (no flsl metadata, no {EXPORT_CONFIG} beside it)",
+            where=str(path),
+            fix="Add --model timm:NAME",
+        )
     module = _create_timm(architecture, pretrained=False, kwargs=model_args)
     if not random_init:
         _load_safetensors(module, weights, architecture=architecture)
@@ -181,12 +210,23 @@ def _timm_export(path: Path, *, timm_name: str | None, random_init: bool) -> Eva
     flsl = (config or {}).get("flsl")
     provenance = flsl if isinstance(flsl, dict) else {}
     cfg = (config or {}).get("pretrained_cfg") or getattr(module, "pretrained_cfg", {}) or {}
-    description = {"kind": "timm-export", "source": str(weights), "arch": architecture, "random_init": random_init,
-                   "step": provenance.get("step"), "which": provenance.get("which"),
-                   "exported_from": provenance.get("source")}
+    description = {
+        "kind": "timm-export",
+        "source": str(weights),
+        "arch": architecture,
+        "random_init": random_init,
+        "step": provenance.get("step"),
+        "which": provenance.get("which"),
+        "exported_from": provenance.get("source"),
+    }
     identity = f"export|{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{architecture}|random={random_init}"
-    return wrap_module(module, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                       std=tuple(cfg.get("std", IMAGENET_STD)), description=description, identity=identity)
+    return wrap_module(
+        module,
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        description=description,
+        identity=identity,
+    )
 
 
 def _export_config(path: Path, weights: Path) -> tuple[dict | None, str]:
@@ -197,14 +237,20 @@ def _export_config(path: Path, weights: Path) -> tuple[dict | None, str]:
         try:
             return json.loads(config_file.read_text()), str(config_file)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"the export's config.json is unreadable ({exc})", where=str(config_file),
-                                  fix="Export the model again with `flsl export --format timm`") from None
+            raise CheckpointError(
+                f"the export's config.json is unreadable ({exc})",
+                where=str(config_file),
+                fix="Export the model again with `flsl export --format timm`",
+            ) from None
     try:
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - any reader failure: not a safetensors file
-        raise CheckpointError(f"cannot read the .safetensors file ({str(exc).strip() or type(exc).__name__})",
-                              where=str(weights), fix=_SOURCES_FIX) from None
+        raise CheckpointError(
+            f"cannot read the .safetensors file ({str(exc).strip() or type(exc).__name__})",
+            where=str(weights),
+            fix=_SOURCES_FIX,
+        ) from None
     if "flsl" in metadata:
         try:
             return json.loads(metadata["flsl"]), f"{weights} (metadata)"
@@ -217,32 +263,42 @@ def _load_safetensors(module: nn.Module, weights: Path, *, architecture: str) ->
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any reader failure: a damaged or foreign file
-        raise CheckpointError(f"cannot read the weights ({str(exc).strip() or type(exc).__name__})",
-                              where=str(weights),
-                              fix="Export the model again with `flsl export --format timm`") from None
+        raise CheckpointError(
+            f"cannot read the weights ({str(exc).strip() or type(exc).__name__})",
+            where=str(weights),
+            fix="Export the model again with `flsl export --format timm`",
+        ) from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
-        raise CheckpointError(f"the weights do not fit the architecture {architecture} ({lines[:400]})",
-                              where=str(weights), fix="Pass the export whole (its config names the architecture), "
-                              "or the matching --model timm:NAME") from None
+        raise CheckpointError(
+            f"the weights do not fit the architecture {architecture} ({lines[:400]})",
+            where=str(weights),
+            fix="Pass the export whole (its config names the architecture), or the matching --model timm:NAME",
+        ) from None
 
 
 def _plain_timm(name: str, *, random_init: bool) -> EvalModel:
     module = _create_timm(name, pretrained=not random_init, kwargs={})
     pretrained_cfg = getattr(module, "pretrained_cfg", {}) or {}
     description = {"kind": "timm", "source": f"timm:{name}", "arch": name, "random_init": random_init}
-    return wrap_module(module, mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-                 std=tuple(pretrained_cfg.get("std", IMAGENET_STD)), description=description,
-                 identity=f"timm|{name}|random={random_init}")
+    return wrap_module(
+        module,
+        mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+        description=description,
+        identity=f"timm|{name}|random={random_init}",
+    )
 
 
 def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     base = name.split(".")[0]
     if not timm.is_model(base):
-        raise FlslError(f"timm has no model named {name!r}",
-                        fix="Pick a name from `python -c \"import timm; print(timm.list_models('vit_*'))\"`")
+        raise FlslError(
+            f"timm has no model named {name!r}",
+            fix="Pick a name from `python -c \"import timm; print(timm.list_models('vit_*'))\"`",
+        )
     args = {"num_classes": 0, **kwargs}
     torch.manual_seed(RANDOM_INIT_SEED)  # random inits (and heads) are the same on every rank and run
     try:
@@ -253,9 +309,10 @@ def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
     except (RuntimeError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         weights = " with pretrained weights" if pretrained else ""
-        raise CheckpointError(f"could not create timm model {name!r}{weights} ({reason})",
-                              fix="Check the name and your network access to the weights, or add --random-init "
-                                  "for an untrained baseline") from None
+        raise CheckpointError(
+            f"could not create timm model {name!r}{weights} ({reason})",
+            fix="Check the name and your network access to the weights, or add --random-init for an untrained baseline",
+        ) from None
 
 
 def _patch_size(module: nn.Module) -> int:
@@ -264,14 +321,18 @@ def _patch_size(module: nn.Module) -> int:
         size = patch_embed.patch_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if size[0] != size[1]:
-            raise CheckpointError(f"the model's patches are not square ({size[0]} x {size[1]})",
-                                  fix="Evaluate a model with square patches")
+            raise CheckpointError(
+                f"the model's patches are not square ({size[0]} x {size[1]})",
+                fix="Evaluate a model with square patches",
+            )
         return int(size[0])
     feature_info = getattr(module, "feature_info", None)
     if feature_info:
         return int(feature_info[-1]["reduction"])
-    raise CheckpointError("cannot tell the model's patch size (no patch_embed, no feature_info)",
-                          fix="Evaluate a ViT (or a timm model with feature_info)")
+    raise CheckpointError(
+        "cannot tell the model's patch size (no patch_embed, no feature_info)",
+        fix="Evaluate a ViT (or a timm model with feature_info)",
+    )
 
 
 def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
@@ -279,8 +340,9 @@ def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
     return red, green, blue
 
 
-def wrap_module(module: nn.Module, *, mean: Iterable[float], std: Iterable[float],
-                description: dict[str, Any], identity: str) -> EvalModel:
+def wrap_module(
+    module: nn.Module, *, mean: Iterable[float], std: Iterable[float], description: dict[str, Any], identity: str
+) -> EvalModel:
     """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module."""
     module.eval()
     for parameter in module.parameters():
@@ -288,7 +350,13 @@ def wrap_module(module: nn.Module, *, mean: Iterable[float], std: Iterable[float
     embed_dim = int(getattr(module, "num_features", 0) or module.embed_dim)  # type: ignore[arg-type]  # a number
     patch = _patch_size(module)
     description = {**description, "patch_size": patch, "embed_dim": embed_dim}
-    return EvalModel(module=module, patch_size=patch, embed_dim=embed_dim,
-                     prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
-                     mean=_rgb(mean), std=_rgb(std),
-                     description=description, identity=identity)
+    return EvalModel(
+        module=module,
+        patch_size=patch,
+        embed_dim=embed_dim,
+        prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
+        mean=_rgb(mean),
+        std=_rgb(std),
+        description=description,
+        identity=identity,
+    )

@@ -34,8 +34,9 @@ def default_sizes(recipe: Recipe) -> tuple[int, int]:
 def read_images(val: str, *, images: int, resize: int, crop: int, patch_size: int) -> torch.Tensor:
     """The first `images` images of `val`, resized, cropped and normalized: (b, 3, crop, crop)."""
     shards = resolve_shards(val, key="--val")
-    settings = SampleSettings(mode="global", grid=1, resize=resize, crop=crop, patch_size=patch_size,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    settings = SampleSettings(
+        mode="global", grid=1, resize=resize, crop=crop, patch_size=patch_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
     dataset = EvalSamples(ReadPlan.from_shards(shards, limit=images), rank=0, world_size=1, settings=settings)
     pixels = []
     for item in dataset:
@@ -43,14 +44,17 @@ def read_images(val: str, *, images: int, resize: int, crop: int, patch_size: in
             raise item["error"]
         pixels.append(item["image"])
     if not pixels:
-        raise DataError("the split has no images to look at", where=val,
-                        fix="Pass shards that hold images (e.g. the val split of `flsl data demo`)")
+        raise DataError(
+            "the split has no images to look at",
+            where=val,
+            fix="Pass shards that hold images (e.g. the val split of `flsl data demo`)",
+        )
     return torch.stack(pixels)
 
 
 @torch.no_grad()
 def network_diagnostics(network: Network, images_bchw: torch.Tensor, *, teacher_temp: float) -> dict[str, float]:
-    tokens = torch.cat([network.tokens(images_bchw[i:i + BATCH]) for i in range(0, len(images_bchw), BATCH)])
+    tokens = torch.cat([network.tokens(images_bchw[i : i + BATCH]) for i in range(0, len(images_bchw), BATCH)])
     return feature_diagnostics(tokens, head=network.head, teacher_temp=teacher_temp)
 
 
@@ -62,8 +66,15 @@ def random_init_network(recipe: Recipe) -> Network:
         return Network(recipe, drop_path=0.0).eval()
 
 
-def diagnose(checkpoint: str, *, val: str, images: int, which: str = "teacher", resize: int | None = None,
-             crop: int | None = None) -> dict[str, Any]:
+def diagnose(
+    checkpoint: str,
+    *,
+    val: str,
+    images: int,
+    which: str = "teacher",
+    resize: int | None = None,
+    crop: int | None = None,
+) -> dict[str, Any]:
     """The diagnostics of the checkpoint's network and of a random init, on the same images."""
     network, recipe, step, source = load_network(checkpoint, which=which)
     default_resize, default_crop = default_sizes(recipe)
@@ -73,9 +84,16 @@ def diagnose(checkpoint: str, *, val: str, images: int, which: str = "teacher", 
     temp = recipe.loss.teacher_temp
     return {
         "format": RESULTS_FORMAT,
-        "checkpoint": str(source), "step": step, "which": which,
-        "val": val, "images": len(pixels), "resize": resize, "crop": crop, "teacher_temp": temp,
-        "embed_dim": recipe.model.dims()["embed_dim"], "prototypes": recipe.model.head_out_dim,
+        "checkpoint": str(source),
+        "step": step,
+        "which": which,
+        "val": val,
+        "images": len(pixels),
+        "resize": resize,
+        "crop": crop,
+        "teacher_temp": temp,
+        "embed_dim": recipe.model.dims()["embed_dim"],
+        "prototypes": recipe.model.head_out_dim,
         "trained": network_diagnostics(network, pixels, teacher_temp=temp),
         "random_init": network_diagnostics(random_init_network(recipe), pixels, teacher_temp=temp),
     }

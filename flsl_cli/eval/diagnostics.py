@@ -23,8 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DIAGNOSTICS = ("effective_rank", "within_image_cosine", "between_image_cosine", "teacher_entropy",
-               "prototypes_in_use", "mean_perplexity_share")
+DIAGNOSTICS = (
+    "effective_rank",
+    "within_image_cosine",
+    "between_image_cosine",
+    "teacher_entropy",
+    "prototypes_in_use",
+    "mean_perplexity_share",
+)
 
 
 def effective_rank(features_nd: torch.Tensor) -> float:
@@ -71,14 +77,18 @@ def prototype_usage(probs_nk: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def feature_diagnostics(tokens_bnd: torch.Tensor, *, head: nn.Module | None = None,
-                        teacher_temp: float | None = None) -> dict[str, float]:
+def feature_diagnostics(
+    tokens_bnd: torch.Tensor, *, head: nn.Module | None = None, teacher_temp: float | None = None
+) -> dict[str, float]:
     """Every diagnostic of one batch of token maps; the head's figures when a head and its
     temperature are given."""
     flat_nd = tokens_bnd.reshape(-1, tokens_bnd.shape[-1]).float()
     within, between = image_similarity(tokens_bnd)
-    results = {"effective_rank": effective_rank(flat_nd), "within_image_cosine": within,
-               "between_image_cosine": between}
+    results = {
+        "effective_rank": effective_rank(flat_nd),
+        "within_image_cosine": within,
+        "between_image_cosine": between,
+    }
     if head is not None and teacher_temp is not None:
         probs_nk = F.softmax(head(flat_nd).float() / teacher_temp, dim=-1)
         results.update(prototype_usage(probs_nk))

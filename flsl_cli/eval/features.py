@@ -49,12 +49,26 @@ class SplitFeatures:
 
 
 @torch.no_grad()
-def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings, device: torch.device,
-                  batch_size: int, workers: int, on_progress: Callable[[int], None] | None = None) -> SplitFeatures:
+def extract_local(
+    model: EvalModel,
+    plan: ReadPlan,
+    *,
+    settings: SampleSettings,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> SplitFeatures:
     """Features of the samples this rank owns (host memory), in the order read."""
     dataset = EvalSamples(plan, rank=rank(), world_size=world_size(), settings=settings)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     with warnings.catch_warnings():  # more workers than CPUs: the CLI says so once, in its own words
         warnings.filterwarnings("ignore", message="This DataLoader will create")
         batches = iter(loader)
@@ -74,21 +88,27 @@ def extract_local(model: EvalModel, plan: ReadPlan, *, settings: SampleSettings,
             if tokens_bnd.shape[1] != per_side * per_side:
                 raise FlslError(
                     f"the model gives {tokens_bnd.shape[1]} tokens for a {settings.crop} px crop, not "
-                    f"({settings.crop} / patch {settings.patch_size})^2 = {per_side ** 2}",
-                    fix="Evaluate a ViT-like model whose token grid follows its patch size")
-            features.append(select_features(tokens_bnd.float(), batch["cells"].to(device), mode=settings.mode)
-                            .to("cpu", torch.float16))
+                    f"({settings.crop} / patch {settings.patch_size})^2 = {per_side**2}",
+                    fix="Evaluate a ViT-like model whose token grid follows its patch size",
+                )
+            features.append(
+                select_features(tokens_bnd.float(), batch["cells"].to(device), mode=settings.mode).to(
+                    "cpu", torch.float16
+                )
+            )
             labels.append(batch["label"])
             ids.append(batch["id"])
         if on_progress is not None:
             on_progress(batch["seen"])
     dim = model.embed_dim
-    g = settings.grid ** 2 if settings.mode == "bbox" else 1
+    g = settings.grid**2 if settings.mode == "bbox" else 1
     return SplitFeatures(
         features_igd=torch.cat(features) if features else torch.zeros((0, g, dim), dtype=torch.float16),
         labels_i=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
         ids_i=torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64),
-        seen=seen, skipped=dict(skipped))
+        seen=seen,
+        skipped=dict(skipped),
+    )
 
 
 def select_features(tokens_bnd: torch.Tensor, cells_bg: torch.Tensor, *, mode: str) -> torch.Tensor:
@@ -100,8 +120,12 @@ def select_features(tokens_bnd: torch.Tensor, cells_bg: torch.Tensor, *, mode: s
     return F.normalize(picked_bgd, dim=-1)
 
 
-def gather(local: SplitFeatures, *, device: torch.device,
-           place: Callable[[int], torch.device] = lambda nbytes: torch.device("cpu")) -> SplitFeatures:
+def gather(
+    local: SplitFeatures,
+    *,
+    device: torch.device,
+    place: Callable[[int], torch.device] = lambda nbytes: torch.device("cpu"),
+) -> SplitFeatures:
     """Every rank's features in one array in sample order, on every rank, on the device
     `place(bytes of the result)` picks (the same on every rank).
 
@@ -118,24 +142,31 @@ def gather(local: SplitFeatures, *, device: torch.device,
     rows_per_round = max(1, GATHER_ROWS_BYTES // (g * dim * 2))
     most = int(all_reduce_max(torch.tensor([local.images], device=device)).item())
     for start in range(0, most, rows_per_round):
-        piece = local.features_igd[start:start + rows_per_round].to(device)
-        piece_ids = local.ids_i[start:start + rows_per_round].to(device)
+        piece = local.features_igd[start : start + rows_per_round].to(device)
+        piece_ids = local.ids_i[start : start + rows_per_round].to(device)
         got = all_gather_rows(piece)
         positions = torch.searchsorted(sorted_ids, all_gather_rows(piece_ids).cpu())
         out[positions.to(out_device)] = got.to(out_device)
-    counts = all_reduce_sum(torch.tensor([local.seen, *(local.skipped.get(r, 0) for r in SKIP_REASONS)],
-                                         device=device)).tolist()
+    counts = all_reduce_sum(
+        torch.tensor([local.seen, *(local.skipped.get(r, 0) for r in SKIP_REASONS)], device=device)
+    ).tolist()
     skipped = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts[1:]) if n}
-    return SplitFeatures(features_igd=out, labels_i=labels_all[order], ids_i=sorted_ids,
-                         seen=int(counts[0]), skipped=skipped)
+    return SplitFeatures(
+        features_igd=out, labels_i=labels_all[order], ids_i=sorted_ids, seen=int(counts[0]), skipped=skipped
+    )
 
 
 def cache_key(*, model: EvalModel, plan: ReadPlan, settings: SampleSettings) -> str:
     """A hash over everything the features depend on: weights, shards (url, size, mtime or ETag),
     settings."""
     shards = [[url, *_fingerprint(url)] for url in plan.urls]
-    data = {"format": CACHE_FORMAT, "model": model.identity, "shards": shards, "limit": plan.limit,
-            "settings": settings.__dict__}
+    data = {
+        "format": CACHE_FORMAT,
+        "model": model.identity,
+        "shards": shards,
+        "limit": plan.limit,
+        "settings": settings.__dict__,
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -146,8 +177,9 @@ def _fingerprint(url: str) -> tuple:
             stat = os.stat(storage.local_path(url))
             return stat.st_size, stat.st_mtime_ns
         info = storage.info(url)
-        stamp = next((info[key] for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
-                      if key in info), None)
+        stamp = next(
+            (info[key] for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated") if key in info), None
+        )
         return info.get("size"), str(stamp) if stamp is not None else None
     except Exception:  # noqa: BLE001 - an unknown fingerprint only makes the key less specific
         return None, None
@@ -165,17 +197,28 @@ def load_cache(path: Path) -> SplitFeatures | None:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if payload.get("format") != CACHE_FORMAT:
             return None
-        return SplitFeatures(features_igd=payload["features"], labels_i=payload["labels"], ids_i=payload["ids"],
-                             seen=int(payload["seen"]), skipped=json.loads(payload["skipped"]))
+        return SplitFeatures(
+            features_igd=payload["features"],
+            labels_i=payload["labels"],
+            ids_i=payload["ids"],
+            seen=int(payload["seen"]),
+            skipped=json.loads(payload["skipped"]),
+        )
     except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
         return None
 
 
 def save_cache(path: Path, features: SplitFeatures, *, meta: dict[str, Any]) -> None:
     """Write the cache atomically (see `storage.write_atomic`)."""
-    payload = {"format": CACHE_FORMAT, "features": features.features_igd.cpu(), "labels": features.labels_i,
-               "ids": features.ids_i, "seen": features.seen, "skipped": json.dumps(features.skipped),
-               "meta": json.dumps(meta)}
+    payload = {
+        "format": CACHE_FORMAT,
+        "features": features.features_igd.cpu(),
+        "labels": features.labels_i,
+        "ids": features.ids_i,
+        "seen": features.seen,
+        "skipped": json.dumps(features.skipped),
+        "meta": json.dumps(meta),
+    }
     storage.write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
@@ -185,4 +228,3 @@ def bank_fits_on(device: torch.device, *, bytes_needed: int, fraction: float = 0
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return bytes_needed <= fraction * free
-

@@ -65,7 +65,7 @@ def search_topk(
     best_index = torch.zeros((query_rows, k), dtype=torch.int64, device=device)
     done = 0
     for bank_start in range(0, bank_rows, bank_chunk_rows):
-        chunk_nd = bank_nd[bank_start:bank_start + bank_chunk_rows].to(device=device, dtype=dtype, non_blocking=True)
+        chunk_nd = bank_nd[bank_start : bank_start + bank_chunk_rows].to(device=device, dtype=dtype, non_blocking=True)
         chunk_k = min(k, chunk_nd.shape[0])
         for query_start in range(0, query_rows, query_chunk_rows):
             rows = slice(query_start, query_start + query_chunk_rows)
@@ -85,8 +85,9 @@ def search_topk(
     return best_sims, best_index
 
 
-def vote_scores(sims_qk: torch.Tensor, labels_qk: torch.Tensor, *, k: int, temperature: float,
-                num_classes: int) -> torch.Tensor:
+def vote_scores(
+    sims_qk: torch.Tensor, labels_qk: torch.Tensor, *, k: int, temperature: float, num_classes: int
+) -> torch.Tensor:
     """Class scores (q, c): the sum of exp(sim / T) over each query's k nearest neighbours."""
     weights_qk = (sims_qk[:, :k].float() / temperature).exp()
     scores_qc = torch.zeros((sims_qk.shape[0], num_classes), dtype=torch.float32, device=sims_qk.device)
@@ -148,8 +149,8 @@ def count_correct(
     counts = {k: [0, 0, 0] for k in ks}
     for start in range(0, images, chunk_images):
         stop = min(start + chunk_images, images)
-        sims = sims_qk[start * g:stop * g]
-        labels_qk = bank_labels_n[index_qk[start * g:stop * g]]
+        sims = sims_qk[start * g : stop * g]
+        labels_qk = bank_labels_n[index_qk[start * g : stop * g]]
         for k in ks:
             scores_qc = vote_scores(sims, labels_qk, k=k, temperature=temperature, num_classes=num_classes)
             best_scores, predictions = scores_qc.topk(top, dim=1)

@@ -41,9 +41,18 @@ class Reporter:
         live = self.console.is_terminal
         progress = None
         if live:
-            progress = ProgressBars(console=self.console, columns=(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()))
+            progress = ProgressBars(
+                console=self.console,
+                columns=(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn(unit),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                ),
+            )
             stage.bind(progress, description, total=total)
         try:
             yield stage
@@ -51,8 +60,11 @@ class Reporter:
             if progress is not None:
                 progress.close()
             else:
-                self.console.print(f"{description}: {stage.done} {unit} in {time.monotonic() - started:.1f} s",
-                                   highlight=False, markup=False)
+                self.console.print(
+                    f"{description}: {stage.done} {unit} in {time.monotonic() - started:.1f} s",
+                    highlight=False,
+                    markup=False,
+                )
 
 
 class _Stage:
@@ -87,10 +99,12 @@ def results_table(results: dict[str, Any]) -> Group:
     step = f" step {model['step']}" if model.get("step") is not None else ""
     which = f" {model['which']}" if model.get("which") else ""
     random = " (random init)" if model.get("random_init") else ""
-    header = Text.assemble((f"k-NN, {mode}", "bold"),
-                           f"{grid}, T={settings['temperature']}, resize {settings['resize']} / crop "
-                           f"{settings['crop']} px, patch {settings['patch_size']}\n"
-                           f"{model.get('source', '')}{step}{which}{random}")
+    header = Text.assemble(
+        (f"k-NN, {mode}", "bold"),
+        f"{grid}, T={settings['temperature']}, resize {settings['resize']} / crop "
+        f"{settings['crop']} px, patch {settings['patch_size']}\n"
+        f"{model.get('source', '')}{step}{which}{random}",
+    )
     table = Table(show_header=True)
     table.add_column("k", justify="right", style="bold")
     table.add_column("top-1 %", justify="right")
@@ -101,8 +115,10 @@ def results_table(results: dict[str, Any]) -> Group:
     for k, row in results["results"].items():
         cells = [str(k), f"{row['top1']:.2f}", f"{row['top5']:.2f}"]
         table.add_row(*cells, *([f"{row['feature_top1']:.2f}"] if bbox else []))
-    footer = (f"bank: {train['images']} train images ({train['features']} features); queries: {val['images']} "
-              f"val images{_skipped_text(train, val)}")
+    footer = (
+        f"bank: {train['images']} train images ({train['features']} features); queries: {val['images']} "
+        f"val images{_skipped_text(train, val)}"
+    )
     return Group(header, table, Text(footer), Text(_chance_text(results)))
 
 
@@ -112,8 +128,10 @@ def _chance_text(results: dict[str, Any]) -> str:
     chance, settings = results["chance"], results["settings"]
     bbox = settings["mode"] == "bbox"
     rule = f", any of {settings['features_per_image']}" if bbox else ""
-    text = (f"chance level ({settings['num_classes']} classes{rule}): "
-            f"top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%")
+    text = (
+        f"chance level ({settings['num_classes']} classes{rule}): "
+        f"top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%"
+    )
     if bbox:
         text += f", feature {chance['feature_top1']:.2f}%"
     return text
@@ -138,8 +156,11 @@ def comparison_table(comparison: dict[str, dict[str, float]], *, step: int, sett
     metrics of `evaluate_during_training`), with the teacher's lead in points."""
     mode = settings.mode
     k = sorted(settings.k)[min(1, len(settings.k) - 1)]  # k = 20 with the default list
-    column, chance_key = ((f"knn_{mode}_feature_top1_k{k}", f"knn_{mode}_chance_feature_top1") if mode == "bbox"
-                          else (f"knn_{mode}_top1_k{k}", f"knn_{mode}_chance_top1"))
+    column, chance_key = (
+        (f"knn_{mode}_feature_top1_k{k}", f"knn_{mode}_chance_feature_top1")
+        if mode == "bbox"
+        else (f"knn_{mode}_top1_k{k}", f"knn_{mode}_chance_top1")
+    )
     teacher, baseline = comparison["teacher"], comparison["random_init"]
     images = int(teacher[f"knn_{mode}_images"])
     measure = "feature top-1" if mode == "bbox" else "top-1"
@@ -150,8 +171,11 @@ def comparison_table(comparison: dict[str, dict[str, float]], *, step: int, sett
     table.add_row("random init (same architecture)", f"{baseline[column]:.1f}")
     table.add_row("chance", f"{teacher[chance_key]:.1f}")
     lead = teacher[column] - baseline[column]
-    verdict = (f"the teacher is {lead:.1f} points ahead of random init" if lead > 0
-               else f"the teacher is {-lead:.1f} points behind random init: the features did not improve")
+    verdict = (
+        f"the teacher is {lead:.1f} points ahead of random init"
+        if lead > 0
+        else f"the teacher is {-lead:.1f} points behind random init: the features did not improve"
+    )
     return Group(table, Text(verdict, style="green" if lead > 0 else "yellow"))
 
 
@@ -169,15 +193,18 @@ def diagnostics_table(results: dict[str, Any]) -> Table:
     """`flsl diagnose`'s figures: the checkpoint's network beside a random init."""
     import math
 
-    table = Table(title=f"{results['checkpoint']} ({results['which']}, step {results['step']}): "
-                        f"{results['images']} images of {results['val']} at {results['crop']} px",
-                  title_justify="left")
+    table = Table(
+        title=f"{results['checkpoint']} ({results['which']}, step {results['step']}): "
+        f"{results['images']} images of {results['val']} at {results['crop']} px",
+        title_justify="left",
+    )
     table.add_column("diagnostic", style="bold")
     table.add_column("trained", justify="right")
     table.add_column("random init", justify="right")
     names = {"embed_dim": results["embed_dim"], "max_entropy": math.log(results["prototypes"])}
     for key, label, fmt in _DIAGNOSTIC_ROWS:
         if key in results["trained"]:
-            table.add_row(label.format(**names), fmt.format(results["trained"][key]),
-                          fmt.format(results["random_init"][key]))
+            table.add_row(
+                label.format(**names), fmt.format(results["trained"][key]), fmt.format(results["random_init"][key])
+            )
     return table

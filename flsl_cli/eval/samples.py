@@ -56,8 +56,9 @@ class ReadPlan:
 
     @classmethod
     def from_shards(cls, shards: ShardSet, *, limit: int | None = None) -> ReadPlan:
-        return cls(urls=tuple(s.url for s in shards.shards), counts=tuple(s.samples for s in shards.shards),
-                   limit=limit)
+        return cls(
+            urls=tuple(s.url for s in shards.shards), counts=tuple(s.samples for s in shards.shards), limit=limit
+        )
 
     @property
     def num_samples(self) -> int:
@@ -101,25 +102,36 @@ def parse_annotation(fields: dict[str, bytes], *, where: str) -> tuple[int, list
             if not isinstance(annotation, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            raise DataError(f"the sample's json is unreadable ({exc})", where=where,
-                            fix="Regenerate the shards with `flsl data shards --boxes`") from None
+            raise DataError(
+                f"the sample's json is unreadable ({exc})",
+                where=where,
+                fix="Regenerate the shards with `flsl data shards --boxes`",
+            ) from None
     label: Any = annotation.get("label")
     if label is None and "cls" in fields:
         label = fields["cls"].decode("ascii", "replace").strip()
     try:
         label = int(label)
     except (TypeError, ValueError):
-        raise DataError(f"the sample has no integer class label (json 'label' or 'cls'; found {label!r})", where=where,
-                        fix="Write shards whose samples carry their class as `cls` or json 'label'") from None
+        raise DataError(
+            f"the sample has no integer class label (json 'label' or 'cls'; found {label!r})",
+            where=where,
+            fix="Write shards whose samples carry their class as `cls` or json 'label'",
+        ) from None
     try:
-        entries = [(box["bbox"], box.get("class")) if isinstance(box, dict) else (box, None)
-                   for box in annotation.get("boxes") or []]
+        entries = [
+            (box["bbox"], box.get("class")) if isinstance(box, dict) else (box, None)
+            for box in annotation.get("boxes") or []
+        ]
         if any(len(bbox) != 4 for bbox, _ in entries):
             raise ValueError("a bbox is not [x0, y0, x1, y1]")
         boxes = [((float(x0), float(y0), float(x1), float(y1)), cls) for (x0, y0, x1, y1), cls in entries]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"the sample's boxes are malformed ({exc})", where=where,
-                        fix="Boxes are {\"bbox\": [x0, y0, x1, y1], \"class\": label} in pixels") from None
+        raise DataError(
+            f"the sample's boxes are malformed ({exc})",
+            where=where,
+            fix='Boxes are {"bbox": [x0, y0, x1, y1], "class": label} in pixels',
+        ) from None
     names = {label, annotation.get("class_name")} - {None}
     own = [bbox for bbox, cls in boxes if cls in names]
     chosen = own if own else [bbox for bbox, _ in boxes]
@@ -138,8 +150,11 @@ def prepare(fields: dict[str, bytes], *, settings: SampleSettings, where: str) -
     field = image_field(fields)
     data = None if field is None else fields[field]
     if data is None:
-        raise DataError(f"the sample has no image (looked for {', '.join(IMAGE_FIELDS)})", where=where,
-                        fix="Write shards with the image as .jpg or .png")
+        raise DataError(
+            f"the sample has no image (looked for {', '.join(IMAGE_FIELDS)})",
+            where=where,
+            fix="Write shards with the image as .jpg or .png",
+        )
     try:
         image = decode_image(data)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a damaged sample
@@ -180,9 +195,11 @@ class EvalSamples(IterableDataset):
             for number, offset, url in self.plan.assignment(slot=slot, slots=slots):
                 for position, sample in enumerate(iter_samples(url, expected=self.plan.counts[number])):
                     if isinstance(sample, BadShard):  # a partial evaluation would not be comparable
-                        raise DataError(f"the shard could not be read to its end: {sample.reason}; "
-                                        f"{sample.samples} sample(s) lost", where=url,
-                                        fix="Restore or regenerate the shard, then evaluate again")
+                        raise DataError(
+                            f"the shard could not be read to its end: {sample.reason}; {sample.samples} sample(s) lost",
+                            where=url,
+                            fix="Restore or regenerate the shard, then evaluate again",
+                        )
                     key, fields = sample
                     if limit is not None and offset + position >= limit:
                         break
@@ -191,7 +208,7 @@ class EvalSamples(IterableDataset):
                     item = prepare(fields, settings=self.settings, where=f"{url} (sample {key})")
                     yield {"id": sample_id(number, position), **item}
         except DataError as exc:  # handed over as an item (it pickles intact): torch's loader re-raises
-            yield {"error": exc}      # a worker's exception as text
+            yield {"error": exc}  # a worker's exception as text
 
 
 def collate(items: list[dict]) -> dict:

@@ -58,11 +58,18 @@ class _Job:
     def images(self, batch: int = _BATCH) -> torch.Tensor:
         return random_images(batch=batch, size=self.recipe.augment.global_size)
 
-    def compare(self, candidate: Callable, *, label: str, fmt: str, reference: Callable | None = None,
-                batch: int = _BATCH) -> Check:
-        return compare_features(reference or self.backbone.forward_features, candidate, self.images(batch),
-                                label=label, tolerance=TOLERANCE[fmt], relative=fmt in RELATIVE,
-                                where=str(self.out))
+    def compare(
+        self, candidate: Callable, *, label: str, fmt: str, reference: Callable | None = None, batch: int = _BATCH
+    ) -> Check:
+        return compare_features(
+            reference or self.backbone.forward_features,
+            candidate,
+            self.images(batch),
+            label=label,
+            tolerance=TOLERANCE[fmt],
+            relative=fmt in RELATIVE,
+            where=str(self.out),
+        )
 
 
 def _is_folder(fmt: str, out: Path) -> bool:
@@ -72,11 +79,15 @@ def _is_folder(fmt: str, out: Path) -> bool:
             return False
         if out.suffix == "":
             return True
-        raise ExportError(f"--format timm writes NAME.safetensors or a directory, not {out.suffix!r}", where=str(out),
-                          fix="Use --out NAME.safetensors (one file) or --out DIR (config.json + model.safetensors)")
+        raise ExportError(
+            f"--format timm writes NAME.safetensors or a directory, not {out.suffix!r}",
+            where=str(out),
+            fix="Use --out NAME.safetensors (one file) or --out DIR (config.json + model.safetensors)",
+        )
     if out.suffix != _SUFFIX[fmt]:
-        raise ExportError(f"--format {fmt} writes a {_SUFFIX[fmt]} file", where=str(out),
-                          fix=f"Use --out NAME{_SUFFIX[fmt]}")
+        raise ExportError(
+            f"--format {fmt} writes a {_SUFFIX[fmt]} file", where=str(out), fix=f"Use --out NAME{_SUFFIX[fmt]}"
+        )
     return False
 
 
@@ -86,12 +97,22 @@ def _reload(label: str, load: Callable, *, where: Path):
         return load()
     except Exception as exc:  # noqa: BLE001 - whatever timm/onnxruntime raise, the export is not loadable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"verification failed ({label}): the written file does not load: {first}",
-                          where=str(where), fix=NOTHING_WRITTEN_FIX) from None
+        raise ExportError(
+            f"verification failed ({label}): the written file does not load: {first}",
+            where=str(where),
+            fix=NOTHING_WRITTEN_FIX,
+        ) from None
 
 
-def export_checkpoint(checkpoint: str | Path, *, fmt: str, out: str | Path, which: str = "teacher",
-                      force: bool = False, on_note: Callable[[str], None] | None = None) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path,
+    *,
+    fmt: str,
+    out: str | Path,
+    which: str = "teacher",
+    force: bool = False,
+    on_note: Callable[[str], None] | None = None,
+) -> ExportResult:
     """Export the `which` backbone of a checkpoint file or run directory as `fmt` to `out`."""
     note = on_note or (lambda message: None)
     if fmt not in FORMATS:
@@ -103,9 +124,16 @@ def export_checkpoint(checkpoint: str | Path, *, fmt: str, out: str | Path, whic
         onnx_format.require_onnx()
     loaded = load_backbone(checkpoint, which=which)
     backbone = loaded.backbone.float().eval()
-    provenance = {"exported_by": f"flsl {flsl_cli.__version__}", "format": fmt, "source": str(loaded.source),
-                  "which": which, "step": loaded.step, "arch": loaded.recipe.model.arch,
-                  "patch_size": loaded.recipe.model.patch_size, "img_size": loaded.recipe.augment.global_size}
+    provenance = {
+        "exported_by": f"flsl {flsl_cli.__version__}",
+        "format": fmt,
+        "source": str(loaded.source),
+        "which": which,
+        "step": loaded.step,
+        "arch": loaded.recipe.model.arch,
+        "patch_size": loaded.recipe.model.patch_size,
+        "img_size": loaded.recipe.augment.global_size,
+    }
     note(f"exporting the {which} backbone of {loaded.source} (step {loaded.step}) as {fmt}")
     try:
         with staged(out, force=force, folder=folder) as tmp:
@@ -113,10 +141,14 @@ def export_checkpoint(checkpoint: str | Path, *, fmt: str, out: str | Path, whic
             with torch.no_grad():
                 files, checks, usage = _WRITERS[fmt](job, fmt)
     except OSError as exc:
-        raise ExportError(f"cannot write the export: {exc.strerror or exc}", where=str(out),
-                          fix="Choose a --out in a writable directory with free space") from None
-    return ExportResult(format=fmt, which=which, step=loaded.step, source=loaded.source, files=files,
-                        checks=checks, usage=usage)
+        raise ExportError(
+            f"cannot write the export: {exc.strerror or exc}",
+            where=str(out),
+            fix="Choose a --out in a writable directory with free space",
+        ) from None
+    return ExportResult(
+        format=fmt, which=which, step=loaded.step, source=loaded.source, files=files, checks=checks, usage=usage
+    )
 
 
 # What a writer made: the files, the checks that reloaded them, the lines that load them.
@@ -130,8 +162,10 @@ def _export_timm(job: _Job, fmt: str) -> _Written:
         weights = job.tmp / timm_format.WEIGHTS_NAME
         from_dir = _reload("timm local-dir", lambda: timm_format.load_from_folder(job.tmp), where=job.out)
         from_file = _reload("timm file", lambda: timm_format.load_from_file(spec, file=weights), where=job.out)
-        checks: tuple[Check, ...] = (job.compare(from_dir.forward_features, label="timm local-dir", fmt=fmt),
-                  job.compare(from_file.forward_features, label="timm file", fmt=fmt))
+        checks: tuple[Check, ...] = (
+            job.compare(from_dir.forward_features, label="timm local-dir", fmt=fmt),
+            job.compare(from_file.forward_features, label="timm file", fmt=fmt),
+        )
         final_weights = job.out / timm_format.WEIGHTS_NAME
         files = (job.out / timm_format.CONFIG_NAME, final_weights)
         usage = (timm_format.folder_load_line(job.out), timm_format.file_load_line(spec, file=final_weights))
@@ -148,11 +182,14 @@ def _export_onnx(job: _Job, fmt: str) -> _Written:
     metadata["input"] = f"images: float32 (batch, 3, {size}, {size}), normalized with ImageNet mean/std"
     onnx_format.write(job.backbone, job.tmp, img_size=size, metadata=metadata)
     session = _reload("onnxruntime", lambda: onnx_format.session(job.tmp), where=job.out)
-    check = job.compare(lambda images: onnx_format.run_tokens(session, images), label="onnxruntime",
-                        fmt=fmt, batch=_ONNX_BATCH)
-    usage = (f"session = onnxruntime.InferenceSession({json.dumps(str(job.out))})",
-             f'tokens = session.run(["{onnx_format.OUTPUT_NAME}"], {{"{onnx_format.INPUT_NAME}": images}})[0]  '
-             f"# images: float32 (batch, 3, {size}, {size})")
+    check = job.compare(
+        lambda images: onnx_format.run_tokens(session, images), label="onnxruntime", fmt=fmt, batch=_ONNX_BATCH
+    )
+    usage = (
+        f"session = onnxruntime.InferenceSession({json.dumps(str(job.out))})",
+        f'tokens = session.run(["{onnx_format.OUTPUT_NAME}"], {{"{onnx_format.INPUT_NAME}": images}})[0]  '
+        f"# images: float32 (batch, 3, {size}, {size})",
+    )
     return (job.out,), (check,), usage
 
 
@@ -177,20 +214,33 @@ def _export_framework(job: _Job, fmt: str) -> _Written:
     size = job.recipe.augment.global_size
     framework_format.write(job.backbone, job.tmp, framework=fmt, meta=job.provenance)
     state = _reload(f"{fmt} keys", lambda: framework_format.read(job.tmp, framework=fmt), where=job.out)
-    expected = keymaps.expected_shapes(framework=fmt, depth=dims["depth"], embed_dim=dims["embed_dim"],
-                                       patch_size=config.patch_size, tokens=(size // config.patch_size) ** 2)
-    check_keys({key: tuple(value.shape) for key, value in state.items()}, expected, label=f"{fmt} keys",
-               where=str(job.out))
+    expected = keymaps.expected_shapes(
+        framework=fmt,
+        depth=dims["depth"],
+        embed_dim=dims["embed_dim"],
+        patch_size=config.patch_size,
+        tokens=(size // config.patch_size) ** 2,
+    )
+    check_keys(
+        {key: tuple(value.shape) for key, value in state.items()}, expected, label=f"{fmt} keys", where=str(job.out)
+    )
     rebuilt = VisionTransformer(**timm_kwargs(config, img_size=size)).eval()
     result = rebuilt.load_state_dict(keymaps.to_timm(state, framework=fmt), strict=False)
     dropped = keymaps.dropped_keys(framework=fmt)
     if set(result.missing_keys) != dropped or result.unexpected_keys:
-        raise ExportError(f"verification failed ({fmt} keys): mapped back to timm, missing "
-                          f"{sorted(set(result.missing_keys) - dropped)}, unexpected {result.unexpected_keys}",
-                          where=str(job.out), fix=NOTHING_WRITTEN_FIX)
+        raise ExportError(
+            f"verification failed ({fmt} keys): mapped back to timm, missing "
+            f"{sorted(set(result.missing_keys) - dropped)}, unexpected {result.unexpected_keys}",
+            where=str(job.out),
+            fix=NOTHING_WRITTEN_FIX,
+        )
     if dropped:  # detectron2: compare what ViTDet computes, the last block's tokens
-        check = job.compare(_pre_norm_tokens(rebuilt), reference=_pre_norm_tokens(job.backbone), fmt=fmt,
-                            label=f"{fmt} keys mapped back to timm, last-block tokens")
+        check = job.compare(
+            _pre_norm_tokens(rebuilt),
+            reference=_pre_norm_tokens(job.backbone),
+            fmt=fmt,
+            label=f"{fmt} keys mapped back to timm, last-block tokens",
+        )
     else:
         check = job.compare(rebuilt.forward_features, fmt=fmt, label=f"{fmt} keys mapped back to timm")
     return (job.out,), (check,), (_framework_usage(fmt, job, dims),)
@@ -200,15 +250,24 @@ def _framework_usage(fmt: str, job: _Job, dims: dict) -> str:
     patch = job.recipe.model.patch_size
     size = job.recipe.augment.global_size
     if fmt == "detectron2":
-        return (f"model.backbone.net.update(patch_size={patch}, embed_dim={dims['embed_dim']}, depth={dims['depth']}, "
-                f"num_heads={dims['num_heads']}, pretrain_img_size={size}, pretrain_use_cls_token=True); "
-                f"train.init_checkpoint = {json.dumps(str(job.out))}")
+        return (
+            f"model.backbone.net.update(patch_size={patch}, embed_dim={dims['embed_dim']}, depth={dims['depth']}, "
+            f"num_heads={dims['num_heads']}, pretrain_img_size={size}, pretrain_use_cls_token=True); "
+            f"train.init_checkpoint = {json.dumps(str(job.out))}"
+        )
     kind = "VisionTransformer" if fmt == "mmseg" else "mmseg.VisionTransformer"
-    return (f'backbone=dict(type="{kind}", img_size={size}, patch_size={patch}, embed_dims={dims["embed_dim"]}, '
-            f'num_layers={dims["depth"]}, num_heads={dims["num_heads"]}, with_cls_token=False, output_cls_token=False, '
-            f'final_norm=True, norm_cfg=dict(type="LN", eps=1e-6), '
-            f'init_cfg=dict(type="Pretrained", checkpoint={json.dumps(str(job.out))}))')
+    return (
+        f'backbone=dict(type="{kind}", img_size={size}, patch_size={patch}, embed_dims={dims["embed_dim"]}, '
+        f"num_layers={dims['depth']}, num_heads={dims['num_heads']}, with_cls_token=False, output_cls_token=False, "
+        f'final_norm=True, norm_cfg=dict(type="LN", eps=1e-6), '
+        f'init_cfg=dict(type="Pretrained", checkpoint={json.dumps(str(job.out))}))'
+    )
 
 
-_WRITERS = {"timm": _export_timm, "onnx": _export_onnx, "mmseg": _export_framework, "mmdet": _export_framework,
-            "detectron2": _export_framework}
+_WRITERS = {
+    "timm": _export_timm,
+    "onnx": _export_onnx,
+    "mmseg": _export_framework,
+    "mmdet": _export_framework,
+    "detectron2": _export_framework,
+}

@@ -62,8 +62,14 @@ _D2 = "backbone.net."
 DETECTRON2_RULES: tuple[Rule, ...] = (
     Rule("patch_embed.proj.weight", f"{_D2}patch_embed.proj.weight", "(D, 3, P, P)", "(D, 3, P, P)"),
     Rule("patch_embed.proj.bias", f"{_D2}patch_embed.proj.bias", "(D,)", "(D,)"),
-    Rule("pos_embed", f"{_D2}pos_embed", "(1, N, D)", "(1, N+1, D)", "cls_row",
-         "row 0 (class-token slot) is zeros: `pretrain_use_cls_token=True`"),
+    Rule(
+        "pos_embed",
+        f"{_D2}pos_embed",
+        "(1, N, D)",
+        "(1, N+1, D)",
+        "cls_row",
+        "row 0 (class-token slot) is zeros: `pretrain_use_cls_token=True`",
+    ),
     *(Rule(f"blocks.{{i}}.{timm}", f"{_D2}blocks.{{i}}.{timm}", shape, shape) for timm, _, shape in _BLOCK_KEYS),
     Rule("norm.weight", None, "(D,)", None, "drop", "ViTDet's ViT has no final norm"),
     Rule("norm.bias", None, "(D,)", None, "drop", "ViTDet's ViT has no final norm"),
@@ -133,7 +139,7 @@ def dropped_keys(*, framework: str) -> set[str]:
 
 
 def _shape(text: str, symbols: dict[str, int]) -> tuple[int, ...]:
-    """"(3D, D)" -> (3 * D, D); terms are an integer, a symbol with an optional factor, or
+    """ "(3D, D)" -> (3 * D, D); terms are an integer, a symbol with an optional factor, or
     symbol+integer."""
     dims = []
     for term in text.strip("()").split(","):
@@ -150,8 +156,9 @@ def _shape(text: str, symbols: dict[str, int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def expected_shapes(*, framework: str, depth: int, embed_dim: int, patch_size: int,
-                    tokens: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    *, framework: str, depth: int, embed_dim: int, patch_size: int, tokens: int
+) -> dict[str, tuple[int, ...]]:
     """Every key of a `framework` export and its shape, read from the mapping table."""
     symbols = {"D": embed_dim, "P": patch_size, "N": tokens}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -166,10 +173,14 @@ def expected_shapes(*, framework: str, depth: int, embed_dim: int, patch_size: i
 
 def markdown_table(framework: str) -> str:
     """The mapping as the markdown table docs/export.md shows (a test keeps the two equal)."""
-    lines = ["| flsl / timm key | shape | " + framework + " key | shape | note |",
-             "|---|---|---|---|---|"]
+    lines = ["| flsl / timm key | shape | " + framework + " key | shape | note |", "|---|---|---|---|---|"]
     for rule in RULES[framework]:
-        cells = [f"`{rule.source}`" if rule.source else "-", rule.source_shape or "-",
-                 f"`{rule.target}`" if rule.target else "-", rule.target_shape or "-", rule.note]
+        cells = [
+            f"`{rule.source}`" if rule.source else "-",
+            rule.source_shape or "-",
+            f"`{rule.target}`" if rule.target else "-",
+            rule.target_shape or "-",
+            rule.note,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,8 +32,10 @@ def require_onnx() -> None:
     """Fail early, with the install line, if the optional ONNX packages are missing."""
     missing = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"the onnx format needs {', '.join(missing)}, which is not installed",
-                          fix="Install the extra: pip install 'flsl[onnx]'")
+        raise ExportError(
+            f"the onnx format needs {', '.join(missing)}, which is not installed",
+            fix="Install the extra: pip install 'flsl[onnx]'",
+        )
 
 
 class PatchTokens(nn.Module):
@@ -57,13 +59,21 @@ def write(backbone: VisionTransformer, path: Path, *, img_size: int, metadata: d
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+                module,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the user needs the message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch could not export the backbone to ONNX: {first}",
-                          fix="Try another torch / onnxscript version, or export --format timm") from None
+        raise ExportError(
+            f"torch could not export the backbone to ONNX: {first}",
+            fix="Try another torch / onnxscript version, or export --format timm",
+        ) from None
     if program is None:  # torch returns None only for the legacy (dynamo=False) exporter
         raise ExportError("torch's ONNX exporter returned no program", fix="Try another torch / onnxscript version")
     model = program.model_proto

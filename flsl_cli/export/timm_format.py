@@ -52,8 +52,12 @@ def timm_spec(recipe: Recipe) -> TimmSpec:
 
 def overlay(file: Path) -> dict:
     """The `pretrained_cfg_overlay` that points timm at the weights file."""
-    return {"file": str(file), "num_classes": 0, "mean": tuple(IMAGENET_DEFAULT_MEAN),
-            "std": tuple(IMAGENET_DEFAULT_STD)}
+    return {
+        "file": str(file),
+        "num_classes": 0,
+        "mean": tuple(IMAGENET_DEFAULT_MEAN),
+        "std": tuple(IMAGENET_DEFAULT_STD),
+    }
 
 
 def config_json(spec: TimmSpec, *, provenance: dict) -> dict:
@@ -93,8 +97,10 @@ def _keywords(values: dict) -> str:
 
 def file_load_line(spec: TimmSpec, *, file: Path) -> str:
     """The Python line that loads a single-file export; `load_from_file` runs exactly this."""
-    return (f"model = timm.create_model({_literal(spec.architecture)}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict({_keywords(overlay(file))}), {_keywords(spec.model_args)})")
+    return (
+        f"model = timm.create_model({_literal(spec.architecture)}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict({_keywords(overlay(file))}), {_keywords(spec.model_args)})"
+    )
 
 
 def folder_load_line(folder: Path) -> str:
@@ -121,8 +127,9 @@ def write_folder(backbone: torch.nn.Module, folder: Path, *, spec: TimmSpec, pro
 
 
 def load_from_file(spec: TimmSpec, *, file: Path) -> torch.nn.Module:
-    model = timm.create_model(spec.architecture, pretrained=True, pretrained_cfg_overlay=overlay(file),
-                              **spec.model_args)
+    model = timm.create_model(
+        spec.architecture, pretrained=True, pretrained_cfg_overlay=overlay(file), **spec.model_args
+    )
     return model.eval()
 
 

@@ -18,8 +18,10 @@ from flsl_cli.export import ExportError
 TOLERANCE = {"timm": 1e-5, "mmseg": 1e-5, "mmdet": 1e-5, "detectron2": 1e-5, "onnx": 1e-4}
 RELATIVE = {"onnx"}
 
-NOTHING_WRITTEN_FIX = ("Nothing was written. Report this with your torch, timm and onnxruntime versions; "
-                       "a different version of the loader may help meanwhile")
+NOTHING_WRITTEN_FIX = (
+    "Nothing was written. Report this with your torch, timm and onnxruntime versions; "
+    "a different version of the loader may help meanwhile"
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,16 @@ def _as_array(tokens) -> np.ndarray:
 
 
 @torch.no_grad()
-def compare_features(reference: Callable, candidate: Callable, images: torch.Tensor, *,
-                     label: str, tolerance: float, where: str, relative: bool = False) -> Check:
+def compare_features(
+    reference: Callable,
+    candidate: Callable,
+    images: torch.Tensor,
+    *,
+    label: str,
+    tolerance: float,
+    where: str,
+    relative: bool = False,
+) -> Check:
     """Run both on `images`; fail unless the outputs have one shape and differ by <= tolerance
     (times max(1, max |reference|) if `relative`)."""
     expected = _as_array(reference(images))
@@ -53,23 +63,36 @@ def compare_features(reference: Callable, candidate: Callable, images: torch.Ten
     if relative and expected.size:
         tolerance *= max(1.0, float(np.abs(expected).max()))
     if expected.shape != found.shape:
-        raise ExportError(f"verification failed ({label}): features of shape {found.shape}, "
-                          f"expected {expected.shape}", where=where, fix=NOTHING_WRITTEN_FIX)
+        raise ExportError(
+            f"verification failed ({label}): features of shape {found.shape}, expected {expected.shape}",
+            where=where,
+            fix=NOTHING_WRITTEN_FIX,
+        )
     difference = float(np.abs(expected - found).max()) if expected.size else 0.0
     if not np.isfinite(difference) or difference > tolerance:
-        raise ExportError(f"verification failed ({label}): max abs difference {difference:.3g} is above "
-                          f"the tolerance {tolerance:g}", where=where, fix=NOTHING_WRITTEN_FIX)
+        raise ExportError(
+            f"verification failed ({label}): max abs difference {difference:.3g} is above the tolerance {tolerance:g}",
+            where=where,
+            fix=NOTHING_WRITTEN_FIX,
+        )
     return Check(label=label, max_abs_diff=difference, tolerance=tolerance)
 
 
-def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], *,
-               label: str, where: str) -> None:
+def check_keys(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], *, label: str, where: str
+) -> None:
     """Fail unless the written keys and shapes are exactly the documented ones."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(key for key in set(found) & set(expected) if tuple(found[key]) != tuple(expected[key]))
     if missing or unexpected or wrong:
-        parts = [f"{name}: {', '.join(keys[:3])}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ExportError(f"verification failed ({label}): the keys differ from the documented mapping "
-                          f"({'; '.join(parts)})", where=where, fix=NOTHING_WRITTEN_FIX)
+        parts = [
+            f"{name}: {', '.join(keys[:3])}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise ExportError(
+            f"verification failed ({label}): the keys differ from the documented mapping ({'; '.join(parts)})",
+            where=where,
+            fix=NOTHING_WRITTEN_FIX,
+        )

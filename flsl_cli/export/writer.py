@@ -21,20 +21,28 @@ def check_target(out: Path, *, force: bool, folder: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not force:
-        raise ExportError("the output already exists", where=str(out),
-                          fix="Pass --force to replace it, or choose another --out")
+        raise ExportError(
+            "the output already exists", where=str(out), fix="Pass --force to replace it, or choose another --out"
+        )
     if folder and not out.is_dir():
-        raise ExportError("the output is a file, but this export writes a directory", where=str(out),
-                          fix="Remove the file or choose another --out")
+        raise ExportError(
+            "the output is a file, but this export writes a directory",
+            where=str(out),
+            fix="Remove the file or choose another --out",
+        )
     if not folder and out.is_dir():
-        raise ExportError("the output is a directory, but this export writes a file", where=str(out),
-                          fix="Choose a file name for --out")
+        raise ExportError(
+            "the output is a directory, but this export writes a file",
+            where=str(out),
+            fix="Choose a file name for --out",
+        )
     if folder:
         others = sorted(entry.name for entry in out.iterdir() if entry.name not in FOLDER_FILES)
         if others:
             raise ExportError(
                 f"the output directory holds files that are not part of a timm export ({', '.join(others[:3])})",
-                where=str(out), fix="--force only replaces an earlier export; choose another --out",
+                where=str(out),
+                fix="--force only replaces an earlier export; choose another --out",
             )
 
 

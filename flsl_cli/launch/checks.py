@@ -25,8 +25,9 @@ def ensure_demo_data(recipe: Recipe, *, on_progress: Callable[[int, int], None] 
     train = Path(recipe.data.train).expanduser()
     if demo is None or train.exists():
         return False
-    write_demo_dataset(train.parent, images=demo.images, seed=demo.seed, image_size=demo.image_size,
-                       on_progress=on_progress)
+    write_demo_dataset(
+        train.parent, images=demo.images, seed=demo.seed, image_size=demo.image_size, on_progress=on_progress
+    )
     return True
 
 
@@ -40,8 +41,12 @@ def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
     if recipe.eval.davis is not None:  # a bad DAVIS folder fails now, not at the first evaluation
         davis = recipe.eval.davis
         read_layout(davis.davis, split=davis.split, sequences=davis.sequences, max_sequences=davis.max_sequences)
-    _, notes = plan_layout(shards, world_size=world_size, num_workers=recipe.data.num_workers,
-                           local_batch=recipe.optim.global_batch_size // world_size)
+    _, notes = plan_layout(
+        shards,
+        world_size=world_size,
+        num_workers=recipe.data.num_workers,
+        local_batch=recipe.optim.global_batch_size // world_size,
+    )
     return notes
 
 
@@ -50,10 +55,18 @@ def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool
     splits evenly, and the model, head and batch fit in memory. Every problem at once."""
     device_bytes, device_name, sharing = device_memory(devices=world_size, use_cuda=use_cuda)
     problems = []
-    for check in (lambda: check_for_world(recipe, world_size=world_size, source=source),
-                  lambda: check_memory(recipe, world_size=world_size, source=source, device_bytes=device_bytes,
-                                       device_name=device_name, processes_per_device=sharing),
-                  lambda: check_tensorboard(recipe, source=source)):
+    for check in (
+        lambda: check_for_world(recipe, world_size=world_size, source=source),
+        lambda: check_memory(
+            recipe,
+            world_size=world_size,
+            source=source,
+            device_bytes=device_bytes,
+            device_name=device_name,
+            processes_per_device=sharing,
+        ),
+        lambda: check_tensorboard(recipe, source=source),
+    ):
         try:
             check()
         except RecipeError as exc:
@@ -65,5 +78,7 @@ def check_recipe(recipe: Recipe, *, source: str, world_size: int, use_cuda: bool
 def note_worker_count(recipe: Recipe, *, on_note: Callable[[str], None]) -> None:
     cpus = usable_cpus()
     if recipe.data.num_workers > cpus:
-        on_note(f"data.num_workers is {recipe.data.num_workers}, more than the {cpus} CPUs each process may use: "
-                "the worker processes will share them")
+        on_note(
+            f"data.num_workers is {recipe.data.num_workers}, more than the {cpus} CPUs each process may use: "
+            "the worker processes will share them"
+        )

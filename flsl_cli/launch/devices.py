@@ -16,8 +16,10 @@ def resolve_devices(requested: int | None) -> tuple[int, bool]:
     if requested < 1:
         raise FlslError(f"--devices must be at least 1, found {requested}", fix="Use e.g. --devices 1")
     if gpus and requested > gpus:
-        raise FlslError(f"--devices {requested} asks for more GPUs than this machine has ({gpus})",
-                        fix=f"Use --devices {gpus} or fewer")
+        raise FlslError(
+            f"--devices {requested} asks for more GPUs than this machine has ({gpus})",
+            fix=f"Use --devices {gpus} or fewer",
+        )
     return requested, bool(gpus)
 
 

@@ -70,14 +70,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return any(sign in str(exc) for sign in ("DefaultCPUAllocator", "out of memory", "can't allocate memory"))
 
 
-def train_here(*, recipe: Recipe, source: str, run_dir: str | Path, resume: bool, devices: int,
-               launch: ProcessEnv | None = None) -> None:
+def train_here(
+    *, recipe: Recipe, source: str, run_dir: str | Path, resume: bool, devices: int, launch: ProcessEnv | None = None
+) -> None:
     """Train in this process, or in `devices` local processes; under torchrun (`launch`), this
     process is one rank of the run. The run dir is owned by this process (rank 0 under torchrun)
     meanwhile (RUN_DIR/owner.json), so no second writer starts. Running out of memory is
     reported as a user error with the estimate and what to lower."""
-    kwargs: dict[str, Any] = {"recipe_data": recipe_to_dict(recipe), "source": source, "run_dir": str(run_dir),
-                              "resume": resume}
+    kwargs: dict[str, Any] = {
+        "recipe_data": recipe_to_dict(recipe),
+        "source": source,
+        "run_dir": str(run_dir),
+        "resume": resume,
+    }
     owner = local_owner()
     # owner.json guards shared filesystems
     owned = not remote.is_remote(str(run_dir)) and (launch is None or launch.rank == 0)
@@ -99,7 +104,7 @@ def train_here(*, recipe: Recipe, source: str, run_dir: str | Path, resume: bool
             f"the run ran out of memory (estimated beforehand at {estimate.total / GB:.3g} GB per process)",
             where=str(run_dir),
             fix="Lower optim.global_batch_size, model.head_out_dim or the view sizes (augment.*), use more GPUs, "
-                "or free memory taken by other programs",
+            "or free memory taken by other programs",
         ) from None
     finally:
         if owned:
@@ -114,9 +119,16 @@ def _processes(nprocs: int, use_cuda: bool) -> str:
     return f"({nprocs} {'GPU' if use_cuda else 'CPU'} process(es))"
 
 
-def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: str | Path | None, devices: int | None,
-                   force: bool, on_demo_progress: Callable[[int, int], None] | None = None,
-                   on_note: Callable[[str], None] = lambda _: None) -> str | Path:
+def start_pretrain(
+    recipe_path: str | Path,
+    *,
+    overrides: list[str],
+    run_dir: str | Path | None,
+    devices: int | None,
+    force: bool,
+    on_demo_progress: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] = lambda _: None,
+) -> str | Path:
     """`flsl pretrain RECIPE`: check everything, create the run dir, train here.
 
     Under torchrun (`torchrun --nproc-per-node N -m flsl_cli pretrain RECIPE --run-dir DIR`),
@@ -138,8 +150,15 @@ def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: st
 
     def prepare() -> None:
         with staged(target, newest_checkpoint=False) as local:
-            prepare_new(recipe, source=str(recipe_path), run_dir=local, world_size=nprocs, force=force,
-                        on_demo_progress=on_demo_progress, on_note=on_note)
+            prepare_new(
+                recipe,
+                source=str(recipe_path),
+                run_dir=local,
+                world_size=nprocs,
+                force=force,
+                on_demo_progress=on_demo_progress,
+                on_note=on_note,
+            )
 
     if launch is None:
         prepare()
@@ -149,8 +168,7 @@ def start_pretrain(recipe_path: str | Path, *, overrides: list[str], run_dir: st
     on_note(f"run dir: {shown}  {_processes(nprocs, use_cuda)}" + (" under torchrun" if launch else ""))
     note_worker_count(recipe, on_note=on_note)
     try:
-        train_here(recipe=recipe, source=str(recipe_path), run_dir=shown, resume=False, devices=nprocs,
-                   launch=launch)
+        train_here(recipe=recipe, source=str(recipe_path), run_dir=shown, resume=False, devices=nprocs, launch=launch)
     except BaseException:
         if preparing and not remote.is_remote(target):
             remove_if_never_started(Path(target), existed=existed)
@@ -162,8 +180,10 @@ def _torchrun_devices(launch: ProcessEnv, devices: int | None) -> tuple[int, boo
     """(processes, use CUDA) of a torchrun launch: torchrun's WORLD_SIZE, one GPU per local
     rank where there are GPUs."""
     if devices is not None and devices != launch.world_size:
-        raise FlslError(f"--devices {devices} does not match torchrun's {launch.world_size} processes",
-                        fix="Leave out --devices under torchrun: its --nproc-per-node and --nnodes decide")
+        raise FlslError(
+            f"--devices {devices} does not match torchrun's {launch.world_size} processes",
+            fix="Leave out --devices under torchrun: its --nproc-per-node and --nnodes decide",
+        )
     import torch
 
     return launch.world_size, torch.cuda.is_available()
@@ -189,12 +209,15 @@ def _on_rank_zero_first(action: Callable[[], None], *, launch: ProcessEnv, use_c
         raise failure
     if failed:
         group.teardown()
-        raise FlslError("process 0 of the torchrun launch could not set up the run dir (its message says why)",
-                        fix="Fix what process 0 reports, then launch again")
+        raise FlslError(
+            "process 0 of the torchrun launch could not set up the run dir (its message says why)",
+            fix="Fix what process 0 reports, then launch again",
+        )
 
 
-def resume_run(run_dir: str | Path, *, overrides: list[str], devices: int | None,
-               on_note: Callable[[str], None] = lambda _: None) -> str | Path:
+def resume_run(
+    run_dir: str | Path, *, overrides: list[str], devices: int | None, on_note: Callable[[str], None] = lambda _: None
+) -> str | Path:
     """`flsl resume RUN_DIR`: the run's checks, then train it on from its newest checkpoint here."""
     target = str(run_dir)
     resolved: dict[str, tuple[int, bool]] = {}
@@ -205,8 +228,9 @@ def resume_run(run_dir: str | Path, *, overrides: list[str], devices: int | None
         return nprocs
 
     with staged(target, newest_checkpoint=True) as local:
-        recipe, source, step, changed = check_resume(local, overrides=overrides, world_size_of=world_size_of,
-                                                     on_note=on_note, note_skipped=False)
+        recipe, source, step, changed = check_resume(
+            local, overrides=overrides, world_size_of=world_size_of, on_note=on_note, note_skipped=False
+        )
         save_changed_recipe(local, recipe, changed, on_note)
         if step is None:  # killed before its first checkpoint: its partial logs describe steps run again
             truncate_metrics(local, after_step=0)
@@ -214,8 +238,10 @@ def resume_run(run_dir: str | Path, *, overrides: list[str], devices: int | None
     shown = _shown(target)
     nprocs, use_cuda = resolved["devices"]
     if step is None:
-        on_note(f"{shown} has no checkpoint yet: starting it again from step 0 with its saved recipe  "
-                f"{_processes(nprocs, use_cuda)}")
+        on_note(
+            f"{shown} has no checkpoint yet: starting it again from step 0 with its saved recipe  "
+            f"{_processes(nprocs, use_cuda)}"
+        )
     else:
         on_note(f"resuming {shown} from step {step}  {_processes(nprocs, use_cuda)}")
     note_worker_count(recipe, on_note=on_note)

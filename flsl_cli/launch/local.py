@@ -40,10 +40,16 @@ def free_port() -> int:
 
 def _child(local_rank: int, fn: Callable, kwargs: dict, world_size: int, port: int, error_dir: str) -> None:
     stop_request()  # before anything slow: the parent started this process with stop signals held
-    os.environ.update({
-        "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-    })
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     try:
         fn(**kwargs)
     except FlslError as exc:
@@ -62,12 +68,20 @@ def run_local_processes(fn: Callable, *, nprocs: int, kwargs: dict) -> None:
         # A stop signal that comes while the processes start is kept and passed on once they are
         # up. Holding it back is not enough here: torch's threads would take it and end this process.
         early: list[int] = []
-        previous = {signum: signal.signal(signum, lambda signum, _frame: early.append(signum))
-                    for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
+        previous = {
+            signum: signal.signal(signum, lambda signum, _frame: early.append(signum))
+            for signum in STOP_SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
         try:
             with held():  # the processes start with the stop signals held, until they can take them
-                context = mp.start_processes(_child, args=(fn, kwargs, nprocs, free_port(), error_dir),
-                                             nprocs=nprocs, join=False, start_method="spawn")
+                context = mp.start_processes(
+                    _child,
+                    args=(fn, kwargs, nprocs, free_port(), error_dir),
+                    nprocs=nprocs,
+                    join=False,
+                    start_method="spawn",
+                )
         except BaseException:
             _restore(previous)
             raise
@@ -102,6 +116,7 @@ def _pass_on(context):
                     os.kill(process.pid, signum)
                 except OSError:
                     pass
+
     return handler
 
 

@@ -49,8 +49,16 @@ def refuse_second_writer(run_dir: Path) -> None:
     refuse_if_owned(run_dir, slurm_state=job_state)
 
 
-def prepare_new(recipe: Recipe, *, source: str, run_dir: Path, world_size: int, force: bool,
-                on_demo_progress: Callable[[int, int], None] | None, on_note: Callable[[str], None]) -> None:
+def prepare_new(
+    recipe: Recipe,
+    *,
+    source: str,
+    run_dir: Path,
+    world_size: int,
+    force: bool,
+    on_demo_progress: Callable[[int, int], None] | None,
+    on_note: Callable[[str], None],
+) -> None:
     """Check everything a new run needs for `world_size` processes, then create its run dir."""
     check_for_world(recipe, world_size=world_size, source=source)
     if ensure_demo_data(recipe, on_progress=on_demo_progress):
@@ -60,8 +68,11 @@ def prepare_new(recipe: Recipe, *, source: str, run_dir: Path, world_size: int, 
     try:
         prepare_new_run(run_dir, recipe_yaml=recipe_to_yaml(recipe), force=force)
     except OSError as exc:
-        raise RunDirError(f"cannot create the run directory ({exc.strerror or exc})", where=str(run_dir),
-                          fix="Choose a --run-dir in a place this user can write") from None
+        raise RunDirError(
+            f"cannot create the run directory ({exc.strerror or exc})",
+            where=str(run_dir),
+            fix="Choose a --run-dir in a place this user can write",
+        ) from None
 
 
 def remove_unsubmitted(run_dir: Path, *, existed: bool) -> None:
@@ -103,8 +114,14 @@ def refuse_file_as_run_dir(run_dir: str | Path) -> None:
     raise RunDirError("this is a file, not a run directory", where=str(run_dir), fix=fix)
 
 
-def check_resume(run_dir: Path, *, overrides: list[str], world_size_of: Callable[[Recipe], int],
-                 on_note: Callable[[str], None], note_skipped: bool) -> tuple[Recipe, str, int | None, list[str]]:
+def check_resume(
+    run_dir: Path,
+    *,
+    overrides: list[str],
+    world_size_of: Callable[[Recipe], int],
+    on_note: Callable[[str], None],
+    note_skipped: bool,
+) -> tuple[Recipe, str, int | None, list[str]]:
     """Everything `flsl resume` checks before it starts: the run, the changed recipe keys, the
     process count, a usable checkpoint, the data. Returns (recipe, source, step, changed keys);
     step is None for a run that has no checkpoint yet (it starts again from step 0). Damaged
@@ -120,8 +137,11 @@ def check_resume(run_dir: Path, *, overrides: list[str], world_size_of: Callable
         blocked = [key for key in changed if any(key == k or key.startswith(k + ".") for k in SHAPE_KEYS)]
         if blocked:
             raise RecipeError(
-                [f"{key}: cannot change on resume (it changes the shapes of the saved tensors); drop this --set, "
-                 "or start a new run with `flsl pretrain`" for key in blocked],
+                [
+                    f"{key}: cannot change on resume (it changes the shapes of the saved tensors); drop this --set, "
+                    "or start a new run with `flsl pretrain`"
+                    for key in blocked
+                ],
                 source=source,
             )
         world_size = world_size_of(recipe)
@@ -129,6 +149,7 @@ def check_resume(run_dir: Path, *, overrides: list[str], world_size_of: Callable
     refuse_second_writer(run_dir)
     step = None
     if list_checkpoints(run_dir):
+
         def on_skip(ref, why: str) -> None:
             if note_skipped:
                 on_note(f"skipping damaged checkpoint {ref.path.name}: {why}")
@@ -145,8 +166,9 @@ def save_changed_recipe(run_dir: Path, recipe: Recipe, changed: list[str], on_no
         on_note(f"recipe changed on resume: {', '.join(changed)}")
 
 
-def prepare_for_job(recipe_path: str | Path, *, overrides: list[str], run_dir: Path,
-                    on_note: Callable[[str], None] = lambda _: None) -> None:
+def prepare_for_job(
+    recipe_path: str | Path, *, overrides: list[str], run_dir: Path, on_note: Callable[[str], None] = lambda _: None
+) -> None:
     """In the batch script of slurm/flsl.sbatch: create the run dir for this job's processes
     (SLURM_NTASKS), unless it already holds the run (a requeued job runs the script again)."""
     if (Path(run_dir) / RECIPE_NAME).exists() and (Path(run_dir) / RUN_NAME).exists():
@@ -154,6 +176,13 @@ def prepare_for_job(recipe_path: str | Path, *, overrides: list[str], run_dir: P
         return
     recipe = load_recipe(recipe_path, overrides=overrides)
     world_size = slurm_tasks()
-    prepare_new(recipe, source=str(recipe_path), run_dir=Path(run_dir), world_size=world_size, force=False,
-                on_demo_progress=None, on_note=on_note)
+    prepare_new(
+        recipe,
+        source=str(recipe_path),
+        run_dir=Path(run_dir),
+        world_size=world_size,
+        force=False,
+        on_demo_progress=None,
+        on_note=on_note,
+    )
     on_note(f"created {run_dir} for {world_size} process(es)")

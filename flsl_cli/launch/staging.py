@@ -41,6 +41,9 @@ def storage_errors(url: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - each fsspec backend raises its own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RunDirError(f"cannot reach the run directory ({type(exc).__name__}: {first})", where=url,
-                          fix="Check the URL, that the bucket exists, and the storage credentials (for S3 the "
-                              "AWS_* variables or profile; for GCS gcloud's)") from None
+        raise RunDirError(
+            f"cannot reach the run directory ({type(exc).__name__}: {first})",
+            where=url,
+            fix="Check the URL, that the bucket exists, and the storage credentials (for S3 the "
+            "AWS_* variables or profile; for GCS gcloud's)",
+        ) from None

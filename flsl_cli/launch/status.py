@@ -32,19 +32,19 @@ from flsl_cli.train.rundir import (
 @dataclass
 class RunStatus:
     run_dir: str
-    status: str                      # run.json's status, or the SLURM state of the newest job
-    recorded_status: str | None      # run.json's status as written by the run
-    scheduler: str                   # "slurm" or "local"
+    status: str  # run.json's status, or the SLURM state of the newest job
+    recorded_status: str | None  # run.json's status as written by the run
+    scheduler: str  # "slurm" or "local"
     job_ids: list[str] = field(default_factory=list)
     jobs: dict[str, dict[str, str]] = field(default_factory=dict)  # what squeue/sacct say
     slurm_answered: bool = False
-    step: int | None = None          # newest step in metrics.jsonl
+    step: int | None = None  # newest step in metrics.jsonl
     epoch: float | None = None
     newest_checkpoint: dict[str, Any] | None = None  # {"step", "path", "age_s"}
     checkpoints: int = 0
     requeues: int = 0
     job_requeues: dict[str, int] = field(default_factory=dict)  # per job: flsl's or SLURM's count
-    nodes: str | None = None         # the newest job's node list
+    nodes: str | None = None  # the newest job's node list
     job_nodes: dict[str, str] = field(default_factory=dict)  # per job: its node list
     stopped: dict[str, Any] | None = None  # {"step", "signal"} of the last stop on request
     last_error: dict[str, Any] | None = None
@@ -96,8 +96,14 @@ def _recorded(where: str, data: dict[str, Any]) -> RunStatus:
     recorded = record.status.value
     requeues = record.requeues_per_job()
     result = RunStatus(
-        run_dir=where, status=recorded, recorded_status=recorded, scheduler=record.scheduler,
-        job_ids=list(record.job_ids), requeues=sum(requeues.values()), job_requeues=requeues, nodes=record.nodes,
+        run_dir=where,
+        status=recorded,
+        recorded_status=recorded,
+        scheduler=record.scheduler,
+        job_ids=list(record.job_ids),
+        requeues=sum(requeues.values()),
+        job_requeues=requeues,
+        nodes=record.nodes,
         job_nodes=dict(record.job_nodes),
         # an error of an earlier attempt is history once the run finished
         last_error=None if record.status is RecordStatus.FINISHED else _error(record.last_error),
@@ -188,8 +194,9 @@ def _newest_checkpoint(directory: Path) -> tuple[dict[str, Any] | None, int]:
     """The newest committed checkpoint (one with a manifest; not verified here) and how many."""
     if not directory.is_dir():
         return None, 0
-    found = sorted((int(m.group(1)), entry) for entry in directory.iterdir()
-                   if (m := MANIFEST_PATTERN.match(entry.name)))
+    found = sorted(
+        (int(m.group(1)), entry) for entry in directory.iterdir() if (m := MANIFEST_PATTERN.match(entry.name))
+    )
     if not found:
         return None, 0
     step, manifest = found[-1]

@@ -41,8 +41,9 @@ def gather_queries(tokens_bnd: torch.Tensor, query_index_bq: torch.Tensor) -> to
     return tokens_bnd.gather(1, index)
 
 
-def attention_modes(queries_bqd: torch.Tensor, tokens_bnd: torch.Tensor, *, beta: float,
-                    fused: bool = False) -> torch.Tensor:
+def attention_modes(
+    queries_bqd: torch.Tensor, tokens_bnd: torch.Tensor, *, beta: float, fused: bool = False
+) -> torch.Tensor:
     """One mean-shift step: the attention-weighted mean of `tokens` for each query, (b, q, d).
 
     `fused` computes the same softmax(beta z.Z^T) Z with `scaled_dot_product_attention` (keys and
@@ -108,8 +109,9 @@ def flsl_loss(
         queries.append(z.flatten(0, 1))
         modes.append(attention_modes(z, tokens, beta=beta_sa, fused=fused_modes).flatten(0, 1))
         with torch.no_grad():
-            teacher_modes.append(attention_modes(z.detach(), teacher_tokens_bnd, beta=beta_ca,
-                                                 fused=fused_modes).flatten(0, 1))
+            teacher_modes.append(
+                attention_modes(z.detach(), teacher_tokens_bnd, beta=beta_ca, fused=fused_modes).flatten(0, 1)
+            )
     z_qd, m_qd = torch.cat(queries), torch.cat(modes)
 
     student_log_probs = F.log_softmax(student_head(m_qd).float() / student_temp, dim=-1)

@@ -29,7 +29,7 @@ class ProjectionHead(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-        nn.init.kaiming_uniform_(self.prototypes, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.prototypes, a=5**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)

@@ -30,8 +30,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, dict]:
         ref, payload = newest_valid(path)
         return ref.path, payload
     if not path.exists():
-        raise CheckpointError("the checkpoint does not exist", where=str(path),
-                              fix="Pass a file from RUN_DIR/checkpoints/ or a run directory")
+        raise CheckpointError(
+            "the checkpoint does not exist",
+            where=str(path),
+            fix="Pass a file from RUN_DIR/checkpoints/ or a run directory",
+        )
     return path, load_file(path)
 
 
@@ -48,7 +51,8 @@ def load_network(path: str | Path, *, which: str = "teacher") -> tuple[Network, 
         first = str(exc).strip().splitlines()
         raise CheckpointError(
             f"the {which} weights do not match the architecture in the checkpoint's recipe "
-            f"({' '.join(line.strip() for line in first[:3])})", where=str(file),
+            f"({' '.join(line.strip() for line in first[:3])})",
+            where=str(file),
             fix="The file was written by an incompatible flsl version or edited; use a checkpoint of this version",
         ) from None
     network.eval()

@@ -53,8 +53,9 @@ def resample_pos_embed(table_1nd: torch.Tensor, *, grid: tuple[int, int]) -> tor
         return table_1nd
     dim = table_1nd.shape[-1]
     table = table_1nd.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    table = F.interpolate(table, scale_factor=((rows + 0.1) / old, (cols + 0.1) / old), mode="bicubic",
-                          align_corners=False)
+    table = F.interpolate(
+        table, scale_factor=((rows + 0.1) / old, (cols + 0.1) / old), mode="bicubic", align_corners=False
+    )
     return table.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(table_1nd.dtype)
 
 

@@ -52,8 +52,9 @@ from flsl_cli.train.step import NonFiniteLoss, StepRunner, StudentObjective, aut
 from flsl_cli.train.tensorboard import MetricsLog, open_metrics_log
 
 
-def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size: int,
-                 steps_per_epoch: int) -> StepRunner:
+def build_runner(
+    recipe: Recipe, *, device: torch.device, rank: int, world_size: int, steps_per_epoch: int
+) -> StepRunner:
     """Networks, optimizer and scaler for a run, with DDP applied from outside when needed."""
     torch.manual_seed(recipe.optim.seed)
     if device.type == "cuda":
@@ -70,9 +71,17 @@ def build_runner(recipe: Recipe, *, device: torch.device, rank: int, world_size:
     optimizer = build_optimizer(student, config=recipe.optim, device=device)
     fp16 = autocast_dtype(recipe.optim.precision, device) == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    return StepRunner(recipe=recipe, schedules=Schedules(recipe=recipe, steps_per_epoch=steps_per_epoch),
-                      student=student, teacher=teacher, objective=objective, optimizer=optimizer,
-                      scaler=scaler, device=device, rank=rank)
+    return StepRunner(
+        recipe=recipe,
+        schedules=Schedules(recipe=recipe, steps_per_epoch=steps_per_epoch),
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        optimizer=optimizer,
+        scaler=scaler,
+        device=device,
+        rank=rank,
+    )
 
 
 def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool, show_progress: bool = True) -> None:
@@ -80,8 +89,7 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
     signals are taken from the start: one that arrives before the first step stops the run
     there (see `flsl_cli.signals`)."""
     signals.stop_request()
-    timeout = float((recipe_data.get("slurm") or {}).get("collective_timeout_minutes")
-                    or group.DEFAULT_TIMEOUT_MINUTES)
+    timeout = float((recipe_data.get("slurm") or {}).get("collective_timeout_minutes") or group.DEFAULT_TIMEOUT_MINUTES)
     env = group.setup(timeout_minutes=timeout)
     mirror = None
     try:
@@ -91,8 +99,15 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
             remote.pull(mirror, staging, rank=env.rank, newest_checkpoint=resume)
         try:
             with run_logging(Path(run_dir), rank=env.rank):
-                session = TrainSession(env, recipe_data=recipe_data, source=source, run_dir=Path(run_dir),
-                                       resume=resume, show_progress=show_progress, mirror=mirror)
+                session = TrainSession(
+                    env,
+                    recipe_data=recipe_data,
+                    source=source,
+                    run_dir=Path(run_dir),
+                    resume=resume,
+                    show_progress=show_progress,
+                    mirror=mirror,
+                )
                 session.run()
         except BaseException:
             if mirror:  # the log tells what went wrong: pushed if the storage lets it
@@ -115,19 +130,37 @@ class TrainSession:
     pushed to the mirror.
     """
 
-    def __init__(self, env: group.DistEnv, *, recipe_data: dict, source: str, run_dir: Path, resume: bool,
-                 show_progress: bool, mirror: str | None = None) -> None:
+    def __init__(
+        self,
+        env: group.DistEnv,
+        *,
+        recipe_data: dict,
+        source: str,
+        run_dir: Path,
+        resume: bool,
+        show_progress: bool,
+        mirror: str | None = None,
+    ) -> None:
         self.env, self.run_dir, self.mirror, self.show_progress = env, run_dir, mirror, show_progress
         self.recipe = recipe = validate_recipe(recipe_data, source=source)
         self.recipe_yaml = (run_dir / RECIPE_NAME).read_text()
         shards = resolve_shards(recipe.data.train)
-        self.layout, notes = plan_layout(shards, world_size=env.world_size, num_workers=recipe.data.num_workers,
-                                         local_batch=recipe.optim.global_batch_size // env.world_size)
+        self.layout, notes = plan_layout(
+            shards,
+            world_size=env.world_size,
+            num_workers=recipe.data.num_workers,
+            local_batch=recipe.optim.global_batch_size // env.world_size,
+        )
         if env.device.type == "cpu":
             torch.set_num_threads(dist_env.cpu_threads(data_workers=self.layout.loader_workers))
         self.device_views = device_views_for(recipe, device=env.device, source=source)
-        self.runner = build_runner(recipe, device=env.device, rank=env.rank, world_size=env.world_size,
-                                   steps_per_epoch=self.layout.steps_per_epoch)
+        self.runner = build_runner(
+            recipe,
+            device=env.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            steps_per_epoch=self.layout.steps_per_epoch,
+        )
         self.total_steps = self.runner.schedules.total_steps
         self.stop_at = min(self.total_steps, recipe.optim.max_steps or self.total_steps)
         self.health = DataHealth(max_bad_fraction=recipe.data.max_bad_fraction)
@@ -137,12 +170,23 @@ class TrainSession:
         if resume:
             self._restore_newest()
 
-        self.stream = TrainStream(shards, layout=self.layout, rank=env.rank, seed=recipe.optim.seed,
-                                  shuffle_buffer=recipe.data.shuffle_buffer, augment=MultiCropAugment(recipe))
+        self.stream = TrainStream(
+            shards,
+            layout=self.layout,
+            rank=env.rank,
+            seed=recipe.optim.seed,
+            shuffle_buffer=recipe.data.shuffle_buffer,
+            augment=MultiCropAugment(recipe),
+        )
         self.loader = build_loader(self.stream, pin_memory=env.device.type == "cuda")
-        self.progress = TrainProgress(total_steps=self.stop_at, start_step=self.start_step, epochs=recipe.optim.epochs,
-                                      steps_per_epoch=self.layout.steps_per_epoch,
-                                      enabled=env.is_main and show_progress, log_every=recipe.logging.every_steps)
+        self.progress = TrainProgress(
+            total_steps=self.stop_at,
+            start_step=self.start_step,
+            epochs=recipe.optim.epochs,
+            steps_per_epoch=self.layout.steps_per_epoch,
+            enabled=env.is_main and show_progress,
+            log_every=recipe.logging.every_steps,
+        )
         for note in self.notes:
             self.progress.note(f"[yellow]note:[/] {escape(note)}")
         self.metrics = open_metrics_log(run_dir, recipe=recipe, start_step=self.start_step) if env.is_main else None
@@ -152,8 +196,9 @@ class TrainSession:
         self.window_images = 0
 
     def _restore_newest(self) -> None:
-        ref, payload = newest_valid(self.run_dir, on_skip=lambda r, why: self.notes.append(
-            f"skipping damaged checkpoint {r.path.name}: {why}"))
+        ref, payload = newest_valid(
+            self.run_dir, on_skip=lambda r, why: self.notes.append(f"skipping damaged checkpoint {r.path.name}: {why}")
+        )
         restore(self.runner, payload)
         self.step = self.start_step = self.last_saved = int(payload["step"])
         self.health.add(**payload.get("data_health", {"seen": 0, "bad": 0}))
@@ -162,7 +207,8 @@ class TrainSession:
             self.notes.append(
                 f"resuming with {layout.world_size} process(es) x {layout.workers} worker(s) instead of "
                 f"{saved.get('world_size')} x {saved.get('workers')}: the data order from here on differs "
-                "from an uninterrupted run")
+                "from an uninterrupted run"
+            )
         self.notes.append(f"resumed from {ref.path} (step {self.start_step})")
         if self.env.is_main:
             # This process owns the run dir: a temporary file there is what a killed writer left.
@@ -171,8 +217,10 @@ class TrainSession:
                 self.notes.append(f"removed {leftover.name}, left by a checkpoint write that was cut off")
             for name in set_aside_newer(self.run_dir, step=self.start_step):
                 remote = " (the remote copy is removed)" if self.mirror else ""
-                self.notes.append(f"set the damaged {name} aside as {name}{DAMAGED_SUFFIX}: "
-                                  f"it no longer counts among checkpoint.keep_last{remote}")
+                self.notes.append(
+                    f"set the damaged {name} aside as {name}{DAMAGED_SUFFIX}: "
+                    f"it no longer counts among checkpoint.keep_last{remote}"
+                )
             truncate_metrics(self.run_dir, after_step=self.start_step)
             truncate_metrics(self.run_dir, after_step=self.start_step, name=BAD_SAMPLES_NAME)
             record_resume(self.run_dir, step=self.start_step)
@@ -197,15 +245,21 @@ class TrainSession:
                     comparison = self._compare_with_random_init()
             except RuntimeError as exc:  # torch reports a data worker that died at any moment
                 failure = worker_failure(exc, run_dir=self.shown_as) or group.peer_lost(
-                    exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes)
+                    exc, rank=env.rank, timeout_minutes=self.recipe.slurm.collective_timeout_minutes
+                )
                 if failure is None:
                     raise
                 raise failure from None
         except RunStopped as exc:
             self.progress.close()
             if env.is_main:
-                update_status(run_dir, status="stopped", stopped_at_step=self.step, resumable_from=self.last_saved,
-                              stop_signal=exc.signal_name)
+                update_status(
+                    run_dir,
+                    status="stopped",
+                    stopped_at_step=self.step,
+                    resumable_from=self.last_saved,
+                    stop_signal=exc.signal_name,
+                )
                 self.sync()
             raise
         except BaseException as exc:
@@ -213,9 +267,13 @@ class TrainSession:
             if env.is_main:
                 failed = isinstance(exc, FlslError) or not isinstance(exc, (KeyboardInterrupt, SystemExit))
                 message = exc.describe() if isinstance(exc, FlslError) else f"{type(exc).__name__}: {exc}"
-                update_status(run_dir, status="failed" if failed else "stopped", stopped_at_step=self.step,
-                              resumable_from=self.last_saved,
-                              last_error={"step": self.step, "message": message} if failed else None)
+                update_status(
+                    run_dir,
+                    status="failed" if failed else "stopped",
+                    stopped_at_step=self.step,
+                    resumable_from=self.last_saved,
+                    last_error={"step": self.step, "message": message} if failed else None,
+                )
                 _try(self.sync)
             raise
         finally:
@@ -227,25 +285,40 @@ class TrainSession:
             update_status(run_dir, status="finished" if self.step >= self.total_steps else "stopped", step=self.step)
             self.sync()
             if self.show_progress:
-                _print_summary(self.progress, run_dir=run_dir, shown_as=self.shown_as, step=self.step,
-                               total=self.total_steps, values=self.values, seconds=seconds,
-                               start_step=self.start_step)
+                _print_summary(
+                    self.progress,
+                    run_dir=run_dir,
+                    shown_as=self.shown_as,
+                    step=self.step,
+                    total=self.total_steps,
+                    values=self.values,
+                    seconds=seconds,
+                    start_step=self.start_step,
+                )
                 if comparison and self.recipe.eval.knn is not None:
-                    self.progress.console.print(comparison_table(comparison, step=self.step,
-                                                                 settings=self.recipe.eval.knn))
+                    self.progress.console.print(
+                        comparison_table(comparison, step=self.step, settings=self.recipe.eval.knn)
+                    )
 
     def _compare_with_random_init(self) -> dict[str, dict[str, float]]:
         """The k-NN figures of the teacher and of a random init (every rank takes part); rank 0
         logs them to metrics.jsonl (and so to `flsl plot`) as the step's `final` row."""
         settings = self.recipe.eval.knn
         assert settings is not None, "eval.at_end is validated to come with eval.knn"
-        teacher = evaluate_during_training(backbone=self.runner.teacher.backbone, settings=settings,
-                                           device=self.env.device)
+        teacher = evaluate_during_training(
+            backbone=self.runner.teacher.backbone, settings=settings, device=self.env.device
+        )
         random_backbone = random_init_backbone(self.recipe).to(self.env.device)
         baseline = evaluate_during_training(backbone=random_backbone, settings=settings, device=self.env.device)
         if self.metrics:
-            self.metrics.write({"step": self.step, "final": True, **teacher,
-                                **{f"random_init_{key}": value for key, value in baseline.items()}})
+            self.metrics.write(
+                {
+                    "step": self.step,
+                    "final": True,
+                    **teacher,
+                    **{f"random_init_{key}": value for key, value in baseline.items()},
+                }
+            )
         return {"teacher": teacher, "random_init": baseline}
 
     @property
@@ -261,16 +334,23 @@ class TrainSession:
         if self.env.world_size > 1:
             asked = float(all_reduce_sum(torch.tensor([asked], device=self.env.device)).item())
         if asked:
-            kept = (f"the run stays resumable from step {self.last_saved}" if self.last_saved is not None
-                    else "nothing was trained, so there is nothing to save")
+            kept = (
+                f"the run stays resumable from step {self.last_saved}"
+                if self.last_saved is not None
+                else "nothing was trained, so there is nothing to save"
+            )
             raise self._stop_error(f"before its first step; {kept}")
 
     def _stop_error(self, when: str) -> RunStopped:
         """A run without a checkpoint resumes too: from step 0, with its saved recipe."""
         assert self.runner.stop_request is not None, "the session installs the stop request"
         name = self.runner.stop_request.signal_name or "a stop request on another process"
-        return RunStopped(f"stopped by {name} {when}", step=self.step, signal_name=name,
-                          fix=f"Continue with `flsl resume {self.shown_as}`")
+        return RunStopped(
+            f"stopped by {name} {when}",
+            step=self.step,
+            signal_name=name,
+            fix=f"Continue with `flsl resume {self.shown_as}`",
+        )
 
     def _run_epoch(self) -> None:
         """The rest of the current epoch, or up to the stop step."""
@@ -304,8 +384,15 @@ class TrainSession:
         if runner.stop_agreed and self.step < self.stop_at:  # on the last step the run just ends
             raise self._stopped()
         if self.step % layout.steps_per_epoch == 0 and _eval_due(recipe, epoch=self.step // layout.steps_per_epoch):
-            _evaluate(runner, recipe=recipe, env=self.env, step=self.step, epoch=self.step / layout.steps_per_epoch,
-                      metrics=self.metrics, progress=self.progress)
+            _evaluate(
+                runner,
+                recipe=recipe,
+                env=self.env,
+                step=self.step,
+                epoch=self.step / layout.steps_per_epoch,
+                metrics=self.metrics,
+                progress=self.progress,
+            )
         if _due(recipe, step=self.step, last_save_time=self.last_save_time) and self.step < self.stop_at:
             self.save()
 
@@ -316,9 +403,16 @@ class TrainSession:
         rate = self.window_images / elapsed if elapsed > 0 else 0.0
         self.progress.update(step=self.step, values=self.values, images_per_s=rate)
         if self.metrics and (self.step % self.recipe.logging.every_steps == 0 or self.step == self.stop_at):
-            self.metrics.write({"step": self.step, "epoch": self.step / self.layout.steps_per_epoch,
-                                **{k: round(v, 8) for k, v in self.values.items()}, "images_per_s": round(rate, 2),
-                                "seen": self.health.seen, "bad": self.health.bad})
+            self.metrics.write(
+                {
+                    "step": self.step,
+                    "epoch": self.step / self.layout.steps_per_epoch,
+                    **{k: round(v, 8) for k, v in self.values.items()},
+                    "images_per_s": round(rate, 2),
+                    "seen": self.health.seen,
+                    "bad": self.health.bad,
+                }
+            )
             self.window_start, self.window_images = time.monotonic(), 0
 
     def _account_bad_samples(self, reports: list[dict]) -> None:
@@ -345,15 +439,21 @@ class TrainSession:
         if self.last_saved != self.step:
             self.save()
         barrier()
-        return self._stop_error(f"after step {self.step}; its checkpoint is saved in "
-                                f"{storage.join(self.shown_as, CHECKPOINTS_DIR)}")
+        return self._stop_error(
+            f"after step {self.step}; its checkpoint is saved in {storage.join(self.shown_as, CHECKPOINTS_DIR)}"
+        )
 
     def save(self) -> None:
         """Checkpoint the current step (rank 0 writes; every rank records it)."""
         if self.env.is_main:
-            save_checkpoint(self.run_dir, step=self.step, keep_last=self.recipe.checkpoint.keep_last,
-                            payload=checkpoint_payload(self.runner, step=self.step, layout=self.layout,
-                                                       recipe_yaml=self.recipe_yaml, health=self.health))
+            save_checkpoint(
+                self.run_dir,
+                step=self.step,
+                keep_last=self.recipe.checkpoint.keep_last,
+                payload=checkpoint_payload(
+                    self.runner, step=self.step, layout=self.layout, recipe_yaml=self.recipe_yaml, health=self.health
+                ),
+            )
             self.sync()
         self.last_saved, self.last_save_time = self.step, time.monotonic()
 
@@ -381,16 +481,28 @@ def _eval_due(recipe: Recipe, *, epoch: int) -> bool:
     return epoch % every == 0
 
 
-def _evaluate(runner: StepRunner, *, recipe: Recipe, env: group.DistEnv, step: int, epoch: float,
-              metrics: MetricsLog | None, progress: TrainProgress) -> None:
+def _evaluate(
+    runner: StepRunner,
+    *,
+    recipe: Recipe,
+    env: group.DistEnv,
+    step: int,
+    epoch: float,
+    metrics: MetricsLog | None,
+    progress: TrainProgress,
+) -> None:
     """The evaluations of the teacher's backbone (k-NN, DAVIS) on every rank; rank 0 logs them."""
     results = {}
     if recipe.eval.knn is not None:
-        results.update(evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn,
-                                                device=env.device))
+        results.update(
+            evaluate_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.knn, device=env.device)
+        )
     if recipe.eval.davis is not None:
-        results.update(evaluate_davis_during_training(backbone=runner.teacher.backbone, settings=recipe.eval.davis,
-                                                      device=env.device))
+        results.update(
+            evaluate_davis_during_training(
+                backbone=runner.teacher.backbone, settings=recipe.eval.davis, device=env.device
+            )
+        )
     if metrics:
         metrics.write({"step": step, "epoch": epoch, **{k: round(v, 4) for k, v in results.items()}})
     shown = ", ".join(f"{k} {v:.1f}" for k, v in results.items() if "top1" in k or k == "davis_JF_mean")
@@ -409,25 +521,38 @@ def _due(recipe: Recipe, *, step: int, last_save_time: float) -> bool:
 
 def _diverged(step: int, values: dict[str, float], *, last_saved: int | None, run_dir: Path) -> TrainingDiverged:
     terms = ", ".join(f"{name} = {value}" for name, value in values.items())
-    kept = (f"The last good checkpoint (step {last_saved}) in {checkpoint_dir(run_dir)} is intact"
-            if last_saved is not None else "No checkpoint had been written yet")
+    kept = (
+        f"The last good checkpoint (step {last_saved}) in {checkpoint_dir(run_dir)} is intact"
+        if last_saved is not None
+        else "No checkpoint had been written yet"
+    )
     return TrainingDiverged(
         f"the loss became non-finite at step {step + 1} ({terms}); training stopped. {kept}",
-        fix="Lower optim.base_lr or optim.clip_grad, check loss.sa_scale/ca_scale, "
-            "then `flsl resume` (or start again)",
+        fix="Lower optim.base_lr or optim.clip_grad, check loss.sa_scale/ca_scale, then `flsl resume` (or start again)",
     )
 
 
-def _print_summary(progress: TrainProgress, *, run_dir: Path, shown_as: str, step: int, total: int,
-                   values: dict[str, float], seconds: float, start_step: int) -> None:
+def _print_summary(
+    progress: TrainProgress,
+    *,
+    run_dir: Path,
+    shown_as: str,
+    step: int,
+    total: int,
+    values: dict[str, float],
+    seconds: float,
+    start_step: int,
+) -> None:
     checkpoints = list_checkpoints(run_dir)
     rows = [
         ("steps", f"{step} of {total}" + (f" (resumed at {start_step})" if start_step else "")),
         ("time", f"{seconds:.0f} s"),
     ]
     if values:
-        rows += [("final loss", f"{values['loss']:.4f}"),
-                 ("terms", f"L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")]
+        rows += [
+            ("final loss", f"{values['loss']:.4f}"),
+            ("terms", f"L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}"),
+        ]
     rows += [
         ("run dir", shown_as),
         ("metrics", storage.join(shown_as, METRICS_NAME)),

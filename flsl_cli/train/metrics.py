@@ -27,4 +27,3 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._handle.close()
-

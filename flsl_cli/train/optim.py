@@ -20,8 +20,9 @@ def parameter_groups(model: nn.Module) -> list[dict]:
 
 def build_optimizer(model: nn.Module, *, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; the fused CUDA kernel on GPUs (one launch for all parameters)."""
-    return torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=config.betas, weight_decay=0.0,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        parameter_groups(model), lr=0.0, betas=config.betas, weight_decay=0.0, fused=device.type == "cuda"
+    )
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float) -> None:

@@ -13,8 +13,17 @@ from flsl_cli.progress import ProgressBars
 
 
 class TrainProgress:
-    def __init__(self, *, total_steps: int, start_step: int, epochs: int, steps_per_epoch: int,
-                 enabled: bool, log_every: int, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        start_step: int,
+        epochs: int,
+        steps_per_epoch: int,
+        enabled: bool,
+        log_every: int,
+        console: Console | None = None,
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.epochs = epochs
@@ -24,27 +33,45 @@ class TrainProgress:
         self._live = enabled and self.console.is_terminal
         self._progress = None
         if self._live:  # the bar on one line and the loss terms on the next: both fit 80 columns
-            self._progress = ProgressBars(console=self.console, columns=(
-                TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                MofNCompleteColumn(), TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn()))
-            self._progress.update("train", done=start_step, total=total_steps,
-                                  epoch=start_step // steps_per_epoch + 1, epochs=epochs, rate=0.0)
+            self._progress = ProgressBars(
+                console=self.console,
+                columns=(
+                    TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:.1f} img/s"),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                ),
+            )
+            self._progress.update(
+                "train",
+                done=start_step,
+                total=total_steps,
+                epoch=start_step // steps_per_epoch + 1,
+                epochs=epochs,
+                rate=0.0,
+            )
         self._started = time.monotonic()
 
     def update(self, *, step: int, values: dict[str, float], images_per_s: float) -> None:
         if not self.enabled:
             return
-        terms = (f"loss {values['loss']:.4f}  L1 {values['intra']:.4f}  "
-                 f"L2 {values['inter']:.4f}  L3 {values['volume']:.4f}")
+        terms = (
+            f"loss {values['loss']:.4f}  L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}"
+        )
         epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
         if self._progress is not None:
             self._progress.set_footer(terms)
             self._progress.update("train", done=step, total=self.total_steps, epoch=epoch, rate=images_per_s)
         elif step % self.log_every == 0 or step == self.total_steps:
-            self.console.print(f"epoch {epoch}/{self.epochs}  step {step}/{self.total_steps}  "
-                               f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}", highlight=False,
-                               soft_wrap=True)  # one line per log entry, whatever the console width
+            self.console.print(
+                f"epoch {epoch}/{self.epochs}  step {step}/{self.total_steps}  "
+                f"{images_per_s:.1f} img/s  {terms}  lr {values['lr']:.2e}",
+                highlight=False,
+                soft_wrap=True,
+            )  # one line per log entry, whatever the console width
 
     def note(self, message: str) -> None:
         if self.enabled:

@@ -36,12 +36,12 @@ LOCK_NAME = "run.json.lock"
 class RunStatus(str, Enum):
     """What run.json's `status` says."""
 
-    CREATED = "created"        # the run dir exists, nothing trained yet
+    CREATED = "created"  # the run dir exists, nothing trained yet
     SUBMITTING = "submitting"  # a SLURM job is being submitted
-    STARTING = "starting"      # a SLURM job attempt claimed the run and starts training
+    STARTING = "starting"  # a SLURM job attempt claimed the run and starts training
     RUNNING = "running"
-    STOPPED = "stopped"        # stopped on request at a saved step; `flsl resume` continues it
-    REQUEUED = "requeued"      # the SLURM job was requeued and resumes by itself
+    STOPPED = "stopped"  # stopped on request at a saved step; `flsl resume` continues it
+    REQUEUED = "requeued"  # the SLURM job was requeued and resumes by itself
     FAILED = "failed"
     FINISHED = "finished"
 
@@ -54,15 +54,26 @@ class RunStatus(str, Enum):
 class JobStates:
     """SLURM job states (squeue/scontrol names), in the groups flsl uses."""
 
-    ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-             "OUT_OF_MEMORY", "REVOKED", "SPECIAL_EXIT")
+    ENDED = (
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "PREEMPTED",
+        "NODE_FAIL",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    )
     ENDING = ("COMPLETING", *ENDED)  # the job is on its way out (a requeued job passes COMPLETING too)
     WAITING_AGAIN = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # queued (again, after a requeue)
     ACTIVE = ("RUNNING", "CONFIGURING", "COMPLETING")  # its processes run (or end)
 
     @staticmethod
     def base(state: str) -> str:
-        """"COMPLETING+" or "CANCELLED by 0" -> the state's name."""
+        """ "COMPLETING+" or "CANCELLED by 0" -> the state's name."""
         words = state.split()
         return words[0].rstrip("+") if words else ""
 
@@ -111,8 +122,11 @@ class RunRecord:
         try:
             values["status"] = RunStatus(values.get("status", RunStatus.CREATED))
         except ValueError:
-            raise RunDirError(f"{RUN_NAME} has an unknown status {data.get('status')!r}", where=where,
-                              fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+            raise RunDirError(
+                f"{RUN_NAME} has an unknown status {data.get('status')!r}",
+                where=where,
+                fix="Check the file; flsl writes it atomically, so it was changed by hand",
+            ) from None
         for name in ("job_restarts", "job_requeues", "failure_requeues"):
             values[name] = {str(k): int(v) for k, v in (values.get(name) or {}).items()}
         values["job_nodes"] = {str(k): str(v) for k, v in (values.get("job_nodes") or {}).items()}
@@ -187,8 +201,17 @@ class RunRecord:
         """What `requeued` changes, to put back with `requeue_undone` when the requeue did not happen."""
         return dict(self.job_requeues), dict(self.failure_requeues), self.requeues, self.last_requeue
 
-    def requeued(self, *, job_id: str, restart: int, by: str, cause: str | None, step: int | None,
-                 signal: str | None, after_failure: bool = False) -> int:
+    def requeued(
+        self,
+        *,
+        job_id: str,
+        restart: int,
+        by: str,
+        cause: str | None,
+        step: int | None,
+        signal: str | None,
+        after_failure: bool = False,
+    ) -> int:
         """The job was requeued (by SLURM, or flsl asks for it next): counted once per requeue,
         however it happened. Returns the job's requeue count."""
         count = max(self.job_requeues.get(job_id, 0), restart) + 1
@@ -196,8 +219,14 @@ class RunRecord:
         if after_failure:
             self.failure_requeues[job_id] = self.failure_requeues.get(job_id, 0) + 1
         self.requeues = sum(self.requeues_per_job().values())
-        self.last_requeue = {"job_id": job_id, "step": step, "signal": signal, "by": by, "cause": cause,
-                             "time": timestamps.now()}
+        self.last_requeue = {
+            "job_id": job_id,
+            "step": step,
+            "signal": signal,
+            "by": by,
+            "cause": cause,
+            "time": timestamps.now(),
+        }
         self.status = RunStatus.REQUEUED
         return count
 
@@ -239,8 +268,11 @@ def load_record(run_dir: str | Path) -> RunRecord:
     except FileNotFoundError:
         return RunRecord()
     except OSError as exc:
-        raise RunDirError(f"cannot read {RUN_NAME} ({exc.strerror or exc})", where=str(run_dir),
-                          fix="Check the run directory's permissions") from None
+        raise RunDirError(
+            f"cannot read {RUN_NAME} ({exc.strerror or exc})",
+            where=str(run_dir),
+            fix="Check the run directory's permissions",
+        ) from None
     return parse_record(text, where=str(path))
 
 
@@ -248,11 +280,17 @@ def parse_record(text: str, *, where: str) -> RunRecord:
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=where,
-                          fix="Check the file; flsl writes it atomically, so it was cut or changed by hand") from None
+        raise RunDirError(
+            f"{RUN_NAME} cannot be read ({exc})",
+            where=where,
+            fix="Check the file; flsl writes it atomically, so it was cut or changed by hand",
+        ) from None
     if not isinstance(data, dict):
-        raise RunDirError(f"{RUN_NAME} does not hold a record (a JSON object)", where=where,
-                          fix="Check the file; flsl writes it atomically, so it was changed by hand")
+        raise RunDirError(
+            f"{RUN_NAME} does not hold a record (a JSON object)",
+            where=where,
+            fix="Check the file; flsl writes it atomically, so it was changed by hand",
+        )
     return RunRecord.from_dict(data, where=where)
 
 

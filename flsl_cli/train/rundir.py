@@ -1,10 +1,10 @@
 """The run directory: resolved recipe, run record, metrics and checkpoints.
 
-    RUN_DIR/recipe.yaml      the fully resolved recipe this run trains with
-    RUN_DIR/run.json         the run record (`run_record.py`): status, its SLURM jobs, stops, errors
-    RUN_DIR/metrics.jsonl    one JSON object per logged step
-    RUN_DIR/checkpoints/     step-NNNNNNNN.pt + .json manifests
-    RUN_DIR/logs/rank-N.log  what process N logged (storage retries, ...)
+RUN_DIR/recipe.yaml      the fully resolved recipe this run trains with
+RUN_DIR/run.json         the run record (`run_record.py`): status, its SLURM jobs, stops, errors
+RUN_DIR/metrics.jsonl    one JSON object per logged step
+RUN_DIR/checkpoints/     step-NNNNNNNN.pt + .json manifests
+RUN_DIR/logs/rank-N.log  what process N logged (storage retries, ...)
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def prepare_new_run(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
         _refuse_or_clear(run_dir, recipe_yaml=recipe_yaml, force=force)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / RECIPE_NAME, recipe_yaml)
-    write_record(run_dir, RunRecord(flsl_version=__version__, created=timestamps.now(),
-                                    recipe_fingerprint=fingerprint(recipe_yaml)))
+    write_record(
+        run_dir,
+        RunRecord(flsl_version=__version__, created=timestamps.now(), recipe_fingerprint=fingerprint(recipe_yaml)),
+    )
 
 
 def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
@@ -67,24 +69,35 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
     checkpoints = list_checkpoints(run_dir)
     if not is_run:
         raise RunDirError(
-            "the run directory is not empty and does not hold a flsl run", where=str(run_dir),
+            "the run directory is not empty and does not hold a flsl run",
+            where=str(run_dir),
             fix="Choose a new or empty --run-dir; flsl never deletes files it did not write",
         )
     same = (run_dir / RECIPE_NAME).exists() and (run_dir / RECIPE_NAME).read_text() == recipe_yaml
     if checkpoints:
-        what = ("the run directory already holds this run with checkpoints" if same
-                else "the run directory holds a different run, with checkpoints")
+        what = (
+            "the run directory already holds this run with checkpoints"
+            if same
+            else "the run directory holds a different run, with checkpoints"
+        )
         raise RunDirError(
-            f"{what} (newest: step {checkpoints[-1].step})", where=str(run_dir),
-            fix=(f"Continue it with `flsl resume {run_dir}`, or choose another --run-dir "
-                 "(--force never deletes checkpoints)"),
+            f"{what} (newest: step {checkpoints[-1].step})",
+            where=str(run_dir),
+            fix=(
+                f"Continue it with `flsl resume {run_dir}`, or choose another --run-dir "
+                "(--force never deletes checkpoints)"
+            ),
         )
     if not force:
         raise RunDirError(
-            "the run directory holds " + ("this run, with no checkpoint yet" if same else
-                                          "another run (with no checkpoint yet)"), where=str(run_dir),
-            fix=(f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
-                 if same else "Choose another --run-dir, or pass --force to start over in it"),
+            "the run directory holds "
+            + ("this run, with no checkpoint yet" if same else "another run (with no checkpoint yet)"),
+            where=str(run_dir),
+            fix=(
+                f"Start it again with `flsl resume {run_dir}`, choose another --run-dir, or pass --force"
+                if same
+                else "Choose another --run-dir, or pass --force to start over in it"
+            ),
         )
     for name in (RECIPE_NAME, RUN_NAME, LOCK_NAME, METRICS_NAME, LOGS_DIR, CHECKPOINTS_DIR):
         target = run_dir / name
@@ -98,12 +111,18 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(recipe YAML text, run record) of an existing run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunDirError("the run directory does not exist", where=str(run_dir),
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+        raise RunDirError(
+            "the run directory does not exist",
+            where=str(run_dir),
+            fix="Pass the --run-dir of a run started with `flsl pretrain`",
+        )
     recipe_path = run_dir / RECIPE_NAME
     if not recipe_path.exists():
-        raise RunDirError(f"this is not a flsl run directory (no {RECIPE_NAME})", where=str(run_dir),
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+        raise RunDirError(
+            f"this is not a flsl run directory (no {RECIPE_NAME})",
+            where=str(run_dir),
+            fix="Pass the --run-dir of a run started with `flsl pretrain`",
+        )
     try:
         record = json.loads((run_dir / RUN_NAME).read_text())
     except (OSError, ValueError):
@@ -118,26 +137,39 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     path = storage.local_path(url) if storage.is_local(url) else None
     if path is not None and path.is_file():
         holder = f": {path.parent}" if path.name in (RUN_NAME, RECIPE_NAME) else ""
-        raise RunDirError("this is a file, not a run directory", where=url,
-                          fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)")
+        raise RunDirError(
+            "this is a file, not a run directory",
+            where=url,
+            fix=f"Pass the run directory that holds it{holder} (the --run-dir of `flsl pretrain`)",
+        )
     if path is not None and not path.is_dir():
-        raise RunDirError("the run directory does not exist", where=url,
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`")
+        raise RunDirError(
+            "the run directory does not exist",
+            where=url,
+            fix="Pass the --run-dir of a run started with `flsl pretrain`",
+        )
     try:
         text = storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8", errors="replace")
         parse_record(text, where=storage.join(url, RUN_NAME))  # a clear error for a cut or changed file
         return json.loads(text)
     except FileNotFoundError:
-        raise RunDirError(f"this is not a flsl run directory (no {RUN_NAME})", where=url,
-                          fix="Pass the --run-dir of a run started with `flsl pretrain`") from None
+        raise RunDirError(
+            f"this is not a flsl run directory (no {RUN_NAME})",
+            where=url,
+            fix="Pass the --run-dir of a run started with `flsl pretrain`",
+        ) from None
     except ValueError as exc:
-        raise RunDirError(f"{RUN_NAME} cannot be read ({exc})", where=url,
-                          fix="Check the file; flsl writes it atomically, so it was changed by hand") from None
+        raise RunDirError(
+            f"{RUN_NAME} cannot be read ({exc})",
+            where=url,
+            fix="Check the file; flsl writes it atomically, so it was changed by hand",
+        ) from None
     except FlslError:
         raise
     except OSError as exc:
-        raise RunDirError(f"cannot read the run directory ({exc})", where=url,
-                          fix="Check the path or URL and your access to it") from None
+        raise RunDirError(
+            f"cannot read the run directory ({exc})", where=url, fix="Check the path or URL and your access to it"
+        ) from None
 
 
 def update_status(run_dir: Path, **fields: Any) -> None:
@@ -185,8 +217,13 @@ OWNER_NAME = "owner.json"
 
 def local_owner() -> dict[str, Any]:
     """The owner record of this process."""
-    return {"kind": "local", "host": socket.gethostname(), "pid": os.getpid(),
-            "started": _process_start(os.getpid()), "since": timestamps.now()}
+    return {
+        "kind": "local",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _process_start(os.getpid()),
+        "since": timestamps.now(),
+    }
 
 
 def slurm_owner(job_id: str) -> dict[str, Any]:
@@ -239,13 +276,14 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
                 return
             raise RunDirError(
                 f"the run directory belongs to SLURM job {job_id}, and SLURM cannot be asked here "
-                "whether that job still runs", where=str(run_dir),
+                "whether that job still runs",
+                where=str(run_dir),
                 fix=f"Check with `squeue -j {job_id}` on the cluster; {release}",
             )
         if state and JobStates.holds_run(state):
             raise RunDirError(
-                f"the run directory is being written by SLURM job {job_id} ({state}); a second writer "
-                "would corrupt it", where=str(run_dir),
+                f"the run directory is being written by SLURM job {job_id} ({state}); a second writer would corrupt it",
+                where=str(run_dir),
                 fix=f"Wait for the job, or stop it with `scancel {job_id}` (send `scancel --signal=USR2 "
                 f"{job_id}` to checkpoint first), then run the command again",
             )
@@ -255,14 +293,15 @@ def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = N
         if _process_alive(owner):
             raise RunDirError(
                 f"the run directory is being written by flsl process {pid} on this machine; a second "
-                "writer would corrupt it", where=str(run_dir),
+                "writer would corrupt it",
+                where=str(run_dir),
                 fix=f"Wait for it to finish or stop it (Ctrl-C, or `kill {pid}`); {release}",
             )
         return
     if _recorded_status(run_dir) == "running":
         raise RunDirError(
-            f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says "
-            "running)", where=str(run_dir),
+            f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says running)",
+            where=str(run_dir),
             fix=f"Check whether that process still runs on {host}; {release}",
         )
 

@@ -53,8 +53,9 @@ class Schedules:
 
     def lr(self, step: int) -> float:
         optim = self.recipe.optim
-        return warmup_cosine(step, warmup=self._steps(optim.warmup_epochs), total=self.total_steps,
-                             peak=self.peak_lr(), end=optim.min_lr)
+        return warmup_cosine(
+            step, warmup=self._steps(optim.warmup_epochs), total=self.total_steps, peak=self.peak_lr(), end=optim.min_lr
+        )
 
     def weight_decay(self, step: int) -> float:
         optim = self.recipe.optim
@@ -65,8 +66,12 @@ class Schedules:
 
     def teacher_temp(self, step: int) -> float:
         loss = self.recipe.loss
-        return linear_warmup(step, warmup=self._steps(loss.warmup_teacher_temp_epochs),
-                             start=loss.warmup_teacher_temp, end=loss.teacher_temp)
+        return linear_warmup(
+            step,
+            warmup=self._steps(loss.warmup_teacher_temp_epochs),
+            start=loss.warmup_teacher_temp,
+            end=loss.teacher_temp,
+        )
 
     def last_layer_frozen(self, step: int) -> bool:
         return step < self._steps(self.recipe.optim.freeze_last_layer_epochs)

@@ -19,8 +19,9 @@ from flsl_cli.data.stream import StreamLayout
 from flsl_cli.train.step import StepRunner
 
 
-def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, recipe_yaml: str,
-                       health: DataHealth) -> dict[str, Any]:
+def checkpoint_payload(
+    runner: StepRunner, *, step: int, layout: StreamLayout, recipe_yaml: str, health: DataHealth
+) -> dict[str, Any]:
     return {
         "step": step,
         "epoch": step // layout.steps_per_epoch,
@@ -29,8 +30,12 @@ def checkpoint_payload(runner: StepRunner, *, step: int, layout: StreamLayout, r
         "optimizer": runner.optimizer.state_dict(),
         "scaler": runner.scaler.state_dict(),
         "recipe_yaml": recipe_yaml,
-        "layout": {"world_size": layout.world_size, "workers": layout.workers,
-                   "local_batch": layout.local_batch, "steps_per_epoch": layout.steps_per_epoch},
+        "layout": {
+            "world_size": layout.world_size,
+            "workers": layout.workers,
+            "local_batch": layout.local_batch,
+            "steps_per_epoch": layout.steps_per_epoch,
+        },
         "rng": capture_rng(),
         "data_health": health.state(),
     }

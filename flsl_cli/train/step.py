@@ -45,17 +45,32 @@ class StudentObjective(nn.Module):
         self.weights = LossWeights(upsilon=loss.upsilon, eta=loss.eta, gamma=loss.gamma)
         self.fused_modes = recipe.optim.fused_modes
 
-    def forward(self, batch: dict[str, torch.Tensor], *, teacher_tokens_bnd: torch.Tensor,
-                teacher_head: nn.Module, teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        teacher_tokens_bnd: torch.Tensor,
+        teacher_head: nn.Module,
+        teacher_temp: float,
+    ) -> dict[str, torch.Tensor]:
         views = [StudentView(self.student.tokens(batch["global"]), batch["global_queries"])]
         if "locals" in batch:
             locals_ = batch["locals"]
             images, count = locals_.shape[:2]
             tokens = self.student.tokens(locals_.flatten(0, 1)).unflatten(0, (images, count))
             views += [StudentView(tokens[:, i], batch["local_queries"][:, i]) for i in range(count)]
-        return flsl_loss(views, teacher_tokens_bnd, student_head=self.student.head, teacher_head=teacher_head,
-                         beta_sa=self.beta_sa, beta_ca=self.beta_ca, student_temp=self.student_temp,
-                         teacher_temp=teacher_temp, weights=self.weights, fused_modes=self.fused_modes)
+        return flsl_loss(
+            views,
+            teacher_tokens_bnd,
+            student_head=self.student.head,
+            teacher_head=teacher_head,
+            beta_sa=self.beta_sa,
+            beta_ca=self.beta_ca,
+            student_temp=self.student_temp,
+            teacher_temp=teacher_temp,
+            weights=self.weights,
+            fused_modes=self.fused_modes,
+        )
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -70,7 +85,8 @@ def compile_backbones(*networks: Network) -> None:
         backbone = network.backbone
         # Replacing the bound method on this instance is the point: state-dict keys stay the module's.
         backbone.forward_features = torch.compile(  # type: ignore[method-assign]
-            backbone.forward_features, dynamic=False)
+            backbone.forward_features, dynamic=False
+        )
 
 
 @dataclass
@@ -101,8 +117,12 @@ class StepRunner:
         with autocast:
             with torch.no_grad():
                 teacher_tokens = self.teacher.tokens(batch["teacher"])
-            terms = self.objective(batch, teacher_tokens_bnd=teacher_tokens, teacher_head=self.teacher.head,
-                                   teacher_temp=scheduled["teacher_temp"])
+            terms = self.objective(
+                batch,
+                teacher_tokens_bnd=teacher_tokens,
+                teacher_head=self.teacher.head,
+                teacher_temp=scheduled["teacher_temp"],
+            )
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
@@ -110,8 +130,9 @@ class StepRunner:
             self.student.head.prototypes.grad = None
         if self.recipe.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.grad is not None],
-                                           self.recipe.optim.clip_grad)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.student.parameters() if p.grad is not None], self.recipe.optim.clip_grad
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         ema_update(self.teacher, self.student, momentum=scheduled["momentum"])
@@ -124,12 +145,16 @@ class StepRunner:
         its result is the step's only host sync: it comes after the step's work is queued."""
         counters = {**counters, "stop": 1.0 if self.stop_request is not None and self.stop_request.requested else 0.0}
         device = terms["loss"].device
-        local = torch.cat([torch.stack([terms[name].detach().float() for name in TERMS]),
-                           torch.tensor(list(counters.values()), dtype=torch.float32).to(device, non_blocking=True)])
+        local = torch.cat(
+            [
+                torch.stack([terms[name].detach().float() for name in TERMS]),
+                torch.tensor(list(counters.values()), dtype=torch.float32).to(device, non_blocking=True),
+            ]
+        )
         reduced = all_reduce_sum(local).tolist()
-        self.totals = dict(zip(counters, reduced[len(TERMS):]))
+        self.totals = dict(zip(counters, reduced[len(TERMS) :]))
         self.stop_agreed = self.totals["stop"] > 0
-        values = dict(zip(TERMS, (value / world_size() for value in reduced[:len(TERMS)])))
+        values = dict(zip(TERMS, (value / world_size() for value in reduced[: len(TERMS)])))
         if not all(math.isfinite(v) for v in values.values()):
             raise NonFiniteLoss(values)
         return values

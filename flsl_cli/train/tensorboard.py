@@ -21,10 +21,17 @@ INSTALL = "pip install 'flsl[tensorboard]'"
 
 # metrics.jsonl key -> TensorBoard tag; keys not listed go under "other/" (k-NN under "knn/")
 _TAGS = {
-    "loss": "loss/total", "intra": "loss/intra", "inter": "loss/inter", "volume": "loss/volume",
-    "lr": "schedule/lr", "wd": "schedule/weight_decay", "teacher_temp": "schedule/teacher_temp",
-    "momentum": "schedule/teacher_momentum", "images_per_s": "speed/images_per_s",
-    "seen": "data/samples_seen", "bad": "data/bad_samples",
+    "loss": "loss/total",
+    "intra": "loss/intra",
+    "inter": "loss/inter",
+    "volume": "loss/volume",
+    "lr": "schedule/lr",
+    "wd": "schedule/weight_decay",
+    "teacher_temp": "schedule/teacher_temp",
+    "momentum": "schedule/teacher_momentum",
+    "images_per_s": "speed/images_per_s",
+    "seen": "data/samples_seen",
+    "bad": "data/bad_samples",
 }
 _NOT_SCALARS = ("step", "epoch")
 
@@ -32,8 +39,13 @@ _NOT_SCALARS = ("step", "epoch")
 def check_tensorboard(recipe: Recipe, *, source: str) -> None:
     """A recipe that asks for TensorBoard needs the package installed."""
     if recipe.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise RecipeError([f"logging.tensorboard: true needs the tensorboard package, which is not installed; "
-                           f"run {INSTALL}, or set logging.tensorboard=false"], source=source)
+        raise RecipeError(
+            [
+                f"logging.tensorboard: true needs the tensorboard package, which is not installed; "
+                f"run {INSTALL}, or set logging.tensorboard=false"
+            ],
+            source=source,
+        )
 
 
 def tag_of(key: str) -> str:
@@ -49,9 +61,11 @@ class TensorBoardLog:
         try:  # checked before training starts; a SLURM node may still lack the package
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise FlslError("logging.tensorboard: true needs the tensorboard package, which is not installed "
-                            "where the run trains", where=str(run_dir),
-                            fix=f"Run {INSTALL} there, or resume with --set logging.tensorboard=false") from None
+            raise FlslError(
+                "logging.tensorboard: true needs the tensorboard package, which is not installed where the run trains",
+                where=str(run_dir),
+                fix=f"Run {INSTALL} there, or resume with --set logging.tensorboard=false",
+            ) from None
 
         # purge_step: readers drop what an earlier attempt wrote from this step on
         self._writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1)

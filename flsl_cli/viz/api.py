@@ -43,9 +43,15 @@ class Subject:
     head: ProjectionHead | None = None
 
 
-def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: VisualizeSettings,
-              compare: ModelSpec | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> list[Path]:
+def visualize(
+    *,
+    spec: ModelSpec,
+    images: list[str],
+    out: Path,
+    settings: VisualizeSettings,
+    compare: ModelSpec | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
     """Draw one grid per image into `out` (created if needed); returns the files written."""
     require_matplotlib()
     out = Path(out).expanduser()
@@ -56,8 +62,7 @@ def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: Visual
         subjects.append(Subject(load_eval_model(compare), name=""))
     layers = _check_models(subjects, layers=list(settings.layers) if settings.layers else None)
     patch = subjects[0].model.patch_size
-    prepared = [prepare_image(path, size=settings.size, patch=patch, points=list(settings.points))
-                for path in images]
+    prepared = [prepare_image(path, size=settings.size, patch=patch, points=list(settings.points)) for path in images]
     for subject in subjects:
         subject.name = model_name(subject.model)
         subject.head = load_head(subject.model)
@@ -69,8 +74,10 @@ def visualize(*, spec: ModelSpec, images: list[str], out: Path, settings: Visual
         for index, image in enumerate(prepared):
             name = _png_name(image.source, taken={n for n, _ in entries})
             rows = [model_row(subject, image=image, layers=layers) for subject in subjects]
-            heading = f"{Path(image.source).name}  ({image.original_size[0]} x {image.original_size[1]}, drawn at " \
-                      f"{image.pixels_hw3.shape[1]} x {image.pixels_hw3.shape[0]})"
+            heading = (
+                f"{Path(image.source).name}  ({image.original_size[0]} x {image.original_size[1]}, drawn at "
+                f"{image.pixels_hw3.shape[1]} x {image.pixels_hw3.shape[0]})"
+            )
             render_grid(rows, image_hw3=image.pixels_hw3, heading=heading, path=staging / name)
             entries.append((name, f"{image.source}: " + " | ".join(s.name for s in subjects)))
             if on_progress:
@@ -94,7 +101,8 @@ def _check_models(subjects: list[Subject], *, layers: list[int] | None) -> list[
                 f"the --compare model ({_arch(model)}, patch {model.patch_size}) does not match CHECKPOINT "
                 f"({_arch(first)}, patch {first.patch_size}): the two rows need the same patch grid",
                 where=str(model.description.get("source", "")),
-                fix="Compare models of the same patch size (e.g. a checkpoint and its --random-init)")
+                fix="Compare models of the same patch size (e.g. a checkpoint and its --random-init)",
+            )
         check_layers(layers, depth=depth_of(model), model=f"{role} ({_arch(model)})")
     return layers
 
@@ -133,12 +141,23 @@ def model_row(subject: Subject, *, image: PreparedImage, layers: list[int]) -> l
     for point, mark in zip(image.points, marks):
         for layer in probe_layers:
             row, col = point_token(image, point, grid_hw=(grids[layer].shape[0], grids[layer].shape[1]))
-            panels.append(Panel(f"probe ({point[0]},{point[1]})\nlayer {layer}", kind="heat", marks=[mark],
-                                values_hw=probe_map(grids[layer], row=row, col=col).numpy()))
+            panels.append(
+                Panel(
+                    f"probe ({point[0]},{point[1]})\nlayer {layer}",
+                    kind="heat",
+                    marks=[mark],
+                    values_hw=probe_map(grids[layer], row=row, col=col).numpy(),
+                )
+            )
     if subject.head is not None:
         clusters = cluster_map(subject.head, grids[depth]).numpy()
-        panels.append(Panel(f"clusters (argmax of K={subject.head.prototypes.shape[0]})\nlayer {depth}",
-                            kind="clusters", values_hw=clusters))
+        panels.append(
+            Panel(
+                f"clusters (argmax of K={subject.head.prototypes.shape[0]})\nlayer {depth}",
+                kind="clusters",
+                values_hw=clusters,
+            )
+        )
     return panels
 
 

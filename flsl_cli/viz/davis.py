@@ -25,8 +25,9 @@ def draw_sequences(settings: DavisEvalConfig, *, predictions: Path, out: Path, n
     the files written into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     sequences = {s.name: s for s in read_layout(settings.davis, split=settings.split, sequences=names)}
-    return [draw_sequence(sequences[name], predictions=Path(predictions, name), path=out / f"{name}.png")
-            for name in names]
+    return [
+        draw_sequence(sequences[name], predictions=Path(predictions, name), path=out / f"{name}.png") for name in names
+    ]
 
 
 def draw_sequence(sequence: Sequence, *, predictions: Path, path: Path) -> Path:
@@ -37,8 +38,9 @@ def draw_sequence(sequence: Sequence, *, predictions: Path, path: Path) -> Path:
         frame = read_image(sequence.frames[index]).convert("RGB")
         truth = read_image(sequence.masks[index])
         predicted = Image.open(predictions / sequence.frame_name(index))
-        palette = np.array((truth.getpalette() or predicted.getpalette() or [0] * 768)[:768] + [0] * 768,
-                           dtype=np.uint8)[:768].reshape(256, 3)
+        palette = np.array(
+            (truth.getpalette() or predicted.getpalette() or [0] * 768)[:768] + [0] * 768, dtype=np.uint8
+        )[:768].reshape(256, 3)
         what = "first frame (given)" if index == 0 else f"frame {index}: propagated"
         top.append(_panel(frame, np.asarray(predicted), palette, label=what))
         bottom.append(_panel(frame, np.asarray(truth), palette, label=f"frame {index}: annotation"))

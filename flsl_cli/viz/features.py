@@ -13,8 +13,10 @@ from flsl_cli.eval.backbones import EvalModel
 def depth_of(model: EvalModel) -> int:
     blocks = getattr(model.module, "blocks", None)
     if blocks is None or not hasattr(model.module, "forward_intermediates"):
-        raise FlslError(f"the model {model.description.get('arch', '')} has no transformer blocks to take layers "
-                        "from", fix="Visualize a ViT (a flsl checkpoint, its export, or a timm ViT)")
+        raise FlslError(
+            f"the model {model.description.get('arch', '')} has no transformer blocks to take layers from",
+            fix="Visualize a ViT (a flsl checkpoint, its export, or a timm ViT)",
+        )
     return len(blocks)
 
 
@@ -27,8 +29,10 @@ def check_layers(layers: list[int], *, depth: int, model: str) -> None:
     for layer in layers:
         if not 1 <= layer <= depth:
             example = ",".join(map(str, default_layers(depth)))
-            raise FlslError(f"layer {layer} is beyond the depth of {model} ({depth} blocks, layers 1 to {depth})",
-                            fix=f"Pass --layers between 1 and {depth}, e.g. --layers {example}")
+            raise FlslError(
+                f"layer {layer} is beyond the depth of {model} ({depth} blocks, layers 1 to {depth})",
+                fix=f"Pass --layers between 1 and {depth}, e.g. --layers {example}",
+            )
 
 
 def to_tensor(model: EvalModel, pixels_hw3: np.ndarray) -> torch.Tensor:
@@ -45,8 +49,8 @@ def layer_tokens(model: EvalModel, pixels_hw3: np.ndarray, *, layers: list[int])
     images = to_tensor(model, pixels_hw3)
     depth = depth_of(model)
     out = model.module.forward_intermediates(  # type: ignore[operator]  # timm's model contract
-        images, indices=[layer - 1 for layer in layers], norm=False,
-                                             output_fmt="NCHW", intermediates_only=True)
+        images, indices=[layer - 1 for layer in layers], norm=False, output_fmt="NCHW", intermediates_only=True
+    )
     grids = {}
     for layer, tokens_bdhw in zip(layers, out):
         if layer == depth and hasattr(model.module, "norm"):  # the trained features

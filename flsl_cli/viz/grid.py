@@ -12,9 +12,9 @@ import numpy as np
 
 from flsl_cli.viz.extras import require_matplotlib
 
-PANEL_PX = 200      # width of a panel
-TITLE_PX = 34       # room for the two-line title above each row of panels
-HEADER_PX = 24      # the image's name, above the rows
+PANEL_PX = 200  # width of a panel
+TITLE_PX = 34  # room for the two-line title above each row of panels
+HEADER_PX = 24  # the image's name, above the rows
 DPI = 100
 HEAT_ALPHA = 0.6
 CLUSTER_COLORS = 20
@@ -49,8 +49,9 @@ def render_grid(rows: list[list[Panel]], *, image_hw3: np.ndarray, heading: str,
         for r, row in enumerate(rows):
             top = HEADER_PX + r * (height_px + TITLE_PX) + TITLE_PX
             for c, panel in enumerate(row):
-                axes = figure.add_axes((c * PANEL_PX / width, 1 - (top + height_px) / height,
-                                        PANEL_PX / width, height_px / height))
+                axes = figure.add_axes(
+                    (c * PANEL_PX / width, 1 - (top + height_px) / height, PANEL_PX / width, height_px / height)
+                )
                 _draw(axes, panel, image_hw3=image_hw3)
         figure.savefig(path, dpi=DPI, format="png")
     finally:
@@ -62,12 +63,26 @@ def _draw(axes, panel: Panel, *, image_hw3: np.ndarray) -> None:
     axes.imshow(image_hw3, extent=(0, w, h, 0))
     if panel.kind == "heat":
         assert panel.values_hw is not None, "a heat panel carries its values"
-        axes.imshow(np.clip(panel.values_hw, panel.low, 1.0), cmap="inferno", vmin=panel.low, vmax=1.0,
-                    alpha=HEAT_ALPHA, extent=(0, w, h, 0), interpolation="bilinear")
+        axes.imshow(
+            np.clip(panel.values_hw, panel.low, 1.0),
+            cmap="inferno",
+            vmin=panel.low,
+            vmax=1.0,
+            alpha=HEAT_ALPHA,
+            extent=(0, w, h, 0),
+            interpolation="bilinear",
+        )
     elif panel.kind == "clusters":
         assert panel.values_hw is not None, "a clusters panel carries its values"
-        axes.imshow(panel.values_hw % CLUSTER_COLORS, cmap="tab20", vmin=0, vmax=CLUSTER_COLORS - 1,
-                    alpha=HEAT_ALPHA, extent=(0, w, h, 0), interpolation="nearest")
+        axes.imshow(
+            panel.values_hw % CLUSTER_COLORS,
+            cmap="tab20",
+            vmin=0,
+            vmax=CLUSTER_COLORS - 1,
+            alpha=HEAT_ALPHA,
+            extent=(0, w, h, 0),
+            interpolation="nearest",
+        )
     for x, y in panel.marks:
         axes.plot([x], [y], marker="x", color="cyan", markersize=8, markeredgewidth=2)
     axes.set_xlim(0, w)
@@ -80,9 +95,13 @@ def write_index(path: Path, *, entries: list[tuple[str, str]], heading: str) -> 
     """index.html showing every grid: entries are (PNG file name, caption)."""
     figures = "\n".join(
         f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in entries)
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in entries
+    )
     path.write_text(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
         f"<title>{html.escape(heading)}</title>"
         "<style>body{font-family:sans-serif;margin:1em}img{max-width:100%}figure{margin:0 0 2em}</style>"
-        f"</head><body><h1>{html.escape(heading)}</h1>\n{figures}\n</body></html>\n", encoding="utf-8")
+        f"</head><body><h1>{html.escape(heading)}</h1>\n{figures}\n</body></html>\n",
+        encoding="utf-8",
+    )

@@ -33,15 +33,19 @@ def read_image(path: str | Path) -> Image.Image:
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FlslError("the image does not exist" if not path.exists() else "the image is not a file",
-                        where=str(path), fix="Pass image files (JPEG, PNG, ...)")
+        raise FlslError(
+            "the image does not exist" if not path.exists() else "the image is not a file",
+            where=str(path),
+            fix="Pass image files (JPEG, PNG, ...)",
+        )
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlslError(f"cannot read the image ({reason})", where=str(path),
-                        fix="Pass an image file PIL can read (JPEG, PNG, ...)") from None
+        raise FlslError(
+            f"cannot read the image ({reason})", where=str(path), fix="Pass an image file PIL can read (JPEG, PNG, ...)"
+        ) from None
 
 
 def resized_shape(*, width: int, height: int, size: int, patch: int) -> tuple[int, int]:
@@ -58,8 +62,9 @@ def parse_points(values: list[str]) -> list[tuple[int, int]]:
         try:
             x, y = (int(part) for part in parts)
         except ValueError:
-            raise FlslError(f"--points {value!r} is not of the form X,Y (whole pixel coordinates)",
-                            fix="Pass e.g. --points 120,80") from None
+            raise FlslError(
+                f"--points {value!r} is not of the form X,Y (whole pixel coordinates)", fix="Pass e.g. --points 120,80"
+            ) from None
         points.append((x, y))
     return points
 
@@ -74,8 +79,11 @@ def prepare_image(path: str | Path, *, size: int, patch: int, points: list[tuple
         points = [(min(width - 1, int(fx * width)), min(height - 1, int(fy * height))) for fx, fy in DEFAULT_POINTS]
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
-            raise FlslError(f"the point {x},{y} lies outside the image ({width} x {height} pixels)",
-                            where=str(path), fix=f"Pass points with 0 <= X < {width} and 0 <= Y < {height}")
+            raise FlslError(
+                f"the point {x},{y} lies outside the image ({width} x {height} pixels)",
+                where=str(path),
+                fix=f"Pass points with 0 <= X < {width} and 0 <= Y < {height}",
+            )
     target = resized_shape(width=width, height=height, size=size, patch=patch)
     pixels = np.asarray(image.resize(target, Image.Resampling.BICUBIC), dtype=np.uint8)
     return PreparedImage(source=str(path), pixels_hw3=pixels, original_size=(width, height), points=tuple(points))

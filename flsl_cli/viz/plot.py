@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 RESUME_GID = "resume"
 # (panel title, metrics.jsonl keys, legend label of each key)
 PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
-    ("loss terms", ("loss", "intra", "inter", "volume"),
-     {"loss": "total", "intra": "intra (L1)", "inter": "inter (L2)", "volume": "volume (L3)"}),
+    (
+        "loss terms",
+        ("loss", "intra", "inter", "volume"),
+        {"loss": "total", "intra": "intra (L1)", "inter": "inter (L2)", "volume": "volume (L3)"},
+    ),
     ("learning rate", ("lr",), {}),
     ("weight decay", ("wd",), {}),
     ("teacher temperature", ("teacher_temp",), {}),
@@ -56,10 +59,14 @@ def read_curves(run_dir: str) -> RunCurves:
     except FileNotFoundError:
         text = ""
     except OSError as exc:
-        raise RunDirError(f"cannot read {METRICS_NAME} ({exc})", where=run_dir,
-                          fix="Check the run directory and your access to it") from None
-    curves = RunCurves(run_dir=run_dir, resumes=[r for r in record.get("resumes", []) if isinstance(r, dict)],
-                       status=record.get("status"))
+        raise RunDirError(
+            f"cannot read {METRICS_NAME} ({exc})", where=run_dir, fix="Check the run directory and your access to it"
+        ) from None
+    curves = RunCurves(
+        run_dir=run_dir,
+        resumes=[r for r in record.get("resumes", []) if isinstance(r, dict)],
+        status=record.get("status"),
+    )
     for line in text.splitlines():
         try:
             row = json.loads(line)
@@ -74,9 +81,12 @@ def read_curves(run_dir: str) -> RunCurves:
             steps.append(int(row["step"]))
             values.append(float(value))
     if not curves.series:
-        raise RunDirError(f"the run has no metrics yet ({METRICS_NAME} is empty or missing)", where=run_dir,
-                          fix=f"Plot it once it has logged a step (every logging.every_steps steps); "
-                              f"`flsl status {run_dir}` says where it stands")
+        raise RunDirError(
+            f"the run has no metrics yet ({METRICS_NAME} is empty or missing)",
+            where=run_dir,
+            fix=f"Plot it once it has logged a step (every logging.every_steps steps); "
+            f"`flsl status {run_dir}` says where it stands",
+        )
     return curves
 
 
@@ -88,8 +98,9 @@ def draw_run(curves: RunCurves) -> Figure:
     if knn:
         panels.append((KNN_TITLE, knn, {}))
     # image counts, chance levels and the random-init baseline are drawn with the k-NN curves or not at all
-    known = ({key for _, keys, _ in PANELS for key in keys}
-             | {k for k in curves.series if k.startswith(("knn", RANDOM_INIT_PREFIX))})
+    known = {key for _, keys, _ in PANELS for key in keys} | {
+        k for k in curves.series if k.startswith(("knn", RANDOM_INIT_PREFIX))
+    }
     other = sorted(set(curves.series) - known)
     if other:
         panels.append(("other", other, {}))
@@ -103,8 +114,13 @@ def draw_run(curves: RunCurves) -> Figure:
             steps, values = curves.series[key]
             # bad samples are a few among many: their own scale, on the right
             target = _right_axis(axes) if key in SECOND_AXIS else axes
-            target.plot(steps, values, label=labels.get(key, key), marker="o" if len(steps) < 3 else None,
-                        color="tab:red" if key in SECOND_AXIS else None)
+            target.plot(
+                steps,
+                values,
+                label=labels.get(key, key),
+                marker="o" if len(steps) < 3 else None,
+                color="tab:red" if key in SECOND_AXIS else None,
+            )
             if key in SECOND_AXIS:  # counts: from 0, and a visible range while there are none
                 target.set_ylim(0, max(1.0, max(values) * 1.1))
         if title == KNN_TITLE:
@@ -117,7 +133,7 @@ def draw_run(curves: RunCurves) -> Figure:
         if len(keys) > 1 or curves.resumes:
             handles = [h for ax in (axes, *_twins(axes)) for h in ax.get_legend_handles_labels()[0]]
             axes.legend(handles=handles, fontsize=7)
-    for axes in list(axes_grid.flat)[len(panels):]:
+    for axes in list(axes_grid.flat)[len(panels) :]:
         axes.set_visible(False)
     figure.tight_layout()
     return figure
@@ -137,8 +153,7 @@ def _mark_baselines(axes, curves: RunCurves, keys: list[str]) -> None:
     for key in keys:
         baseline = curves.series.get(RANDOM_INIT_PREFIX + key)
         if baseline:
-            axes.plot(baseline[0], baseline[1], marker="x", linestyle="none", markersize=8,
-                      label=f"random init: {key}")
+            axes.plot(baseline[0], baseline[1], marker="x", linestyle="none", markersize=8, label=f"random init: {key}")
 
 
 def _right_axis(axes):
@@ -157,10 +172,14 @@ def _twins(axes) -> list:
 def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
     for event in resumes:
         requeue = bool(event.get("restart"))
-        label = (f"requeued (job {event.get('job_id')}), resumed at {event['step']}" if requeue
-                 else f"resumed at {event['step']}")
-        line = axes.axvline(int(event["step"]), color="tab:red" if requeue else "gray", linestyle="--",
-                            linewidth=1, label=label)
+        label = (
+            f"requeued (job {event.get('job_id')}), resumed at {event['step']}"
+            if requeue
+            else f"resumed at {event['step']}"
+        )
+        line = axes.axvline(
+            int(event["step"]), color="tab:red" if requeue else "gray", linestyle="--", linewidth=1, label=label
+        )
         line.set_gid(RESUME_GID)
 
 

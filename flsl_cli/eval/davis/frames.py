@@ -44,8 +44,11 @@ def read_image(url: str) -> Image.Image:
     except FileNotFoundError:
         raise DataError("the file does not exist", where=url, fix="Check the DAVIS folder") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read the image ({str(exc).strip() or type(exc).__name__})", where=url,
-                        fix="Replace the damaged file with the one from the DAVIS 2017 download") from None
+        raise DataError(
+            f"cannot read the image ({str(exc).strip() or type(exc).__name__})",
+            where=url,
+            fix="Replace the damaged file with the one from the DAVIS 2017 download",
+        ) from None
     return image
 
 
@@ -62,8 +65,11 @@ def frame_tensor(image: Image.Image, *, size_hw: tuple[int, int], mean, std) -> 
 def mask_ids(image: Image.Image, *, url: str) -> np.ndarray:
     """(h, w) uint8 object ids of an annotation: a palette PNG (or a single-channel one)."""
     if image.mode not in ("P", "L"):
-        raise DataError(f"the annotation is a {image.mode} image, not a palette PNG of object ids", where=url,
-                        fix="Use the DAVIS 2017 annotations (indexed PNGs: 0 background, 1..N objects)")
+        raise DataError(
+            f"the annotation is a {image.mode} image, not a palette PNG of object ids",
+            where=url,
+            fix="Use the DAVIS 2017 annotations (indexed PNGs: 0 background, 1..N objects)",
+        )
     return np.array(image, dtype=np.uint8)
 
 
@@ -71,8 +77,11 @@ def first_mask_palette(image: Image.Image, *, url: str) -> list[int]:
     """The palette of the first annotation, which the predicted PNGs are written with."""
     palette = image.getpalette() if image.mode == "P" else None
     if not palette:
-        raise DataError("the first frame's annotation is not a palette PNG", where=url,
-                        fix="Use the DAVIS 2017 annotations (indexed PNGs with the DAVIS palette)")
+        raise DataError(
+            "the first frame's annotation is not a palette PNG",
+            where=url,
+            fix="Use the DAVIS 2017 annotations (indexed PNGs with the DAVIS palette)",
+        )
     return palette
 
 
@@ -80,7 +89,9 @@ def grid_labels(ids_hw: np.ndarray, *, grid_hw: tuple[int, int], channels: int) 
     """(h x w tokens, channels) one-hot labels of the first mask on the token grid: the mask
     resized straight to the grid by nearest neighbour (PIL's, as DINO's `read_seg`); void (255)
     counts as background."""
-    small = np.asarray(Image.fromarray(ids_hw).resize((grid_hw[1], grid_hw[0]), Image.Resampling.NEAREST)).astype(np.int64)
+    small = np.asarray(Image.fromarray(ids_hw).resize((grid_hw[1], grid_hw[0]), Image.Resampling.NEAREST)).astype(
+        np.int64
+    )
     small[small >= channels] = 0
     return F.one_hot(torch.from_numpy(small).reshape(-1), channels).float()
 

@@ -46,7 +46,7 @@ def disk(radius: int) -> torch.Tensor:
     """The flat disk footprint of `skimage.morphology.disk(radius)`: (2r+1, 2r+1) booleans,
     true where x^2 + y^2 <= r^2."""
     steps = torch.arange(-radius, radius + 1)
-    return (steps[:, None] ** 2 + steps[None, :] ** 2) <= radius ** 2
+    return (steps[:, None] ** 2 + steps[None, :] ** 2) <= radius**2
 
 
 def dilate(masks_ohw: torch.Tensor, radius: int) -> torch.Tensor:
@@ -99,8 +99,9 @@ def region_similarity(pred_ohw: torch.Tensor, gt_ohw: torch.Tensor) -> torch.Ten
     return torch.where(union == 0, torch.ones_like(union), intersection / union.clamp(min=1))
 
 
-def boundary_f(pred_ohw: torch.Tensor, gt_ohw: torch.Tensor, *, fraction: float = BOUNDARY_FRACTION,
-               radius: int | None = None) -> torch.Tensor:
+def boundary_f(
+    pred_ohw: torch.Tensor, gt_ohw: torch.Tensor, *, fraction: float = BOUNDARY_FRACTION, radius: int | None = None
+) -> torch.Tensor:
     """F per object (o,): the boundary F-measure of `f_measure`, tolerance `boundary_tolerance`
     of the masks' size (or `radius`, for masks cropped from a larger frame)."""
     if radius is None:
@@ -156,7 +157,7 @@ def statistics(per_frame: np.ndarray) -> dict[str, float]:
         mean = float(np.nanmean(values))
         recall = float(np.nanmean(values > 0.5))
         ends = (np.round(np.linspace(1, len(values), DECAY_BINS + 1) + 1e-10) - 1).astype(np.int64)
-        bins = [values[ends[i]:ends[i + 1] + 1] for i in range(DECAY_BINS)]
+        bins = [values[ends[i] : ends[i + 1] + 1] for i in range(DECAY_BINS)]
         decay = float(np.nanmean(bins[0]) - np.nanmean(bins[-1]))
     return {"mean": mean, "recall": recall, "decay": decay}
 
@@ -164,6 +165,7 @@ def statistics(per_frame: np.ndarray) -> dict[str, float]:
 def overall(objects: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """The benchmark's global figures over every object of every sequence: J&F mean, J and F
     mean / recall / decay (each a mean over objects), in the units given."""
+
     def mean_of(measure: str, stat: str) -> float:
         return float(np.mean([obj[measure][stat] for obj in objects]))
 

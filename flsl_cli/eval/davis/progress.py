@@ -18,8 +18,9 @@ POLL_SECONDS = 0.2
 
 
 class SequenceLog:
-    def __init__(self, folder: str | None, *, is_main: bool, on_line: Callable[[str], None],
-                 on_frames: Callable[[int], None]) -> None:
+    def __init__(
+        self, folder: str | None, *, is_main: bool, on_line: Callable[[str], None], on_frames: Callable[[int], None]
+    ) -> None:
         self.folder = Path(folder) if folder else None
         self.is_main = is_main
         self.on_line = on_line

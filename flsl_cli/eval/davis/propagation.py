@@ -51,9 +51,15 @@ def window_mask(grid_hw: tuple[int, int], *, radius: int, targets_q: torch.Tenso
     return near_rows & near_cols
 
 
-def propagate(target_td: torch.Tensor, context_ntd: torch.Tensor, labels_ntk: torch.Tensor, *,
-              grid_hw: tuple[int, int], settings: PropagationSettings,
-              window_tt: torch.Tensor | None = None) -> torch.Tensor:
+def propagate(
+    target_td: torch.Tensor,
+    context_ntd: torch.Tensor,
+    labels_ntk: torch.Tensor,
+    *,
+    grid_hw: tuple[int, int],
+    settings: PropagationSettings,
+    window_tt: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Soft labels (t, k) of the target frame from the context frames' features and labels.
     Features need not be normalised; they are compared in fp32. `window_tt` is the window of
     every target token (`window_mask` of all tokens), when the caller keeps it between frames."""
@@ -69,8 +75,11 @@ def propagate(target_td: torch.Tensor, context_ntd: torch.Tensor, labels_ntk: to
         affinity_qs = (target[rows] @ sources_sd.T).div_(settings.temperature)
         if settings.size_mask_neighborhood > 0:
             # exp(-inf) = 0: DINO's product with the 0/1 window, without a pass over the matrix
-            mask_qt = window_tt[rows] if window_tt is not None else window_mask(
-                grid_hw, radius=settings.size_mask_neighborhood, targets_q=rows)
+            mask_qt = (
+                window_tt[rows]
+                if window_tt is not None
+                else window_mask(grid_hw, radius=settings.size_mask_neighborhood, targets_q=rows)
+            )
             affinity_qs.view(len(rows), n, t).masked_fill_(~mask_qt[:, None, :], float("-inf"))
         affinity_qs.exp_()
         kth_q1 = affinity_qs.topk(topk, dim=1).values[:, -1:]
@@ -85,8 +94,14 @@ class Propagator:
     the `n_last_frames` previous frames (a bounded queue, as DINO's). `step(features)` gives
     the next frame's soft labels and takes the frame into the queue."""
 
-    def __init__(self, first_td: torch.Tensor, first_labels_tk: torch.Tensor, *, grid_hw: tuple[int, int],
-                 settings: PropagationSettings) -> None:
+    def __init__(
+        self,
+        first_td: torch.Tensor,
+        first_labels_tk: torch.Tensor,
+        *,
+        grid_hw: tuple[int, int],
+        settings: PropagationSettings,
+    ) -> None:
         self.first = (first_td, first_labels_tk.float())
         self.grid_hw = grid_hw
         self.settings = settings
@@ -98,8 +113,14 @@ class Propagator:
 
     def step(self, target_td: torch.Tensor) -> torch.Tensor:
         frames = [self.first, *self.recent]
-        labels_tk = propagate(target_td, torch.stack([f for f, _ in frames]), torch.stack([lab for _, lab in frames]),
-                              grid_hw=self.grid_hw, settings=self.settings, window_tt=self.window_tt)
+        labels_tk = propagate(
+            target_td,
+            torch.stack([f for f, _ in frames]),
+            torch.stack([lab for _, lab in frames]),
+            grid_hw=self.grid_hw,
+            settings=self.settings,
+            window_tt=self.window_tt,
+        )
         if self.settings.n_last_frames:
             self.recent.append((target_td, labels_tk))
         return labels_tk
@@ -111,8 +132,9 @@ def upsample_labels(labels_tk: torch.Tensor, *, grid_hw: tuple[int, int], patch:
     constant channel becomes 0 instead of DINO's 0/0), then the argmax."""
     h, w = grid_hw
     maps_k1hw = labels_tk.T.reshape(1, -1, h, w)
-    up_khw = F.interpolate(maps_k1hw, scale_factor=patch, mode="bilinear", align_corners=False,
-                           recompute_scale_factor=False)[0]
+    up_khw = F.interpolate(
+        maps_k1hw, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False
+    )[0]
     flat = up_khw.flatten(1)
     low, high = flat.min(dim=1).values, flat.max(dim=1).values
     span = (high - low).clamp(min=torch.finfo(flat.dtype).tiny)

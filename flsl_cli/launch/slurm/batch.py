@@ -49,7 +49,6 @@ class BatchStep:
             raise SystemExit(code)
 
 
-
 def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
     """Run every task of this job attempt with srun and wait for them; stop signals are passed
     on to the tasks (srun hands SIGUSR2 to each of them; SIGTERM would make srun kill them)."""
@@ -121,15 +120,17 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
     from flsl_cli.checkpoint.store import newest_step
     from flsl_cli.train import rundir
 
-
     job_id = slurm_job_id() or "?"
     restart = slurm_restarts()
     attempt = f"{job_id}.{restart}"
     try:
         recipe_text, _ = rundir.read_run(run_dir)
         saved_step = newest_step(run_dir)
-        saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
-                 else "no checkpoint was written yet")
+        saved = (
+            f"the checkpoint of step {saved_step} is saved"
+            if saved_step is not None
+            else "no checkpoint was written yet"
+        )
         allowed = saved_slurm_section(recipe_text).requeue_on_failure
         with update_record(run_dir) as record:  # decided and written at once: rank 0 may write beside us
             if record.job_id != job_id:
@@ -137,21 +138,36 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
             began = record.job_restarts.get(job_id) == restart  # else run.json tells of an earlier attempt
             if began and record.status not in (RunStatus.STARTING, RunStatus.RUNNING, RunStatus.FAILED):
                 return  # stopped, requeued or finished on purpose
-            error = _failure_error(failures, own=record.last_error if (record.last_error or {}).get(
-                "attempt") == attempt else None, attempt=attempt, job_id=job_id, saved=saved, code=code)
+            error = _failure_error(
+                failures,
+                own=record.last_error if (record.last_error or {}).get("attempt") == attempt else None,
+                attempt=attempt,
+                job_id=job_id,
+                saved=saved,
+                code=code,
+            )
             done = record.failure_requeues.get(job_id, 0)
             before = record.requeue_counts()
             if done < allowed:
-                record.requeued(job_id=job_id, restart=restart, by="flsl", cause="failure", step=saved_step,
-                                signal=error.get("signal"), after_failure=True)
+                record.requeued(
+                    job_id=job_id,
+                    restart=restart,
+                    by="flsl",
+                    cause="failure",
+                    step=saved_step,
+                    signal=error.get("signal"),
+                    after_failure=True,
+                )
                 record.error_noted(error, failed=False)
             else:
                 record.failed(error)
     except (OSError, FlslError):
         return
     if done < allowed:
-        log(f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
-            f"({done + 1} of at most {allowed}: slurm.requeue_on_failure)")
+        log(
+            f"{error['message'].rstrip('.')}; requeueing job {job_id} after a failure "
+            f"({done + 1} of at most {allowed}: slurm.requeue_on_failure)"
+        )
         reason = requeue(job_id, restart=restart)
         if reason is None:
             return
@@ -160,25 +176,37 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
             record.requeue_undone(before)
             record.failed(error)
     rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
-    then = ("" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by "
-            "slurm.requeue_on_failure)")
+    then = (
+        "" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by slurm.requeue_on_failure)"
+    )
     log(f"{error['message'].rstrip('.')}; the job ends{then}. Continue with `flsl resume {run_dir} --nodes N ...`")
 
 
-def _failure_error(failures: list[TaskFailure], *, own: dict | None, attempt: str, job_id: str, saved: str,
-                   code: int) -> dict:
+def _failure_error(
+    failures: list[TaskFailure], *, own: dict | None, attempt: str, job_id: str, saved: str, code: int
+) -> dict:
     """The error the run records: the task srun saw die first (its node, rank and signal),
     unless a rank of this attempt already recorded its own error and no task was killed."""
     first = failures[0] if failures else None
     if first is not None and (first.signal_name or not own):
         rank = int(first.ranks) if first.ranks.isdigit() else first.ranks
-        return {"job_id": job_id, "attempt": attempt, "rank": rank, "node": first.node,
-                "signal": first.signal_name, "time": timestamps.now(),
-                "message": f"{first.describe()}; srun ended the other tasks; {saved}"}
+        return {
+            "job_id": job_id,
+            "attempt": attempt,
+            "rank": rank,
+            "node": first.node,
+            "signal": first.signal_name,
+            "time": timestamps.now(),
+            "message": f"{first.describe()}; srun ended the other tasks; {saved}",
+        }
     if own:
         return own
-    return {"job_id": job_id, "attempt": attempt, "time": timestamps.now(),
-            "message": f"the tasks ended with exit code {code}; {saved}"}
+    return {
+        "job_id": job_id,
+        "attempt": attempt,
+        "time": timestamps.now(),
+        "message": f"the tasks ended with exit code {code}; {saved}",
+    }
 
 
 def saved_slurm_section(recipe_text: str) -> SlurmConfig:

@@ -46,8 +46,11 @@ def executor_parameters(request: SlurmRequest, *, run_dir: Path) -> dict[str, An
     the option is left out, SLURM's default applies)."""
     slurm = request.slurm
     limit = slurm.time_limit_seconds(slurm.time) if slurm.time is not None else None
-    extra = {key.replace("_", "-"): value for key, value in slurm.extra_sbatch.items()
-             if value is not None and value is not False}
+    extra = {
+        key.replace("_", "-"): value
+        for key, value in slurm.extra_sbatch.items()
+        if value is not None and value is not False
+    }
     return {
         "job_name": f"flsl-{Path(run_dir).name}",
         "nodes": request.nodes,
@@ -71,8 +74,7 @@ def executor_parameters(request: SlurmRequest, *, run_dir: Path) -> dict[str, An
 
 def sbatch_lines(parameters: dict[str, Any], *, folder: Path) -> list[str]:
     """The #SBATCH lines submitit writes for `parameters` (what `--dry-run` shows)."""
-    options = {key: value for key, value in parameters.items()
-               if value is not None and key not in _NOT_SBATCH}
+    options = {key: value for key, value in parameters.items() if value is not None and key not in _NOT_SBATCH}
     options["signal"] = f"{STOP_SIGNAL}@{parameters['signal_delay_s']}"
     options["output"] = str(folder / "%j_0_log.out")
     options["error"] = str(folder / "%j_0_log.err")
@@ -95,17 +97,26 @@ def dry_run_text(request: SlurmRequest, *, run_dir: Path) -> str:
     folder = Path(run_dir) / JOBS_DIR
     parameters = executor_parameters(request, run_dir=run_dir)
     given = {key: value for key, value in parameters.items() if value is not None}
-    lines = [f"# submitit.SlurmExecutor(folder={str(folder)!r}, python={python_command(request)!r})",
-             "# .update_parameters(",
-             *[f"#     {key}={value!r}," for key, value in given.items()],
-             f"# ) then .submit(BatchStep(...)): the job script submitit writes to {folder}/JOB_submission.sh holds",
-             "#!/bin/bash", *sbatch_lines(parameters, folder=folder)]
+    lines = [
+        f"# submitit.SlurmExecutor(folder={str(folder)!r}, python={python_command(request)!r})",
+        "# .update_parameters(",
+        *[f"#     {key}={value!r}," for key, value in given.items()],
+        f"# ) then .submit(BatchStep(...)): the job script submitit writes to {folder}/JOB_submission.sh holds",
+        "#!/bin/bash",
+        *sbatch_lines(parameters, folder=folder),
+    ]
     if request.slurm.setup:
         lines += ["", *request.slurm.setup]
-    lines += ["", "export SUBMITIT_EXECUTOR=slurm",
-              f"{python_command(request)} -u -m submitit.core._submit {shlex.quote(str(folder))}",
-              ("# which runs the batch step (flsl_cli/launch/slurm/batch.py): srun --kill-on-bad-exit=1 ... "
-               "python -m flsl_cli.launch.slurm.job task RUN_DIR, stop signals passed on"), ""]
+    lines += [
+        "",
+        "export SUBMITIT_EXECUTOR=slurm",
+        f"{python_command(request)} -u -m submitit.core._submit {shlex.quote(str(folder))}",
+        (
+            "# which runs the batch step (flsl_cli/launch/slurm/batch.py): srun --kill-on-bad-exit=1 ... "
+            "python -m flsl_cli.launch.slurm.job task RUN_DIR, stop signals passed on"
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -115,8 +126,8 @@ def require_sbatch() -> None:
         raise SlurmError(
             f"{missing} was not found on PATH, so the run cannot be submitted to SLURM",
             fix="Run it on this machine instead by leaving out --nodes and the other SLURM options "
-                "(e.g. `flsl pretrain RECIPE --devices N`), or run the command on a SLURM login node "
-                "(`module load slurm` on some clusters); --dry-run shows the job without sbatch",
+            "(e.g. `flsl pretrain RECIPE --devices N`), or run the command on a SLURM login node "
+            "(`module load slurm` on some clusters); --dry-run shows the job without sbatch",
         )
 
 
@@ -180,7 +191,7 @@ def _refusal(request: SlurmRequest, stderr: str) -> SlurmError:
     return SlurmError(
         f"sbatch refused the job: {reason}",
         fix="Check the SLURM options (--partition, --account, --qos, --time, --constraint, --mem) "
-            "against `sinfo` and your cluster's rules; --dry-run shows the job",
+        "against `sinfo` and your cluster's rules; --dry-run shows the job",
     )
 
 

@@ -79,15 +79,20 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
 
     signals.stop_request()  # from the first instant: a stop during start-up is kept
     if not in_slurm_job():
-        print("error: this runs as a task of a SLURM job step (SLURM_JOB_ID and SLURM_PROCID are not set). "
-              f"Start it with srun inside a job (see slurm/flsl.sbatch), or train here with `flsl resume {run_dir}`.",
-              file=sys.stderr, flush=True)
+        print(
+            "error: this runs as a task of a SLURM job step (SLURM_JOB_ID and SLURM_PROCID are not set). "
+            f"Start it with srun inside a job (see slurm/flsl.sbatch), or train here with `flsl resume {run_dir}`.",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(2)
     slurm = slurm_task()
     assert slurm is not None  # in_slurm_job() above
     task = _Task(run_dir=Path(run_dir), job_id=slurm.job_id, restart=slurm.restart, rank=slurm.rank)
-    log(f"rank {task.rank} of {slurm.world_size} on node {slurm.node or '?'} "
-        f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}")
+    log(
+        f"rank {task.rank} of {slurm.world_size} on node {slurm.node or '?'} "
+        f"(host {socket.gethostname()}, pid {os.getpid()}), job {task.job_id} restart {task.restart}"
+    )
     max_requeues = None
     try:
         os.environ.update(torch_env())  # a node list that cannot be read is recorded like any error here
@@ -98,19 +103,27 @@ def job_main(run_dir: str, *, use_cuda: bool | None = None) -> None:
         recipe, resume = _begin(task)
         max_requeues = recipe.slurm.max_requeues
         if "FLSL_MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(agree_on_port(
-                task.run_dir / JOBS_DIR, attempt=task.attempt, rank=task.rank,
-                first=int(os.environ["MASTER_PORT"])))
+            os.environ["MASTER_PORT"] = str(
+                agree_on_port(
+                    task.run_dir / JOBS_DIR, attempt=task.attempt, rank=task.rank, first=int(os.environ["MASTER_PORT"])
+                )
+            )
         if task.rank == 0:
-            log(f"job {task.job_id} (restart {task.restart}) on {slurm_job_nodes() or '?'}: "
-                 f"{process.world_size} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
-                 f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting"))
+            log(
+                f"job {task.job_id} (restart {task.restart}) on {slurm_job_nodes() or '?'}: "
+                f"{process.world_size} process(es), rendezvous {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']}, " + ("resuming" if resume else "starting")
+            )
 
         from flsl_cli.train.loop import train_process
         from flsl_cli.train.rundir import RECIPE_NAME
 
-        train_process(recipe_data=recipe_to_dict(recipe), source=str(task.run_dir / RECIPE_NAME),
-                      run_dir=str(task.run_dir), resume=resume)
+        train_process(
+            recipe_data=recipe_to_dict(recipe),
+            source=str(task.run_dir / RECIPE_NAME),
+            run_dir=str(task.run_dir),
+            resume=resume,
+        )
     except RunStopped as stopped:
         log(stopped.what)
         if task.rank == 0:
@@ -152,7 +165,7 @@ def _check_master_addr(address: str, *, nodelist: str) -> None:
             f"the rendezvous host {address} (the first node of {nodelist}) does not resolve to an address "
             f"on {node_name()} ({exc.strerror or exc})",
             fix="Make the node names resolve on every node (DNS or /etc/hosts), or export FLSL_MASTER_ADDR "
-                "with the first node's address before submitting",
+            "with the first node's address before submitting",
         ) from None
 
 
@@ -161,7 +174,6 @@ def _begin(task: _Task):
     (recipe, resume?)."""
     from flsl_cli.checkpoint.store import list_checkpoints
     from flsl_cli.train import rundir
-
 
     recipe_text, _ = rundir.read_run(task.run_dir)
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
@@ -191,7 +203,6 @@ def stop_outcome(info: dict[str, str] | None, *, restart: int) -> str:
         return "requeued"
     state = info_state(info)
     if state in JobStates.ENDING:
-
         try:
             limit = SlurmConfig.time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
             ran_for = info.get("RunTime")
@@ -215,16 +226,20 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
         recipe_text, _ = rundir.read_run(task.run_dir)
         max_requeues = saved_slurm_section(recipe_text).max_requeues
     saved_step = newest_step(task.run_dir)
-    saved = (f"the checkpoint of step {saved_step} is saved" if saved_step is not None
-             else "no checkpoint was written yet")
+    saved = (
+        f"the checkpoint of step {saved_step} is saved" if saved_step is not None else "no checkpoint was written yet"
+    )
     info = job_info(task.job_id)
     outcome = stop_outcome(info, restart=task.restart)
     preempted = bool(info and info.get("PreemptTime") not in (None, "None"))
     cause = "preemption" if preempted else signal_name
     if outcome in ("cancelled", "time limit"):
-        why = ("the job was cancelled" if outcome == "cancelled" else
-               "the job reached its time limit (the SIGUSR2 warning came too late to requeue it: "
-               "raise --time or slurm.signal_minutes_before_end)")
+        why = (
+            "the job was cancelled"
+            if outcome == "cancelled"
+            else "the job reached its time limit (the SIGUSR2 warning came too late to requeue it: "
+            "raise --time or slurm.signal_minutes_before_end)"
+        )
         with update_record(task.run_dir) as record:
             record.stopped(reason=outcome)
         _release(task)
@@ -232,23 +247,25 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
         return
     if outcome == "requeued":
         with update_record(task.run_dir) as record:
-            record.requeued(job_id=task.job_id, restart=task.restart, by="slurm", cause=cause, step=saved_step,
-                            signal=signal_name)
+            record.requeued(
+                job_id=task.job_id, restart=task.restart, by="slurm", cause=cause, step=saved_step, signal=signal_name
+            )
         log(f"SLURM requeued job {task.job_id} ({cause}); {saved} and the job resumes from it")
         return
     with update_record(task.run_dir) as record:
         done = max(record.job_requeues.get(task.job_id, 0), task.restart)
         if done < max_requeues:
             before = record.requeue_counts()
-            record.requeued(job_id=task.job_id, restart=task.restart, by="flsl", cause=cause, step=saved_step,
-                            signal=signal_name)
+            record.requeued(
+                job_id=task.job_id, restart=task.restart, by="flsl", cause=cause, step=saved_step, signal=signal_name
+            )
     if done >= max_requeues:
         raise SlurmError(
             f"job {task.job_id} was stopped by {signal_name} and not requeued: it has been requeued "
             f"{done} time(s), the limit set by slurm.max_requeues ({max_requeues}); {saved}",
             where=str(task.run_dir),
             fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...` (a new job), or raise the limit "
-                "with --set slurm.max_requeues=...",
+            "with --set slurm.max_requeues=...",
         )
     reason = requeue(task.job_id, restart=task.restart)
     if reason is not None:
@@ -256,7 +273,8 @@ def _after_stop(task: _Task, *, step: int, signal_name: str, max_requeues: int |
             record.requeue_undone(before)
         raise SlurmError(
             f"job {task.job_id} stopped by {signal_name} but could not requeue itself: {reason}; {saved}",
-            where=str(task.run_dir), fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
+            where=str(task.run_dir),
+            fix=f"Continue with `flsl resume {task.run_dir} --nodes N ...`",
         )
     then = f"it resumes from step {saved_step}" if saved_step is not None else "it starts the run over"
     log(f"requeued job {task.job_id} ({done + 1} of at most {max_requeues}); {then}")
@@ -271,15 +289,20 @@ def _record_error(task: _Task, message: str, *, status: str = "failed") -> None:
     usually a consequence of it). A run dir that vanished is left alone."""
     from flsl_cli.train import rundir
 
-
     if not (task.run_dir / rundir.RUN_NAME).exists():
         return
     try:
         with update_record(task.run_dir) as record:
             if (record.last_error or {}).get("attempt") == task.attempt:
                 return
-            error = {"job_id": task.job_id, "attempt": task.attempt, "rank": task.rank, "node": slurm_node(),
-                     "time": timestamps.now(), "message": message}
+            error = {
+                "job_id": task.job_id,
+                "attempt": task.attempt,
+                "rank": task.rank,
+                "node": slurm_node(),
+                "time": timestamps.now(),
+                "message": message,
+            }
             # Only rank 0 sets the status; another rank adds its error to the record.
             record.error_noted(error, failed=task.rank == 0 and status == "failed")
             if task.rank == 0 and status == "stopped":
@@ -300,7 +323,6 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
 
 def _release(task: _Task) -> None:
     from flsl_cli.train import rundir
-
 
     if task.run_dir.is_dir():
         rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))

@@ -92,8 +92,9 @@ def job_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
         if job_id not in details and (answer.returncode == 0 or "invalid job id" in answer.stderr.lower()):
             details[job_id] = {"state": UNKNOWN_TO_SLURM}
     if job_ids:
-        accounted = _ask(["sacct", "-n", "-P", "-X", "-j", ",".join(map(str, job_ids)),
-                          "-o", "JobID,State,ExitCode,Elapsed"])
+        accounted = _ask(
+            ["sacct", "-n", "-P", "-X", "-j", ",".join(map(str, job_ids)), "-o", "JobID,State,ExitCode,Elapsed"]
+        )
         if accounted is not None and accounted.returncode == 0:
             for line in accounted.stdout.splitlines():
                 parts = line.split("|")

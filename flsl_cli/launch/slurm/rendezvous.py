@@ -44,8 +44,9 @@ def job_hosts() -> list[str]:
     try:
         return list(SlurmJobEnvironment().hostnames)
     except SlurmParseException as exc:
+        reason = exc.args[0] if exc.args else exc
         raise RendezvousError(
-            f"cannot read the SLURM node list {os.environ.get('SLURM_JOB_NODELIST')!r} ({exc.args[0] if exc.args else exc})",
+            f"cannot read the SLURM node list {os.environ.get('SLURM_JOB_NODELIST')!r} ({reason})",
             fix="Export FLSL_MASTER_ADDR with the first node's address before submitting",
         ) from None
 

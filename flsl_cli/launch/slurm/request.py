@@ -13,9 +13,17 @@ from flsl_cli.config.schema import SlurmConfig
 
 # The SlurmConfig fields the command line sets, and their options.
 SLURM_OPTIONS = {
-    "nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "tasks_per_node": "--tasks-per-node",
-    "partition": "--partition", "account": "--account", "qos": "--qos", "time": "--time",
-    "constraint": "--constraint", "mem": "--mem", "cpus_per_task": "--cpus-per-task", "exclusive": "--exclusive",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "tasks_per_node": "--tasks-per-node",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "time": "--time",
+    "constraint": "--constraint",
+    "mem": "--mem",
+    "cpus_per_task": "--cpus-per-task",
+    "exclusive": "--exclusive",
 }
 
 
@@ -23,9 +31,12 @@ def with_options(config: SlurmConfig, options: Mapping[str, Any]) -> SlurmConfig
     """`config` with the options given on the command line (None: not given, the recipe decides)."""
     given = {name: value for name, value in options.items() if value is not None}
     return validate_options(
-        {**config.model_dump(), **given}, section=("slurm",), options={k: SLURM_OPTIONS[k] for k in given},
+        {**config.model_dump(), **given},
+        section=("slurm",),
+        options={k: SLURM_OPTIONS[k] for k in given},
         fix="Change the SLURM options named above (or the recipe's slurm section with --set); to train on this "
-            "machine instead, leave out --nodes and the other SLURM options")
+        "machine instead, leave out --nodes and the other SLURM options",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,11 +85,21 @@ class SlurmRequest:
         """What run.json keeps of the request."""
         slurm = self.slurm
         record = {
-            "nodes": self.nodes, "tasks_per_node": self.tasks_per_node, "gpus_per_node": self.gpus_per_node,
-            "signal_seconds": self.signal_seconds, "max_requeues": slurm.max_requeues,
-            "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos, "time": slurm.time,
-            "constraint": slurm.constraint, "mem": slurm.mem, "cpus_per_task": self.cpus_per_task,
-            "exclusive": slurm.exclusive, "extra_sbatch": dict(slurm.extra_sbatch), "setup": list(slurm.setup),
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks_per_node,
+            "gpus_per_node": self.gpus_per_node,
+            "signal_seconds": self.signal_seconds,
+            "max_requeues": slurm.max_requeues,
+            "partition": slurm.partition,
+            "account": slurm.account,
+            "qos": slurm.qos,
+            "time": slurm.time,
+            "constraint": slurm.constraint,
+            "mem": slurm.mem,
+            "cpus_per_task": self.cpus_per_task,
+            "exclusive": slurm.exclusive,
+            "extra_sbatch": dict(slurm.extra_sbatch),
+            "setup": list(slurm.setup),
             "python": slurm.python,
         }
         return {key: value for key, value in record.items() if value not in (None, [], {})}

@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 def _refuse_remote_for_slurm(run_dir) -> None:
     if run_dir is not None and remote.is_remote(str(run_dir)):
         raise FlslError(
-            "SLURM jobs need their run directory on a filesystem shared by the nodes", where=str(run_dir),
+            "SLURM jobs need their run directory on a filesystem shared by the nodes",
+            where=str(run_dir),
             fix="Use a path on the cluster's shared filesystem for --run-dir (remote run dirs work for local runs)",
         )
 
@@ -82,7 +83,9 @@ def filesystem_type(path: Path) -> str | None:
         if len(parts) < 3:
             continue
         point = parts[1].replace("\\040", " ")
-        if (where == point or where.startswith(point.rstrip("/") + "/")) and (best is None or len(point) > len(best[0])):
+        if (where == point or where.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) > len(best[0])
+        ):
             best = (point, parts[2])
     return best[1] if best else None
 
@@ -92,18 +95,26 @@ def _warn_if_local(run_dir: Path, request: SlurmRequest, on_note: Callable[[str]
     one that usually lives on this machine alone (it may still be shared, e.g. in a container)."""
     kind = filesystem_type(run_dir) if request.nodes > 1 else None
     if kind in _LOCAL_FILESYSTEMS:
-        on_note(f"warning: the run dir {run_dir} is on a filesystem of type {kind}, which is usually local to one "
-                f"machine; the {request.nodes} nodes of the job must all see it (the ranks meet through it and "
-                "rank 0 writes the checkpoints there). Use a path on the cluster's shared filesystem "
-                "(NFS, Lustre, GPFS, ...) for --run-dir")
+        on_note(
+            f"warning: the run dir {run_dir} is on a filesystem of type {kind}, which is usually local to one "
+            f"machine; the {request.nodes} nodes of the job must all see it (the ranks meet through it and "
+            "rank 0 writes the checkpoints there). Use a path on the cluster's shared filesystem "
+            "(NFS, Lustre, GPFS, ...) for --run-dir"
+        )
 
 
-def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None = None,
-                    slurm_options: Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
-                    force: bool = False, dry_run: bool = False,
-                    on_demo_progress: Callable[[int, int], None] | None = None,
-                    on_note: Callable[[str], None] = lambda _: None,
-                    on_script: Callable[[str], None] = print) -> submitit.Job | None:
+def submit_pretrain(
+    recipe: str | Path | Recipe,
+    *,
+    overrides: list[str] | None = None,
+    slurm_options: Mapping[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    on_demo_progress: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] = lambda _: None,
+    on_script: Callable[[str], None] = print,
+) -> submitit.Job | None:
     """Train `recipe` (a recipe file, or a `Recipe`) with `overrides` (`KEY=VALUE`, as `--set`
     takes them) as one SLURM job asking for what the recipe's `slurm` section says, with
     `slurm_options` (SlurmConfig fields: nodes, gpus_per_node, partition, time, ...) applied.
@@ -113,8 +124,7 @@ def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None 
     source = str(recipe) if not isinstance(recipe, Recipe) else "<recipe object>"
     if isinstance(recipe, Recipe):
         recipe_path: str | Path = "recipe.yaml"  # names the default run dir: runs/recipe-TIME
-        recipe = validate_recipe(apply_overrides(recipe_to_dict(recipe), overrides or [], source=source),
-                                 source=source)
+        recipe = validate_recipe(apply_overrides(recipe_to_dict(recipe), overrides or [], source=source), source=source)
     else:
         recipe_path = recipe
         recipe = load_recipe(recipe_path, overrides=overrides or [])
@@ -131,14 +141,20 @@ def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None 
                     on_note(note)
             except FlslError as exc:  # the data may only exist on the cluster: say so, still show the job
                 on_note(f"warning: a real submission would stop here: {exc.describe()}")
-        on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with "
-                f"{request.describe()}")
+        on_note(f"dry run: nothing written, nothing submitted; the job would train {run_dir} with {request.describe()}")
         on_script(dry_run_text(request, run_dir=run_dir))
         return None
     require_sbatch()
     existed = run_dir.exists()
-    prepare_new(recipe, source=source, run_dir=run_dir, world_size=request.world_size, force=force,
-                on_demo_progress=on_demo_progress, on_note=on_note)
+    prepare_new(
+        recipe,
+        source=source,
+        run_dir=run_dir,
+        world_size=request.world_size,
+        force=force,
+        on_demo_progress=on_demo_progress,
+        on_note=on_note,
+    )
     try:
         return _submit(request, run_dir=run_dir)
     except FlslError:
@@ -146,10 +162,15 @@ def submit_pretrain(recipe: str | Path | Recipe, *, overrides: list[str] | None 
         raise
 
 
-def submit_resume(run_dir: str | Path, *, overrides: list[str] | None = None,
-                  slurm_options: Mapping[str, Any] | None = None, dry_run: bool = False,
-                  on_note: Callable[[str], None] = lambda _: None,
-                  on_script: Callable[[str], None] = print) -> submitit.Job | None:
+def submit_resume(
+    run_dir: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    slurm_options: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    on_note: Callable[[str], None] = lambda _: None,
+    on_script: Callable[[str], None] = print,
+) -> submitit.Job | None:
     """The checks of `flsl resume`, then one job that continues the run."""
     _refuse_remote_for_slurm(run_dir)
     run_dir = Path(run_dir).absolute()
@@ -164,14 +185,17 @@ def submit_resume(run_dir: str | Path, *, overrides: list[str] | None = None,
     if not dry_run:
         read_run(run_dir)
         require_sbatch()
-    recipe, _, step, changed = check_resume(run_dir, overrides=overrides or [], world_size_of=world_size_of,
-                                            on_note=on_note, note_skipped=True)
+    recipe, _, step, changed = check_resume(
+        run_dir, overrides=overrides or [], world_size_of=world_size_of, on_note=on_note, note_skipped=True
+    )
     request = requests["slurm"]
     _warn_if_local(run_dir, request, on_note)
     start = "from step 0 (it has no checkpoint yet)" if step is None else f"from step {step}"
     if dry_run:
-        on_note(f"dry run: nothing written, nothing submitted; the job would resume {run_dir} {start} "
-                f"with {request.describe()}")
+        on_note(
+            f"dry run: nothing written, nothing submitted; the job would resume {run_dir} {start} "
+            f"with {request.describe()}"
+        )
         on_script(dry_run_text(request, run_dir=run_dir))
         return None
     saved_text, _ = read_run(run_dir)
