@@ -4,7 +4,7 @@ features (DINO's protocol), scored with the official J&F measures."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -141,7 +141,7 @@ def davis_eval(
     out_console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
-def davis_settings(**options) -> DavisEvalConfig:
+def davis_settings(**options: Any) -> DavisEvalConfig:
     """The options as a DavisEvalConfig, checked by the schema; problems name the options."""
     return validate_options(
         options,

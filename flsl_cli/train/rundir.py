@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,9 @@ def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
 
 
-def refuse_if_owned(run_dir: Path, *, slurm_state, me: dict[str, Any] | None = None) -> None:
+def refuse_if_owned(
+    run_dir: Path, *, slurm_state: Callable[[str], str | None], me: dict[str, Any] | None = None
+) -> None:
     """Raise RunDirError when another live process or SLURM job writes this run directory.
 
     `slurm_state(job_id)` returns the job's state as squeue/sacct name it ("" when SLURM no longer

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ def read_image(url: str) -> Image.Image:
     return image
 
 
-def frame_tensor(image: Image.Image, *, size_hw: tuple[int, int], mean, std) -> torch.Tensor:
+def frame_tensor(
+    image: Image.Image, *, size_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """(3, h, w) float frame: RGB, resized bilinearly (half-pixel centres, no antialiasing, as
     OpenCV's INTER_LINEAR that DINO uses), scaled to [0, 1] and normalised."""
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float()
