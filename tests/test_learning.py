@@ -98,7 +98,7 @@ def test_plot_draws_the_learning_curve_with_chance_and_baseline(evaluated_run):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "docs/learning.md: on the demo data no objective tried (FLSL in 14 configurations, DINO and SimCLR "
+        "docs/learning.md: on the demo data no objective tried (FLSL in every configuration tried, DINO and SimCLR "
         "controls) gets the teacher's bbox feature top-1 above random init within a CPU demo's length"
     ),
 )
