@@ -314,6 +314,7 @@ class TrainSession:
             self.metrics.write(
                 {
                     "step": self.step,
+                    "epoch": self.step / self.layout.steps_per_epoch,
                     "final": True,
                     **teacher,
                     **{f"random_init_{key}": value for key, value in baseline.items()},
