@@ -446,12 +446,15 @@ def test_evaluate_during_training(tiny_run, demo_data, tmp_path):
         "--output",
         tmp_path / "cli.json",
     )
-    cli = _results(tmp_path / "cli.json")["results"]["10"]
+    results = _results(tmp_path / "cli.json")
+    cli, chance = results["results"]["10"], results["chance"]
     assert metrics == {
         "knn_bbox_images": 48.0,
         "knn_bbox_top1_k10": cli["top1"],
         "knn_bbox_top5_k10": cli["top5"],
         "knn_bbox_feature_top1_k10": cli["feature_top1"],
+        "knn_bbox_chance_top1": chance["top1"],
+        "knn_bbox_chance_feature_top1": chance["feature_top1"],
     }
 
 
