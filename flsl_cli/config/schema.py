@@ -432,7 +432,7 @@ class Recipe(Section):
     @classmethod
     def _default_eval_splits(cls, data: Any) -> Any:
         """eval.knn.train defaults to data.train, and eval.knn.val to the folder named `val` beside
-        it (the layout `flsl data demo` and `flsl data shards` write), when data.train is one path."""
+        the training shards' folder (the layout `flsl data demo` and `flsl data shards` write)."""
         if not isinstance(data, dict):
             return data
         section, evaluation = data.get("data"), data.get("eval")
@@ -440,10 +440,12 @@ class Recipe(Section):
             return data
         knn = evaluation.get("knn")
         train = section.get("train") if isinstance(section, dict) else None
-        if not (isinstance(train, str) and isinstance(knn, dict)) or any(sign in train for sign in ",{"):
+        if not (isinstance(train, str) and train.strip() and isinstance(knn, dict)):
             return data
-        parent = train.rstrip("/").rpartition("/")[0] or "."
-        filled = {"train": train, "val": f"{parent}/val"}
+        first = train.split(",")[0].strip().rstrip("/")
+        folder = first.rpartition("/")[0] if first.endswith(".tar") or "{" in first else first
+        parent = folder.rpartition("/")[0]
+        filled = {"train": train, "val": f"{parent}/val" if parent else "val"}
         return {**data, "eval": {**evaluation, "knn": {**filled, **knn}}}
 
     @model_validator(mode="after")

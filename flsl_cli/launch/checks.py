@@ -34,10 +34,10 @@ def ensure_demo_data(recipe: Recipe, *, on_progress: Callable[[int, int], None] 
 def check_data(recipe: Recipe, *, world_size: int) -> list[str]:
     """The training shards and the k-NN evaluation's shards can be read; the notes on how the
     training shards spread over the processes' data workers."""
+    shards = resolve_shards(recipe.data.train)
     if recipe.eval.knn is not None and (recipe.eval.every_epochs or recipe.eval.at_end):
         resolve_shards(recipe.eval.knn.train, key="eval.knn.train")
         resolve_shards(recipe.eval.knn.val, key="eval.knn.val")
-    shards = resolve_shards(recipe.data.train)
     if recipe.eval.davis is not None:  # a bad DAVIS folder fails now, not at the first evaluation
         davis = recipe.eval.davis
         read_layout(davis.davis, split=davis.split, sequences=davis.sequences, max_sequences=davis.max_sequences)
