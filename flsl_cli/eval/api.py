@@ -19,12 +19,11 @@ from typing import Any
 import torch
 
 from flsl_cli.config.schema import KnnEvalConfig
-from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import ShardSet, resolve_shards
 from flsl_cli.distributed.env import usable_cpus
 from flsl_cli.distributed.ops import all_reduce_sum, rank, world_size
 from flsl_cli.errors import DataError, FlslError
-from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model, wrap_module
+from flsl_cli.eval.backbones import EvalModel, ModelSpec, live_backbone, load_eval_model
 from flsl_cli.eval.features import (
     SplitFeatures,
     bank_fits_on,
@@ -102,16 +101,7 @@ def evaluate_during_training(
     "knn_bbox_top5_k20": 80.3, "knn_bbox_images": 48.0}. The backbone's train/eval mode is
     restored; features are never cached (the weights change).
     """
-    was_training = backbone.training
-    requires_grad = [p.requires_grad for p in backbone.parameters()]
-    try:
-        model = wrap_module(
-            backbone,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            description={"kind": "flsl", "source": "training"},
-            identity="",
-        )
+    with live_backbone(backbone) as model:
         check_model_fits(model, settings)
         results = evaluate_model(
             model,
@@ -120,10 +110,6 @@ def evaluate_during_training(
             reporter=Reporter(enabled=show_progress and rank() == 0),
             names=("eval.knn.train", "eval.knn.val"),
         )
-    finally:
-        backbone.train(was_training)
-        for parameter, flag in zip(backbone.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
     mode = settings.mode
     metrics = {f"knn_{mode}_images": float(results["val"]["images"])}
     for k, row in results["results"].items():

@@ -7,7 +7,8 @@ grid order with any class/register tokens removed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,23 @@ def wrap_module(
         description=description,
         identity=identity,
     )
+
+
+@contextmanager
+def live_backbone(backbone: nn.Module) -> Iterator[EvalModel]:
+    """A training network's backbone (flsl's: ImageNet normalisation) wrapped for an evaluation;
+    its train/eval mode and its parameters' requires_grad flags are restored afterwards."""
+    was_training = backbone.training
+    requires_grad = [p.requires_grad for p in backbone.parameters()]
+    try:
+        yield wrap_module(
+            backbone,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description={"kind": "flsl", "source": "training"},
+            identity="",
+        )
+    finally:
+        backbone.train(was_training)
+        for parameter, flag in zip(backbone.parameters(), requires_grad):
+            parameter.requires_grad_(flag)

@@ -22,10 +22,9 @@ import torch
 
 from flsl_cli import storage
 from flsl_cli.config.schema import DavisEvalConfig
-from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.distributed.ops import barrier_started, gather_objects, rank, world_size
 from flsl_cli.errors import DataError, FlslError
-from flsl_cli.eval.backbones import EvalModel, ModelSpec, load_eval_model, wrap_module
+from flsl_cli.eval.backbones import EvalModel, ModelSpec, live_backbone, load_eval_model
 from flsl_cli.eval.davis.frames import (
     first_mask_palette,
     frame_tensor,
@@ -89,23 +88,10 @@ def evaluate_davis_during_training(
     """J&F of a live flsl backbone (the teacher's) on the recipe's DAVIS sequences, for
     metrics.jsonl: {"davis_JF_mean": ..., "davis_J_mean": ..., "davis_F_mean": ..., "davis_sequences": ...}
     on every rank (every rank must call it). The backbone's train/eval mode is restored."""
-    was_training = backbone.training
-    requires_grad = [p.requires_grad for p in backbone.parameters()]
-    try:
-        model = wrap_module(
-            backbone,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            description={"kind": "flsl", "source": "training"},
-            identity="",
-        )
+    with live_backbone(backbone) as model:
         results = evaluate_model(
             model, settings=settings, device=device, reporter=Reporter(enabled=show_progress and rank() == 0)
         )
-    finally:
-        backbone.train(was_training)
-        for parameter, flag in zip(backbone.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
     figures = results["overall"]
     return {
         "davis_JF_mean": figures["JF_mean"],
