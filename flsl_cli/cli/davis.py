@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.eval import CheckpointArg, DevicesOption, ModelOption, WhichOption
-from flsl_cli.cli.options import comma_list
+from flsl_cli.cli.eval import CheckpointArg, ModelOption, WhichOption
+from flsl_cli.cli.options import DevicesOption, comma_list
 from flsl_cli.cli.render import handle_errors, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import DavisEvalConfig

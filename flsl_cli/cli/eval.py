@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.options import OldOutputOption, comma_list, renamed_option
+from flsl_cli.cli.options import DevicesOption, OldOutputOption, comma_list, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.config.load import validate_options
 from flsl_cli.config.schema import KnnEvalConfig
@@ -37,15 +37,6 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         help="timm:NAME: a timm model with its pretrained weights, or the architecture of a .safetensors CHECKPOINT.",
-    ),
-]
-DevicesOption = Annotated[
-    int | None,
-    typer.Option(
-        "--devices",
-        "-d",
-        min=1,
-        help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1).",
     ),
 ]
 BankOption = Annotated[

@@ -11,6 +11,17 @@ from flsl_cli.errors import FlslError
 
 T = TypeVar("T")
 
+# --devices of every command that starts local processes (pretrain, resume, knn-eval, eval davis)
+DevicesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--devices",
+        "-d",
+        min=1,
+        help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1).",
+    ),
+]
+
 # What a command writes is `--out PATH`; `--json` prints JSON instead of a table.
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")

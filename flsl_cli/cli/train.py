@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from flsl_cli.cli.options import DevicesOption
 from flsl_cli.cli.render import demo_progress, handle_errors, note, out_console
 
 SLURM_PANEL = "SLURM (any of these submits a job instead of training here)"
@@ -19,15 +20,6 @@ SetOption = Annotated[
         "-s",
         metavar="KEY=VALUE",
         help="Override a recipe value, typed like the schema (repeatable), e.g. --set optim.epochs=10.",
-    ),
-]
-DevicesOption = Annotated[
-    int | None,
-    typer.Option(
-        "--devices",
-        "-d",
-        min=1,
-        help="Local processes: one per GPU (default: all local GPUs), or N CPU processes (default 1).",
     ),
 ]
 NodesOption = Annotated[

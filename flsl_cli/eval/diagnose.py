@@ -16,6 +16,7 @@ from flsl_cli.config.schema import Recipe
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.errors import DataError
+from flsl_cli.eval.backbones import RANDOM_INIT_SEED
 from flsl_cli.eval.diagnostics import feature_diagnostics
 from flsl_cli.eval.samples import EvalSamples, ReadPlan, SampleSettings
 from flsl_cli.models.flsl import Network
@@ -62,7 +63,7 @@ def random_init_network(recipe: Recipe) -> Network:
     """The recipe's network (backbone and head) as a run with optim.seed 0 starts it; the global
     RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(RANDOM_INIT_SEED)
         return Network(recipe, drop_path=0.0).eval()
 
 
