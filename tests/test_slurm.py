@@ -779,3 +779,16 @@ def test_a_job_asks_for_its_data_workers_cpus():
     assert SlurmRequest.of(SlurmConfig(), {}, data_workers=10).cpus_per_task == 11
     assert SlurmRequest.of(SlurmConfig(cpus_per_task=4), {}, data_workers=10).cpus_per_task == 4
     assert SlurmRequest.of(SlurmConfig(), {"cpus_per_task": 2}, data_workers=10).cpus_per_task == 2
+
+
+def test_stopping_one_cluster_leaves_the_host_names_of_another(tmp_path):
+    """`cluster.sh stop` removes only the /etc/hosts lines its own cluster added: the one-node
+    cluster's state dir (/tmp/flsl-slurm-0) is a prefix of the two-node one's (-2n), whose node
+    names must keep resolving while it runs."""
+    hosts = tmp_path / "hosts"
+    theirs = "127.0.0.2 n1-ib # flsl-slurm /tmp/c-0-2n"
+    hosts.write_text(f"127.0.0.1 localhost\n{theirs}\n127.0.0.2 n1 # flsl-slurm /tmp/c-0\n")
+    env = dict(os.environ, FLSL_HOSTS_FILE=str(hosts), FLSL_SLURM_DIR="/tmp/c-0")
+    stopped = subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "stop"], env=env, capture_output=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert hosts.read_text().splitlines() == ["127.0.0.1 localhost", theirs]
