@@ -1,6 +1,7 @@
-"""The one progress-bar helper of flsl: rich bars on a console (stderr), one per stage, started
-at the first update and stopped together, with an optional line of text below them. Callers
-decide whether to show bars at all (off a terminal they print plain lines instead)."""
+"""The consoles flsl prints to, and its one progress-bar helper: rich bars on a console (stderr),
+one per stage, started at the first update and stopped together, with an optional line of text
+below them. Callers decide whether to show bars at all (off a terminal they print plain lines
+instead)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console on stdout or stderr. Written to a file or pipe (a SLURM task log, `| tee`,
+    CI) its text lines are never wrapped, so each log line stays one line and a path stays whole
+    for grep; tables are still laid out at the console's width."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
 
 
 def default_columns() -> tuple[ProgressColumn, ...]:
