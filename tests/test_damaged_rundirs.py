@@ -227,7 +227,7 @@ def test_resume_set_that_changes_the_schedule_is_refused_unless_allowed(tiny_run
 
 def test_output_to_a_pipe_keeps_each_line_whole(tiny_run, tmp_path):
     """With stderr a pipe and no COLUMNS, a run dir path of 150 characters stays whole on one
-    line in the "resuming" and "resumed from" lines (grep finds them)."""
+    line in the "resuming" and "resumed from" lines and in the summary table (grep finds them)."""
     deep = tmp_path / ("a-run-dir-with-a-long-name-" * 5)
     run = _copy(tiny_run, deep / "run")
     env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
@@ -236,6 +236,8 @@ def test_output_to_a_pipe_keeps_each_line_whole(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert any(f"resuming {run} from step 2" in line for line in lines), result.stderr
+    newest = str(run / "checkpoints" / "step-00000003.pt")
+    assert any("newest" in line and f" {newest} " in line for line in lines), result.stderr
     assert any(f"resumed from {run / 'checkpoints' / 'step-00000002.pt'} (step 2)" in line for line in lines), (
         result.stderr
     )
