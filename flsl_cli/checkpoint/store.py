@@ -213,7 +213,7 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
             f"{NOT_FLSL}: refused to load the file: it contains pickled Python objects or code, "
             "which flsl never runs"
         )
-    if isinstance(exc, pickle.UnpicklingError):
+    if isinstance(exc, pickle.UnpicklingError) and head.startswith(b"\x80"):
         return f"{NOT_FLSL}: a pickle that torch's safe loader refuses (refused to load it; nothing in it was run)"
     if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save's format, or another
         if zipfile.is_zipfile(path):  # whole (its central directory is there), yet torch refused it
