@@ -131,6 +131,7 @@ def check_resume(
     note_skipped: bool,
     options: ResumeOptions | None = None,
     shown: str | Path | None = None,
+    dry_run: bool = False,
 ) -> tuple[Recipe, str, int | None, list[str]]:
     """Everything `flsl resume` checks before it starts: the run, the changed recipe keys, the
     process count, a usable checkpoint, the data. Returns (recipe, source, step, changed keys);
@@ -138,7 +139,8 @@ def check_resume(
     checkpoints that are skipped are noted only with `note_skipped` (a local run's training
     loop says so itself). Temporary files a killed writer left in the run dir are removed.
     `options` are the explicit ways through the refusals of `resume_guards`; `shown` is the run
-    dir as the user named it (for a remote one, `run_dir` is its local staging copy)."""
+    dir as the user named it (for a remote one, `run_dir` is its local staging copy); with
+    `dry_run` nothing in the run dir is changed."""
     options = options or ResumeOptions()
     refuse_file_as_run_dir(run_dir)
     recipe_text, _ = read_run(run_dir)
@@ -171,9 +173,17 @@ def check_resume(
                 source=source,
             )
     refuse_second_writer(run_dir)
+    check_data(recipe, world_size=world_size)  # before anything below changes the run dir
     shown = shown or run_dir
-    for removed in remove_leftovers(run_dir):
+    for removed in [] if dry_run else remove_leftovers(run_dir):
         on_note(f"removed {removed}, left by a write that was cut off")
+    if options.adopt is not None or options.force:
+        if dry_run:
+            raise FlslError(
+                "--dry-run writes nothing, so it cannot adopt a checkpoint or set files aside (--adopt-checkpoint, "
+                "--force)",
+                fix="Leave out --dry-run, or those options",
+            )
     if options.adopt is not None:
         ref = adopt_checkpoint(run_dir, options.adopt, recipe=recipe, shown=shown)
         on_note(f"adopted {ref.path.name} (step {ref.step}): it loads safely, fits this run's model, and is committed")
@@ -192,7 +202,6 @@ def check_resume(
 
         ref, _ = newest_valid(run_dir, on_skip=on_skip)
         step = ref.step
-    check_data(recipe, world_size=world_size)
     return recipe, source, step, changed
 
 

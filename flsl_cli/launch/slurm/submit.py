@@ -194,6 +194,7 @@ def submit_resume(
         on_note=on_note,
         note_skipped=True,
         options=options,
+        dry_run=dry_run,
     )
     request = requests["slurm"]
     _warn_if_local(run_dir, request, on_note)
