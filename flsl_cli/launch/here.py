@@ -24,7 +24,7 @@ from flsl_cli.errors import FlslError
 from flsl_cli.launch.checks import check_recipe, note_worker_count
 from flsl_cli.launch.devices import resolve_devices
 from flsl_cli.launch.processes import run_processes
-from flsl_cli.launch.resume_guards import ResumeOptions
+from flsl_cli.launch.resume_guards import ResumeOptions, check_unverified_remote
 from flsl_cli.launch.rundir_setup import (
     check_resume,
     default_run_dir,
@@ -234,6 +234,9 @@ def resume_run(
         check_recipe(recipe, source=f"{target}/{RECIPE_NAME}", world_size=nprocs, use_cuda=use_cuda)
         return nprocs
 
+    options = options or ResumeOptions()
+    if remote.is_remote(target):
+        check_unverified_remote(storage.normalize(target), force=options.force)
     with staged(target, newest_checkpoint=True) as local:
         recipe, source, step, changed = check_resume(
             local,

@@ -14,6 +14,7 @@ import yaml
 
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import (
+    CHECKPOINTS_DIR,
     UNVERIFIED_SUFFIX,
     CheckpointRef,
     checkpoint_dir,
@@ -139,6 +140,22 @@ def check_unverified(run_dir: Path, *, shown: str | Path, force: bool, on_note: 
         fix=f"Check one and adopt it: `{adopt}` (it is loaded safely, checked against this run's model, and "
         f"given its manifest), or start over from step 0: `flsl resume {shown} --force` (the files are kept as "
         f"*{UNVERIFIED_SUFFIX})",
+    )
+
+
+def check_unverified_remote(url: str, *, force: bool) -> None:
+    """The same refusal for a remote run dir, whose staging copy holds committed checkpoints only:
+    checkpoint files there and no manifest at all are refused, unless `force` (a start from step
+    0, whose checkpoints then replace them). Adopting one is done on a local copy."""
+    listed = storage.listdir(storage.join(url, CHECKPOINTS_DIR))
+    files = [name for name in listed if step_of_file(Path(name)) is not None]
+    if force or not files or any(name.endswith(".json") for name in listed):
+        return
+    raise CheckpointError(
+        f"the run has checkpoint files but no manifest for any of them, so none is trusted: {', '.join(files)}",
+        where=url,
+        fix=f"Copy the run dir to a local path, adopt one there with `flsl resume LOCAL_COPY --adopt-checkpoint "
+        f"{files[-1]}` and copy it back, or start over from step 0: `flsl resume {url} --force`",
     )
 
 
