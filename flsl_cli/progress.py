@@ -1,15 +1,33 @@
-"""The one progress-bar helper of flsl: rich bars on a console (stderr), one per stage, started
-at the first update and stopped together, with an optional line of text below them. Callers
-decide whether to show bars at all (off a terminal they print plain lines instead)."""
+"""The consoles flsl prints to, and its one progress-bar helper: rich bars on a console (stderr),
+one per stage, started at the first update and stopped together, with an optional line of text
+below them. Callers decide whether to show bars at all (off a terminal they print plain lines
+instead)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+# Off a terminal (and with no COLUMNS set), tables are laid out as wide as their contents need,
+# up to this, so a path in a summary table is neither cut nor folded.
+UNWRAPPED_WIDTH = 1000
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console on stdout or stderr. Written to a file or pipe (a SLURM task log, `| tee`,
+    CI) nothing is wrapped or cut: each log line stays one line and every path stays whole, for
+    grep; a table is as wide as its contents (unless COLUMNS sets a width)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = UNWRAPPED_WIDTH
+    return console
 
 
 def default_columns() -> tuple[ProgressColumn, ...]:

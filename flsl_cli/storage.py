@@ -364,6 +364,25 @@ def leftover_temp_files(folder: Path) -> list[Path]:
     return sorted(entry for entry in folder.iterdir() if entry.name.startswith(".") and ".tmp-" in entry.name)
 
 
+def abandoned_temp_files(folder: Path) -> list[Path]:
+    """The temporary files and folders in `folder` (`.NAME.tmp-PID`) whose writer, a process of
+    this machine, is gone."""
+    return [entry for entry in leftover_temp_files(folder) if not _writer_alive(entry)]
+
+
+def _writer_alive(temporary: Path) -> bool:
+    pid = temporary.name.rsplit(".tmp-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_atomic(url: str | Path, write: Callable[[Any], None]) -> None:
     """Write a whole file through `write(handle)` (a binary handle) so that readers see either
     the old content or the new, never a part: see `replace_local` for local paths; remote files

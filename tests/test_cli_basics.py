@@ -9,7 +9,7 @@ import sys
 
 from conftest import REPO, run_flsl, tiny_overrides
 
-from flsl_cli.checkpoint.store import list_checkpoints, load_file, verify
+from flsl_cli.checkpoint.store import list_checkpoints, load_file, verify, write_manifest
 
 
 def test_help_does_not_import_torch():
@@ -60,23 +60,24 @@ def test_pretrain_help_lists_the_options():
 
 
 def test_non_finite_loss_stops_with_step_and_terms(demo_data, tmp_path):
-    """An absurd learning rate makes the loss non-finite: exit 3, the step and every term named,
-    and the last checkpoint before it intact."""
+    """Weights that have overflowed (what an absurd learning rate does; the recipe schema now
+    bounds every learning rate, so the overflow is put into the saved step here) make the loss
+    non-finite: exit 3, the step and every term named, and the last checkpoint before it intact."""
+    import torch
+
     run = tmp_path / "run"
-    result = run_flsl(
-        "pretrain",
-        "recipes/demo.yaml",
-        *tiny_overrides(
-            demo_data / "train",
-            optim__base_lr=1e35,
-            optim__clip_grad=0,
-            optim__warmup_epochs=1,
-            checkpoint__every_steps=1,
-            optim__min_lr=0,
-        ),
-        "--run-dir",
-        run,
-    )
+    common = tiny_overrides(demo_data / "train", checkpoint__every_steps=1)
+    first = run_flsl("pretrain", "recipes/demo.yaml", *common, "--set", "optim.max_steps=2", "--run-dir", run)
+    assert first.returncode == 0, first.stderr
+    saved = list_checkpoints(run)[-1].path
+    payload = torch.load(saved, weights_only=True)
+    payload["student"] = {
+        key: torch.full_like(value, float("inf")) if value.is_floating_point() else value
+        for key, value in payload["student"].items()
+    }
+    torch.save(payload, saved)
+    write_manifest(saved, step=2)
+    result = run_flsl("resume", run, "--set", "optim.max_steps=null")
     assert result.returncode == 3, result.stderr
     assert "non-finite at step" in result.stderr and "Traceback" not in result.stderr
     for term in ("loss =", "intra =", "inter =", "volume ="):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from flsl_cli.errors import CheckpointError
 FORMAT = "flsl-checkpoint/1"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_PATTERN = re.compile(r"^step-(\d{8,})\.json$")  # a manifest names its step
+FILE_PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_l
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
     storage.write_atomic(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
+    write_manifest(path, step=step)
+    prune(run_dir, keep_last=keep_last)
+    return path
+
+
+def write_manifest(path: Path, *, step: int) -> CheckpointRef:
+    """Commit the checkpoint file `path` of `step`: write its manifest (size, sha256) atomically."""
     manifest = {
         "format": FORMAT,
         "step": step,
@@ -61,10 +71,28 @@ def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_l
         "sha256": _sha256(path),
         "saved_at": timestamps.now(),
     }
-    manifest_path = path.with_suffix(".json")
-    storage.write_json_atomic(manifest_path, manifest)
-    prune(run_dir, keep_last=keep_last)
-    return path
+    storage.write_json_atomic(path.with_suffix(".json"), manifest)
+    return CheckpointRef(step=step, path=path, manifest=manifest)
+
+
+def files_without_manifest(run_dir: Path) -> list[Path]:
+    """Checkpoint files (`step-N.pt`) that have no manifest, oldest first: never loaded as they
+    are (a copy that left the manifests out, or a write cut off before its commit)."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [
+        entry
+        for entry in directory.iterdir()
+        if FILE_PATTERN.match(entry.name) and not entry.with_suffix(".json").exists()
+    ]
+    return sorted(found, key=lambda path: path.name)
+
+
+def step_of_file(path: Path) -> int | None:
+    """The step a checkpoint file's name gives (`step-00000045.pt` -> 45), None for another name."""
+    match = FILE_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
@@ -86,6 +114,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
 
 
 DAMAGED_SUFFIX = ".damaged"
+UNVERIFIED_SUFFIX = ".unverified"  # a file without manifest, set aside by `flsl resume --force`
 
 
 def set_aside_newer(run_dir: Path, *, step: int) -> list[str]:
@@ -121,6 +150,7 @@ def verify(ref: CheckpointRef) -> str | None:
     return None
 
 
+NOT_FLSL = "not a flsl checkpoint (and possibly unsafe)"
 _PASS_INSTEAD = "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-NNNNNNNN.pt) or a run directory"
 
 
@@ -146,7 +176,7 @@ def load_file(path: Path) -> dict[str, Any]:
         raise CheckpointError("the checkpoint does not exist", where=str(path), fix="Check the path") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a safe checkpoint
         reason = _why_unloadable(path, exc)
-        untrusted = "; never load files from untrusted sources" if "pickled" in reason else ""
+        untrusted = "; never load files from untrusted sources" if reason.startswith(NOT_FLSL) else ""
         raise CheckpointError(reason, where=str(path), fix=_PASS_INSTEAD + untrusted) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
@@ -178,14 +208,23 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
         return f"the file cannot be read ({error.strerror or error})"
     if size == 0:
         return "the file is empty (0 bytes), not a checkpoint"
-    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+    # What the file is comes before whether it is whole: a payload refused for the code it would
+    # run is named as such, even though a damaged archive is refused too.
+    if any(sign in str(exc) for sign in ("GLOBAL", "global")):
+        return (
+            f"{NOT_FLSL}: refused to load the file: it contains pickled Python objects or code, "
+            "which flsl never runs"
+        )
+    if isinstance(exc, pickle.UnpicklingError) and head.startswith(b"\x80"):
+        return f"{NOT_FLSL}: a pickle that torch's safe loader refuses (refused to load it; nothing in it was run)"
+    if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save's format, or another
+        if zipfile.is_zipfile(path):  # whole (its central directory is there), yet torch refused it
+            return f"{NOT_FLSL}: a zip archive that is not a PyTorch checkpoint"
         return (
             f"the file is truncated or damaged: its zip archive is incomplete ({size} bytes; "
             "was it still being copied or written?)"
         )
     if head.startswith(b"\x80"):  # a pickle: a plain one, or torch's legacy format
-        if any(sign in str(exc) for sign in ("weights_only", "GLOBAL", "global")):
-            return "refused to load the file: it contains pickled Python objects or code, which flsl never runs"
         return "this is a Python pickle that is truncated or not a checkpoint"
     try:
         text = head.decode("utf-8")

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from flsl_cli.errors import FlslError, RecipeError, RunStopped
+from flsl_cli.progress import make_console
 
-err_console = Console(stderr=True)
-out_console = Console()
+err_console = make_console(stderr=True)
+out_console = make_console()
 
 F = TypeVar("F", bound=Callable)
 

@@ -233,6 +233,31 @@ def resume(
     run_dir: Annotated[str, typer.Argument(help="Run directory written by `flsl pretrain` (a path or a URL).")],
     *,
     set_: SetOption = None,
+    allow_schedule_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-schedule-change",
+            help="Let --set change the run's schedule or data order (optim.epochs, optim.global_batch_size, "
+            "warm-ups, optim.seed, data.*); the note says what changes.",
+        ),
+    ] = False,
+    adopt_checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--adopt-checkpoint",
+            metavar="STEP_FILE",
+            help="Commit a checkpoint file of the run that has no manifest (step-NNNNNNNN.pt in RUN_DIR/checkpoints/) "
+            "after checking it loads safely and fits the run's model, then resume.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start over from step 0 when the run's checkpoint files have no manifests (they are set aside "
+            "as *.unverified, never deleted).",
+        ),
+    ] = False,
     devices: DevicesOption = None,
     nodes: NodesOption = None,
     gpus_per_node: GpusOption = None,
@@ -248,6 +273,9 @@ def resume(
     dry_run: DryRunOption = False,
 ) -> None:
     """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...)."""
+    from flsl_cli.launch.resume_guards import ResumeOptions
+
+    options = ResumeOptions(allow_schedule_change=allow_schedule_change, adopt=adopt_checkpoint, force=force)
     slurm = _slurm_job(
         devices=devices,
         dry_run=dry_run,
@@ -267,11 +295,17 @@ def resume(
         from flsl_cli.launch.slurm.submit import submit_resume
 
         job = submit_resume(
-            run_dir, overrides=set_ or [], slurm_options=slurm, dry_run=dry_run, on_note=note, on_script=_print_script
+            run_dir,
+            overrides=set_ or [],
+            slurm_options=slurm,
+            dry_run=dry_run,
+            options=options,
+            on_note=note,
+            on_script=_print_script,
         )
         if job is not None:
             _print_submitted(job, resumed=True)
         return
     from flsl_cli.launch.here import resume_run
 
-    resume_run(run_dir, overrides=set_ or [], devices=devices, on_note=note)
+    resume_run(run_dir, overrides=set_ or [], devices=devices, options=options, on_note=note)

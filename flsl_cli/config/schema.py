@@ -7,8 +7,8 @@ needs in `config.memory`.
 
 Values are typed strictly enough that YAML's surprises fail here: an integer setting takes no
 boolean (`true` would be 1) and no fractional number, a float setting takes no boolean and no
-`.inf`/`.nan`, and every size and count has an upper bound a machine can meet (rates and weights
-need only be finite).
+`.inf`/`.nan`, and every size and count has an upper bound a machine can meet, and every learning rate,
+weight decay and loss coefficient one far above any value that trains.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ ARCHS: dict[str, dict[str, int]] = {
 
 
 MAX_SEED = 2**32 - 1
+# Far above any value that trains (the paper: base_lr 5e-4 per 256 images, loss weights up to 5),
+# low enough that a typo such as 1e30 is refused before it diverges.
+MAX_LR = 1.0
+MAX_COEFFICIENT = 1000.0
+MAX_WEIGHT_DECAY = 10.0
 
 
 def _whole_number(value: Any) -> Any:
@@ -145,11 +150,11 @@ class AugmentConfig(Section):
 
 
 class LossConfig(Section):
-    upsilon: Float = Field(0.03, ge=0.0, description="Weight of the intra-view term L1.")
-    eta: Float = Field(1.0, ge=0.0, description="Weight of the inter-view term L2.")
-    gamma: Float = Field(5.0, ge=0.0, description="Weight of the volume-maximization term L3.")
-    sa_scale: Float = Field(0.1, gt=0.0, description="beta_sa = sa_scale / sqrt(scale_dim).")
-    ca_scale: Float = Field(0.2, gt=0.0, description="beta_ca = ca_scale / sqrt(scale_dim).")
+    upsilon: Float = Field(0.03, ge=0.0, le=MAX_COEFFICIENT, description="Weight of the intra-view term L1.")
+    eta: Float = Field(1.0, ge=0.0, le=MAX_COEFFICIENT, description="Weight of the inter-view term L2.")
+    gamma: Float = Field(5.0, ge=0.0, le=MAX_COEFFICIENT, description="Weight of the volume-maximization term L3.")
+    sa_scale: Float = Field(0.1, gt=0.0, le=MAX_COEFFICIENT, description="beta_sa = sa_scale / sqrt(scale_dim).")
+    ca_scale: Float = Field(0.2, gt=0.0, le=MAX_COEFFICIENT, description="beta_ca = ca_scale / sqrt(scale_dim).")
     scale_dim: Int | None = Field(
         None,
         ge=1,
@@ -168,11 +173,11 @@ class LossConfig(Section):
 class OptimConfig(Section):
     epochs: Int = Field(300, ge=1, le=10_000, description="Training epochs.")
     global_batch_size: Int = Field(512, ge=1, le=65_536, description="Images per step over all processes.")
-    base_lr: Float = Field(5e-4, gt=0.0, description="Peak learning rate per 256 images.")
-    min_lr: Float = Field(1e-6, ge=0.0, description="Final learning rate of the cosine.")
+    base_lr: Float = Field(5e-4, gt=0.0, le=MAX_LR, description="Peak learning rate per 256 images.")
+    min_lr: Float = Field(1e-6, ge=0.0, le=MAX_LR, description="Final learning rate of the cosine.")
     warmup_epochs: Float = Field(10, ge=0.0, le=10_000, description="Linear learning-rate warmup.")
-    weight_decay: Float = Field(0.04, ge=0.0, description="Weight decay at the start.")
-    weight_decay_end: Float = Field(0.4, ge=0.0, description="Weight decay at the end.")
+    weight_decay: Float = Field(0.04, ge=0.0, le=MAX_WEIGHT_DECAY, description="Weight decay at the start.")
+    weight_decay_end: Float = Field(0.4, ge=0.0, le=MAX_WEIGHT_DECAY, description="Weight decay at the end.")
     momentum_teacher: Float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start.")
     clip_grad: Float = Field(3.0, ge=0.0, description="Global gradient-norm clip (0: off).")
     freeze_last_layer_epochs: Float = Field(1, ge=0.0, le=10_000, description="Epochs with the last head layer frozen.")
@@ -485,4 +490,19 @@ SHAPE_KEYS = (
     "model.head_bottleneck_dim",
     "model.head_layers",
     "augment.global_size",
+)
+
+# Keys whose change on resume alters the run's schedule (its length, warm-ups, the steps each
+# epoch has) or the order in which it reads its data. `optim.max_steps` only moves where the run
+# stops and `data.num_workers` is noted by the run itself, so neither is listed.
+SCHEDULE_KEYS = (
+    "optim.epochs",
+    "optim.global_batch_size",
+    "optim.warmup_epochs",
+    "optim.freeze_last_layer_epochs",
+    "loss.warmup_teacher_temp_epochs",
+    "optim.seed",
+    "data.train",
+    "data.shuffle_buffer",
+    "data.demo",
 )

@@ -87,6 +87,7 @@ def write_demo_dataset(
     after each image. Returns the contents of `out_dir/dataset.json`.
     """
     out_dir = Path(out_dir)
+    _remove_abandoned(out_dir)
     _check_settings(out_dir, images, seed, image_size, val_fraction, samples_per_shard)
     _refuse_existing(out_dir)
 
@@ -157,6 +158,14 @@ def _refuse_existing(out_dir: Path) -> None:
             where=str(out_dir),
             fix="Choose a new output directory or delete the existing one first",
         )
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Remove the build folders (`.NAME.tmp-PID`) of generations into `out_dir` that were killed
+    before they could clean up; one whose process still runs is left to it."""
+    for leftover in storage.abandoned_temp_files(out_dir.parent):
+        if leftover.name.startswith(f".{out_dir.name}.tmp-"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:

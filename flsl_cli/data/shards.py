@@ -93,6 +93,13 @@ def _resolve_one(item: str, *, key: str) -> tuple[list[Shard], tuple[str, ...]]:
     if item.endswith((".tar", ".tar.gz", ".tgz")):
         return _from_files([item], key=key, spec=item)
     if not _safe(lambda: storage.isdir(item), item, key=key):
+        if _safe(lambda: storage.isfile(item), item, key=key):
+            raise DataError(
+                f"{key} is a file that is not a shard or a shard list (flsl reads .tar shards, an {INDEX_NAME}, "
+                "a directory of them, a brace pattern or a comma-separated list of .tar files)",
+                where=item,
+                fix=FIX,
+            )
         raise DataError(f"{key} does not exist (no directory, index.json or .tar shard there)", where=item, fix=FIX)
     names = _safe(lambda: storage.listdir(item), item, key=key)
     if INDEX_NAME in names:
@@ -192,7 +199,14 @@ def _missing(urls: list[str], *, key: str) -> list[str]:
             missing += [url for url in members if storage.basename(url) not in listed]
         except DataError:
             raise
-        except Exception:  # noqa: BLE001 - listing unsupported (plain HTTP servers): ask per file
+        except Exception as exc:  # noqa: BLE001 - listing unsupported (plain HTTP servers): ask per file
+            if storage.is_transient(exc):  # retried already: the server cannot be reached at all
+                raise DataError(
+                    f"{key}: connection error: cannot reach {directory} after {storage.RETRY_ATTEMPTS} attempts "
+                    f"({first_line(exc)})",
+                    where=directory,
+                    fix="Check that the server is up and the URL (host, port) is right, and the network between",
+                ) from None
             missing += [url for url in members if not _safe(lambda u=url: storage.exists(u), url, key=key)]
     return missing
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flsl_cli import storage
-from flsl_cli.progress import ProgressBars
+from flsl_cli.progress import ProgressBars, make_console
 
 
 class Reporter:
@@ -23,7 +23,7 @@ class Reporter:
 
     def __init__(self, *, enabled: bool, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
 
     def note(self, message: str) -> None:
         if self.enabled:

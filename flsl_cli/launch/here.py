@@ -24,6 +24,7 @@ from flsl_cli.errors import FlslError
 from flsl_cli.launch.checks import check_recipe, note_worker_count
 from flsl_cli.launch.devices import resolve_devices
 from flsl_cli.launch.processes import run_processes
+from flsl_cli.launch.resume_guards import ResumeOptions, check_unverified_remote
 from flsl_cli.launch.rundir_setup import (
     check_resume,
     default_run_dir,
@@ -217,7 +218,12 @@ def _on_rank_zero_first(action: Callable[[], None], *, launch: ProcessEnv, use_c
 
 
 def resume_run(
-    run_dir: str | Path, *, overrides: list[str], devices: int | None, on_note: Callable[[str], None] = lambda _: None
+    run_dir: str | Path,
+    *,
+    overrides: list[str],
+    devices: int | None,
+    options: ResumeOptions | None = None,
+    on_note: Callable[[str], None] = lambda _: None,
 ) -> str | Path:
     """`flsl resume RUN_DIR`: the run's checks, then train it on from its newest checkpoint here."""
     target = str(run_dir)
@@ -228,9 +234,18 @@ def resume_run(
         check_recipe(recipe, source=f"{target}/{RECIPE_NAME}", world_size=nprocs, use_cuda=use_cuda)
         return nprocs
 
+    options = options or ResumeOptions()
+    if remote.is_remote(target):
+        check_unverified_remote(storage.normalize(target), force=options.force)
     with staged(target, newest_checkpoint=True) as local:
         recipe, source, step, changed = check_resume(
-            local, overrides=overrides, world_size_of=world_size_of, on_note=on_note, note_skipped=False
+            local,
+            overrides=overrides,
+            world_size_of=world_size_of,
+            on_note=on_note,
+            note_skipped=False,
+            options=options,
+            shown=_shown(target),
         )
         save_changed_recipe(local, recipe, changed, on_note)
         if step is None:  # killed before its first checkpoint: its partial logs describe steps run again

@@ -23,6 +23,14 @@ from flsl_cli.config.schema import SHAPE_KEYS, Recipe
 from flsl_cli.distributed.env import slurm_tasks
 from flsl_cli.errors import FlslError, RecipeError, RunDirError
 from flsl_cli.launch.checks import check_data, ensure_demo_data
+from flsl_cli.launch.resume_guards import (
+    ResumeOptions,
+    adopt_checkpoint,
+    check_unverified,
+    is_schedule_key,
+    remove_leftovers,
+    schedule_change,
+)
 from flsl_cli.launch.slurm.executor import JOBS_DIR
 from flsl_cli.launch.slurm.queries import job_state
 from flsl_cli.storage import write_text_atomic
@@ -120,12 +128,19 @@ def check_resume(
     world_size_of: Callable[[Recipe], int],
     on_note: Callable[[str], None],
     note_skipped: bool,
+    options: ResumeOptions | None = None,
+    shown: str | Path | None = None,
+    dry_run: bool = False,
 ) -> tuple[Recipe, str, int | None, list[str]]:
     """Everything `flsl resume` checks before it starts: the run, the changed recipe keys, the
     process count, a usable checkpoint, the data. Returns (recipe, source, step, changed keys);
     step is None for a run that has no checkpoint yet (it starts again from step 0). Damaged
     checkpoints that are skipped are noted only with `note_skipped` (a local run's training
-    loop says so itself)."""
+    loop says so itself). Temporary files a killed writer left in the run dir are removed.
+    `options` are the explicit ways through the refusals of `resume_guards`; `shown` is the run
+    dir as the user named it (for a remote one, `run_dir` is its local staging copy); with
+    `dry_run` nothing in the run dir is changed."""
+    options = options or ResumeOptions()
     refuse_file_as_run_dir(run_dir)
     recipe_text, _ = read_run(run_dir)
     source = str(run_dir / RECIPE_NAME)
@@ -145,7 +160,38 @@ def check_resume(
             )
         world_size = world_size_of(recipe)
         check_for_world(recipe, world_size=world_size, source=source)
+        rescheduled = [key for key in changed if is_schedule_key(key)]
+        if rescheduled and not options.allow_schedule_change:
+            raise RecipeError(
+                [
+                    f"{key}: changing it on resume changes the run's schedule or data order "
+                    f"({schedule_change(saved, recipe, keys=[key], world_size=world_size)}); pass "
+                    "--allow-schedule-change to change it all the same, or drop this --set"
+                    for key in rescheduled
+                ],
+                source=source,
+            )
     refuse_second_writer(run_dir)
+    check_data(recipe, world_size=world_size)  # before anything below changes the run dir
+    shown = shown or run_dir
+    for removed in [] if dry_run else remove_leftovers(run_dir):
+        on_note(f"removed {removed}, left by a write that was cut off")
+    if options.adopt is not None or options.force:
+        if dry_run:
+            raise FlslError(
+                "--dry-run writes nothing, so it cannot adopt a checkpoint or set files aside (--adopt-checkpoint, "
+                "--force)",
+                fix="Leave out --dry-run, or those options",
+            )
+    if options.adopt is not None:
+        ref = adopt_checkpoint(run_dir, options.adopt, recipe=recipe, shown=shown)
+        on_note(f"adopted {ref.path.name} (step {ref.step}): it loads safely, fits this run's model, and is committed")
+    check_unverified(run_dir, shown=shown, force=options.force, on_note=on_note)
+    if rescheduled:
+        on_note(
+            "--allow-schedule-change: the run changes: "
+            + schedule_change(saved, recipe, keys=rescheduled, world_size=world_size)
+        )
     step = None
     if list_checkpoints(run_dir):
 
@@ -155,7 +201,6 @@ def check_resume(
 
         ref, _ = newest_valid(run_dir, on_skip=on_skip)
         step = ref.step
-    check_data(recipe, world_size=world_size)
     return recipe, source, step, changed
 
 

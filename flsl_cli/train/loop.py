@@ -325,8 +325,9 @@ class TrainSession:
         return self.mirror or str(self.run_dir)
 
     def _stop_if_asked_before_training(self) -> None:
-        """A stop signal that came while the run was starting ends it here, on every rank alike:
-        there is nothing new to save."""
+        """A stop signal that came while the run was starting (before the loop, and while the
+        data workers start and fetch the first batch) ends it here, on every rank alike: there is
+        nothing new to save."""
         assert self.runner.stop_request is not None, "the session installs the stop request"
         asked = float(self.runner.stop_request.requested)
         if self.env.world_size > 1:
@@ -356,6 +357,8 @@ class TrainSession:
         epoch, in_epoch = divmod(self.step, steps_per_epoch)
         self.stream.set_epoch(epoch, skip_batches=in_epoch)
         for batch in iterate(self.loader):
+            if self.step == self.start_step:  # the data workers have just started: a stop meanwhile ends it here
+                self._stop_if_asked_before_training()
             self._train_step(batch)
             if self.step >= self.stop_at or self.step % steps_per_epoch == 0:
                 break

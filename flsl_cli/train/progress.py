@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flsl_cli.progress import ProgressBars
+from flsl_cli.progress import ProgressBars, make_console
 
 
 def epoch_number(step: int, *, steps_per_epoch: int, total_steps: int | None = None) -> int:
@@ -31,7 +31,7 @@ class TrainProgress:
         log_every: int,
         console: Console | None = None,
     ) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.enabled = enabled
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from flsl_cli import __version__, storage, timestamps
-from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
+from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, files_without_manifest, list_checkpoints
 from flsl_cli.distributed import env
 from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.storage import write_text_atomic
@@ -89,6 +89,13 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
                 "(--force never deletes checkpoints)"
             ),
         )
+    unverified = files_without_manifest(run_dir)
+    if not checkpoints and unverified:
+        raise RunDirError(
+            f"the run directory holds checkpoint files without manifests ({', '.join(p.name for p in unverified)})",
+            where=str(run_dir),
+            fix=f"`flsl resume {run_dir}` says how to adopt one or start over; --force never deletes checkpoints",
+        )
     if not force:
         raise RunDirError(
             "the run directory holds "
@@ -106,6 +113,8 @@ def _refuse_or_clear(run_dir: Path, *, recipe_yaml: str, force: bool) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    for leftover in storage.leftover_temp_files(run_dir):  # what a killed writer of the old run left
+        leftover.unlink(missing_ok=True)
 
 
 def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -117,17 +126,29 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
             where=str(run_dir),
             fix="Pass the --run-dir of a run started with `flsl pretrain`",
         )
-    recipe_path = run_dir / RECIPE_NAME
+    recipe_path, record_path = run_dir / RECIPE_NAME, run_dir / RUN_NAME
     if not recipe_path.exists():
         raise RunDirError(
-            f"this is not a flsl run directory (no {RECIPE_NAME})",
+            f"{RECIPE_NAME} is missing, the recipe the run trains with (its {RUN_NAME} is there)"
+            if record_path.exists()
+            else f"this is not a flsl run directory (no {RECIPE_NAME}, no {RUN_NAME})",
             where=str(run_dir),
-            fix="Pass the --run-dir of a run started with `flsl pretrain`",
+            fix=f"Restore {recipe_path} from the copy the run came from, or write the recipe the run was started "
+            f"with there: `flsl recipe show RECIPE [--set ...] > {recipe_path}`"
+            if record_path.exists()
+            else "Pass the --run-dir of a run started with `flsl pretrain`",
         )
+    if not record_path.exists():  # the run goes on; its history (stops, resumes, jobs) starts anew
+        return recipe_path.read_text(), {}
     try:
-        record = json.loads((run_dir / RUN_NAME).read_text())
-    except (OSError, ValueError):
-        record = {}
+        record = load_record(run_dir).to_dict()
+    except RunDirError as exc:  # never rewritten over: the user decides
+        raise RunDirError(
+            exc.what,
+            where=str(record_path),
+            fix=f"Restore it from the copy the run came from, or move it aside (`mv {record_path} "
+            f"{record_path}.damaged`): `flsl resume` then continues the run with a new {RUN_NAME}",
+        ) from None
     return recipe_path.read_text(), record
 
 
@@ -153,6 +174,13 @@ def read_run_record(run_dir: str | Path) -> RunRecord:
         text = storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8", errors="replace")
         return parse_record(text, where=storage.join(url, RUN_NAME))
     except FileNotFoundError:
+        if storage.exists(storage.join(url, RECIPE_NAME)):
+            raise RunDirError(
+                f"{RUN_NAME} is missing, the run's record (its {RECIPE_NAME} is there)",
+                where=url,
+                fix=f"Restore {RUN_NAME} from the copy the run came from; `flsl resume {url}` continues the run "
+                f"without it and writes a new one",
+            ) from None
         raise RunDirError(
             f"this is not a flsl run directory (no {RUN_NAME})",
             where=url,

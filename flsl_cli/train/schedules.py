@@ -44,6 +44,10 @@ class Schedules:
     def total_steps(self) -> int:
         return self.recipe.optim.epochs * self.steps_per_epoch
 
+    @property
+    def lr_warmup_steps(self) -> int:
+        return self._steps(self.recipe.optim.warmup_epochs)
+
     def _steps(self, epochs: float) -> int:
         return int(round(epochs * self.steps_per_epoch))
 
@@ -54,7 +58,7 @@ class Schedules:
     def lr(self, step: int) -> float:
         optim = self.recipe.optim
         return warmup_cosine(
-            step, warmup=self._steps(optim.warmup_epochs), total=self.total_steps, peak=self.peak_lr(), end=optim.min_lr
+            step, warmup=self.lr_warmup_steps, total=self.total_steps, peak=self.peak_lr(), end=optim.min_lr
         )
 
     def weight_decay(self, step: int) -> float:

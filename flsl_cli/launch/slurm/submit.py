@@ -29,6 +29,7 @@ from flsl_cli.config.load import (
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.checks import check_data
+from flsl_cli.launch.resume_guards import ResumeOptions
 from flsl_cli.launch.rundir_setup import (
     check_resume,
     default_run_dir,
@@ -166,6 +167,7 @@ def submit_resume(
     overrides: list[str] | None = None,
     slurm_options: Mapping[str, Any] | None = None,
     dry_run: bool = False,
+    options: ResumeOptions | None = None,
     on_note: Callable[[str], None] = lambda _: None,
     on_script: Callable[[str], None] = print,
 ) -> submitit.Job | None:
@@ -184,7 +186,13 @@ def submit_resume(
         read_run(run_dir)
         require_sbatch()
     recipe, _, step, changed = check_resume(
-        run_dir, overrides=overrides or [], world_size_of=world_size_of, on_note=on_note, note_skipped=True
+        run_dir,
+        overrides=overrides or [],
+        world_size_of=world_size_of,
+        on_note=on_note,
+        note_skipped=True,
+        options=options,
+        dry_run=dry_run,
     )
     request = requests["slurm"]
     _warn_if_local(run_dir, request, on_note)
