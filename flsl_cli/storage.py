@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fsspec.core import url_to_fs
 
 from flsl_cli.errors import DataError, FlslError
+from flsl_cli.processes import pid_alive
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -372,15 +373,7 @@ def abandoned_temp_files(folder: Path) -> list[Path]:
 
 def _writer_alive(temporary: Path) -> bool:
     pid = temporary.name.rsplit(".tmp-", 1)[-1]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def write_atomic(url: str | Path, write: Callable[[Any], None]) -> None:

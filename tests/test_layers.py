@@ -27,7 +27,18 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("launch", "bench", "viz"),
     ("train",),
     ("export", "eval", "data", "models", "losses"),
-    ("checkpoint", "config", "storage", "distributed", "signals", "errors", "progress", "timestamps", "flsl_cli"),
+    (
+        "checkpoint",
+        "config",
+        "storage",
+        "distributed",
+        "signals",
+        "errors",
+        "progress",
+        "timestamps",
+        "processes",
+        "flsl_cli",
+    ),
 )
 RANK = {name: (layer, place) for layer, names in enumerate(LAYERS) for place, name in enumerate(names)}
 

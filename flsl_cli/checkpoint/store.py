@@ -212,8 +212,7 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
     # run is named as such, even though a damaged archive is refused too.
     if any(sign in str(exc) for sign in ("GLOBAL", "global")):
         return (
-            f"{NOT_FLSL}: refused to load the file: it contains pickled Python objects or code, "
-            "which flsl never runs"
+            f"{NOT_FLSL}: refused to load the file: it contains pickled Python objects or code, which flsl never runs"
         )
     if isinstance(exc, pickle.UnpicklingError) and head.startswith(b"\x80"):
         return f"{NOT_FLSL}: a pickle that torch's safe loader refuses (refused to load it; nothing in it was run)"

@@ -30,6 +30,7 @@ from typing import Any
 
 from flsl_cli import timestamps
 from flsl_cli.errors import RunDirError
+from flsl_cli.processes import pid_alive, process_start
 from flsl_cli.storage import write_json_atomic
 
 RUN_NAME = "run.json"
@@ -101,9 +102,7 @@ class Owner:
     @classmethod
     def this_process(cls) -> Owner:
         pid = os.getpid()
-        return cls(
-            kind="local", since=timestamps.now(), host=socket.gethostname(), pid=pid, started=_process_start(pid)
-        )
+        return cls(kind="local", since=timestamps.now(), host=socket.gethostname(), pid=pid, started=process_start(pid))
 
     @classmethod
     def slurm_job(cls, job_id: str) -> Owner:
@@ -140,31 +139,12 @@ class Owner:
     def process_alive(self) -> bool:
         """Whether a local owner's process (on this machine) still runs: same pid and start time."""
         pid = self.pid
-        return pid is not None and _pid_alive(pid) and self.started in (None, _process_start(pid))
+        return pid is not None and pid_alive(pid) and self.started in (None, process_start(pid))
 
     def alive(self) -> bool:
         """Whether the owner may still write: a local process on this machine that still runs
         (a reused pid does not count); an owner on another machine, or a SLURM job, counts as alive."""
         return self.process_alive() if self.on_this_machine else True
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
