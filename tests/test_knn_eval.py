@@ -251,6 +251,28 @@ def _results(path) -> dict:
     return json.loads(path.read_text())
 
 
+def test_sizes_default_to_the_checkpoints_training_size(tiny_run, demo_data, tmp_path):
+    """Without --resize/--crop, knn-eval evaluates a checkpoint at its own training size (crop =
+    the run's augment.global_size, 32 px here; resize = 32 x 256 / 224 = 37); a flag overrides its
+    own size only. The recipe's eval.knn section resolves the same way for in-training k-NN."""
+    from flsl_cli.config.load import load_recipe
+
+    data = ["--train", demo_data / "train", "--val", demo_data / "val", "--k", "5", "--workers", "0"]
+    _evaluate(tiny_run, *data, "--max-train-images", 48, "--out", tmp_path / "default.json")
+    settings = _results(tmp_path / "default.json")["settings"]
+    assert (settings["resize"], settings["crop"]) == (37, 32)
+    _evaluate(tiny_run, *data, "--max-train-images", 48, "--crop", 48, "--out", tmp_path / "crop.json")
+    settings = _results(tmp_path / "crop.json")["settings"]
+    assert (settings["resize"], settings["crop"]) == (55, 48)
+    run_recipe = load_recipe(tiny_run / "recipe.yaml")
+    assert run_recipe.augment.global_size == 32
+    assert (run_recipe.eval.knn.resize, run_recipe.eval.knn.crop) == (37, 32)
+    demo = load_recipe("recipes/demo.yaml")
+    assert (demo.eval.knn.resize, demo.eval.knn.crop) == (73, 64)
+    explicit = load_recipe("recipes/demo.yaml", overrides=["eval.knn.resize=100", "eval.knn.crop=96"])
+    assert (explicit.eval.knn.resize, explicit.eval.knn.crop) == (100, 96)
+
+
 def _copy_shards(source, target, *, keep_boxes=lambda index: True, limit: int | None = None) -> None:
     """Rewrite a split's shards, dropping the boxes of the samples `keep_boxes` refuses."""
     from flsl_cli.data.shard_writer import ShardWriter

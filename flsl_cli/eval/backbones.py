@@ -30,6 +30,7 @@ TIMM_PREFIX = "timm:"
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 RANDOM_INIT_SEED = 0
+DEFAULT_TRAINING_SIZE = 224  # for a model that does not say its own input size
 _SOURCES_FIX = (
     "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-*.pt) or a run directory, a folder written by "
     "`flsl export --format timm`, or a .safetensors file together with --model timm:NAME"
@@ -56,6 +57,7 @@ class EvalModel:
     std: tuple[float, float, float]
     description: dict[str, Any] = field(default_factory=dict)
     identity: str = ""  # what the cache key says about the weights
+    training_size: int = DEFAULT_TRAINING_SIZE  # the image side it was trained at, in pixels
 
     def tokens(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Patch tokens (b, n, d), row-major over the (h / patch) x (w / patch) grid."""
@@ -129,7 +131,14 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
         "random_init": random_init,
     }
     identity = f"flsl|{loaded.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{which}|random={random_init}"
-    return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description=description, identity=identity)
+    return wrap_module(
+        backbone,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        description=description,
+        identity=identity,
+        training_size=recipe.augment.global_size,
+    )
 
 
 def random_init_backbone(recipe: Recipe) -> VisionTransformer:
@@ -342,9 +351,16 @@ def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
 
 
 def wrap_module(
-    module: nn.Module, *, mean: Iterable[float], std: Iterable[float], description: dict[str, Any], identity: str
+    module: nn.Module,
+    *,
+    mean: Iterable[float],
+    std: Iterable[float],
+    description: dict[str, Any],
+    identity: str,
+    training_size: int | None = None,
 ) -> EvalModel:
-    """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module."""
+    """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module,
+    and the training size too unless given (timm's `patch_embed.img_size`, else 224)."""
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -360,7 +376,16 @@ def wrap_module(
         std=_rgb(std),
         description=description,
         identity=identity,
+        training_size=training_size or _input_size(module),
     )
+
+
+def _input_size(module: nn.Module) -> int:
+    """The image side a timm model was built for (its patch embedding's img_size), else 224."""
+    size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and size and isinstance(size[-1], int):
+        return size[-1]
+    return size if isinstance(size, int) else DEFAULT_TRAINING_SIZE
 
 
 @contextmanager
