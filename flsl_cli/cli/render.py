@@ -59,12 +59,18 @@ def error_text(exc: FlslError) -> Text:
     text.append(f" {exc.source}: {count} problem{'s' if count != 1 else ''} in the recipe:")
     for problem in exc.problems:
         text.append(f"\n  {problem}")
-    text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
+    if exc.recheck != "":  # "": no command answers this check apart from the one refused
+        text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
     return text
 
 
 def note(message: str) -> None:
     err_console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)
+
+
+def warning(message: str) -> None:
+    """A problem that does not stop the command (e.g. something it could not check)."""
+    err_console.print(Text.assemble(("flsl: warning:", "yellow"), f" {message}"), highlight=False)
 
 
 def demo_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
