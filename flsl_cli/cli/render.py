@@ -74,7 +74,16 @@ def warning(message: str) -> None:
 
 
 def demo_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """A progress callback (done, total) for demo-data generation, and a function to close it."""
+    """A progress callback (done, total) for demo-data generation, and a function to close it.
+    The bar closes itself once generation is done: off a terminal rich prints a bar when it
+    closes, which must come before what the command prints next, not after its final table."""
     from flsl_cli.progress import ProgressBars
 
-    return ProgressBars(console=err_console).callback("generating demo data")
+    update, close = ProgressBars(console=err_console).callback("generating demo data")
+
+    def on_progress(done: int, total: int) -> None:
+        update(done, total)
+        if done >= total:
+            close()
+
+    return on_progress, close
