@@ -571,3 +571,31 @@ def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
         str(shard),
         "could not be read to its end",
     )
+
+
+def test_unreachable_timm_weights_fail_at_once(demo_data, tmp_path):
+    """Pretrained timm weights that are not cached, on a hub that does not answer, are one error
+    naming the model within seconds, not after the hub client's minute of retries."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from servers import free_port
+
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "flsl_cli", "knn-eval", "--model", "timm:vit_small_patch16_224.dino"]
+        + ["--train", str(demo_data / "train"), "--val", str(demo_data / "val")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.monotonic() - started
+    fails(result, "cannot download the pretrained weights of timm model 'vit_small_patch16_224.dino'", "127.0.0.1")
+    assert "Retrying" not in result.stderr and seconds < 45, (seconds, result.stderr)

@@ -7,6 +7,7 @@ grid order with any class/register tokens removed.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ TIMM_PREFIX = "timm:"
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 RANDOM_INIT_SEED = 0
+WEIGHTS_PROBE_SECONDS = 5.0  # how long the host of pretrained weights may take to answer
 DEFAULT_TRAINING_SIZE = 224  # for a model that does not say its own input size
 _SOURCES_FIX = (
     "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-*.pt) or a run directory, a folder written by "
@@ -309,6 +311,8 @@ def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
             f"timm has no model named {name!r}",
             fix="Pick a name from `python -c \"import timm; print(timm.list_models('vit_*'))\"`",
         )
+    if pretrained:
+        _check_weights_reachable(name)
     args = {"num_classes": 0, **kwargs}
     torch.manual_seed(RANDOM_INIT_SEED)  # random inits (and heads) are the same on every rank and run
     try:
@@ -323,6 +327,43 @@ def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
             f"could not create timm model {name!r}{weights} ({reason})",
             fix="Check the name and your network access to the weights, or add --random-init for an untrained baseline",
         ) from None
+
+
+def _check_weights_reachable(name: str, *, timeout: float = WEIGHTS_PROBE_SECONDS) -> None:
+    """Pretrained weights that are neither in the local cache nor on a host that answers within
+    `timeout` seconds are an error at once (the hub's client retries for about a minute)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = timm.models.get_pretrained_cfg(name)
+    if config is None:
+        return  # timm itself says what is missing
+    if config.hf_hub_id:
+        repo = config.hf_hub_id.split("@")[0]
+        files = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
+            return
+        url = constants.ENDPOINT
+    elif config.url:
+        url = config.url
+    else:
+        return
+    host = urlsplit(url).hostname or url
+    port = urlsplit(url).port or (443 if url.startswith("https") else 80)
+    if constants.HF_HUB_OFFLINE and config.hf_hub_id:
+        reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    else:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return
+        except OSError as exc:
+            reason = f"{host} cannot be reached from here ({exc.strerror or exc}) and they are not in the local cache"
+    raise CheckpointError(
+        f"cannot download the pretrained weights of timm model {name!r}: {reason}",
+        fix="Run where the network reaches them once (they are cached), point HF_ENDPOINT at a mirror, "
+        "or add --random-init for an untrained baseline",
+    )
 
 
 def _patch_size(module: nn.Module) -> int:
