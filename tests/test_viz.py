@@ -238,7 +238,7 @@ def test_clusters_are_the_heads_argmax(resumed_run, photos):
 def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_path):
     """Every numeric series of metrics.jsonl is a line with the logged steps and values, and
     every panel has a vertical line at the resume step."""
-    from flsl_cli.viz.plot import RESUME_GID, draw_run, read_curves
+    from flsl_cli.viz.plot import RESUME_GID, START_GID, draw_run, read_curves
 
     rows = _metrics(resumed_run)
     assert [r["step"] for r in rows] == list(range(1, FINAL + 1))
@@ -250,7 +250,7 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
         assert [list(line.get_xdata()) for line in resumes] == [[RESUMED_AT, RESUMED_AT]], axes.get_title()
         twins = [other for other in figure.axes if other is not axes and other.bbox.bounds == axes.bbox.bounds]
         for line in [line for ax in (axes, *twins) for line in ax.get_lines()]:
-            if line.get_gid() != RESUME_GID:
+            if line.get_gid() not in (RESUME_GID, START_GID):
                 drawn[(axes.get_title(), line.get_label())] = (list(line.get_xdata()), list(line.get_ydata()))
     titles = {title for title, _ in drawn}
     assert {
@@ -274,6 +274,53 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
     code, output = _invoke("plot", resumed_run, "--out", tmp_path / "run.png")
     assert code == 0, output
     assert _png_size(tmp_path / "run.png")[0] > 1000
+    code, output = _invoke("plot", resumed_run)  # by default into the run dir, not the current folder
+    assert code == 0, output
+    assert f"wrote {resumed_run / 'plot.png'}" in output and _png_size(resumed_run / "plot.png")[0] > 1000
+
+
+def test_plot_keeps_counts_off_the_percentage_axes_and_marks_chance_and_step_0(resumed_run):
+    """A run that logged k-NN results: the accuracies, the chance levels (dotted) and the random
+    init share the k-NN panel, whose lines all read in percent; the evaluated image count (400)
+    has a panel of its own; every panel has a line at step 0 and starts at or before it."""
+    import fsspec
+
+    from flsl_cli.viz.plot import COUNTS_TITLE, KNN_TITLE, RESUME_GID, START_GID, draw_run, read_curves
+
+    marks = (START_GID, RESUME_GID)
+
+    fs = fsspec.filesystem("memory")
+    rows = [
+        {"step": 4, "knn_bbox_top1_k20": 81.0, "knn_bbox_feature_top1_k20": 22.0, "knn_bbox_images": 400},
+        {"step": FINAL, "knn_bbox_top1_k20": 84.0, "knn_bbox_feature_top1_k20": 24.5, "knn_bbox_images": 400},
+        {
+            "step": FINAL,
+            "final": True,
+            "knn_bbox_chance_top1": 75.1,
+            "knn_bbox_chance_feature_top1": 14.3,
+            "random_init_knn_bbox_feature_top1_k20": 28.6,
+        },
+    ]
+    text = (resumed_run / "metrics.jsonl").read_text() + "".join(json.dumps(row) + "\n" for row in rows)
+    fs.pipe("/viz-counts/run/metrics.jsonl", text.encode())
+    fs.pipe("/viz-counts/run/run.json", (resumed_run / "run.json").read_bytes())
+    figure = draw_run(read_curves("memory://viz-counts/run"))
+    panels = {axes.get_title(): axes for axes in figure.axes if axes.get_visible() and axes.get_title()}
+    knn, counts = panels[KNN_TITLE], panels[COUNTS_TITLE]
+    twins = [other for other in figure.axes if other is not knn and other.bbox.bounds == knn.bbox.bounds]
+    assert not twins  # no second axis to hide a count on
+    curves = {line.get_label(): list(line.get_ydata()) for line in knn.get_lines() if line.get_gid() not in marks}
+    assert curves["knn_bbox_top1_k20"] == [81.0, 84.0] and curves["knn_bbox_feature_top1_k20"] == [22.0, 24.5]
+    assert curves["chance (top1)"] == [75.1, 75.1] and curves["chance (feature top1)"] == [14.3, 14.3]
+    assert curves["random init: knn_bbox_feature_top1_k20"] == [28.6]
+    assert all(0 <= value <= 100 for values in curves.values() for value in values)
+    assert not any("images" in label for label in curves if not label.startswith("random init"))
+    (count,) = [line for line in counts.get_lines() if line.get_gid() not in marks]
+    assert count.get_label() == "knn_bbox_images" and list(count.get_ydata()) == [400.0, 400.0]
+    for title, axes in panels.items():
+        starts = [line for line in axes.get_lines() if line.get_gid() == START_GID]
+        assert [list(line.get_xdata()) for line in starts] == [[0, 0]], title
+        assert axes.get_xlim()[0] < 0 <= axes.get_xlim()[1], title
 
 
 def test_plot_adds_knn_results_and_reads_a_remote_run_in_progress(resumed_run, tmp_path):

@@ -145,7 +145,14 @@ def _parse_layers(value: str | None) -> tuple[int, ...] | None:
 def plot(
     run_dir: Annotated[str, typer.Argument(help="The run directory (a local path or a remote URL).")],
     *,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("run.png"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The PNG to write (default: RUN_DIR/plot.png; for a remote run dir, NAME-plot.png here).",
+        ),
+    ] = None,
 ) -> None:
     """The curves of a run in one PNG: losses, schedules, speed, data health, k-NN, resumes."""
     from flsl_cli.viz.plot import plot_run
