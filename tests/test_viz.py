@@ -171,7 +171,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, photos, tmp_path):
     """One grid PNG per image and an index.html; a row per model: the image, ASS at layers 1 and 2
     (depth 2), 3 default points x 2 layers of probes, the clusters of the flsl head."""
-    from flsl_cli.viz.grid import HEADER_PX, PANEL_PX, TITLE_PX
+    from flsl_cli.viz.grid import COLORBAR_PX, HEADER_PX, PANEL_PX, TITLE_PX
 
     columns = 1 + 2 + 3 * 2 + 1
     one = tmp_path / "one"
@@ -179,7 +179,7 @@ def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, pho
     assert code == 0, output
     assert sorted(p.name for p in one.iterdir()) == ["cat.png", "index.html"]
     cat_panel_h = round(PANEL_PX * 64 / 96)  # 451 x 300 drawn at 96 x 64
-    assert _png_size(one / "cat.png") == (columns * PANEL_PX, HEADER_PX + cat_panel_h + TITLE_PX)
+    assert _png_size(one / "cat.png") == (columns * PANEL_PX + COLORBAR_PX, HEADER_PX + cat_panel_h + TITLE_PX)
 
     several = tmp_path / "several"
     code, output = _invoke(
@@ -202,10 +202,56 @@ def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, pho
     columns = 1 + 1 + 1 + 1  # image, ASS at layer 2, one probe (layer 2 is the last), clusters
     coffee_panel_h = round(PANEL_PX * 64 / 96)  # 600 x 400 drawn at 96 x 64
     for name, panel_h in (("cat.png", cat_panel_h), ("coffee.png", coffee_panel_h)):
-        assert _png_size(several / name) == (columns * PANEL_PX, HEADER_PX + 2 * (panel_h + TITLE_PX)), name
+        assert _png_size(several / name) == (
+            columns * PANEL_PX + COLORBAR_PX,
+            HEADER_PX + 2 * (panel_h + TITLE_PX),
+        ), name
     index = (several / "index.html").read_text()
     assert 'src="cat.png"' in index and 'src="coffee.png"' in index and "random init" in index
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_each_row_has_a_colour_bar_and_the_maps_take_the_chosen_opacity(resumed_run, photos, tmp_path):
+    """A grid of the checkpoint and its random init: each row has a colour bar (inferno, 0 to 1)
+    at the right of its panels and level with them, the maps are drawn at --opacity, and in the
+    saved PNG the bar runs from dark at the bottom to bright at the top."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from flsl_cli.eval.backbones import ModelSpec, load_eval_model
+    from flsl_cli.viz.api import Subject, model_row
+    from flsl_cli.viz.clusters import load_head
+    from flsl_cli.viz.grid import COLORBAR_LABEL, DPI, grid_figure
+    from flsl_cli.viz.images import prepare_image
+
+    image = prepare_image(photos["cat"], size=64, patch=8, points=[(225, 150)])
+    rows = []
+    for random_init in (False, True):
+        model = load_eval_model(ModelSpec(checkpoint=str(resumed_run), random_init=random_init))
+        rows.append(model_row(Subject(model, name="m", head=load_head(model)), image=image, layers=[2]))
+    figure = grid_figure(rows, image_hw3=image.pixels_hw3, heading="cat", opacity=0.45)
+    try:
+        bars = [axes for axes in figure.axes if axes.get_label().startswith(COLORBAR_LABEL)]
+        assert [axes.get_label() for axes in bars] == [f"{COLORBAR_LABEL} 1", f"{COLORBAR_LABEL} 2"]
+        panels = [axes for axes in figure.axes if axes not in bars]
+        for bar, drawn in zip(bars, rows):
+            box = bar.get_position()
+            row = [axes for axes in panels if abs(axes.get_position().y0 - box.y0) < 1e-6]
+            assert len(row) == len(drawn) and box.x0 > max(axes.get_position().x1 for axes in row)
+            assert bar.get_ylim() == (0.0, 1.0)
+        overlays = [picture for axes in panels for picture in axes.get_images()[1:]]
+        assert overlays and {picture.get_alpha() for picture in overlays} == {0.45}
+        assert {picture.get_cmap().name for picture in overlays} == {"inferno", "tab20"}
+        path = tmp_path / "grid.png"
+        figure.savefig(path, dpi=DPI)
+    finally:
+        plt.close(figure)
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    box = bars[0].get_position()
+    height, width = pixels.shape
+    rows_px = slice(round((1 - box.y1) * height) + 2, round((1 - box.y0) * height) - 2)
+    column = pixels[rows_px, round((box.x0 + box.x1) / 2 * width)]
+    assert column[0] > column[-1] + 100  # bright (hot) at the top, dark (cold) at the bottom
 
 
 def test_clusters_are_the_heads_argmax(resumed_run, photos):
