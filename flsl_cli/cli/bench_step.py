@@ -88,7 +88,7 @@ def results_table(results: dict) -> Group:
     variants = results["variants"].values()
     show_mfu = any(figures["mfu"] is not None for figures in variants)
     show_memory = any(figures["peak_memory_bytes"] is not None for figures in variants)
-    headers = ("variant", "precision", "step ms", "images/s", "TFLOP/s")
+    headers: tuple[str, ...] = ("variant", "precision", "step ms", "images/s", "TFLOP/s")
     headers += ("MFU",) * show_mfu + ("peak memory",) * show_memory + ("flsl / baseline",)
     add_columns(table, headers, left=("variant", "precision"))
     labels = {"baseline": "eager baseline (release-style)", "flsl": "flsl"}

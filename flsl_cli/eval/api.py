@@ -144,6 +144,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The evaluation of a loaded model (on `device`, eval mode): see `run_knn_eval`."""
     started = time.monotonic()
+    assert settings.resize is not None and settings.crop is not None, "sizes are filled in first"
     shard_sets = shard_sets or resolve_eval_shards(settings, names=names)
     sample_settings = SampleSettings(
         mode=settings.mode,

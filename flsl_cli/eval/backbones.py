@@ -345,7 +345,7 @@ def _check_weights_reachable(name: str, *, timeout: float = WEIGHTS_PROBE_SECOND
         if any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
             return
         url = constants.ENDPOINT
-    elif config.url:
+    elif isinstance(config.url, str) and config.url:
         url = config.url
     else:
         return

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from flsl_cli import storage
 from flsl_cli.config.load import check_for_world
 from flsl_cli.config.memory import check_memory
 from flsl_cli.config.schema import Recipe
@@ -15,7 +16,6 @@ from flsl_cli.data.device_views import check_view_device
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.data.stream import plan_layout
 from flsl_cli.distributed.env import usable_cpus
-from flsl_cli import storage
 from flsl_cli.errors import FlslError, RecipeError
 from flsl_cli.eval.davis.layout import read_layout
 from flsl_cli.launch.devices import device_memory
