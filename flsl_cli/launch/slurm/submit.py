@@ -41,12 +41,10 @@ from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit
 from flsl_cli.launch.slurm.request import SlurmRequest
 from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
-from flsl_cli.train.run_record import load_record, update_record, write_record
+from flsl_cli.train.run_record import Owner, load_record, update_record, write_record
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
     read_run,
-    slurm_owner,
-    write_owner,
 )
 
 if TYPE_CHECKING:
@@ -220,7 +218,7 @@ def _submit(request: SlurmRequest, *, run_dir: Path) -> submitit.Job:
     except FlslError:
         write_record(run_dir, before)
         raise
-    write_owner(run_dir, slurm_owner(job.job_id))
     with update_record(run_dir) as record:
+        record.claimed(Owner.slurm_job(job.job_id))
         record.submitted(job_id=job.job_id)
     return job
