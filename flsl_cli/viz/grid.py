@@ -78,7 +78,8 @@ def grid_figure(
             )
             _draw(axes, panel, image_hw3=image_hw3, opacity=opacity)
         if any(panel.kind == "heat" for panel in row):
-            _colour_bar(figure, row=r, box=(columns * PANEL_PX + 8, top, 12, height_px), size=(width, height))
+            box = (columns * PANEL_PX + 8, top + 4, 12, height_px - 12)  # room below for the bottom tick's label
+            _colour_bar(figure, row=r, box=box, size=(width, height))
     return figure
 
 
@@ -95,7 +96,7 @@ def _colour_bar(figure, *, row: int, box: tuple[int, int, int, int], size: tuple
         label=f"{COLORBAR_LABEL} {row + 1}",
     )
     bar = figure.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=HEAT_CMAP), cax=axes)
-    bar.set_ticks([0.0, 1.0], labels=["map's\nlowest", "1"])
+    bar.set_ticks([0.0, 1.0], labels=["lowest", "1"])
     bar.ax.tick_params(labelsize=6)
     bar.set_label("similarity", fontsize=7, labelpad=-4)
 
