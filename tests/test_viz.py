@@ -236,7 +236,7 @@ def test_each_row_has_a_colour_bar_and_the_maps_take_the_chosen_opacity(resumed_
         panels = [axes for axes in figure.axes if axes not in bars]
         for bar, drawn in zip(bars, rows):
             box = bar.get_position()
-            row = [axes for axes in panels if abs(axes.get_position().y0 - box.y0) < 1e-6]
+            row = [axes for axes in panels if axes.get_position().y0 <= box.y0 < box.y1 <= axes.get_position().y1]
             assert len(row) == len(drawn) and box.x0 > max(axes.get_position().x1 for axes in row)
             assert bar.get_ylim() == (0.0, 1.0)
         overlays = [picture for axes in panels for picture in axes.get_images()[1:]]
