@@ -438,23 +438,15 @@ def test_nodes_zero(demo_data, tmp_path):
 
 
 def test_sbatch_missing_suggests_running_here(demo_data, tmp_path):
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent), COLUMNS="200")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flsl_cli",
-            "pretrain",
-            "recipes/demo.yaml",
-            *_common(demo_data),
-            *ON_CPU,
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
+    """Without sbatch on PATH: one line saying so and how to run here instead; nothing written."""
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data),
+        *ON_CPU,
+        "--run-dir",
+        tmp_path / "run",
+        env={"PATH": str(Path(sys.executable).parent)},
         timeout=120,
     )
     fails(result, "sbatch was not found on PATH", "leaving out --nodes", "--devices")
@@ -480,15 +472,15 @@ def test_a_submitit_without_a_needed_parameter_is_named_with_its_version(demo_da
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot install submitit 1.4.6 from the package index:\n{got.stderr[-2000:]}")
         pytest.skip("the package index cannot be reached")
-    env = dict(os.environ, PYTHONPATH=f"{old}{os.pathsep}{REPO}", COLUMNS="200")
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU]
-        + ["--run-dir", str(run)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data),
+        *ON_CPU,
+        "--run-dir",
+        run,
+        env={"PYTHONPATH": f"{old}{os.pathsep}{REPO}"},
         timeout=120,
     )
     fails(result, "submitit 1.4.6 does not take a parameter flsl needs", "use_srun", "submitit>=1.5")
