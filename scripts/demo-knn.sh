@@ -5,7 +5,7 @@
 #   bash scripts/demo-knn.sh [STEPS] [OUT_DIR]     (defaults: 96 steps, a temporary folder)
 #
 # Makes 1000 demo images (96 px, 800 train / 200 val), pretrains recipes/demo.yaml for STEPS
-# steps, then runs `flsl knn-eval` (bbox mode, 72/64 px, k = 10, 20) on the teacher and on the
+# steps, then runs `flsl knn-eval` (bbox mode, at the training size 73/64 px, k = 10, 20) on the teacher and on the
 # same architecture at random initialisation. About 3 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ DATA="$OUT/demo96"
 [ -f "$DATA/train/index.json" ] || flsl data demo "$DATA" --images 1000 --seed 0 --image-size 96
 flsl pretrain recipes/demo.yaml --set "data.train=$DATA/train" --set data.demo=null \
     --set "optim.max_steps=$STEPS" --set checkpoint.every_minutes=null --run-dir "$OUT/run" --force
-common=(--train "$DATA/train" --val "$DATA/val" --resize 72 --crop 64 --k 10,20)
+common=(--train "$DATA/train" --val "$DATA/val" --k 10,20)
 flsl knn-eval "$OUT/run" "${common[@]}" --out "$OUT/pretrained.json"
 flsl knn-eval "$OUT/run" "${common[@]}" --random-init --out "$OUT/random.json"
 python3 - "$OUT" "$STEPS" <<'PY'

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from flsl_cli.checkpoint.store import list_checkpoints
-from flsl_cli.eval.diagnose import default_sizes, network_diagnostics, random_init_network, read_images
+from flsl_cli.config.schema import eval_sizes
+from flsl_cli.eval.diagnose import network_diagnostics, random_init_network, read_images
 from flsl_cli.models.load import load_network
 
 K = 20
@@ -38,7 +39,7 @@ def study(run_dir: Path, *, val: str, images: int) -> dict:
     for ref in list_checkpoints(run_dir):
         network, recipe, step, _ = load_network(ref.path)
         if pixels is None:
-            resize, crop = default_sizes(recipe)
+            resize, crop = eval_sizes(recipe.augment.global_size)
             pixels = read_images(val, images=images, resize=resize, crop=crop, patch_size=recipe.model.patch_size)
             steps[0] = network_diagnostics(random_init_network(recipe), pixels, teacher_temp=recipe.loss.teacher_temp)
         steps[step] = network_diagnostics(network, pixels, teacher_temp=recipe.loss.teacher_temp)

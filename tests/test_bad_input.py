@@ -364,7 +364,11 @@ COMMANDS = [
     ("knn-k-words", ["knn-eval", "{w}/text.pt", *KNN, "--k", "a,b"], ["--k"]),
     ("knn-k-empty", ["knn-eval", "{w}/text.pt", *KNN, "--k", ""], ["--k"]),
     ("knn-temperature-zero", ["knn-eval", "{w}/text.pt", *KNN, "--temperature", "0"], ["--temperature"]),
-    ("knn-resize-below-crop", ["knn-eval", "{w}/text.pt", *KNN, "--resize", "100"], ["--resize", "crop (224)"]),
+    (
+        "knn-resize-below-crop",
+        ["knn-eval", "{w}/text.pt", *KNN, "--resize", "100", "--crop", "224"],
+        ["--resize", "crop (224)"],
+    ),
     ("knn-mode-unknown", ["knn-eval", "{w}/text.pt", *KNN, "--mode", "patch"], ["--mode"]),
     ("knn-workers-negative", ["knn-eval", "{w}/text.pt", *KNN, "--workers", "-1"], ["--workers"]),
     ("knn-no-train", ["knn-eval", "{w}/text.pt", "--val", "{data}"], ["--train"]),

@@ -74,3 +74,41 @@ def test_bench_step_on_cuda_without_a_gpu_is_a_short_error(flsl):
     result = flsl("bench", "step", "recipes/demo.yaml", "--device", "cuda", "--steps", "1")
     assert result.returncode == 2
     assert "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bench_step_runs_with_the_threads_training_would_use(tmp_path, workers):
+    """On a CPU the step runs with the torch threads `flsl pretrain` would compute with beside
+    data.num_workers data workers (the CPUs left after the workers, at least one); the JSON records
+    them, the output says them, a line marks each phase, and on 80 columns in a pipe no column
+    header is cut."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from flsl_cli.distributed.env import cpu_threads
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    out = tmp_path / "step.json"
+    args = ["--steps", "2", "--warmup", "1", "--batch", "2", "--device", "cpu", "--set", "model.depth=1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "flsl_cli", "bench", "step", "recipes/demo.yaml", *args]
+        + ["--set", f"data.num_workers={workers}", "--out", str(out)],
+        cwd=REPO,
+        env={**env, "COLUMNS": "80", "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = cpu_threads(data_workers=workers, environ={})
+    figures = json.loads(out.read_text())
+    assert figures["settings"]["torch_threads"] == figures["machine"]["torch_threads"] == expected
+    assert f"less {workers} data worker(s)" in figures["settings"]["threads_chosen_as"]
+    stderr = " ".join(result.stderr.split())
+    assert f"{expected} torch thread(s) as `flsl pretrain` would" in stderr
+    assert "counting the FLOPs" in stderr and "turn 2/2, flsl's step: 1 timed step(s)" in stderr
+    header = next(line for line in result.stdout.splitlines() if "variant" in line)
+    assert "…" not in header and "precision" in header and "images/s" in header

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from conftest import fails, run_flsl, tiny_overrides
+from servers import http_server
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +173,11 @@ def test_resume_not_a_run(tmp_path):
 
 
 def test_resume_refuses_shape_changes(finished_run):
-    fails(
-        run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small"),
-        "model.head_out_dim: cannot change on resume",
-        "model.arch: cannot change on resume",
-    )
+    """A refused shape change names each key, and suggests no `flsl recipe validate` command
+    (which knows nothing of the saved run and would answer ok)."""
+    result = run_flsl("resume", finished_run, "--set", "model.head_out_dim=128", "--set", "model.arch=vit_small")
+    fails(result, "model.head_out_dim: cannot change on resume", "model.arch: cannot change on resume")
+    assert "recipe validate" not in result.stderr
 
 
 def test_resume_with_truncated_only_checkpoint(finished_run, tmp_path):
@@ -277,3 +278,46 @@ def test_resume_names_a_skipped_damaged_checkpoint_once(finished_run, tmp_path):
     result = run_flsl("resume", run)
     assert result.returncode == 0, result.stderr
     assert " ".join(result.stderr.split()).count(f"skipping damaged checkpoint {newest.name}") == 1
+
+
+# Recipes `flsl pretrain` refuses before it trains: (a description, --set values given the demo
+# data's train split as DATA, the words of the refusal).
+REFUSED = [
+    ("missing local data", ["data.train=DATA/../nowhere"], "data.train does not exist"),
+    ("missing k-NN split", ["eval.at_end=true", "eval.knn.val=DATA/../nowhere"], "eval.knn.val does not exist"),
+    ("missing DAVIS folder", ["eval.davis={davis: DATA/../nodavis}"], "nodavis"),
+    ("batch larger than the data", ["optim.global_batch_size=256"], "too few samples"),
+    ("views on a GPU this machine lacks", ["augment.device=cuda"], "augment.device: cuda"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED])
+def test_validate_refuses_what_pretrain_refuses(demo_data, tmp_path, overrides, words):
+    """`flsl recipe validate` runs every check `flsl pretrain` runs before training: on each of
+    these recipes both exit 2 with the same error message, and pretrain writes no run dir."""
+    values = [value.replace("DATA", str(demo_data / "train")) for value in overrides]
+    sets = [word for value in [*tiny_overrides(demo_data / "train")[1::2], *values] for word in ("--set", value)]
+    validated = run_flsl("recipe", "validate", "recipes/demo.yaml", *sets)
+    trained = run_flsl("pretrain", "recipes/demo.yaml", *sets, "--run-dir", tmp_path / "run")
+    fails(validated, words)
+    fails(trained, words)
+    error = validated.stderr[validated.stderr.index("error:") :]
+    assert trained.stderr[trained.stderr.index("error:") :] == error
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_warns_about_remote_data_it_cannot_read(tmp_path):
+    """A remote data.train that cannot be read from here is a warning that says so (exit 0), while
+    `flsl pretrain` refuses it."""
+    server = http_server(tmp_path).start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/nowhere/train-{{0..3}}.tar"
+        validated = run_flsl("recipe", "validate", "recipes/demo.yaml", "--set", f"data.train={url}")
+        trained = run_flsl("pretrain", "recipes/demo.yaml", "--set", f"data.train={url}", "--run-dir", tmp_path / "r")
+    finally:
+        server.kill()
+    assert validated.returncode == 0, validated.stderr
+    flat = " ".join(validated.stderr.split())
+    assert "warning: data.train could not be read from this machine, so it was not checked" in flat
+    assert "ok:" in validated.stdout
+    fails(trained, "data.train")

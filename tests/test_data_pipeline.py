@@ -348,3 +348,43 @@ def test_a_data_worker_prints_no_traceback_when_its_reader_is_gone(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "resource_sharer" not in done.stderr and "ValueError: any other error" in done.stderr, done.stderr
+
+
+def _layout_notes(sizes: list[int], *, workers: int, batch: int) -> str:
+    from flsl_cli.data.shards import Shard, ShardSet
+
+    shards = ShardSet(shards=tuple(Shard(url=f"s-{i}.tar", samples=n) for i, n in enumerate(sizes)))
+    _, notes = plan_layout(shards, world_size=1, num_workers=workers, local_batch=batch)
+    return " ".join(notes)
+
+
+def test_unread_note_blames_the_batch_when_the_shards_split_evenly():
+    """The demo's case: 16 shards of 100 over 2 slots split evenly; the 800 samples of a slot fill
+    12 batches of 64 and the last 32 are left out. The note names the batch, not the shard count."""
+    note = _layout_notes([100] * 16, workers=2, batch=64)
+    assert "each epoch reads 1536 of the 1600 samples" in note
+    assert "each slot's 800 samples fill 12 batches of 64 and the last 32 are left out (64 samples" in note
+    assert "do not split evenly" not in note and "differ in size" not in note
+
+
+def test_unread_note_blames_the_shard_count_when_it_is_not_a_multiple_of_the_slots():
+    """15 shards of 64 over 2 slots: 7 shards per slot fill whole batches of 64, and one shard is
+    left out; the note names the shard count and the multiple that avoids it, not the batch."""
+    note = _layout_notes([64] * 15, workers=2, batch=64)
+    assert "15 shards do not split evenly over 2 reader slot(s), so the samples of 1 shard(s) are left out" in note
+    assert "(64 samples; a shard count that is a multiple of 2 avoids it)" in note
+    assert "batches of" not in note
+
+
+def test_unread_note_blames_unequal_shards():
+    """16 shards over 2 slots, half of 64 samples and half of 128: each slot reads as many as the
+    smallest share (8 x 64), so 512 samples are left out; batches of 64 divide it."""
+    note = _layout_notes([64] * 8 + [128] * 8, workers=2, batch=64)
+    assert "the shards differ in size and each slot reads as many samples as the smallest share (512)" in note
+    assert "so 512 samples are left out" in note and "batches of" not in note
+
+
+def test_unread_note_names_both_causes_when_both_hold():
+    """5 shards of 100 over 2 slots with batches of 64: a shard left over and a partial batch."""
+    note = _layout_notes([100] * 5, workers=2, batch=64)
+    assert "5 shards do not split evenly" in note and "the last 8 are left out (16 samples" in note

@@ -251,6 +251,28 @@ def _results(path) -> dict:
     return json.loads(path.read_text())
 
 
+def test_sizes_default_to_the_checkpoints_training_size(tiny_run, demo_data, tmp_path):
+    """Without --resize/--crop, knn-eval evaluates a checkpoint at its own training size (crop =
+    the run's augment.global_size, 32 px here; resize = 32 x 256 / 224 = 37); a flag overrides its
+    own size only. The recipe's eval.knn section resolves the same way for in-training k-NN."""
+    from flsl_cli.config.load import load_recipe
+
+    data = ["--train", demo_data / "train", "--val", demo_data / "val", "--k", "5", "--workers", "0"]
+    _evaluate(tiny_run, *data, "--max-train-images", 48, "--out", tmp_path / "default.json")
+    settings = _results(tmp_path / "default.json")["settings"]
+    assert (settings["resize"], settings["crop"]) == (37, 32)
+    _evaluate(tiny_run, *data, "--max-train-images", 48, "--crop", 48, "--out", tmp_path / "crop.json")
+    settings = _results(tmp_path / "crop.json")["settings"]
+    assert (settings["resize"], settings["crop"]) == (55, 48)
+    run_recipe = load_recipe(tiny_run / "recipe.yaml")
+    assert run_recipe.augment.global_size == 32
+    assert (run_recipe.eval.knn.resize, run_recipe.eval.knn.crop) == (37, 32)
+    demo = load_recipe("recipes/demo.yaml")
+    assert (demo.eval.knn.resize, demo.eval.knn.crop) == (73, 64)
+    explicit = load_recipe("recipes/demo.yaml", overrides=["eval.knn.resize=100", "eval.knn.crop=96"])
+    assert (explicit.eval.knn.resize, explicit.eval.knn.crop) == (100, 96)
+
+
 def _copy_shards(source, target, *, keep_boxes=lambda index: True, limit: int | None = None) -> None:
     """Rewrite a split's shards, dropping the boxes of the samples `keep_boxes` refuses."""
     from flsl_cli.data.shard_writer import ShardWriter
@@ -549,3 +571,31 @@ def test_truncated_shard_stops_the_evaluation(tiny_run, demo_data, tmp_path):
         str(shard),
         "could not be read to its end",
     )
+
+
+def test_unreachable_timm_weights_fail_at_once(demo_data, tmp_path):
+    """Pretrained timm weights that are not cached, on a hub that does not answer, are one error
+    naming the model within seconds, not after the hub client's minute of retries."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from servers import free_port
+
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "flsl_cli", "knn-eval", "--model", "timm:vit_small_patch16_224.dino"]
+        + ["--train", str(demo_data / "train"), "--val", str(demo_data / "val")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.monotonic() - started
+    fails(result, "cannot download the pretrained weights of timm model 'vit_small_patch16_224.dino'", "127.0.0.1")
+    assert "Retrying" not in result.stderr and seconds < 45, (seconds, result.stderr)

@@ -171,7 +171,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, photos, tmp_path):
     """One grid PNG per image and an index.html; a row per model: the image, ASS at layers 1 and 2
     (depth 2), 3 default points x 2 layers of probes, the clusters of the flsl head."""
-    from flsl_cli.viz.grid import HEADER_PX, PANEL_PX, TITLE_PX
+    from flsl_cli.viz.grid import COLORBAR_PX, HEADER_PX, PANEL_PX, TITLE_PX
 
     columns = 1 + 2 + 3 * 2 + 1
     one = tmp_path / "one"
@@ -179,7 +179,7 @@ def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, pho
     assert code == 0, output
     assert sorted(p.name for p in one.iterdir()) == ["cat.png", "index.html"]
     cat_panel_h = round(PANEL_PX * 64 / 96)  # 451 x 300 drawn at 96 x 64
-    assert _png_size(one / "cat.png") == (columns * PANEL_PX, HEADER_PX + cat_panel_h + TITLE_PX)
+    assert _png_size(one / "cat.png") == (columns * PANEL_PX + COLORBAR_PX, HEADER_PX + cat_panel_h + TITLE_PX)
 
     several = tmp_path / "several"
     code, output = _invoke(
@@ -202,10 +202,56 @@ def test_grids_have_the_expected_sizes_with_and_without_compare(resumed_run, pho
     columns = 1 + 1 + 1 + 1  # image, ASS at layer 2, one probe (layer 2 is the last), clusters
     coffee_panel_h = round(PANEL_PX * 64 / 96)  # 600 x 400 drawn at 96 x 64
     for name, panel_h in (("cat.png", cat_panel_h), ("coffee.png", coffee_panel_h)):
-        assert _png_size(several / name) == (columns * PANEL_PX, HEADER_PX + 2 * (panel_h + TITLE_PX)), name
+        assert _png_size(several / name) == (
+            columns * PANEL_PX + COLORBAR_PX,
+            HEADER_PX + 2 * (panel_h + TITLE_PX),
+        ), name
     index = (several / "index.html").read_text()
     assert 'src="cat.png"' in index and 'src="coffee.png"' in index and "random init" in index
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_each_row_has_a_colour_bar_and_the_maps_take_the_chosen_opacity(resumed_run, photos, tmp_path):
+    """A grid of the checkpoint and its random init: each row has a colour bar (inferno, 0 to 1)
+    at the right of its panels and level with them, the maps are drawn at --opacity, and in the
+    saved PNG the bar runs from dark at the bottom to bright at the top."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from flsl_cli.eval.backbones import ModelSpec, load_eval_model
+    from flsl_cli.viz.api import Subject, model_row
+    from flsl_cli.viz.clusters import load_head
+    from flsl_cli.viz.grid import COLORBAR_LABEL, DPI, grid_figure
+    from flsl_cli.viz.images import prepare_image
+
+    image = prepare_image(photos["cat"], size=64, patch=8, points=[(225, 150)])
+    rows = []
+    for random_init in (False, True):
+        model = load_eval_model(ModelSpec(checkpoint=str(resumed_run), random_init=random_init))
+        rows.append(model_row(Subject(model, name="m", head=load_head(model)), image=image, layers=[2]))
+    figure = grid_figure(rows, image_hw3=image.pixels_hw3, heading="cat", opacity=0.45)
+    try:
+        bars = [axes for axes in figure.axes if axes.get_label().startswith(COLORBAR_LABEL)]
+        assert [axes.get_label() for axes in bars] == [f"{COLORBAR_LABEL} 1", f"{COLORBAR_LABEL} 2"]
+        panels = [axes for axes in figure.axes if axes not in bars]
+        for bar, drawn in zip(bars, rows):
+            box = bar.get_position()
+            row = [axes for axes in panels if axes.get_position().y0 <= box.y0 < box.y1 <= axes.get_position().y1]
+            assert len(row) == len(drawn) and box.x0 > max(axes.get_position().x1 for axes in row)
+            assert bar.get_ylim() == (0.0, 1.0)
+        overlays = [picture for axes in panels for picture in axes.get_images()[1:]]
+        assert overlays and {picture.get_alpha() for picture in overlays} == {0.45}
+        assert {picture.get_cmap().name for picture in overlays} == {"inferno", "tab20"}
+        path = tmp_path / "grid.png"
+        figure.savefig(path, dpi=DPI)
+    finally:
+        plt.close(figure)
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    box = bars[0].get_position()
+    height, width = pixels.shape
+    rows_px = slice(round((1 - box.y1) * height) + 2, round((1 - box.y0) * height) - 2)
+    column = pixels[rows_px, round((box.x0 + box.x1) / 2 * width)]
+    assert column[0] > column[-1] + 100  # bright (hot) at the top, dark (cold) at the bottom
 
 
 def test_clusters_are_the_heads_argmax(resumed_run, photos):
@@ -238,7 +284,7 @@ def test_clusters_are_the_heads_argmax(resumed_run, photos):
 def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_path):
     """Every numeric series of metrics.jsonl is a line with the logged steps and values, and
     every panel has a vertical line at the resume step."""
-    from flsl_cli.viz.plot import RESUME_GID, draw_run, read_curves
+    from flsl_cli.viz.plot import RESUME_GID, START_GID, draw_run, read_curves
 
     rows = _metrics(resumed_run)
     assert [r["step"] for r in rows] == list(range(1, FINAL + 1))
@@ -250,7 +296,7 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
         assert [list(line.get_xdata()) for line in resumes] == [[RESUMED_AT, RESUMED_AT]], axes.get_title()
         twins = [other for other in figure.axes if other is not axes and other.bbox.bounds == axes.bbox.bounds]
         for line in [line for ax in (axes, *twins) for line in ax.get_lines()]:
-            if line.get_gid() != RESUME_GID:
+            if line.get_gid() not in (RESUME_GID, START_GID):
                 drawn[(axes.get_title(), line.get_label())] = (list(line.get_xdata()), list(line.get_ydata()))
     titles = {title for title, _ in drawn}
     assert {
@@ -274,6 +320,53 @@ def test_plot_draws_every_logged_series_and_marks_the_resume(resumed_run, tmp_pa
     code, output = _invoke("plot", resumed_run, "--out", tmp_path / "run.png")
     assert code == 0, output
     assert _png_size(tmp_path / "run.png")[0] > 1000
+    code, output = _invoke("plot", resumed_run)  # by default into the run dir, not the current folder
+    assert code == 0, output
+    assert f"wrote {resumed_run / 'plot.png'}" in output and _png_size(resumed_run / "plot.png")[0] > 1000
+
+
+def test_plot_keeps_counts_off_the_percentage_axes_and_marks_chance_and_step_0(resumed_run):
+    """A run that logged k-NN results: the accuracies, the chance levels (dotted) and the random
+    init share the k-NN panel, whose lines all read in percent; the evaluated image count (400)
+    has a panel of its own; every panel has a line at step 0 and starts at or before it."""
+    import fsspec
+
+    from flsl_cli.viz.plot import COUNTS_TITLE, KNN_TITLE, RESUME_GID, START_GID, draw_run, read_curves
+
+    marks = (START_GID, RESUME_GID)
+
+    fs = fsspec.filesystem("memory")
+    rows = [
+        {"step": 4, "knn_bbox_top1_k20": 81.0, "knn_bbox_feature_top1_k20": 22.0, "knn_bbox_images": 400},
+        {"step": FINAL, "knn_bbox_top1_k20": 84.0, "knn_bbox_feature_top1_k20": 24.5, "knn_bbox_images": 400},
+        {
+            "step": FINAL,
+            "final": True,
+            "knn_bbox_chance_top1": 75.1,
+            "knn_bbox_chance_feature_top1": 14.3,
+            "random_init_knn_bbox_feature_top1_k20": 28.6,
+        },
+    ]
+    text = (resumed_run / "metrics.jsonl").read_text() + "".join(json.dumps(row) + "\n" for row in rows)
+    fs.pipe("/viz-counts/run/metrics.jsonl", text.encode())
+    fs.pipe("/viz-counts/run/run.json", (resumed_run / "run.json").read_bytes())
+    figure = draw_run(read_curves("memory://viz-counts/run"))
+    panels = {axes.get_title(): axes for axes in figure.axes if axes.get_visible() and axes.get_title()}
+    knn, counts = panels[KNN_TITLE], panels[COUNTS_TITLE]
+    twins = [other for other in figure.axes if other is not knn and other.bbox.bounds == knn.bbox.bounds]
+    assert not twins  # no second axis to hide a count on
+    curves = {line.get_label(): list(line.get_ydata()) for line in knn.get_lines() if line.get_gid() not in marks}
+    assert curves["knn_bbox_top1_k20"] == [81.0, 84.0] and curves["knn_bbox_feature_top1_k20"] == [22.0, 24.5]
+    assert curves["chance (top1)"] == [75.1, 75.1] and curves["chance (feature top1)"] == [14.3, 14.3]
+    assert curves["random init: knn_bbox_feature_top1_k20"] == [28.6]
+    assert all(0 <= value <= 100 for values in curves.values() for value in values)
+    assert not any("images" in label for label in curves if not label.startswith("random init"))
+    (count,) = [line for line in counts.get_lines() if line.get_gid() not in marks]
+    assert count.get_label() == "knn_bbox_images" and list(count.get_ydata()) == [400.0, 400.0]
+    for title, axes in panels.items():
+        starts = [line for line in axes.get_lines() if line.get_gid() == START_GID]
+        assert [list(line.get_xdata()) for line in starts] == [[0, 0]], title
+        assert axes.get_xlim()[0] < 0 <= axes.get_xlim()[1], title
 
 
 def test_plot_adds_knn_results_and_reads_a_remote_run_in_progress(resumed_run, tmp_path):

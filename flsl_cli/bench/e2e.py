@@ -133,6 +133,10 @@ def run_e2e_bench(
     threads = torch.get_num_threads()
     if device.type == "cpu":  # as `flsl pretrain` sets it: the data workers compute too
         torch.set_num_threads(cpu_threads(data_workers=layout.loader_workers))
+        on_stage(
+            f"the step computes with {torch.get_num_threads()} torch thread(s), as `flsl pretrain` would beside "
+            f"{layout.loader_workers} data worker(s)"
+        )
     try:
         views = device_views_for(recipe, device=device, source="--device")
         runner = build_runner(recipe, device=device, rank=0, world_size=1, steps_per_epoch=SCHEDULE_STEPS)
@@ -200,9 +204,12 @@ def run_e2e_bench(
     )
     cost = worker_cpu_by_path(recipe, shards, devices=paths, images=worker_images)
     return {
-        "settings": _settings(
-            recipe, settings, layout=layout, images=images, view_device=view_device, worker_images=worker_images
-        ),
+        "settings": {
+            **_settings(
+                recipe, settings, layout=layout, images=images, view_device=view_device, worker_images=worker_images
+            ),
+            "torch_threads": machine["torch_threads"],
+        },
         "step": step,
         "e2e": e2e,
         "e2e_fraction_of_step": e2e["images_per_second"] / step["images_per_second"],

@@ -27,6 +27,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flsl_cli.config.schema import Recipe
-from flsl_cli.distributed.env import usable_cpus
+from flsl_cli.distributed.env import cpu_threads, usable_cpus
 from flsl_cli.errors import FlslError
 from flsl_cli.losses.queries import grid_query_indices
 from flsl_cli.models.vit import set_fused_attention
@@ -46,6 +47,7 @@ from flsl_cli.train.step import TERMS, StepRunner, autocast_dtype
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 TURNS = 2  # timed turns per variant, alternating
+VARIANT_NAMES = {"baseline": "the eager baseline", "flsl": "flsl's step"}
 NOTE = (
     "Both variants ran in the same invocation on the same networks, batch and device, in alternating "
     "turns; the batch is synthetic and already on the device, so no data loading is included."
@@ -220,10 +222,44 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
-    """Both variants built side by side in this process and timed in alternating turns; their
-    figures and ratio."""
+def training_threads(recipe: Recipe, device: torch.device) -> int | None:
+    """The torch threads `flsl pretrain` computes with on this machine: on a CPU, what its data
+    workers (the recipe's data.num_workers) leave of the CPUs; None on a GPU (torch's own)."""
+    return cpu_threads(data_workers=recipe.data.num_workers) if device.type == "cpu" else None
+
+
+def threads_reason(recipe: Recipe, device: torch.device) -> str:
+    """Why the step ran with the threads it did, in words."""
+    if device.type != "cpu":
+        return "torch's default (the step runs on the GPU)"
+    if os.environ.get("OMP_NUM_THREADS", "").split(",")[0].isdigit():
+        return "OMP_NUM_THREADS, as `flsl pretrain` would use"
+    return (
+        f"as `flsl pretrain` would: {usable_cpus()} usable CPUs less {recipe.data.num_workers} data worker(s) "
+        "(data.num_workers), at least 1"
+    )
+
+
+def run_step_bench(
+    recipe: Recipe, settings: StepBenchSettings, *, on_stage: Callable[[str], None] = lambda message: None
+) -> dict:
+    """Both variants built side by side in this process and timed in alternating turns, with the
+    torch threads training would use (`training_threads`); their figures and ratio. `on_stage`
+    hears a line as each phase begins."""
     device = resolve_device(settings.device)
+    threads = torch.get_num_threads()
+    chosen = training_threads(recipe, device)
+    if chosen is not None:
+        torch.set_num_threads(chosen)
+    try:
+        return _run_step_bench(recipe, settings, device=device, on_stage=on_stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_step_bench(
+    recipe: Recipe, settings: StepBenchSettings, *, device: torch.device, on_stage: Callable[[str], None]
+) -> dict:
     images = settings.batch or min(recipe.optim.global_batch_size, 64)
     batch = synthetic_batch(recipe, images=images, device=device, seed=recipe.optim.seed)
     peak, peak_source = peak_for(device, settings.peak_tflops)
@@ -236,7 +272,9 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
         torch.manual_seed(recipe.optim.seed)
         runners[name] = build_variant(recipe, name=name, device=device, compile_=settings.compile)
         if name == "baseline":
+            on_stage("counting the FLOPs of one step (an untimed baseline step)")
             flops = count_step_flops(runners[name], batch, step=0)
+        on_stage(f"{VARIANT_NAMES[name]}: {settings.warmup} untimed warm-up step(s)")
         warm_up(runners[name], batch, steps=settings.warmup, first_step=1)
         resident[name] = _resident_bytes(device) - before
     # Turns alternate (baseline, flsl, baseline, flsl) so a change in the machine's load weighs
@@ -251,6 +289,7 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
             if not steps:
                 continue
             other = sum(value for key, value in resident.items() if key != name)
+            on_stage(f"turn {turn + 1}/{TURNS}, {VARIANT_NAMES[name]}: {steps} timed step(s)")
             elapsed, peak_bytes = timed_turn(
                 runners[name],
                 batch,
@@ -294,6 +333,8 @@ def run_step_bench(recipe: Recipe, settings: StepBenchSettings) -> dict:
             "arch": recipe.model.arch,
             "patch_size": recipe.model.patch_size,
             "depth": recipe.model.dims()["depth"],
+            "torch_threads": torch.get_num_threads(),
+            "threads_chosen_as": threads_reason(recipe, device),
         },
         "flops_per_step": flops,
         "flops_per_image": flops / images,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.bench_render import write_figures
+from flsl_cli.cli.bench_render import add_columns, write_figures
 from flsl_cli.cli.options import OldOutputOption, OutOption, renamed_option
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
@@ -134,8 +134,9 @@ def results_table(results: dict) -> Group:
         f"{settings['local_crops']} x {settings['local_size']} px local, batch "
         f"{settings['batch_size']}, {settings['samples']} images)"
     )
-    for column in ("pipeline", "workers", "images/s", "images/s per worker", "flsl / reference"):
-        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    add_columns(
+        table, ("pipeline", "workers", "images/s", "images/s per worker", "flsl / reference"), left=("pipeline",)
+    )
     labels = {"flsl": "flsl (shards, TrainStream)", "reference": "reference (ImageFolder + PIL)"}
     for name, figures in results["pipelines"].items():
         table.add_row(
@@ -161,8 +162,11 @@ def view_cost_table(cost: dict) -> Table:
 
     device = cost["device"]
     table = Table(title=f"data-worker CPU time per image ({cost['images']} images, one worker, one torch thread)")
-    for column in ("views made", "worker CPU ms/image", f"{device} / cpu", "training process ms/image (CPU, wall)"):
-        table.add_column(column, justify="left" if column == "views made" else "right")
+    add_columns(
+        table,
+        ("views made", "worker CPU ms/image", f"{device} / cpu", "training process ms/image (CPU, wall)"),
+        left=("views made",),
+    )
     per_image = cost["worker_cpu_ms_per_image"]
     table.add_row("cpu: in the workers with PIL", f"{per_image['cpu']:.2f}", "1.00", "-")
     process = cost["training_process_ms_per_image"]

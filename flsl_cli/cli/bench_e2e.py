@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.bench_render import add_columns, measured_shape, training_machine, write_figures
 from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
@@ -86,8 +86,7 @@ def results_table(results: dict) -> Group:
     settings, machine = results["settings"], results["machine"]
     view_device = settings["view_device"]
     table = Table(title=f"training from shards, {measured_shape(settings)}, views made on {view_device}")
-    for column in ("measured", "steps", "step ms", "images/s", "% of the step alone"):
-        table.add_column(column, justify="left" if column == "measured" else "right")
+    add_columns(table, ("measured", "steps", "step ms", "images/s", "% of the step alone"), left=("measured",))
     step, e2e = results["step"], results["e2e"]
     table.add_row(
         "step alone (synthetic batch on the device)",
@@ -107,8 +106,7 @@ def results_table(results: dict) -> Group:
     workers = Table(
         title=f"data-worker CPU time per image ({settings['worker_images']} images, one worker, one torch thread)"
     )
-    for column in ("views made", "worker CPU ms/image", "/ cpu"):
-        workers.add_column(column, justify="left" if column == "views made" else "right")
+    add_columns(workers, ("views made", "worker CPU ms/image", "/ cpu"), left=("views made",))
     labels = {
         "cpu": "cpu: in the workers with PIL",
         "tensor-cpu": "tensor-cpu: in the training process",

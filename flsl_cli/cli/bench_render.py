@@ -4,10 +4,14 @@ machine the figures belong to, and the figures written to a file."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
 from flsl_cli.cli.render import out_console
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def write_figures(output: str | Path, results: dict) -> None:
@@ -33,3 +37,15 @@ def training_machine(machine: dict) -> str:
         f"{machine['cpus']} CPUs ({machine['usable_cpus']} usable, {machine['torch_threads']} torch threads)"
     )
     return f"{where}, load {machine['load_average_1min']}, torch {machine['torch']}, timm {machine['timm']}"
+
+
+def add_columns(table: Table, headers: tuple[str, ...], *, left: tuple[str, ...] = ()) -> None:
+    """Columns that never cut their header: a header may wrap between words, and no column gets
+    narrower than its header's longest word (so `step ms` can become two lines on an 80-column
+    terminal or a pipe, but never `step…`); cells wrap instead."""
+    for header in headers:
+        table.add_column(
+            header,
+            justify="left" if header in left else "right",
+            min_width=max(len(word) for word in header.split()),
+        )

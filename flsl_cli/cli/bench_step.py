@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from rich.markup import escape
 
-from flsl_cli.cli.bench_render import measured_shape, training_machine, write_figures
+from flsl_cli.cli.bench_render import add_columns, measured_shape, training_machine, write_figures
 from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
 from flsl_cli.cli.train import SetOption
@@ -53,15 +53,24 @@ def step(
     """Images/s, step time, model-FLOPs utilisation and peak memory of one training step: flsl's
     against an eager baseline run the way the released FLSL code runs it, and their ratio."""
     output = renamed_option(out, old_out, name="--out", old_name="--json")
-    from flsl_cli.bench.step import StepBenchSettings, run_step_bench
+    from flsl_cli.bench.step import (
+        StepBenchSettings,
+        resolve_device,
+        run_step_bench,
+        threads_reason,
+        training_threads,
+    )
     from flsl_cli.config.load import load_recipe
 
     settings = StepBenchSettings(
         steps=steps, warmup=warmup, batch=batch, device=device, compile=compile_, peak_tflops=peak_tflops
     )
     loaded = load_recipe(recipe, overrides=set_ or [])
-    note(escape(f"measuring {steps} steps per variant (after {warmup} untimed)"))
-    results = run_step_bench(loaded, settings)
+    target = resolve_device(device)
+    threads = training_threads(loaded, target)
+    computing = f", {threads} torch thread(s) {threads_reason(loaded, target)}" if threads else f" on {target}"
+    note(escape(f"measuring {steps} steps per variant (after {warmup} untimed){computing}"))
+    results = run_step_bench(loaded, settings, on_stage=lambda message: note(escape(message)))
     out_console.print(results_table(results))
     if output is not None:
         write_figures(output, results)
@@ -75,8 +84,13 @@ def results_table(results: dict) -> Group:
 
     settings, machine = results["settings"], results["machine"]
     table = Table(title=f"training step, {measured_shape(settings)}")
-    for column in ("variant", "precision", "step ms", "images/s", "TFLOP/s", "MFU", "peak memory", "flsl / baseline"):
-        table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
+    # A CPU has no stated peak and no device memory: those columns only where there are figures
+    variants = results["variants"].values()
+    show_mfu = any(figures["mfu"] is not None for figures in variants)
+    show_memory = any(figures["peak_memory_bytes"] is not None for figures in variants)
+    headers: tuple[str, ...] = ("variant", "precision", "step ms", "images/s", "TFLOP/s")
+    headers += ("MFU",) * show_mfu + ("peak memory",) * show_memory + ("flsl / baseline",)
+    add_columns(table, headers, left=("variant", "precision"))
     labels = {"baseline": "eager baseline (release-style)", "flsl": "flsl"}
     for name, figures in results["variants"].items():
         label = (
@@ -85,16 +99,19 @@ def results_table(results: dict) -> Group:
             + (" + fused modes" if figures["fused_modes"] else "")
         )
         memory = figures["peak_memory_bytes"]
-        table.add_row(
+        cells = [
             label,
             figures["precision"],
             f"{figures['step_seconds'] * 1000:.1f}",
             f"{figures['images_per_second']:.1f}",
             f"{figures['tflops_per_second']:.3f}",
-            "-" if figures["mfu"] is None else f"{figures['mfu']:.1%}",
-            "-" if memory is None else f"{memory / 2**30:.2f} GiB",
-            f"{results['speedup']:.2f}" if name == "flsl" else "1.00",
-        )
+        ]
+        if show_mfu:
+            cells.append("-" if figures["mfu"] is None else f"{figures['mfu']:.1%}")
+        if show_memory:
+            cells.append("-" if memory is None else f"{memory / 2**30:.2f} GiB")
+        cells.append(f"{results['speedup']:.2f}" if name == "flsl" else "1.00")
+        table.add_row(*cells)
     peak = "none" if results["peak_tflops"] is None else f"{results['peak_tflops']:g} TFLOP/s"
     footer = Text(
         f"{results['flops_per_image'] / 1e9:.2f} GFLOP per image counted by torch; peak {peak} "

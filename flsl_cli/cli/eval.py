@@ -97,11 +97,19 @@ def knn_eval(
         bool, typer.Option("--random-init", help="Same architecture, random weights (a baseline).")
     ] = False,
     resize: Annotated[
-        int, typer.Option("--resize", help="Shorter image side after the bicubic resize, in pixels.")
-    ] = _KNN["resize"].default,
-    crop: Annotated[int, typer.Option("--crop", help="Side of the center crop (a multiple of the patch size).")] = _KNN[
-        "crop"
-    ].default,
+        int | None,
+        typer.Option(
+            "--resize", help="Shorter image side after the bicubic resize, in pixels (default: crop x 256 / 224)."
+        ),
+    ] = None,
+    crop: Annotated[
+        int | None,
+        typer.Option(
+            "--crop",
+            help="Side of the center crop, a multiple of the patch size (default: the size the model trained at: "
+            "a flsl checkpoint's augment.global_size, a timm model's input size).",
+        ),
+    ] = None,
     devices: DevicesOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help=_KNN["batch_size"].description)] = _KNN[
         "batch_size"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from flsl_cli.cli.render import handle_errors, note, out_console
+from flsl_cli.cli.render import handle_errors, note, out_console, warning
 from flsl_cli.cli.train import SetOption
 
 app = typer.Typer(no_args_is_help=True)
@@ -44,24 +44,32 @@ def validate(
     ] = None,
 ) -> None:
     """Check a recipe as `flsl pretrain` would before training: the values, the process count, the
-    memory the run needs on this machine, and the data when it is here. Exit 0 if it passes, else
-    list every problem and exit 2."""
+    memory the run needs on this machine, and the data (a location on another machine that cannot
+    be reached from here is a warning). Exit 0 if it passes, else list every problem and exit 2."""
     from flsl_cli.config.load import load_recipe, recheck_with
-    from flsl_cli.launch.checks import check_data, check_recipe
+    from flsl_cli.errors import FlslError
+    from flsl_cli.launch.checks import check_data, check_recipe, demo_data_pending
     from flsl_cli.launch.devices import resolve_devices
 
     loaded = load_recipe(recipe, overrides=set_ or [])
     nprocs, use_cuda = resolve_devices(devices)
     with recheck_with(recipe, set_ or [], devices=devices):
         check_recipe(loaded, source=str(recipe), world_size=nprocs, use_cuda=use_cuda)
-    train = loaded.data.train
-    if "://" not in train and "{" not in train and "," not in train and Path(train).expanduser().exists():
-        for message in check_data(loaded, world_size=nprocs):
-            note(message)
-    elif loaded.data.demo is not None and "://" not in train:
-        note(f"data.train ({train}) does not exist yet: `flsl pretrain` generates the demo data there")
+
+    def unreachable(key: str, exc: FlslError) -> None:
+        warning(
+            f"{key} could not be read from this machine, so it was not checked ({exc.where or key}: "
+            f"{exc.what}); `flsl pretrain` refuses it unless it can be read where the run trains"
+        )
+
+    if demo_data_pending(loaded):
+        note(
+            f"data.train ({loaded.data.train}) does not exist yet: `flsl pretrain` generates the demo data "
+            "there and checks it then"
+        )
     else:
-        note(f"data.train ({train}) is not on this machine's disk: not checked here")
+        for message in check_data(loaded, world_size=nprocs, on_unreachable=unreachable):
+            note(message)
     out_console.print(
         Text.assemble(
             ("ok:", "green"),

@@ -59,7 +59,8 @@ def error_text(exc: FlslError) -> Text:
     text.append(f" {exc.source}: {count} problem{'s' if count != 1 else ''} in the recipe:")
     for problem in exc.problems:
         text.append(f"\n  {problem}")
-    text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
+    if exc.recheck != "":  # "": no command answers this check apart from the one refused
+        text.append(f"\nCheck it again with: {exc.recheck or 'flsl recipe validate ' + exc.source}")
     return text
 
 
@@ -67,8 +68,22 @@ def note(message: str) -> None:
     err_console.print(Text.assemble(("flsl:", "cyan"), f" {message}"), highlight=False)
 
 
+def warning(message: str) -> None:
+    """A problem that does not stop the command (e.g. something it could not check)."""
+    err_console.print(Text.assemble(("flsl: warning:", "yellow"), f" {message}"), highlight=False)
+
+
 def demo_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """A progress callback (done, total) for demo-data generation, and a function to close it."""
+    """A progress callback (done, total) for demo-data generation, and a function to close it.
+    The bar closes itself once generation is done: off a terminal rich prints a bar when it
+    closes, which must come before what the command prints next, not after its final table."""
     from flsl_cli.progress import ProgressBars
 
-    return ProgressBars(console=err_console).callback("generating demo data")
+    update, close = ProgressBars(console=err_console).callback("generating demo data")
+
+    def on_progress(done: int, total: int) -> None:
+        update(done, total)
+        if done >= total:
+            close()
+
+    return on_progress, close

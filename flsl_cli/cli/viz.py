@@ -80,6 +80,16 @@ def visualize(
     random_init: Annotated[
         bool, typer.Option("--random-init", help="Same architecture, random weights (a baseline).")
     ] = False,
+    opacity: Annotated[
+        float,
+        typer.Option(
+            "--opacity",
+            min=0.0,
+            max=1.0,
+            help="Opacity of the similarity and cluster maps over the image: 0 shows the image alone, "
+            "1 the maps alone.",
+        ),
+    ] = 0.8,
 ) -> None:
     """Similarity maps of a backbone's features (ASS per layer, probes at query points) and the FLSL
     head's clusters, one grid PNG per image."""
@@ -100,7 +110,9 @@ def visualize(
         second = ModelSpec(checkpoint=str(compare), which=None if export else which)
     elif compare_random_init:
         second = ModelSpec(checkpoint=source, model=model, which=which, random_init=True)
-    settings = VisualizeSettings(layers=_parse_layers(layers), points=tuple(parse_points(points or [])), size=size)
+    settings = VisualizeSettings(
+        layers=_parse_layers(layers), points=tuple(parse_points(points or [])), size=size, opacity=opacity
+    )
     from flsl_cli.progress import ProgressBars
 
     update, close = ProgressBars(console=err_console).callback("drawing")
@@ -145,7 +157,14 @@ def _parse_layers(value: str | None) -> tuple[int, ...] | None:
 def plot(
     run_dir: Annotated[str, typer.Argument(help="The run directory (a local path or a remote URL).")],
     *,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("run.png"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The PNG to write (default: RUN_DIR/plot.png; for a remote run dir, NAME-plot.png here).",
+        ),
+    ] = None,
 ) -> None:
     """The curves of a run in one PNG: losses, schedules, speed, data health, k-NN, resumes."""
     from flsl_cli.viz.plot import plot_run

@@ -220,6 +220,10 @@ class CheckpointConfig(Section):
     keep_last: Int = Field(3, ge=1, le=1000, description="Checkpoints kept on disk.")
 
 
+# The paper's evaluation resizes the shorter side to 256 and crops 224.
+EVAL_RESIZE_RATIO = 256 / 224
+
+
 class KnnEvalConfig(Section):
     """A k-NN evaluation: the options of `flsl knn-eval`, and the recipe's `eval.knn` section
     (run during pretraining)."""
@@ -232,8 +236,18 @@ class KnnEvalConfig(Section):
     )
     temperature: Float = Field(0.07, ge=1e-3, le=100.0)
     grid: Int = Field(3, ge=1, le=32, description="Features per box side in bbox mode.")
-    resize: Int = Field(256, ge=1, le=4096, description="Shorter side after resizing.")
-    crop: Int = Field(224, ge=1, le=4096, description="Center crop side.")
+    resize: Int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Shorter side after resizing (None: crop x 256 / 224, the paper's ratio).",
+    )
+    crop: Int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Center crop side (None: the size the model trained at, augment.global_size).",
+    )
     batch_size: Int = Field(64, ge=1, le=4096, description="Images per forward pass and process.")
     workers: Int | None = Field(
         None,
@@ -251,9 +265,23 @@ class KnnEvalConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> KnnEvalConfig:
-        if self.resize < self.crop:
+        if self.resize is not None and self.crop is not None and self.resize < self.crop:
             raise ValueError(f"resize: expected at least crop ({self.crop}), found {self.resize}")
         return self
+
+    def at_training_size(self, training_size: int) -> KnnEvalConfig:
+        """These settings with resize and crop filled in for a model trained at `training_size`
+        px (given values are kept)."""
+        resize, crop = eval_sizes(training_size, resize=self.resize, crop=self.crop)
+        return self.model_copy(update={"resize": resize, "crop": crop})
+
+
+def eval_sizes(training_size: int, *, resize: int | None = None, crop: int | None = None) -> tuple[int, int]:
+    """(resize, crop) of an evaluation of a model trained at `training_size` px: the crop is the
+    training size and the shorter side is resized in the paper's ratio of 256 to 224; a value
+    given is kept (a resize is never below the crop it feeds)."""
+    crop = crop or training_size
+    return resize or max(crop, round(crop * EVAL_RESIZE_RATIO)), crop
 
 
 class DavisEvalConfig(Section):
@@ -452,6 +480,14 @@ class Recipe(Section):
         parent = folder.rpartition("/")[0]
         filled = {"train": train, "val": f"{parent}/val" if parent else "val"}
         return {**data, "eval": {**evaluation, "knn": {**filled, **knn}}}
+
+    @model_validator(mode="after")
+    def _knn_at_training_size(self) -> Recipe:
+        """eval.knn evaluates at the training size unless it names resize and crop."""
+        knn = self.eval.knn
+        if knn is not None and (knn.resize is None or knn.crop is None):
+            self.eval.knn = knn.at_training_size(self.augment.global_size)
+        return self
 
     @model_validator(mode="after")
     def _check_geometry(self) -> Recipe:

@@ -71,17 +71,20 @@ def device_views_for(recipe: Recipe, *, device: torch.device, source: str) -> De
     wanted = recipe.augment.device
     if wanted == "cpu":
         return None
-    if wanted == "cuda":
-        if device.type != "cuda":
-            raise RecipeError(
-                [
-                    f"augment.device: cuda makes the views on the training GPU, but this process trains "
-                    f"on {device.type} (no CUDA GPU found); expected cpu or tensor-cpu here, found cuda"
-                ],
-                source=source,
-            )
-        return DeviceViews(recipe, device=device)
-    return DeviceViews(recipe, device=torch.device("cpu"))
+    check_view_device(recipe, trains_on=device.type, source=source)
+    return DeviceViews(recipe, device=device if wanted == "cuda" else torch.device("cpu"))
+
+
+def check_view_device(recipe: Recipe, *, trains_on: str, source: str) -> None:
+    """`augment.device: cuda` needs a process that trains on a CUDA GPU."""
+    if recipe.augment.device == "cuda" and trains_on != "cuda":
+        raise RecipeError(
+            [
+                f"augment.device: cuda makes the views on the training GPU, but this process trains "
+                f"on {trains_on} (no CUDA GPU found); expected cpu or tensor-cpu here, found cuda"
+            ],
+            source=source,
+        )
 
 
 class DeviceViews:

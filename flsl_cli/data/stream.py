@@ -94,16 +94,42 @@ def plan_layout(
         )
     read = slots * batches * local_batch
     if read < 0.99 * shards.num_samples:
-        notes.append(
-            f"each epoch reads {read} of the {shards.num_samples} samples ({read / shards.num_samples:.1%}): "
-            f"{count} shards do not split evenly over {slots} reader slot(s) ({world_size} process(es) x "
-            f"{workers} data worker(s)), and each slot reads as many samples as the others; the ones "
-            "left out change from epoch to epoch. A shard count that is a multiple of the slots reads "
-            "them all"
-        )
+        notes.append(_unread_note(shards, slots=slots, smallest=smallest, local_batch=local_batch, read=read))
     return StreamLayout(
         world_size=world_size, loader_workers=loader_workers, local_batch=local_batch, batches_per_slot=batches
     ), notes
+
+
+def _unread_note(shards: ShardSet, *, slots: int, smallest: list[int], local_batch: int, read: int) -> str:
+    """Why an epoch reads fewer samples than the shards hold, by cause: shards left over when
+    their count is not a multiple of the reader slots, shards of unequal size (every slot reads
+    as many samples as the smallest share), and a slot's samples that do not fill a last batch."""
+    count, total = len(shards.shards), shards.num_samples
+    per_slot = sum(smallest)
+    batch_rest = per_slot - per_slot // local_batch * local_batch
+    lost_to_shards = total - slots * per_slot
+    causes = []
+    if count % slots:
+        causes.append(
+            f"{count} shards do not split evenly over {slots} reader slot(s), so the samples of "
+            f"{count % slots} shard(s) are left out ({lost_to_shards} samples; a shard count that is a "
+            f"multiple of {slots} avoids it)"
+        )
+    elif lost_to_shards:
+        causes.append(
+            f"the shards differ in size and each slot reads as many samples as the smallest share "
+            f"({per_slot}), so {lost_to_shards} samples are left out (shards of equal size avoid it)"
+        )
+    if batch_rest:
+        causes.append(
+            f"each slot's {per_slot} samples fill {per_slot // local_batch} batches of {local_batch} and "
+            f"the last {batch_rest} are left out ({slots * batch_rest} samples; a per-process batch "
+            f"that divides {per_slot} avoids it)"
+        )
+    return (
+        f"each epoch reads {read} of the {total} samples ({read / total:.1%}) with {slots} reader slot(s) "
+        f"(processes x data workers): {'; and '.join(causes)}. The samples left out change from epoch to epoch"
+    )
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

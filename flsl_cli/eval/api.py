@@ -47,7 +47,14 @@ def default_workers(processes: int) -> int:
 
 
 def check_model_fits(model: EvalModel, settings: KnnEvalConfig) -> None:
-    """The options must agree with the model's architecture."""
+    """The options (resize and crop filled in) must agree with the model's architecture."""
+    assert settings.resize is not None and settings.crop is not None, "sizes are filled in first"
+    if settings.resize < settings.crop:
+        raise FlslError(
+            f"--resize {settings.resize} is smaller than the crop ({settings.crop} px)",
+            where=model.description.get("source"),
+            fix=f"Use --resize {settings.crop} or more, or a smaller --crop",
+        )
     if settings.crop % model.patch_size:
         raise FlslError(
             f"--crop {settings.crop} is not a multiple of the model's patch size ({model.patch_size})",
@@ -69,6 +76,7 @@ def run_knn_eval(
     the same on every rank: model, settings, image counts, top-1/top-5 per k."""
     shard_sets = resolve_eval_shards(settings)  # before the (slow) model load
     model = load_eval_model(spec)
+    settings = settings.at_training_size(model.training_size)
     check_model_fits(model, settings)
     model.module.to(device)
     return evaluate_model(
@@ -102,6 +110,7 @@ def evaluate_during_training(
     restored; features are never cached (the weights change).
     """
     with live_backbone(backbone) as model:
+        settings = settings.at_training_size(model.training_size)
         check_model_fits(model, settings)
         results = evaluate_model(
             model,
@@ -135,6 +144,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The evaluation of a loaded model (on `device`, eval mode): see `run_knn_eval`."""
     started = time.monotonic()
+    assert settings.resize is not None and settings.crop is not None, "sizes are filled in first"
     shard_sets = shard_sets or resolve_eval_shards(settings, names=names)
     sample_settings = SampleSettings(
         mode=settings.mode,

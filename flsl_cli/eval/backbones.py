@@ -7,6 +7,7 @@ grid order with any class/register tokens removed.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ TIMM_PREFIX = "timm:"
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 RANDOM_INIT_SEED = 0
+WEIGHTS_PROBE_SECONDS = 5.0  # how long the host of pretrained weights may take to answer
+DEFAULT_TRAINING_SIZE = 224  # for a model that does not say its own input size
 _SOURCES_FIX = (
     "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-*.pt) or a run directory, a folder written by "
     "`flsl export --format timm`, or a .safetensors file together with --model timm:NAME"
@@ -56,6 +59,7 @@ class EvalModel:
     std: tuple[float, float, float]
     description: dict[str, Any] = field(default_factory=dict)
     identity: str = ""  # what the cache key says about the weights
+    training_size: int = DEFAULT_TRAINING_SIZE  # the image side it was trained at, in pixels
 
     def tokens(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Patch tokens (b, n, d), row-major over the (h / patch) x (w / patch) grid."""
@@ -129,7 +133,14 @@ def _flsl_checkpoint(path: Path, *, which: str, timm_name: str | None, random_in
         "random_init": random_init,
     }
     identity = f"flsl|{loaded.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{which}|random={random_init}"
-    return wrap_module(backbone, mean=IMAGENET_MEAN, std=IMAGENET_STD, description=description, identity=identity)
+    return wrap_module(
+        backbone,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        description=description,
+        identity=identity,
+        training_size=recipe.augment.global_size,
+    )
 
 
 def random_init_backbone(recipe: Recipe) -> VisionTransformer:
@@ -300,6 +311,8 @@ def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
             f"timm has no model named {name!r}",
             fix="Pick a name from `python -c \"import timm; print(timm.list_models('vit_*'))\"`",
         )
+    if pretrained:
+        _check_weights_reachable(name)
     args = {"num_classes": 0, **kwargs}
     torch.manual_seed(RANDOM_INIT_SEED)  # random inits (and heads) are the same on every rank and run
     try:
@@ -314,6 +327,43 @@ def _create_timm(name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
             f"could not create timm model {name!r}{weights} ({reason})",
             fix="Check the name and your network access to the weights, or add --random-init for an untrained baseline",
         ) from None
+
+
+def _check_weights_reachable(name: str, *, timeout: float = WEIGHTS_PROBE_SECONDS) -> None:
+    """Pretrained weights that are neither in the local cache nor on a host that answers within
+    `timeout` seconds are an error at once (the hub's client retries for about a minute)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = timm.models.get_pretrained_cfg(name)
+    if config is None:
+        return  # timm itself says what is missing
+    if config.hf_hub_id:
+        repo = config.hf_hub_id.split("@")[0]
+        files = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
+            return
+        url = constants.ENDPOINT
+    elif isinstance(config.url, str) and config.url:
+        url = config.url
+    else:
+        return
+    host = urlsplit(url).hostname or url
+    port = urlsplit(url).port or (443 if url.startswith("https") else 80)
+    if constants.HF_HUB_OFFLINE and config.hf_hub_id:
+        reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    else:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return
+        except OSError as exc:
+            reason = f"{host} cannot be reached from here ({exc.strerror or exc}) and they are not in the local cache"
+    raise CheckpointError(
+        f"cannot download the pretrained weights of timm model {name!r}: {reason}",
+        fix="Run where the network reaches them once (they are cached), point HF_ENDPOINT at a mirror, "
+        "or add --random-init for an untrained baseline",
+    )
 
 
 def _patch_size(module: nn.Module) -> int:
@@ -342,9 +392,16 @@ def _rgb(values: Iterable[float]) -> tuple[float, float, float]:
 
 
 def wrap_module(
-    module: nn.Module, *, mean: Iterable[float], std: Iterable[float], description: dict[str, Any], identity: str
+    module: nn.Module,
+    *,
+    mean: Iterable[float],
+    std: Iterable[float],
+    description: dict[str, Any],
+    identity: str,
+    training_size: int | None = None,
 ) -> EvalModel:
-    """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module."""
+    """`module` (eval mode, frozen) as an EvalModel; patch size and width read from the module,
+    and the training size too unless given (timm's `patch_embed.img_size`, else 224)."""
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -360,7 +417,16 @@ def wrap_module(
         std=_rgb(std),
         description=description,
         identity=identity,
+        training_size=training_size or _input_size(module),
     )
+
+
+def _input_size(module: nn.Module) -> int:
+    """The image side a timm model was built for (its patch embedding's img_size), else 224."""
+    size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and size and isinstance(size[-1], int):
+        return size[-1]
+    return size if isinstance(size, int) else DEFAULT_TRAINING_SIZE
 
 
 @contextmanager

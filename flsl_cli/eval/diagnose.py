@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flsl_cli.config.schema import Recipe
+from flsl_cli.config.schema import Recipe, eval_sizes
 from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.errors import DataError
@@ -24,12 +24,6 @@ from flsl_cli.models.load import load_network
 
 RESULTS_FORMAT = "flsl-diagnose/1"
 BATCH = 64
-
-
-def default_sizes(recipe: Recipe) -> tuple[int, int]:
-    """(resize, crop) at the recipe's training size, in the paper's 256 / 224 ratio."""
-    crop = recipe.augment.global_size
-    return round(crop * 256 / 224), crop
 
 
 def read_images(val: str, *, images: int, resize: int, crop: int, patch_size: int) -> torch.Tensor:
@@ -78,9 +72,7 @@ def diagnose(
 ) -> dict[str, Any]:
     """The diagnostics of the checkpoint's network and of a random init, on the same images."""
     network, recipe, step, source = load_network(checkpoint, which=which)
-    default_resize, default_crop = default_sizes(recipe)
-    crop = crop or default_crop
-    resize = resize or max(crop, default_resize)
+    resize, crop = eval_sizes(recipe.augment.global_size, resize=resize, crop=crop)
     pixels = read_images(val, images=images, resize=resize, crop=crop, patch_size=recipe.model.patch_size)
     temp = recipe.loss.teacher_temp
     return {

@@ -231,7 +231,8 @@ def resume_run(
 
     def world_size_of(recipe: Recipe) -> int:
         nprocs, use_cuda = resolved["devices"] = resolve_devices(devices)
-        check_recipe(recipe, source=f"{target}/{RECIPE_NAME}", world_size=nprocs, use_cuda=use_cuda)
+        with recheck_with(f"{target}/{RECIPE_NAME}", overrides, devices=devices):
+            check_recipe(recipe, source=f"{target}/{RECIPE_NAME}", world_size=nprocs, use_cuda=use_cuda)
         return nprocs
 
     options = options or ResumeOptions()

@@ -150,7 +150,7 @@ def check_resume(
         changed = changed_keys(saved, recipe_to_dict(recipe))
         blocked = [key for key in changed if any(key == k or key.startswith(k + ".") for k in SHAPE_KEYS)]
         if blocked:
-            raise RecipeError(
+            error = RecipeError(
                 [
                     f"{key}: cannot change on resume (it changes the shapes of the saved tensors); drop this --set, "
                     "or start a new run with `flsl pretrain`"
@@ -158,6 +158,9 @@ def check_resume(
                 ],
                 source=source,
             )
+            # `flsl recipe validate` knows nothing of the saved run, so it would answer ok
+            error.recheck = ""
+            raise error
         world_size = world_size_of(recipe)
         check_for_world(recipe, world_size=world_size, source=source)
         rescheduled = [key for key in changed if is_schedule_key(key)]

@@ -20,7 +20,7 @@ from flsl_cli.models.head import ProjectionHead
 from flsl_cli.viz.clusters import cluster_map, load_head
 from flsl_cli.viz.extras import require_matplotlib
 from flsl_cli.viz.features import check_layers, default_layers, depth_of, layer_tokens
-from flsl_cli.viz.grid import Panel, render_grid, write_index
+from flsl_cli.viz.grid import DEFAULT_OPACITY, Panel, render_grid, write_index
 from flsl_cli.viz.images import PreparedImage, point_token, prepare_image
 from flsl_cli.viz.similarity import ass_map, probe_map
 
@@ -32,6 +32,7 @@ class VisualizeSettings:
     layers: tuple[int, ...] | None = None  # 1-based; None: three spread over the depth
     points: tuple[tuple[int, int], ...] = ()  # (x, y) in original pixels; empty: a few spread points
     size: int = 448  # short side after the resize
+    opacity: float = DEFAULT_OPACITY  # of the maps over the image
 
 
 @dataclass
@@ -78,7 +79,9 @@ def visualize(
                 f"{Path(image.source).name}  ({image.original_size[0]} x {image.original_size[1]}, drawn at "
                 f"{image.pixels_hw3.shape[1]} x {image.pixels_hw3.shape[0]})"
             )
-            render_grid(rows, image_hw3=image.pixels_hw3, heading=heading, path=staging / name)
+            render_grid(
+                rows, image_hw3=image.pixels_hw3, heading=heading, path=staging / name, opacity=settings.opacity
+            )
             entries.append((name, f"{image.source}: " + " | ".join(s.name for s in subjects)))
             if on_progress:
                 on_progress(index + 1, len(prepared))

@@ -1,7 +1,10 @@
 """`flsl plot RUN_DIR`: a run's curves in one PNG, read from metrics.jsonl and run.json (a local
 or remote run dir, finished or still training): the loss terms, learning rate, weight decay,
 teacher temperature and momentum, images/s, the data-health counts and, when logged, the k-NN
-results, over steps. Resumes and SLURM requeues (run.json's `resumes`) are vertical lines.
+results, over steps. Percentages and counts never share an axis: the k-NN accuracies (with
+the chance levels and the random init) have their own panel, the evaluated image counts theirs.
+Step 0 is marked in every panel; resumes and SLURM requeues (run.json's `resumes`) are vertical
+lines. The PNG goes into the run dir by default (RUN_DIR/plot.png).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RESUME_GID = "resume"
+START_GID = "step-0"
+PLOT_NAME = "plot.png"
 # (panel title, metrics.jsonl keys, legend label of each key)
 PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     (
@@ -36,6 +41,7 @@ PANELS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("data health (cumulative)", ("seen", "bad"), {"seen": "samples seen", "bad": "bad samples"}),
 )
 KNN_TITLE = "k-NN (teacher), %"
+COUNTS_TITLE = "evaluated (count)"
 RANDOM_INIT_PREFIX = "random_init_"  # the end-of-training baseline (eval.at_end)
 CHANCE_MARK = "_chance_"
 SECOND_AXIS = ("bad",)
@@ -97,9 +103,12 @@ def draw_run(curves: RunCurves) -> Figure:
     knn = sorted(k for k in curves.series if _is_accuracy(k))
     if knn:
         panels.append((KNN_TITLE, knn, {}))
-    # image counts, chance levels and the random-init baseline are drawn with the k-NN curves or not at all
+    counts = sorted(k for k in curves.series if _is_count(k))
+    if counts:
+        panels.append((COUNTS_TITLE, counts, {}))
+    # chance levels and the random-init baseline are drawn with the k-NN curves or not at all
     known = {key for _, keys, _ in PANELS for key in keys} | {
-        k for k in curves.series if k.startswith(("knn", RANDOM_INIT_PREFIX))
+        k for k in curves.series if k.startswith(("knn", RANDOM_INIT_PREFIX)) or _is_count(k)
     }
     other = sorted(set(curves.series) - known)
     if other:
@@ -125,6 +134,7 @@ def draw_run(curves: RunCurves) -> Figure:
                 target.set_ylim(0, max(1.0, max(values) * 1.1))
         if title == KNN_TITLE:
             _mark_baselines(axes, curves, keys)
+        _mark_start(axes, curves)
         _mark_resumes(axes, curves.resumes)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("step", fontsize=8)
@@ -141,7 +151,20 @@ def draw_run(curves: RunCurves) -> Figure:
 
 def _is_accuracy(key: str) -> bool:
     """A k-NN accuracy in percent (not an image count or a chance level)."""
-    return key.startswith("knn") and CHANCE_MARK not in key and not key.endswith("_images")
+    return key.startswith("knn") and CHANCE_MARK not in key and not _is_count(key)
+
+
+def _is_count(key: str) -> bool:
+    """How many images or sequences an evaluation saw (a count, not a percentage)."""
+    return key.startswith(("knn", "davis")) and key.endswith(("_images", "_sequences"))
+
+
+def _mark_start(axes, curves: RunCurves) -> None:
+    """Step 0 (the weights the run started from) as a thin line at the left of every panel."""
+    last = max(max(steps) for steps, _ in curves.series.values())
+    line = axes.axvline(0, color="black", linewidth=0.8, alpha=0.5, label="_step 0")
+    line.set_gid(START_GID)
+    axes.set_xlim(left=-0.02 * max(1, last))
 
 
 def _mark_baselines(axes, curves: RunCurves, keys: list[str]) -> None:
@@ -183,11 +206,20 @@ def _mark_resumes(axes, resumes: list[dict[str, Any]]) -> None:
         line.set_gid(RESUME_GID)
 
 
-def plot_run(run_dir: str, *, out: Path) -> Path:
-    """Write the run's PNG to `out` (whole or not at all)."""
+def default_plot_path(run_dir: str) -> Path:
+    """RUN_DIR/plot.png for a local run dir; for a remote one, NAME-plot.png here (plots are
+    written locally)."""
+    run_dir = storage.normalize(run_dir)
+    if storage.is_local(run_dir):
+        return Path(run_dir).expanduser() / PLOT_NAME
+    return Path(f"{storage.basename(run_dir.rstrip('/')) or 'run'}-{PLOT_NAME}")
+
+
+def plot_run(run_dir: str, *, out: Path | None = None) -> Path:
+    """Write the run's PNG to `out` (default: `default_plot_path`), whole or not at all."""
     plt = require_matplotlib()
     curves = read_curves(run_dir)
-    out = Path(out).expanduser()
+    out = Path(out).expanduser() if out is not None else default_plot_path(run_dir)
     if out.is_dir():
         raise FlslError("--out is a folder", where=str(out), fix="Pass a file name, e.g. --out run.png")
     out.parent.mkdir(parents=True, exist_ok=True)
