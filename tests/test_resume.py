@@ -25,6 +25,7 @@ def test_resume_equals_uninterrupted(demo_data, tmp_path, workers):
     assert final_checkpoint(split)["step"] == stop
     shown = json.loads(run_flsl("status", split, "--json").stdout)
     assert (shown["status"], shown["step"]) == ("finished", stop)  # optim.max_steps reached: finished
+    assert "flsl pretrain: done" in first.stderr and "optim.max_steps reached" in first.stderr
     resumed = run_flsl("resume", split, "--set", "optim.max_steps=null")
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {stop}" in resumed.stderr

@@ -546,7 +546,12 @@ def _print_summary(
 ) -> None:
     checkpoints = list_checkpoints(run_dir)
     rows = [
-        ("steps", f"{step} of {total}" + (f" (resumed at {start_step})" if start_step else "")),
+        (
+            "steps",
+            f"{step} of {total}"
+            + (f" (resumed at {start_step})" if start_step else "")
+            + (" (optim.max_steps reached)" if step < total else ""),
+        ),
         ("time", f"{seconds:.0f} s"),
     ]
     if values:
@@ -560,5 +565,4 @@ def _print_summary(
         ("checkpoints", ", ".join(ref.path.name for ref in checkpoints) or "none"),
         ("newest", storage.join(shown_as, CHECKPOINTS_DIR, checkpoints[-1].path.name) if checkpoints else "none"),
     ]
-    title = "flsl pretrain: done" if step >= total else "flsl pretrain: stopped"
-    progress.console.print(summary_table(rows, title=title))
+    progress.console.print(summary_table(rows, title="flsl pretrain: done"))  # a stop on request never gets here
