@@ -37,6 +37,7 @@ from flsl_cli.launch.sweep_grid import (
     check_members,
     member_overrides,
     refuse_set_of_swept_keys,
+    typed_spec,
 )
 from flsl_cli.launch.sweep_record import SweepMember, SweepRecord, read_sweep, write_sweep
 from flsl_cli.train.run_record import JobStates, RunStatus, load_record, write_record
@@ -84,6 +85,7 @@ def start_sweep(
     source = str(recipe_path)
     with recheck_with(recipe_path, overrides):
         members = check_members(read_recipe_file(recipe_path), spec=spec, overrides=overrides, source=source)
+    spec = typed_spec(spec, members)
     if slurm_options is None:
         return _sweep_here(
             recipe_path, spec=spec, members=members, overrides=overrides, sweep_dir=target, devices=devices,

@@ -243,6 +243,21 @@ def check_members(base: dict[str, Any], *, spec: GridSpec, overrides: list[str],
     return checked
 
 
+def typed_spec(spec: GridSpec, members: list[CheckedMember]) -> GridSpec:
+    """The grid with its values as the schema typed them in the members (`1e-3` -> 0.001)."""
+
+    def column(key: str) -> list[Any]:
+        seen: dict[str, Any] = {}
+        for member in members:
+            seen.setdefault(json.dumps(member.values[key], sort_keys=True), member.values[key])
+        return list(seen.values())
+
+    # the --list values are the product's last axis, which varies fastest: the first members take them in turn
+    length = len(next(iter(spec.together.values()), []))
+    together = {key: [m.values[key] for m in members[:length]] for key in spec.together}
+    return GridSpec(grid={key: column(key) for key in spec.grid}, together=together)
+
+
 def member_names(members: list[dict[str, Any]]) -> list[str]:
     """`03-base_lr=0.0005-arch=vit_small`: the index, then each value under its key's last part
     (the whole key where two swept keys end alike); safe as a directory name."""
