@@ -144,14 +144,14 @@ def test_dry_run_shows_one_job_array(demo_data, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_flsl(
         "sweep", "recipes/demo.yaml", *tiny_overrides(demo_data / "train"), "--grid", "optim.base_lr=1e-3,5e-4",
-        "--grid", "model.arch=vit_tiny,vit_small", "--max-parallel", "3", *ONE_TASK, "--sweep-dir", sweep_dir,
+        "--grid", "optim.precision=fp32,auto", "--max-parallel", "3", *ONE_TASK, "--sweep-dir", sweep_dir,
         "--dry-run",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --array=0-3%3" in result.stdout.splitlines()
     assert f"#SBATCH --error={sweep_dir}/slurm/%A_%a_0_log.err" in result.stdout.splitlines()
     flat = " ".join(result.stderr.split())
-    assert "3-base_lr=5e-4-arch=vit_small: optim.base_lr=0.0005, model.arch='vit_small'" in flat
+    assert "3-base_lr=5e-4-precision=auto: optim.base_lr=0.0005, optim.precision='auto'" in flat
     assert not sweep_dir.exists()
 
 
