@@ -19,6 +19,7 @@ from typing import Any
 
 from flsl_cli.errors import FlslError, RunDirError
 from flsl_cli.launch.sweep_record import is_sweep_dir, read_sweep
+from flsl_cli.train.run_record import load_record
 from flsl_cli.train.rundir import RECIPE_NAME, RUN_NAME, load_recipe_yaml
 from flsl_cli.viz.plot import RANDOM_INIT_PREFIX, RunCurves, read_curves
 
@@ -119,8 +120,8 @@ def _row(
     name: str, run_dir: Path, *, values: dict[str, Any], recipe: dict[str, Any]
 ) -> tuple[CompareRow, RunCurves | None]:
     try:
-        status = json.loads((run_dir / RUN_NAME).read_text()).get("status")
-    except (OSError, ValueError):
+        status: str | None = load_record(run_dir).status.value
+    except FlslError:
         status = None
     row = CompareRow(name=name, run_dir=str(run_dir), status=status, values=values)
     try:
