@@ -1,4 +1,4 @@
-"""The one timestamp format of the records flsl writes (run.json, owner.json, checkpoint
+"""The one timestamp format of the records flsl writes (run.json, checkpoint
 manifests, SLURM job records): local time with its UTC offset, e.g. 2026-01-31T14:05:09+0100."""
 
 from __future__ import annotations

@@ -28,6 +28,30 @@ def test_help_does_not_import_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_status_reads_a_run_dir_without_torch(tmp_path):
+    """`flsl status` answers from run.json, metrics.jsonl and the manifests without importing
+    torch (importing it takes seconds), and shows the newest checkpoint's step when it is newer
+    than the last logged line, with the epoch numbered as training numbers it."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("optim:\n  epochs: 4\n")
+    (run / "run.json").write_text('{"status": "stopped", "stop_signal": "SIGTERM", "stopped_at_step": 30}')
+    (run / "metrics.jsonl").write_text('{"step": 20, "epoch": 2.0}\n{"step": 24, "epoch": 2.4}\n')
+    (run / "checkpoints" / "step-00000030.json").write_text("{}")
+    code = (
+        "import sys, json\n"
+        "from typer.testing import CliRunner\n"
+        "from flsl_cli.cli.app import app\n"
+        f"result = CliRunner().invoke(app, ['status', {str(run)!r}, '--json'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "shown = json.loads(result.output)\n"
+        "print('torch' in sys.modules, shown['step'], shown['epoch'], shown['epochs'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "30", "3", "4"]  # 10 steps an epoch: step 30 ends epoch 3
+
+
 def test_pretrain_help_lists_the_options():
     result = run_flsl("pretrain", "--help")
     assert result.returncode == 0

@@ -4,6 +4,7 @@ to end with real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -151,4 +152,4 @@ def test_pretrain_under_torchrun_with_two_cpu_processes(demo_data, tmp_path):
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == len(set(metrics)) > 0  # one writer: no duplicated lines
     assert list((run / "checkpoints").glob("*.pt"))
-    assert not (run / "owner.json").exists()  # released by rank 0 at the end
+    assert "owner" not in json.loads((run / "run.json").read_text())  # released by rank 0 at the end

@@ -16,12 +16,17 @@ from conftest import REPO
 from flsl_cli.errors import RunDirError
 from flsl_cli.train.run_record import (
     JobStates,
+    Owner,
     RunRecord,
     RunStatus,
+    claim,
     load_record,
+    read_owner,
+    release,
     update_record,
     write_record,
 )
+from flsl_cli.train.rundir import refuse_if_owned
 
 
 def test_transitions_of_a_slurm_run(tmp_path):
@@ -63,6 +68,67 @@ def test_transitions_of_a_slurm_run(tmp_path):
         record.finished(step=96)
     final = load_record(tmp_path)
     assert final.status is RunStatus.FINISHED and final.step == 96 and final.resumes[0]["restart"] == 1
+
+
+def test_a_later_attempt_clears_the_last_stop(tmp_path):
+    """A stop (signal, step, resumable step) and an error are history once a later attempt
+    runs: `running` clears them, so `flsl status` does not show a stale stop."""
+    with update_record(tmp_path) as record:
+        record.running(world_size=1)
+        record.stopped(step=30, resumable_from=30, signal="SIGTERM")
+    stopped = load_record(tmp_path)
+    assert (stopped.status, stopped.stop_signal, stopped.stopped_at_step, stopped.resumable_from) == (
+        RunStatus.STOPPED,
+        "SIGTERM",
+        30,
+        30,
+    )
+    with update_record(tmp_path) as record:
+        record.failed({"message": "boom"}, step=31, resumable_from=30)
+    with update_record(tmp_path) as record:
+        record.resumed(step=30)
+        record.running(world_size=1)
+        record.finished(step=48)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["status"] == "finished" and saved["step"] == 48 and len(saved["resumes"]) == 1
+    assert not {"stop_signal", "stopped_at_step", "resumable_from", "last_error"} & set(saved)
+
+
+def test_the_owner_is_part_of_the_record_and_refuses_a_second_writer(tmp_path):
+    """run.json's owner: a live local process or a pending/running SLURM job refuses a second
+    writer; a dead process or a finished job does not; releasing leaves a newer owner alone;
+    releasing after the run dir is gone does nothing."""
+    with update_record(tmp_path) as record:
+        record.running(world_size=1)
+    me = Owner.this_process()  # this test's own process: alive
+    claim(tmp_path, me)
+    assert json.loads((tmp_path / "run.json").read_text())["owner"]["pid"] == os.getpid()
+    with pytest.raises(RunDirError, match="being written by flsl process"):
+        refuse_if_owned(tmp_path, slurm_state=lambda _: None)
+    refuse_if_owned(tmp_path, slurm_state=lambda _: None, me=Owner.this_process())  # its own owner passes
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim(tmp_path, Owner(kind="local", since="then", host=me.host, pid=int(dead.stdout)))
+    refuse_if_owned(tmp_path, slurm_state=lambda _: None)
+
+    job = Owner.slurm_job("77")
+    claim(tmp_path, job)
+    release(tmp_path, me)  # not the owner now: nothing changes
+    assert read_owner(tmp_path) == job
+    for state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+        with pytest.raises(RunDirError, match=f"SLURM job 77 \\({state}\\)"):
+            refuse_if_owned(tmp_path, slurm_state=lambda _, s=state: s)
+    for state in ("COMPLETED", "FAILED", "CANCELLED", ""):
+        refuse_if_owned(tmp_path, slurm_state=lambda _, s=state: s)
+    with pytest.raises(RunDirError, match="cannot be asked"):  # no squeue here, and run.json says running
+        refuse_if_owned(tmp_path, slurm_state=lambda _: None)
+    with update_record(tmp_path) as record:
+        record.finished(step=10)
+    refuse_if_owned(tmp_path, slurm_state=lambda _: None)
+    release(tmp_path, Owner.slurm_job("77"))
+    assert read_owner(tmp_path) is None and "owner" not in json.loads((tmp_path / "run.json").read_text())
+    gone = tmp_path / "gone"
+    release(gone, job)  # a run dir removed meanwhile: nothing is created
+    assert not gone.exists()
 
 
 def test_one_list_of_slurm_job_states():

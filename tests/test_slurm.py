@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, assert_same_run, fails, run_flsl, tiny_overrides
 from slurm_support import (
     TERMINAL,
+    have_slurm,
     job_logs,
     job_state,
     metric_steps,
@@ -118,7 +119,7 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(
     assert "#SBATCH --cpus-per-task=3" in script  # 2 data workers + 1
     assert _sbatch_lines(script) == _sbatch_lines(shown.stdout)  # --dry-run showed what was submitted
     assert "submitit.core._submit" in script and "srun" not in script  # the callable runs in the batch step
-    assert (run / "owner.json").exists()
+    assert run_json(run)["owner"]["job_id"] == job  # the job owns the run dir
     assert (run.stat().st_mode & 0o777) == 0o700 and ((run / "slurm").stat().st_mode & 0o777) == 0o700
     step = 0
     for count, (how, stop, by) in enumerate(STOPS, start=1):
@@ -158,7 +159,7 @@ def test_every_way_slurm_stops_a_job_saves_the_step_and_it_resumes_exactly(
     logs = job_logs(run)
     assert "Traceback" not in logs and "could not requeue" not in logs and "DataLoader worker" not in logs
     assert_same_run(uninterrupted, run)
-    assert not (run / "owner.json").exists()
+    assert "owner" not in run_json(run)  # released when the job ended
 
     status = run_flsl("status", run, "--json")
     assert status.returncode == 0, status.stderr
@@ -460,6 +461,40 @@ def test_sbatch_missing_suggests_running_here(demo_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_submitit_without_a_needed_parameter_is_named_with_its_version(demo_data, tmp_path):
+    """submitit 1.4.6 (a real release, from the package index) has no `use_srun`: the job is
+    refused before anything is submitted, naming that version and how to upgrade, and the run
+    dir is taken back."""
+    if not have_slurm():
+        if os.environ.get("CI") == "true":
+            pytest.fail("SLURM is required under CI")
+        pytest.skip("sbatch/srun not installed")
+    old = tmp_path / "submitit-1.4.6"
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(old), "submitit==1.4.6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if got.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot install submitit 1.4.6 from the package index:\n{got.stderr[-2000:]}")
+        pytest.skip("the package index cannot be reached")
+    env = dict(os.environ, PYTHONPATH=f"{old}{os.pathsep}{REPO}", COLUMNS="200")
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU]
+        + ["--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    fails(result, "submitit 1.4.6 does not take a parameter flsl needs", "use_srun", "submitit>=1.5")
+    assert not run.exists()
+
+
 def test_devices_with_nodes_is_refused(demo_data, tmp_path):
     fails(
         run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), "--nodes", "2", "--devices", "2"),
@@ -640,33 +675,6 @@ def test_rendezvous_from_slurm_variables(monkeypatch):
     assert restarted["MASTER_PORT"] != tasks[0]["MASTER_PORT"]
     bound = torch_env({**base, "SLURM_PROCID": "5", "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"})
     assert bound["LOCAL_RANK"] == "0"  # one GPU bound to the task: it is cuda:0
-
-
-def test_a_live_owner_refuses_a_second_writer(tmp_path):
-    """owner.json: a live local process or a pending/running SLURM job refuses a second writer;
-    a dead process or a finished job does not."""
-    from flsl_cli.errors import RunDirError
-    from flsl_cli.train.rundir import local_owner, refuse_if_owned, slurm_owner, update_status, write_owner
-
-    update_status(tmp_path, status="running")
-    write_owner(tmp_path, local_owner())  # this test's own process: alive
-    with pytest.raises(RunDirError, match="being written by flsl process"):
-        refuse_if_owned(tmp_path, slurm_state=lambda _: None)
-    refuse_if_owned(tmp_path, slurm_state=lambda _: None, me=local_owner())  # its own owner passes
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    write_owner(tmp_path, {**local_owner(), "pid": int(dead.stdout), "started": None})
-    refuse_if_owned(tmp_path, slurm_state=lambda _: None)
-
-    write_owner(tmp_path, slurm_owner("77"))
-    for state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
-        with pytest.raises(RunDirError, match=f"SLURM job 77 \\({state}\\)"):
-            refuse_if_owned(tmp_path, slurm_state=lambda _, s=state: s)
-    for state in ("COMPLETED", "FAILED", "CANCELLED", ""):
-        refuse_if_owned(tmp_path, slurm_state=lambda _, s=state: s)
-    with pytest.raises(RunDirError, match="cannot be asked"):  # no squeue here, and run.json says running
-        refuse_if_owned(tmp_path, slurm_state=lambda _: None)
-    update_status(tmp_path, status="finished")
-    refuse_if_owned(tmp_path, slurm_state=lambda _: None)
 
 
 def test_a_busy_port_is_skipped_and_every_rank_uses_the_one_rank_0_took(tmp_path):

@@ -114,10 +114,16 @@ def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data
     step = _stopped_cleanly(started.finish(), signum=signum)
     assert step >= at
     _committed(run, step)
+    shown = json.loads(run_flsl("status", run, "--json").stdout)  # the stop, in training's numbering
+    assert shown["status"] == "stopped" and shown["stopped"] == {"step": step, "signal": signal.Signals(signum).name}
+    assert (shown["step"], shown["epoch"], shown["epochs"]) == (step, (step - 1) // 24 + 1, 3)
     resumed = run_flsl("resume", run, "--devices", devices)
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {step}" in resumed.stderr
     assert_same_run(straight[devices], run)
+    shown = json.loads(run_flsl("status", run, "--json").stdout)  # the stop is history now
+    assert shown["status"] == "finished" and shown["stopped"] is None and shown["last_error"] is None
+    assert (shown["step"], shown["epoch"], shown["epochs"]) == (72, 3, 3)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2])

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flsl_cli import storage, timestamps
 from flsl_cli.errors import CheckpointError
 
@@ -49,6 +47,8 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(run_dir: Path, *, step: int, payload: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
+    import torch  # here, so that reading a run dir (`flsl status`) never loads torch
+
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
@@ -127,6 +127,8 @@ _PASS_INSTEAD = "Pass a flsl checkpoint (RUN_DIR/checkpoints/step-NNNNNNNN.pt) o
 def load_file(path: Path) -> dict[str, Any]:
     """Load a checkpoint file without unpickling arbitrary objects. A file that is not one is
     named for what it is (empty, text, a manifest, a safetensors export, truncated, ...)."""
+    import torch
+
     path = Path(path)
     if path.is_dir():
         raise CheckpointError("this is a directory, not a checkpoint file", where=str(path), fix=_PASS_INSTEAD)

@@ -43,7 +43,7 @@ def status(
     add("state", result.status)
     step = "none yet" if result.step is None else f"{result.step}"
     if result.epoch is not None:
-        step += f" (epoch {result.epoch:g})"
+        step += f" (epoch {result.epoch}" + (f"/{result.epochs})" if result.epochs else ")")
     add("step", step)
     if result.newest_checkpoint:
         newest = result.newest_checkpoint

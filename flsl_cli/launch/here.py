@@ -35,7 +35,8 @@ from flsl_cli.launch.staging import staged
 from flsl_cli.train import remote
 from flsl_cli.train.loop import train_process
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME
-from flsl_cli.train.rundir import RECIPE_NAME, local_owner, release_owner, truncate_metrics, write_owner
+from flsl_cli.train.run_record import Owner, claim, release
+from flsl_cli.train.rundir import RECIPE_NAME, truncate_metrics
 
 # PyTorch warns, in every loader of every process, when a DataLoader has more workers than the
 # process has CPUs; flsl says it once, naming the recipe key, and keeps torch's warning quiet.
@@ -75,7 +76,7 @@ def train_here(
 ) -> None:
     """Train in this process, or in `devices` local processes; under torchrun (`launch`), this
     process is one rank of the run. The run dir is owned by this process (rank 0 under torchrun)
-    meanwhile (RUN_DIR/owner.json), so no second writer starts. Running out of memory is
+    meanwhile (run.json's `owner`), so no second writer starts. Running out of memory is
     reported as a user error with the estimate and what to lower."""
     kwargs: dict[str, Any] = {
         "recipe_data": recipe_to_dict(recipe),
@@ -83,11 +84,11 @@ def train_here(
         "run_dir": str(run_dir),
         "resume": resume,
     }
-    owner = local_owner()
-    # owner.json guards shared filesystems
+    owner = Owner.this_process()
+    # the owner guards shared filesystems
     owned = not remote.is_remote(str(run_dir)) and (launch is None or launch.rank == 0)
     if owned:
-        write_owner(Path(run_dir), owner)
+        claim(Path(run_dir), owner)
     try:
         with _quiet_worker_warning():
             # a stop from here on ends the run at a step (or before the first)
@@ -108,7 +109,7 @@ def train_here(
         ) from None
     finally:
         if owned:
-            release_owner(Path(run_dir), owner)
+            release(Path(run_dir), owner)
 
 
 def _shown(target: str) -> str | Path:

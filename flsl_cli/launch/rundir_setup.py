@@ -31,7 +31,6 @@ from flsl_cli.train.metrics import BAD_SAMPLES_NAME
 from flsl_cli.train.run_record import LOCK_NAME, RunStatus, load_record
 from flsl_cli.train.rundir import (
     METRICS_NAME,
-    OWNER_NAME,
     RECIPE_NAME,
     RUN_NAME,
     load_recipe_yaml,
@@ -80,7 +79,7 @@ def remove_unsubmitted(run_dir: Path, *, existed: bool) -> None:
     if not existed:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in (RECIPE_NAME, RUN_NAME, LOCK_NAME, OWNER_NAME):
+    for name in (RECIPE_NAME, RUN_NAME, LOCK_NAME):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / JOBS_DIR, ignore_errors=True)
 

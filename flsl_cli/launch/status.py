@@ -14,19 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, MANIFEST_PATTERN, checkpoint_dir
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.slurm.queries import UNKNOWN_TO_SLURM, job_details
+from flsl_cli.train.progress import epoch_number
 from flsl_cli.train.run_record import JobStates, RunRecord
 from flsl_cli.train.run_record import RunStatus as RecordStatus
-from flsl_cli.train.rundir import (
-    METRICS_NAME,
-    OWNER_NAME,
-    owner_alive,
-    read_owner,
-    read_run_record,
-)
+from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, read_run_record
 
 
 @dataclass
@@ -38,8 +35,9 @@ class RunStatus:
     job_ids: list[str] = field(default_factory=list)
     jobs: dict[str, dict[str, str]] = field(default_factory=dict)  # what squeue/sacct say
     slurm_answered: bool = False
-    step: int | None = None  # newest step in metrics.jsonl
-    epoch: float | None = None
+    step: int | None = None  # the newest step reached: in metrics.jsonl or the newest checkpoint
+    epoch: int | None = None  # its epoch, 1-based, as training shows it
+    epochs: int | None = None  # the recipe's optim.epochs
     newest_checkpoint: dict[str, Any] | None = None  # {"step", "path", "age_s"}
     checkpoints: int = 0
     requeues: int = 0
@@ -66,10 +64,11 @@ def read_status(run_dir: str | Path, *, ask_slurm: bool = True) -> RunStatus:
 
     result = _recorded(str(run_dir), record)
     job_ids, recorded = result.job_ids, result.recorded_status
-    result.step, result.epoch = _last_metrics(run_dir / METRICS_NAME)
     result.newest_checkpoint, result.checkpoints = _newest_checkpoint(checkpoint_dir(run_dir))
-    result.owner = read_owner(run_dir)
-    live = recorded in ("running", "starting") and owner_alive(result.owner)
+    _place(result, _last_metrics(run_dir / METRICS_NAME), recipe=_read_text(run_dir / RECIPE_NAME))
+    owner = record.owner
+    result.owner = owner.to_dict() if owner else None
+    live = recorded in ("running", "starting") and owner is not None and owner.alive()
     if not live:  # while a run writes, its temporary files are writes in progress
         result.leftovers = [str(p) for p in storage.leftover_temp_files(checkpoint_dir(run_dir))]
     if result.scheduler == "local" and recorded in ("running", "starting") and not live:
@@ -90,9 +89,8 @@ def read_status(run_dir: str | Path, *, ask_slurm: bool = True) -> RunStatus:
     return result
 
 
-def _recorded(where: str, data: dict[str, Any]) -> RunStatus:
+def _recorded(where: str, record: RunRecord) -> RunStatus:
     """What run.json says of the run."""
-    record = RunRecord.from_dict(data, where=where)
     recorded = record.status.value
     requeues = record.requeues_per_job()
     result = RunStatus(
@@ -113,7 +111,7 @@ def _recorded(where: str, data: dict[str, Any]) -> RunStatus:
     return result
 
 
-def _remote_status(url: str, record: dict[str, Any]) -> RunStatus:
+def _remote_status(url: str, record: RunRecord) -> RunStatus:
     """A run dir on an object store or other remote filesystem: run.json, the tail of
     metrics.jsonl and the checkpoint manifests, read through fsspec (remote runs are local
     processes: no SLURM job to ask about)."""
@@ -122,7 +120,6 @@ def _remote_status(url: str, record: dict[str, Any]) -> RunStatus:
         metrics = storage.read_bytes(storage.join(url, METRICS_NAME)).decode("utf-8", errors="replace")
     except (FileNotFoundError, FlslError):
         metrics = ""
-    result.step, result.epoch = _metrics_tail(metrics)
     folder = storage.join(url, CHECKPOINTS_DIR)
     try:
         names = storage.listdir(folder) if storage.exists(folder) else []
@@ -133,9 +130,11 @@ def _remote_status(url: str, record: dict[str, Any]) -> RunStatus:
         path = storage.join(folder, f"step-{steps[-1]:08d}.pt")
         result.newest_checkpoint, result.checkpoints = {"step": steps[-1], "path": path, "age_s": None}, len(steps)
     try:
-        result.owner = json.loads(storage.read_bytes(storage.join(url, OWNER_NAME)))
-    except (FileNotFoundError, ValueError, FlslError):
-        result.owner = None
+        recipe = storage.read_bytes(storage.join(url, RECIPE_NAME)).decode("utf-8", errors="replace")
+    except (FileNotFoundError, OSError, FlslError):
+        recipe = ""
+    _place(result, _metrics_tail(metrics), recipe=recipe)
+    result.owner = record.owner.to_dict() if record.owner else None
     return result
 
 
@@ -166,8 +165,33 @@ def _error(value: Any) -> dict[str, Any] | None:
     return {"message": str(value)}
 
 
-def _last_metrics(path: Path) -> tuple[int | None, float | None]:
-    """The step and epoch of the last complete line of metrics.jsonl (read from its end)."""
+def _place(result: RunStatus, logged: tuple[int | None, int | None], *, recipe: str) -> None:
+    """Set the step the run reached (the last logged step, or the newest checkpoint's when that
+    is newer) and its epoch as training numbers them."""
+    step, steps_per_epoch = logged
+    saved = result.newest_checkpoint["step"] if result.newest_checkpoint else None
+    result.step = max((s for s in (step, saved) if s is not None), default=None)
+    if result.step is not None and steps_per_epoch:
+        result.epoch = epoch_number(result.step, steps_per_epoch=steps_per_epoch)
+    try:
+        epochs = (yaml.safe_load(recipe) or {}).get("optim", {}).get("epochs")
+    except (yaml.YAMLError, AttributeError):
+        epochs = None
+    result.epochs = epochs if isinstance(epochs, int) else None
+    if result.epoch is not None and result.epochs is not None:
+        result.epoch = min(result.epoch, result.epochs)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_metrics(path: Path) -> tuple[int | None, int | None]:
+    """The step of the last complete line of metrics.jsonl (read from its end) and the run's
+    steps per epoch (that line's step over its fractional epoch)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -178,15 +202,16 @@ def _last_metrics(path: Path) -> tuple[int | None, float | None]:
     return _metrics_tail(tail)
 
 
-def _metrics_tail(tail: str) -> tuple[int | None, float | None]:
+def _metrics_tail(tail: str) -> tuple[int | None, int | None]:
     for line in reversed(tail.splitlines()):
         try:
             entry = json.loads(line)
         except ValueError:
             continue
         if isinstance(entry, dict) and "step" in entry:
-            epoch = entry.get("epoch")
-            return int(entry["step"]), (round(float(epoch), 3) if epoch is not None else None)
+            step, epoch = int(entry["step"]), entry.get("epoch")
+            per_epoch = round(step / float(epoch)) if isinstance(epoch, (int, float)) and epoch > 0 else None
+            return step, per_epoch or None
     return None, None
 
 

@@ -44,7 +44,8 @@ from flsl_cli.train import remote
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME, JsonlWriter
 from flsl_cli.train.optim import build_optimizer
 from flsl_cli.train.progress import TrainProgress, summary_table
-from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, record_resume, truncate_metrics, update_status
+from flsl_cli.train.run_record import update_record
+from flsl_cli.train.rundir import METRICS_NAME, RECIPE_NAME, record_resume, truncate_metrics
 from flsl_cli.train.runlog import run_logging
 from flsl_cli.train.schedules import Schedules
 from flsl_cli.train.state import checkpoint_payload, restore
@@ -228,7 +229,8 @@ class TrainSession:
     def run(self) -> None:
         env, run_dir = self.env, self.run_dir
         if env.is_main:
-            update_status(run_dir, status="running", world_size=env.world_size, last_error=None)
+            with update_record(run_dir) as record:
+                record.running(world_size=env.world_size)
         self.runner.stop_request = signals.stop_request()
         started = time.monotonic()
         comparison = None
@@ -253,13 +255,8 @@ class TrainSession:
         except RunStopped as exc:
             self.progress.close()
             if env.is_main:
-                update_status(
-                    run_dir,
-                    status="stopped",
-                    stopped_at_step=self.step,
-                    resumable_from=self.last_saved,
-                    stop_signal=exc.signal_name,
-                )
+                with update_record(run_dir) as record:
+                    record.stopped(step=self.step, resumable_from=self.last_saved, signal=exc.signal_name)
                 self.sync()
             raise
         except BaseException as exc:
@@ -267,13 +264,12 @@ class TrainSession:
             if env.is_main:
                 failed = isinstance(exc, FlslError) or not isinstance(exc, (KeyboardInterrupt, SystemExit))
                 message = exc.describe() if isinstance(exc, FlslError) else f"{type(exc).__name__}: {exc}"
-                update_status(
-                    run_dir,
-                    status="failed" if failed else "stopped",
-                    stopped_at_step=self.step,
-                    resumable_from=self.last_saved,
-                    last_error={"step": self.step, "message": message} if failed else None,
-                )
+                with update_record(run_dir) as record:
+                    if failed:
+                        error = {"step": self.step, "message": message}
+                        record.failed(error, step=self.step, resumable_from=self.last_saved)
+                    else:
+                        record.stopped(step=self.step, resumable_from=self.last_saved)
                 _try(self.sync)
             raise
         finally:
@@ -282,7 +278,8 @@ class TrainSession:
                     log.close()
         self.progress.close()
         if env.is_main:
-            update_status(run_dir, status="finished" if self.step >= self.total_steps else "stopped", step=self.step)
+            with update_record(run_dir) as record:  # the end of the schedule, or optim.max_steps
+                record.finished(step=self.step)
             self.sync()
             if self.show_progress:
                 _print_summary(

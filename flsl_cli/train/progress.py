@@ -12,6 +12,13 @@ from rich.table import Table
 from flsl_cli.progress import ProgressBars
 
 
+def epoch_number(step: int, *, steps_per_epoch: int, total_steps: int | None = None) -> int:
+    """The epoch (1-based) that step `step` (1-based) belongs to, as training shows it; the
+    last step of the run counts in the last epoch. Step 0 is in epoch 1."""
+    last = step - 1 if total_steps is None else min(step - 1, total_steps - 1)
+    return max(last, 0) // steps_per_epoch + 1
+
+
 class TrainProgress:
     def __init__(
         self,
@@ -61,7 +68,7 @@ class TrainProgress:
         terms = (
             f"loss {values['loss']:.4f}  L1 {values['intra']:.4f}  L2 {values['inter']:.4f}  L3 {values['volume']:.4f}"
         )
-        epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch + 1
+        epoch = epoch_number(step, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if self._progress is not None:
             self._progress.set_footer(terms)
             self._progress.update("train", done=step, total=self.total_steps, epoch=epoch, rate=images_per_s)

@@ -20,10 +20,10 @@ from pathlib import Path
 from flsl_cli import storage
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, checkpoint_dir, list_checkpoints, verify
 from flsl_cli.train.metrics import BAD_SAMPLES_NAME
-from flsl_cli.train.rundir import LOGS_DIR, METRICS_NAME, OWNER_NAME, RECIPE_NAME, RUN_NAME, rank_log_path
+from flsl_cli.train.rundir import LOGS_DIR, METRICS_NAME, RECIPE_NAME, RUN_NAME, rank_log_path
 from flsl_cli.train.tensorboard import TENSORBOARD_DIR
 
-SMALL_FILES = (RECIPE_NAME, RUN_NAME, METRICS_NAME, BAD_SAMPLES_NAME, OWNER_NAME)
+SMALL_FILES = (RECIPE_NAME, RUN_NAME, METRICS_NAME, BAD_SAMPLES_NAME)
 
 
 def is_remote(run_dir: str | Path) -> bool:
@@ -104,5 +104,3 @@ def push(local: Path, url: str) -> None:
         path = local / name
         if path.exists():
             storage.write_bytes_atomic(storage.join(url, name), path.read_bytes())
-        elif name == OWNER_NAME:
-            storage.remove(storage.join(url, name))

@@ -1,5 +1,6 @@
 """RUN_DIR/run.json: the run record. One typed owner of its fields, its status values, the
-transitions that change them, and the lock every writer takes.
+transitions that change them, the writer that holds the run dir (`Owner`), and the lock every
+writer takes.
 
 Several processes write run.json: the command that creates or submits the run, rank 0 of the
 training processes, and, in a SLURM job, the batch step (after a task failed) beside rank 0.
@@ -19,6 +20,8 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -83,6 +86,87 @@ class JobStates:
         return cls.base(state) not in cls.ENDED
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The one process or SLURM job that writes a run dir; a second writer is refused while it
+    is alive (`launch/rundir_setup.py`), a dead one is simply replaced."""
+
+    kind: str  # "local": `flsl pretrain/resume` on a machine; "slurm": a SLURM job (and its requeues)
+    since: str
+    host: str | None = None
+    pid: int | None = None
+    started: int | None = None  # the process's start time in clock ticks (Linux), to tell a reused pid apart
+    job_id: str | None = None
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        pid = os.getpid()
+        return cls(
+            kind="local", since=timestamps.now(), host=socket.gethostname(), pid=pid, started=_process_start(pid)
+        )
+
+    @classmethod
+    def slurm_job(cls, job_id: str) -> Owner:
+        return cls(kind="slurm", since=timestamps.now(), job_id=str(job_id))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Owner | None:
+        if not isinstance(data, dict) or data.get("kind") not in ("local", "slurm"):
+            return None
+        pid, started = data.get("pid"), data.get("started")
+        return cls(
+            kind=data["kind"],
+            since=str(data.get("since") or ""),
+            host=data.get("host"),
+            pid=pid if isinstance(pid, int) else None,
+            started=started if isinstance(started, int) else None,
+            job_id=None if data.get("job_id") is None else str(data["job_id"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    def same_as(self, other: Owner) -> bool:
+        if self.kind != other.kind:
+            return False
+        if self.kind == "slurm":
+            return self.job_id == other.job_id
+        return self.host == other.host and self.pid == other.pid
+
+    @property
+    def on_this_machine(self) -> bool:
+        return self.kind == "local" and self.host == socket.gethostname()
+
+    def process_alive(self) -> bool:
+        """Whether a local owner's process (on this machine) still runs: same pid and start time."""
+        pid = self.pid
+        return pid is not None and _pid_alive(pid) and self.started in (None, _process_start(pid))
+
+    def alive(self) -> bool:
+        """Whether the owner may still write: a local process on this machine that still runs
+        (a reused pid does not count); an owner on another machine, or a SLURM job, counts as alive."""
+        return self.process_alive() if self.on_this_machine else True
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class RunRecord:
     """run.json's fields. Keys this version does not know are kept as they were (`extra`)."""
@@ -111,6 +195,7 @@ class RunRecord:
     failure_requeues: dict[str, int] = field(default_factory=dict)  # of those, after a task failure
     requeues: int = 0
     last_requeue: dict[str, Any] | None = None  # {job_id, step, signal, by, cause, time}
+    owner: Owner | None = None  # who writes the run dir now (None: nobody)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- Reading and writing ------------------------------------------------------------------
@@ -135,6 +220,7 @@ class RunRecord:
             if values.get(name) is None:
                 values.pop(name, None)
         values["requeues"] = int(values.get("requeues") or 0)
+        values["owner"] = Owner.from_dict(values.get("owner"))
         return cls(**values, extra={key: value for key, value in data.items() if key not in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +230,7 @@ class RunRecord:
             value = getattr(self, item.name)
             default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
             if item.name not in ("extra", "status") and value != default:
-                data[item.name] = value
+                data[item.name] = value.to_dict() if isinstance(value, Owner) else value
         data.update(self.extra)
         return data
 
@@ -178,8 +264,20 @@ class RunRecord:
         self.job_nodes[job_id] = nodes or "?"
         self.status = RunStatus.STARTING
 
+    def claimed(self, owner: Owner) -> None:
+        """`owner` writes the run dir from now on."""
+        self.owner = owner
+
+    def released(self, owner: Owner) -> None:
+        """`owner` no longer writes the run dir (a newer owner is left as it is)."""
+        if self.owner is not None and self.owner.same_as(owner):
+            self.owner = None
+
     def running(self, *, world_size: int) -> None:
+        """Training (again): an earlier stop or error is history."""
         self.status, self.world_size, self.last_error = RunStatus.RUNNING, world_size, None
+        self.stop_signal = self.stop_reason = None
+        self.stopped_at_step = self.resumable_from = None
 
     def resumed(self, *, step: int, job_id: str | None = None, restart: int | None = None) -> None:
         event: dict[str, Any] = {"step": int(step), "time": timestamps.now()}
@@ -187,15 +285,24 @@ class RunRecord:
             event.update(job_id=job_id, restart=restart)
         self.resumes.append(event)
 
-    def stopped(self, *, step: int | None = None, reason: str | None = None, **details: Any) -> None:
-        """Stopped on request, its step saved (`details`: resumable_from, stop_signal)."""
+    def stopped(
+        self,
+        *,
+        step: int | None = None,
+        reason: str | None = None,
+        resumable_from: int | None = None,
+        signal: str | None = None,
+    ) -> None:
+        """Stopped on request (by `signal`, for `reason`), at `step`, resumable from a saved step."""
         self.status = RunStatus.STOPPED
         if step is not None:
             self.stopped_at_step = step
         if reason is not None:
             self.stop_reason = reason
-        for name, value in details.items():
-            setattr(self, name, value)
+        if resumable_from is not None:
+            self.resumable_from = resumable_from
+        if signal is not None:
+            self.stop_signal = signal
 
     def requeue_counts(self) -> tuple[dict[str, int], dict[str, int], int, dict[str, Any] | None]:
         """What `requeued` changes, to put back with `requeue_undone` when the requeue did not happen."""
@@ -239,12 +346,16 @@ class RunRecord:
         if failed:
             self.status = RunStatus.FAILED
 
-    def failed(self, error: dict[str, Any] | None = None, *, step: int | None = None) -> None:
+    def failed(
+        self, error: dict[str, Any] | None = None, *, step: int | None = None, resumable_from: int | None = None
+    ) -> None:
         self.status = RunStatus.FAILED
         if error is not None:
             self.last_error = error
         if step is not None:
             self.stopped_at_step = step
+        if resumable_from is not None:
+            self.resumable_from = resumable_from
 
     def finished(self, *, step: int) -> None:
         self.status, self.step = RunStatus.FINISHED, step
@@ -313,6 +424,29 @@ def update_record(run_dir: str | Path) -> Iterator[RunRecord]:
         record = load_record(run_dir)
         yield record
         write_json_atomic(Path(run_dir) / RUN_NAME, record.to_dict())
+
+
+def read_owner(run_dir: str | Path) -> Owner | None:
+    """Who writes the run dir now, if anyone; None also where run.json cannot be read."""
+    try:
+        return load_record(run_dir).owner
+    except RunDirError:
+        return None
+
+
+def claim(run_dir: str | Path, owner: Owner) -> None:
+    """Record `owner` as the run dir's one writer."""
+    with update_record(run_dir) as record:
+        record.claimed(owner)
+
+
+def release(run_dir: str | Path, owner: Owner) -> None:
+    """Take `owner` off the run dir (when it still names it). Does nothing where the run dir or
+    its run.json is gone or unreadable: a writer that ends must not fail on its way out."""
+    if not (Path(run_dir) / RUN_NAME).is_file():
+        return
+    with contextlib.suppress(RunDirError, OSError), update_record(run_dir) as record:
+        record.released(owner)
 
 
 def write_record(run_dir: str | Path, record: RunRecord) -> None:

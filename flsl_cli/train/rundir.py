@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,14 +22,16 @@ from flsl_cli import __version__, storage, timestamps
 from flsl_cli.checkpoint.store import CHECKPOINTS_DIR, list_checkpoints
 from flsl_cli.distributed import env
 from flsl_cli.errors import FlslError, RunDirError
-from flsl_cli.storage import write_json_atomic, write_text_atomic
+from flsl_cli.storage import write_text_atomic
 from flsl_cli.train.run_record import (
     LOCK_NAME,
     RUN_NAME,
     JobStates,
+    Owner,
     RunRecord,
     load_record,
     parse_record,
+    read_owner,
     update_record,
     write_record,
 )
@@ -131,7 +131,7 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any]]:
     return recipe_path.read_text(), record
 
 
-def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+def read_run_record(run_dir: str | Path) -> RunRecord:
     """The run record (run.json) of an existing run, a local path or a URL, for readers that
     only look (status, plots); every problem is a RunDirError saying what the path is instead."""
     url = storage.normalize(run_dir)
@@ -151,8 +151,7 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         )
     try:
         text = storage.read_bytes(storage.join(url, RUN_NAME)).decode("utf-8", errors="replace")
-        parse_record(text, where=storage.join(url, RUN_NAME))  # a clear error for a cut or changed file
-        return json.loads(text)
+        return parse_record(text, where=storage.join(url, RUN_NAME))
     except FileNotFoundError:
         raise RunDirError(
             f"this is not a flsl run directory (no {RUN_NAME})",
@@ -171,12 +170,6 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
         raise RunDirError(
             f"cannot read the run directory ({exc})", where=url, fix="Check the path or URL and your access to it"
         ) from None
-
-
-def update_status(run_dir: Path, **fields: Any) -> None:
-    """Set run.json's fields by name, under its lock (see `run_record.RunRecord`)."""
-    with update_record(run_dir) as record:
-        record.set(**fields)
 
 
 def record_resume(run_dir: Path, *, step: int) -> None:
@@ -206,73 +199,25 @@ def load_recipe_yaml(text: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
-# --- Ownership: one writer per run directory --------------------------------------------------
+# --- One writer per run directory ---------------------------------------------------------------
 #
-# RUN_DIR/owner.json names the process or SLURM job that writes the run:
-#   {"kind": "local", "host": ..., "pid": ..., "since": ...}   `flsl pretrain/resume` on a machine
-#   {"kind": "slurm", "job_id": ..., "since": ...}              a SLURM job (and its requeues)
-# A second writer is refused while the owner is alive; a dead owner's file is simply replaced.
-
-OWNER_NAME = "owner.json"
+# run.json's `owner` (`run_record.Owner`) names the process or SLURM job that writes the run. A
+# second writer is refused while the owner is alive; a dead owner is simply replaced.
 
 
-def local_owner() -> dict[str, Any]:
-    """The owner record of this process."""
-    return {
-        "kind": "local",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": _process_start(os.getpid()),
-        "since": timestamps.now(),
-    }
-
-
-def slurm_owner(job_id: str) -> dict[str, Any]:
-    return {"kind": "slurm", "job_id": str(job_id), "since": timestamps.now()}
-
-
-def read_owner(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        owner = json.loads((Path(run_dir) / OWNER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return owner if isinstance(owner, dict) else None
-
-
-def write_owner(run_dir: Path, owner: dict[str, Any]) -> None:
-    write_json_atomic(Path(run_dir) / OWNER_NAME, owner)
-
-
-def release_owner(run_dir: Path, owner: dict[str, Any]) -> None:
-    """Remove owner.json if it still names `owner` (a newer writer's record is left alone)."""
-    current = read_owner(run_dir)
-    if current is not None and _same_owner(current, owner):
-        (Path(run_dir) / OWNER_NAME).unlink(missing_ok=True)
-
-
-def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if a.get("kind") != b.get("kind"):
-        return False
-    if a.get("kind") == "slurm":
-        return str(a.get("job_id")) == str(b.get("job_id"))
-    return a.get("host") == b.get("host") and a.get("pid") == b.get("pid")
-
-
-def refuse_if_owned(
-    run_dir: Path, *, slurm_state: Callable[[str], str | None], me: dict[str, Any] | None = None
-) -> None:
+def refuse_if_owned(run_dir: Path, *, slurm_state: Callable[[str], str | None], me: Owner | None = None) -> None:
     """Raise RunDirError when another live process or SLURM job writes this run directory.
 
     `slurm_state(job_id)` returns the job's state as squeue/sacct name it ("" when SLURM no longer
     knows the job) or None when SLURM cannot be asked. `me` is the caller's own owner record.
     """
     owner = read_owner(run_dir)
-    if owner is None or (me is not None and _same_owner(owner, me)):
+    if owner is None or (me is not None and owner.same_as(me)):
         return
     run_dir = Path(run_dir)
-    release = f"if it is not, delete {run_dir / OWNER_NAME}"
-    if owner.get("kind") == "slurm":
-        job_id = str(owner.get("job_id"))
+    release = f"if it is not, remove `owner` from {run_dir / RUN_NAME}"
+    if owner.kind == "slurm":
+        job_id = str(owner.job_id)
         state = slurm_state(job_id)
         if state is None:
             if _recorded_status(run_dir) in ("finished", "stopped", "failed"):
@@ -291,21 +236,20 @@ def refuse_if_owned(
                 f"{job_id}` to checkpoint first), then run the command again",
             )
         return
-    host, pid = owner.get("host"), owner.get("pid")
-    if host == socket.gethostname():
-        if _process_alive(owner):
+    if owner.on_this_machine:
+        if owner.process_alive():
             raise RunDirError(
-                f"the run directory is being written by flsl process {pid} on this machine; a second "
+                f"the run directory is being written by flsl process {owner.pid} on this machine; a second "
                 "writer would corrupt it",
                 where=str(run_dir),
-                fix=f"Wait for it to finish or stop it (Ctrl-C, or `kill {pid}`); {release}",
+                fix=f"Wait for it to finish or stop it (Ctrl-C, or `kill {owner.pid}`); {release}",
             )
         return
     if _recorded_status(run_dir) == "running":
         raise RunDirError(
-            f"the run directory is being written by flsl process {pid} on {host} ({RUN_NAME} says running)",
+            f"the run directory is being written by flsl process {owner.pid} on {owner.host} ({RUN_NAME} says running)",
             where=str(run_dir),
-            fix=f"Check whether that process still runs on {host}; {release}",
+            fix=f"Check whether that process still runs on {owner.host}; {release}",
         )
 
 
@@ -314,38 +258,3 @@ def _recorded_status(run_dir: Path) -> str | None:
         return load_record(run_dir).status.value
     except FlslError:
         return None
-
-
-def owner_alive(owner: dict[str, Any] | None) -> bool:
-    """Whether a local owner's process still runs (same pid and start time; a reused pid does
-    not count). An owner on another machine, or a SLURM job, counts as alive."""
-    if owner is None:
-        return False
-    if owner.get("kind") != "local" or owner.get("host") != socket.gethostname():
-        return True
-    return _process_alive(owner)
-
-
-def _process_alive(owner: dict[str, Any]) -> bool:
-    """Whether the owner's process (on this machine) still runs: same pid and start time."""
-    pid = owner.get("pid")
-    return isinstance(pid, int) and _pid_alive(pid) and owner.get("started") in (None, _process_start(pid))
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -64,8 +64,8 @@ def read_curves(run_dir: str) -> RunCurves:
         ) from None
     curves = RunCurves(
         run_dir=run_dir,
-        resumes=[r for r in record.get("resumes", []) if isinstance(r, dict)],
-        status=record.get("status"),
+        resumes=[r for r in record.resumes if isinstance(r, dict)],
+        status=record.status.value,
     )
     for line in text.splitlines():
         try:

@@ -28,7 +28,7 @@ from flsl_cli.config.schema import SlurmConfig
 from flsl_cli.distributed.env import slurm_job_id, slurm_restarts
 from flsl_cli.errors import FlslError
 from flsl_cli.launch.slurm.queries import requeue
-from flsl_cli.train.run_record import RunStatus, update_record
+from flsl_cli.train.run_record import Owner, RunStatus, release, update_record
 
 
 def log(message: str) -> None:
@@ -176,7 +176,7 @@ def _after_failure(run_dir: Path, failures: list[TaskFailure], *, code: int) -> 
         with update_record(run_dir) as record:
             record.requeue_undone(before)
             record.failed(error)
-    rundir.release_owner(run_dir, rundir.slurm_owner(job_id))
+    release(run_dir, Owner.slurm_job(job_id))
     then = (
         "" if allowed == 0 else f" (requeued {done} time(s) after failures, the limit set by slurm.requeue_on_failure)"
     )

@@ -49,7 +49,7 @@ from flsl_cli.launch.slurm.queries import (
     requeued_since,
 )
 from flsl_cli.launch.slurm.rendezvous import RendezvousError, agree_on_port, torch_env
-from flsl_cli.train.run_record import JobStates, RunStatus, load_record, update_record
+from flsl_cli.train.run_record import JobStates, Owner, RunStatus, load_record, release, update_record
 
 # The batch step and every task take charge of the stop signals before anything heavy loads:
 # torch and the training modules take seconds to import, and a stop signal in those seconds
@@ -179,13 +179,13 @@ def _begin(task: _Task):
     recipe = validate_recipe(rundir.load_recipe_yaml(recipe_text), source=str(task.run_dir / rundir.RECIPE_NAME))
     resume = bool(list_checkpoints(task.run_dir))
     if task.rank == 0:
-        me = rundir.slurm_owner(task.job_id)
+        me = Owner.slurm_job(task.job_id)
         try:
             rundir.refuse_if_owned(task.run_dir, slurm_state=job_state, me=me)
         except FlslError as exc:
             raise _Refused(exc) from None
-        rundir.write_owner(task.run_dir, me)
         with update_record(task.run_dir) as record:
+            record.claimed(me)
             record.attempt_started(job_id=task.job_id, restart=task.restart, nodes=slurm_job_nodes())
         if not resume:  # a restarted attempt that never reached a checkpoint starts over
             rundir.truncate_metrics(task.run_dir, after_step=0)
@@ -322,10 +322,7 @@ def _fail(task: _Task, exc: FlslError, *, status: str = "failed") -> None:
 
 
 def _release(task: _Task) -> None:
-    from flsl_cli.train import rundir
-
-    if task.run_dir.is_dir():
-        rundir.release_owner(task.run_dir, rundir.slurm_owner(task.job_id))
+    release(task.run_dir, Owner.slurm_job(task.job_id))
 
 
 # --- Command line -------------------------------------------------------------------------------

@@ -41,12 +41,10 @@ from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit
 from flsl_cli.launch.slurm.request import SlurmRequest
 from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
-from flsl_cli.train.run_record import RunRecord, load_record, update_record, write_record
+from flsl_cli.train.run_record import Owner, RunRecord, load_record, update_record, write_record
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
     read_run,
-    slurm_owner,
-    write_owner,
 )
 
 if TYPE_CHECKING:
@@ -233,6 +231,6 @@ def mark_submitting(run_dir: Path, request: SlurmRequest) -> RunRecord:
 
 def mark_submitted(run_dir: Path, *, job_id: str) -> None:
     """The job SLURM accepted owns the run and is its newest in run.json."""
-    write_owner(run_dir, slurm_owner(job_id))
     with update_record(run_dir) as record:
+        record.claimed(Owner.slurm_job(job_id))
         record.submitted(job_id=job_id)
