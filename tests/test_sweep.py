@@ -270,7 +270,7 @@ def test_a_grid_is_one_job_array_whose_preempted_member_resumes_exactly(slurm_cl
     )
     for index in preempted:
         requeue = run_json(runs[index])["last_requeue"]
-        assert requeue["cause"] == "preemption" and requeue["by"] == "slurm", requeue
+        assert requeue["cause"] == "preemption", requeue  # requeued in its grace time by flsl, or by SLURM after it
         assert (runs[index] / "checkpoints" / f"step-{requeue['step']:08d}.json").exists()
         release_requeued(jobs[index], runs[index], restarts=1)
     for job, run in zip(jobs, runs):
