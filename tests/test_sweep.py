@@ -249,7 +249,7 @@ def test_a_grid_is_one_job_array_whose_preempted_member_resumes_exactly(slurm_cl
     assert jobs == [f"{array}_{i}" for i in range(4)], jobs  # one array, one task per member
     assert f"submitted SLURM job array {array} of 4 member(s)" in result.stdout
     runs = [sweep_dir / m["run_dir"] for m in members]
-    assert [run_json(run)["job_id"] for run in runs] == jobs
+    assert [run_json(run)["job_ids"] for run in runs] == [[job] for job in jobs]
 
     wait_for(
         lambda: all(len(metrics(run)) >= 10 for run in runs),
@@ -339,7 +339,7 @@ def test_max_parallel_runs_one_at_a_time_and_resume_takes_the_unfinished(slurm_c
         time.sleep(0.3)
     assert most == 1, most
     assert [run_json(run)["status"] for run in runs[:2]] == ["finished", "finished"], job_logs(runs[0])
-    assert run_json(runs[2])["status"] == "submitted" and not metrics(runs[2])
+    assert run_json(runs[2])["status"] == "submitting" and not metrics(runs[2])  # its job never started
 
     resumed = run_flsl("resume", sweep_dir)
     assert resumed.returncode == 0, resumed.stderr
