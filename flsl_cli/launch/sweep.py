@@ -28,7 +28,7 @@ from flsl_cli.launch.checks import check_data
 from flsl_cli.launch.rundir_setup import check_resume, prepare_new
 from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit_array
 from flsl_cli.launch.slurm.queries import job_state, max_array_size
-from flsl_cli.launch.slurm.request import SlurmRequest
+from flsl_cli.launch.slurm.request import SLURM_OPTIONS, SlurmRequest
 from flsl_cli.launch.slurm.submit import mark_submitted, mark_submitting
 from flsl_cli.launch.sweep_grid import (
     CheckedMember,
@@ -343,7 +343,7 @@ def resume_sweep(
     on_script: Note = print,
 ) -> list[str]:
     """Train again the members of the sweep that did not finish (SLURM sweeps: one new job
-    array of them, with the sweep's request and any `slurm_options` applied); returns their
+    array of them, asking for what the sweep's array asked for, `slurm_options` over it); returns their
     names. No member is changed: `overrides` are refused."""
     target = Path(sweep_dir).absolute()
     record = read_sweep(target)
@@ -370,9 +370,12 @@ def resume_sweep(
         _train_here(record, sweep_dir=target, names=names, devices=devices, on_note=on_note)
         return names
     requests: dict[str, SlurmRequest] = {}
+    # what the sweep's array asked for, with the SLURM options given now over it
+    options = {key: value for key, value in record.slurm.items() if key in SLURM_OPTIONS}
+    options.update({key: value for key, value in (slurm_options or {}).items() if value is not None})
 
     def world_size_of(recipe: Recipe) -> int:
-        request = SlurmRequest.of(recipe.slurm, slurm_options or {}, data_workers=recipe.data.num_workers)
+        request = SlurmRequest.of(recipe.slurm, options, data_workers=recipe.data.num_workers)
         requests.setdefault(request_key(request), request)
         return request.world_size
 
