@@ -165,9 +165,13 @@ def test_a_sweep_here_trains_its_members_in_turn_and_compares_them(demo_data, ti
     and compared with a run of another recipe it says which keys differ."""
     sweep_dir = tmp_path / "sweep"
     overrides = tiny_overrides(demo_data / "train", optim__global_batch_size=32, optim__epochs=1)
+    knn = (
+        f"eval.knn={{train: {demo_data / 'train'}, val: {demo_data / 'val'}, k: [1, 5], resize: 36, crop: 32, "
+        "grid: 2, workers: 0, batch_size: 16}"
+    )
     result = run_flsl(
-        "sweep", "recipes/demo.yaml", *overrides, "--grid", "optim.base_lr=1e-3,5e-4", "--devices", "1",
-        "--sweep-dir", sweep_dir,
+        "sweep", "recipes/demo.yaml", *overrides, "--set", "eval.at_end=true", "--set", knn,
+        "--grid", "optim.base_lr=1e-3,5e-4", "--devices", "1", "--sweep-dir", sweep_dir,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     record = json.loads((sweep_dir / "sweep.json").read_text())
@@ -176,7 +180,7 @@ def test_a_sweep_here_trains_its_members_in_turn_and_compares_them(demo_data, ti
     assert names == ["0-base_lr=1e-3", "1-base_lr=5e-4"]
     runs = [sweep_dir / name for name in names]
     assert [run_json(run)["status"] for run in runs] == ["finished", "finished"]
-    assert [metrics(run)[-1]["step"] for run in runs] == [6, 6]
+    assert [metrics(run)[-1]["step"] for run in runs] == [6, 6] and all(metrics(run)[-1].get("final") for run in runs)
 
     status = run_flsl("status", sweep_dir, "--json")
     assert status.returncode == 0, status.stderr
@@ -191,17 +195,25 @@ def test_a_sweep_here_trains_its_members_in_turn_and_compares_them(demo_data, ti
     compared = run_flsl("compare", sweep_dir, "--json", "--out", tmp_path / "compare.png", "--metric", "loss")
     assert compared.returncode == 0, compared.stderr
     table = json.loads(compared.stdout)
+    assert "knn_bbox_top1_k1" in table["metrics"] and "random_init_knn_bbox_top1_k1" not in table["metrics"]
     assert table["keys"] == ["optim.base_lr"] and table["swept"] == ["optim.base_lr"]
     rows = {row["name"]: row for row in table["rows"]}
     for name, run in zip(names, runs):
         row = rows[f"sweep/{name}"]
-        last = metrics(run)[-1]
+        last = [m for m in metrics(run) if "loss" in m][-1]  # the last training step (the k-NN row follows it)
         assert (
             row["step"] == 6 and row["metrics"]["loss"] == last["loss"] and row["metrics"]["volume"] == last["volume"]
         )
         assert row["images_per_s"] > 0 and row["train_seconds"] > 0
+        final = [m for m in metrics(run) if m.get("final")][-1]  # the k-NN of the teacher at the end
+        assert row["metrics"]["knn_bbox_top1_k1"] == final["knn_bbox_top1_k1"]
     assert [rows[f"sweep/{n}"]["values"]["optim.base_lr"] for n in names] == [0.001, 0.0005]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+    shown = run_flsl("compare", sweep_dir, "--out", tmp_path / "knn.png")  # the k-NN top-1, by default
+    assert shown.returncode == 0 and (tmp_path / "knn.png").exists(), shown.stderr
+    from flsl_cli.launch.compare import compare_runs
+
+    assert compare_runs([sweep_dir]).default_metric() == "knn_bbox_top1_k1"
 
     mixed = run_flsl("compare", sweep_dir, tiny_run)
     assert mixed.returncode == 0, mixed.stderr
