@@ -91,10 +91,17 @@ add_hosts() {  # the names n1..nN resolve to their addresses while the cluster r
     done
 }
 
+ours() {  # reads /etc/hosts lines; prints those that end with this cluster's mark (with -v: the others)
+    # by the end of the line, so that /tmp/flsl-slurm-0 does not take /tmp/flsl-slurm-0-2n's lines
+    awk -v mark="$HOSTS_MARK" -v keep="${1:-}" \
+        '{ mine = length($0) >= length(mark) && substr($0, length($0) - length(mark) + 1) == mark }
+         (keep == "-v") != mine'
+}
+
 remove_hosts() {  # only the lines this cluster added (rewritten in place: /etc/hosts may be a mount)
-    [ -f "$HOSTS_FILE" ] && grep -qF "$HOSTS_MARK" "$HOSTS_FILE" || return 0
+    [ -f "$HOSTS_FILE" ] && [ -n "$(ours < "$HOSTS_FILE")" ] || return 0
     local kept
-    kept="$(grep -vF "$HOSTS_MARK" "$HOSTS_FILE" || true)"
+    kept="$(ours -v < "$HOSTS_FILE")"
     printf '%s\n' "$kept" > "$HOSTS_FILE"
 }
 

@@ -150,14 +150,19 @@ def restarts_of(run: Path, job: str) -> int:
 
 
 def release_requeued(job: str, run: Path, restarts: int) -> None:
-    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now."""
+    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now. Not in the second of
+    the requeue: slurmd refuses a job credential issued in the second the old one was revoked
+    ("Job credential revoked"), and the job then ends instead of starting."""
+    pending_since: list[float] = []
 
     def started() -> bool:
         if restarts_of(run, job) >= restarts:
             return True
         if job_state(job) == "PENDING":
-            slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
-            time.sleep(1)
+            pending_since.append(time.time())
+            if pending_since[-1] - pending_since[0] >= 3:
+                slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+                time.sleep(1)
         return False
 
     wait_for(started, what=f"requeued job {job} to start again", run=run, timeout=150)

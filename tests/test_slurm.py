@@ -438,23 +438,15 @@ def test_nodes_zero(demo_data, tmp_path):
 
 
 def test_sbatch_missing_suggests_running_here(demo_data, tmp_path):
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent), COLUMNS="200")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flsl_cli",
-            "pretrain",
-            "recipes/demo.yaml",
-            *_common(demo_data),
-            *ON_CPU,
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
+    """Without sbatch on PATH: one line saying so and how to run here instead; nothing written."""
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data),
+        *ON_CPU,
+        "--run-dir",
+        tmp_path / "run",
+        env={"PATH": str(Path(sys.executable).parent)},
         timeout=120,
     )
     fails(result, "sbatch was not found on PATH", "leaving out --nodes", "--devices")
@@ -480,15 +472,15 @@ def test_a_submitit_without_a_needed_parameter_is_named_with_its_version(demo_da
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot install submitit 1.4.6 from the package index:\n{got.stderr[-2000:]}")
         pytest.skip("the package index cannot be reached")
-    env = dict(os.environ, PYTHONPATH=f"{old}{os.pathsep}{REPO}", COLUMNS="200")
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU]
-        + ["--run-dir", str(run)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
+    result = run_flsl(
+        "pretrain",
+        "recipes/demo.yaml",
+        *_common(demo_data),
+        *ON_CPU,
+        "--run-dir",
+        run,
+        env={"PYTHONPATH": f"{old}{os.pathsep}{REPO}"},
         timeout=120,
     )
     fails(result, "submitit 1.4.6 does not take a parameter flsl needs", "use_srun", "submitit>=1.5")
@@ -787,3 +779,16 @@ def test_a_job_asks_for_its_data_workers_cpus():
     assert SlurmRequest.of(SlurmConfig(), {}, data_workers=10).cpus_per_task == 11
     assert SlurmRequest.of(SlurmConfig(cpus_per_task=4), {}, data_workers=10).cpus_per_task == 4
     assert SlurmRequest.of(SlurmConfig(), {"cpus_per_task": 2}, data_workers=10).cpus_per_task == 2
+
+
+def test_stopping_one_cluster_leaves_the_host_names_of_another(tmp_path):
+    """`cluster.sh stop` removes only the /etc/hosts lines its own cluster added: the one-node
+    cluster's state dir (/tmp/flsl-slurm-0) is a prefix of the two-node one's (-2n), whose node
+    names must keep resolving while it runs."""
+    hosts = tmp_path / "hosts"
+    theirs = "127.0.0.2 n1-ib # flsl-slurm /tmp/c-0-2n"
+    hosts.write_text(f"127.0.0.1 localhost\n{theirs}\n127.0.0.2 n1 # flsl-slurm /tmp/c-0\n")
+    env = dict(os.environ, FLSL_HOSTS_FILE=str(hosts), FLSL_SLURM_DIR="/tmp/c-0")
+    stopped = subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "stop"], env=env, capture_output=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert hosts.read_text().splitlines() == ["127.0.0.1 localhost", theirs]
