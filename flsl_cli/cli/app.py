@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from flsl_cli.cli import bench, data, davis, eval, export, recipe, train, viz
+from flsl_cli.cli import bench, data, davis, eval, export, recipe, sweep, train, viz
 from flsl_cli.cli.status import status
 
 app = typer.Typer(
@@ -18,6 +18,8 @@ app = typer.Typer(
 app.command("pretrain")(train.pretrain)
 app.command("resume")(train.resume)
 app.command("status")(status)
+app.command("sweep")(sweep.sweep)
+app.command("compare")(sweep.compare)
 app.command("export")(export.export)
 app.command("knn-eval")(eval.knn_eval)
 app.command("diagnose")(eval.diagnose)

@@ -18,7 +18,12 @@ def status(
     *,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
 ) -> None:
-    """Where a run stands: state, step, newest checkpoint, SLURM jobs and requeues, last error."""
+    """Where a run stands: state, step, newest checkpoint, SLURM jobs and requeues, last error
+    (for a sweep dir: one line per member)."""
+    from flsl_cli.cli.sweep import is_sweep, show_sweep_status
+
+    if is_sweep(run_dir):
+        return show_sweep_status(run_dir, as_json=as_json)
     from flsl_cli.launch.status import read_status
 
     result = read_status(run_dir)

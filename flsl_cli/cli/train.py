@@ -272,7 +272,8 @@ def resume(
     exclusive: ExclusiveOption = None,
     dry_run: DryRunOption = False,
 ) -> None:
-    """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...)."""
+    """Continue a run from its newest complete checkpoint, here or as a SLURM job (--nodes N ...);
+    given a sweep dir, the members that did not finish."""
     from flsl_cli.launch.resume_guards import ResumeOptions
 
     options = ResumeOptions(allow_schedule_change=allow_schedule_change, adopt=adopt_checkpoint, force=force)
@@ -291,6 +292,16 @@ def resume(
         cpus_per_task=cpus_per_task,
         exclusive=exclusive,
     )
+    from flsl_cli.launch.sweep_record import is_sweep_dir
+
+    if is_sweep_dir(run_dir):  # a sweep dir: the members that did not finish
+        from flsl_cli.launch.sweep import resume_sweep
+
+        resume_sweep(
+            run_dir, overrides=set_ or [], slurm_options=slurm, devices=devices, dry_run=dry_run, on_note=note,
+            on_script=_print_script,
+        )  # fmt: skip
+        return
     if slurm is not None:
         from flsl_cli.launch.slurm.submit import submit_resume
 

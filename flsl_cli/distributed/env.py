@@ -75,7 +75,7 @@ def slurm_task(environ: Mapping[str, str] | None = None) -> SlurmTask | None:
     if visible_gpus(environ) == 1:  # SLURM bound one GPU to this task: its only device is index 0
         local_rank = 0
     return SlurmTask(
-        job_id=environ["SLURM_JOB_ID"],
+        job_id=slurm_job_id(environ) or environ["SLURM_JOB_ID"],
         rank=int(environ["SLURM_PROCID"]),
         local_rank=local_rank,
         world_size=slurm_tasks(environ),
@@ -86,8 +86,13 @@ def slurm_task(environ: Mapping[str, str] | None = None) -> SlurmTask | None:
 
 
 def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
-    """The SLURM job this process runs in (the batch step too), or None outside a job."""
+    """The SLURM job this process runs in (the batch step too), or None outside a job. A task
+    of a job array is named as SLURM's commands and submitit name it, ARRAY_INDEX (`104_3`),
+    not by its own SLURM_JOB_ID."""
     environ = os.environ if environ is None else environ
+    array, index = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array and index:
+        return f"{array}_{index}"
     return environ.get("SLURM_JOB_ID")
 
 

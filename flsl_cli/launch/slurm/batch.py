@@ -54,7 +54,8 @@ def batch_main(run_dir: str, *, logs: str | None, cpu: bool) -> int:
     on to the tasks (srun hands SIGUSR2 to each of them; SIGTERM would make srun kill them)."""
     command = ["srun", "--unbuffered", "--kill-on-bad-exit=1"]
     if logs:
-        command += ["--open-mode=append", f"--output={logs}/%j_%t_log.out", f"--error={logs}/%j_%t_log.err"]
+        job = slurm_job_id() or "%j"  # a task of a job array: ARRAY_INDEX, as submitit names its files
+        command += ["--open-mode=append", f"--output={logs}/{job}_%t_log.out", f"--error={logs}/{job}_%t_log.err"]
     command += [sys.executable, "-u", "-m", "flsl_cli.launch.slurm.job", "task", run_dir] + (["--cpu"] if cpu else [])
     with signals.held():
         step = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")

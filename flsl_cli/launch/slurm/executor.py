@@ -72,12 +72,16 @@ def executor_parameters(request: SlurmRequest, *, run_dir: Path) -> dict[str, An
     }
 
 
-def sbatch_lines(parameters: dict[str, Any], *, folder: Path) -> list[str]:
-    """The #SBATCH lines submitit writes for `parameters` (what `--dry-run` shows)."""
+def sbatch_lines(parameters: dict[str, Any], *, folder: Path, array: int | None = None) -> list[str]:
+    """The #SBATCH lines submitit writes for `parameters` (what `--dry-run` shows); `array`: the
+    number of tasks of a job array."""
     options = {key: value for key, value in parameters.items() if value is not None and key not in _NOT_SBATCH}
     options["signal"] = f"{STOP_SIGNAL}@{parameters['signal_delay_s']}"
-    options["output"] = str(folder / "%j_0_log.out")
-    options["error"] = str(folder / "%j_0_log.err")
+    job = "%j" if array is None else "%A_%a"
+    options["output"] = str(folder / f"{job}_0_log.out")
+    options["error"] = str(folder / f"{job}_0_log.err")
+    if array is not None:
+        options["array"] = f"0-{array - 1}%{min(array, parameters.get('array_parallelism') or array)}"
     options["open-mode"] = "append"
     options.update(parameters.get("additional_parameters") or {})
     lines = []
@@ -88,22 +92,32 @@ def sbatch_lines(parameters: dict[str, Any], *, folder: Path) -> list[str]:
     return lines
 
 
-_NOT_SBATCH = ("signal_delay_s", "setup", "additional_parameters", "use_srun", "srun_args")
+_NOT_SBATCH = ("signal_delay_s", "setup", "additional_parameters", "use_srun", "srun_args", "array_parallelism")
 
 
-def dry_run_text(request: SlurmRequest, *, run_dir: Path) -> str:
+def dry_run_text(
+    request: SlurmRequest, *, run_dir: Path, array: int | None = None, max_parallel: int | None = None
+) -> str:
     """What `--dry-run` prints: the executor and its parameters, the #SBATCH options submitit
-    writes from them, and the batch step's command."""
+    writes from them, and the batch step's command. `array`: the tasks of a job array (a
+    sweep's members, `run_dir` its sweep dir), at most `max_parallel` running at once."""
     folder = Path(run_dir) / JOBS_DIR
     parameters = executor_parameters(request, run_dir=run_dir)
+    if array is not None:
+        parameters["array_parallelism"] = max_parallel or array
     given = {key: value for key, value in parameters.items() if value is not None}
+    submitted = (
+        ".submit(BatchStep(...))"
+        if array is None
+        else f"with .batch(): .submit(BatchStep(MEMBER_RUN_DIR)) for each of the {array} members"
+    )
     lines = [
         f"# submitit.SlurmExecutor(folder={str(folder)!r}, python={python_command(request)!r})",
         "# .update_parameters(",
         *[f"#     {key}={value!r}," for key, value in given.items()],
-        f"# ) then .submit(BatchStep(...)): the job script submitit writes to {folder}/JOB_submission.sh holds",
+        f"# ) then {submitted}: the job script submitit writes to {folder}/JOB_submission.sh holds",
         "#!/bin/bash",
-        *sbatch_lines(parameters, folder=folder),
+        *sbatch_lines(parameters, folder=folder, array=array),
     ]
     if request.slurm.setup:
         lines += ["", *request.slurm.setup]
@@ -176,6 +190,43 @@ def submit(request: SlurmRequest, *, run_dir: Path) -> submitit.Job:
             path.unlink(missing_ok=True)
         raise _refusal(request, str(exc) or refused.getvalue()) from None
     return job
+
+
+def submit_array(
+    request: SlurmRequest, *, folder_of: Path, run_dirs: list[Path], max_parallel: int | None
+) -> list[submitit.Job]:
+    """Submit one job array through submitit, one task per run dir (`with executor.batch()`,
+    at most `max_parallel` tasks running at once); its job files in FOLDER_OF/slurm, each
+    task's own logs in its RUN_DIR/slurm. Every task runs the batch step of a single job on its
+    own run dir. Returns the tasks' jobs in the order of `run_dirs` (ids ARRAY_INDEX). When
+    sbatch refuses, the files of the attempt are removed and SLURM's reason is raised."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    from flsl_cli.launch.slurm.batch import BatchStep
+
+    require_sbatch()
+    folder_of = Path(folder_of).absolute()
+    folder = folder_of / JOBS_DIR
+    make_private(folder_of)
+    make_private(folder)
+    for run_dir in run_dirs:
+        make_private(Path(run_dir).absolute())
+        make_private(Path(run_dir).absolute() / JOBS_DIR)
+    before = set(folder.iterdir())
+    executor = make_executor(request, run_dir=folder_of)
+    executor.update_parameters(array_parallelism=max_parallel or len(run_dirs))
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused), executor.batch():
+            jobs = [
+                executor.submit(BatchStep(run_dir=str(Path(run_dir).absolute()), cpu=not request.use_cuda))
+                for run_dir in run_dirs
+            ]
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:
+        for path in set(folder.iterdir()) - before:
+            path.unlink(missing_ok=True)
+        raise _refusal(request, str(exc) or refused.getvalue()) from None
+    return jobs
 
 
 def _refusal(request: SlurmRequest, stderr: str) -> SlurmError:

@@ -58,7 +58,7 @@ def _ask(command: list[str]) -> subprocess.CompletedProcess | None:
 def job_state(job_id: str) -> str | None:
     """The job's state (RUNNING, PENDING, COMPLETED, ...), "" when SLURM no longer knows the job,
     None when neither squeue nor sacct answers."""
-    answer = _ask(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"])
+    answer = _ask(["squeue", "-h", "-r", "-t", "all", "-j", str(job_id), "-o", "%T"])
     if answer is not None:
         if answer.returncode == 0:
             states = answer.stdout.split()
@@ -81,7 +81,7 @@ def job_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
     UNKNOWN_TO_SLURM; jobs nothing answers for are left out."""
     details: dict[str, dict[str, str]] = {}
     for job_id in job_ids:
-        answer = _ask(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%i|%T|%M|%l|%N|%r"])
+        answer = _ask(["squeue", "-h", "-r", "-t", "all", "-j", str(job_id), "-o", "%i|%T|%M|%l|%N|%r"])
         if answer is None:
             continue
         if answer.returncode == 0:
@@ -105,6 +105,19 @@ def job_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
                     entry.setdefault("elapsed", parts[3])
                     entry["exit_code"] = parts[2]
     return details
+
+
+def max_array_size() -> int | None:
+    """The cluster's MaxArraySize (`scontrol show config`): a job array's indices stay below
+    it. None when scontrol does not answer."""
+    answer = _ask(["scontrol", "show", "config"])
+    if answer is None or answer.returncode != 0:
+        return None
+    for line in answer.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
+    return None
 
 
 def requeue(job_id: str, *, restart: int) -> str | None:

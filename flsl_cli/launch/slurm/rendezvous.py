@@ -108,7 +108,7 @@ def torch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         raise KeyError("SLURM_JOB_ID / SLURM_PROCID are not set: this is not a task of a SLURM job step")
     return {
         "MASTER_ADDR": environ.get("FLSL_MASTER_ADDR") or job_hosts()[0],
-        "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(task.job_id, task.restart)),
+        "MASTER_PORT": environ.get("FLSL_MASTER_PORT") or str(master_port(environ["SLURM_JOB_ID"], task.restart)),
         "RANK": str(task.rank),
         "LOCAL_RANK": str(task.local_rank),
         "WORLD_SIZE": str(task.world_size),

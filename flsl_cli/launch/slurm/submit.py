@@ -42,7 +42,7 @@ from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit
 from flsl_cli.launch.slurm.request import SlurmRequest
 from flsl_cli.storage import write_text_atomic
 from flsl_cli.train import remote
-from flsl_cli.train.run_record import Owner, load_record, update_record, write_record
+from flsl_cli.train.run_record import Owner, RunRecord, load_record, update_record, write_record
 from flsl_cli.train.rundir import (
     RECIPE_NAME,
     read_run,
@@ -218,15 +218,27 @@ def submit_resume(
 
 def _submit(request: SlurmRequest, *, run_dir: Path) -> submitit.Job:
     """Submit the job and record it in run.json; run.json is left as it was when SLURM refuses."""
-    before = load_record(run_dir)
-    with update_record(run_dir) as record:
-        record.submitting(slurm=request.record())
+    before = mark_submitting(run_dir, request)
     try:
         job = submit(request, run_dir=run_dir)
     except FlslError:
         write_record(run_dir, before)
         raise
-    with update_record(run_dir) as record:
-        record.claimed(Owner.slurm_job(job.job_id))
-        record.submitted(job_id=job.job_id)
+    mark_submitted(run_dir, job_id=job.job_id)
     return job
+
+
+def mark_submitting(run_dir: Path, request: SlurmRequest) -> RunRecord:
+    """run.json says a job is being submitted for the run; returns the record as it was, to
+    write back (`write_record`) when SLURM refuses the job."""
+    before = load_record(run_dir)
+    with update_record(run_dir) as record:
+        record.submitting(slurm=request.record())
+    return before
+
+
+def mark_submitted(run_dir: Path, *, job_id: str) -> None:
+    """The job SLURM accepted owns the run and is its newest in run.json."""
+    with update_record(run_dir) as record:
+        record.claimed(Owner.slurm_job(job_id))
+        record.submitted(job_id=job_id)
