@@ -410,6 +410,10 @@ def write_json_atomic(url: str | Path, obj: Any, *, indent: int = 1) -> None:
     write_text_atomic(url, json.dumps(obj, indent=indent) + "\n")
 
 
+# Where a remote filesystem cannot upload atomically, a file is uploaded to this name, then moved.
+REMOTE_TEMP_SUFFIX = ".tmp"
+
+
 def commit_file(staged: Path, url: str | Path) -> None:
     """Move a complete local file to `url` so that it appears whole or not at all: flushed to
     disk and renamed locally (`staged` must be on the same file system, e.g. `url` + ".tmp");
@@ -426,8 +430,9 @@ def commit_file(staged: Path, url: str | Path) -> None:
     if is_object_store(url):
         with_retries(lambda: fs.put_file(str(staged), path), url=url, what="uploading")
         return
-    with_retries(lambda: fs.put_file(str(staged), path + ".tmp"), url=url, what="uploading")
-    with_retries(lambda: fs.mv(path + ".tmp", path), url=url, what="moving")
+    temporary = path + REMOTE_TEMP_SUFFIX
+    with_retries(lambda: fs.put_file(str(staged), temporary), url=url, what="uploading")
+    with_retries(lambda: fs.mv(temporary, path), url=url, what="moving")
 
 
 def upload_file_atomic(local: Path, url: str | Path) -> None:

@@ -326,3 +326,21 @@ def test_retry_lines_go_to_every_rank_file_and_rank_0_terminal(tmp_path, capsys)
         logged = rank_log_path(tmp_path, rank=rank).read_text()
         assert f"rank {rank} WARNING flsl_cli.storage: retrying reading s3://b/shard-000001.tar: attempt 1/" in logged
         assert ("flsl: retrying reading s3://b/shard-000001.tar" in terminal) == (rank == 0)
+
+
+def test_a_cut_remote_upload_is_removed_by_the_next_writer():
+    """On a remote filesystem that cannot upload atomically (fsspec's memory://, like sftp), a
+    push killed between its upload and its move leaves `NAME.tmp`: rank 0 of the next attempt
+    removes it (and every push does), and committed checkpoints stay."""
+    import fsspec
+
+    from flsl_cli.train import remote
+
+    fs = fsspec.filesystem("memory")
+    folder = "/cut-upload/run/checkpoints"
+    for name, data in (("step-00000003.pt", b"x"), ("step-00000003.json", b"{}"), ("step-00000005.pt.tmp", b"cut")):
+        fs.pipe(f"{folder}/{name}", data)
+    assert remote.remove_cut_uploads("memory://cut-upload/run") == ["step-00000005.pt.tmp"]
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    assert left == ["step-00000003.json", "step-00000003.pt"]
+    assert remote.remove_cut_uploads("memory://no-such/run") == []  # nothing pushed yet

@@ -98,6 +98,8 @@ def train_process(*, recipe_data: dict, source: str, run_dir: str, resume: bool,
             staging = remote.staging_dir(run_dir, role=f"rank{env.rank}")
             mirror, run_dir = run_dir, str(staging)
             remote.pull(mirror, staging, rank=env.rank, newest_checkpoint=resume)
+            if env.is_main:
+                remote.remove_cut_uploads(mirror)
         try:
             with run_logging(Path(run_dir), rank=env.rank):
                 session = TrainSession(

@@ -70,6 +70,17 @@ def pull(url: str, local: Path, *, rank: int | None, newest_checkpoint: bool) ->
         ref.path.unlink()
 
 
+def remove_cut_uploads(url: str) -> list[str]:
+    """Remove the temporary uploads (`NAME.tmp`, on remote filesystems that cannot upload
+    atomically) that a killed push left in the run's checkpoint folder; returns their names.
+    Only rank 0 pushes, so none of them is an upload in progress when rank 0 calls this."""
+    folder = storage.join(url, CHECKPOINTS_DIR)
+    cut = sorted(n for n in storage.listdir(folder) if n.endswith(storage.REMOTE_TEMP_SUFFIX))
+    for name in cut:
+        storage.remove(storage.join(folder, name))
+    return cut
+
+
 def push_log(local: Path, url: str, *, rank: int) -> None:
     """Upload this process's log (`logs/rank-N.log`), whole, over the remote one."""
     log = rank_log_path(local, rank=rank)
@@ -83,7 +94,7 @@ def push(local: Path, url: str) -> None:
     storage.makedirs(url)
     remote_checkpoints = storage.join(url, CHECKPOINTS_DIR)
     local_refs = {ref.path.name: ref for ref in list_checkpoints(local)}
-    remote_names = set(storage.listdir(remote_checkpoints))
+    remote_names = set(storage.listdir(remote_checkpoints)) - set(remove_cut_uploads(url))
     for _, ref in sorted(local_refs.items()):
         manifest = ref.path.with_suffix(".json")
         if manifest.name in remote_names or not ref.path.exists():
