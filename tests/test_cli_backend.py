@@ -237,7 +237,7 @@ def test_every_knn_option_is_a_knn_eval_config_field():
     "args, needles",
     [
         (["--k", "10,x"], ["--k[1]", "'x'"]),
-        (["--resize", "100"], ["--resize", "crop (224)"]),
+        (["--resize", "100", "--crop", "224"], ["--resize", "crop (224)"]),
         (["--workers", "-1"], ["--workers", "-1"]),
         (["--temperature", "0"], ["--temperature", "0.001"]),
     ],

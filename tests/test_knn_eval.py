@@ -254,7 +254,8 @@ def _results(path) -> dict:
 def test_sizes_default_to_the_checkpoints_training_size(tiny_run, demo_data, tmp_path):
     """Without --resize/--crop, knn-eval evaluates a checkpoint at its own training size (crop =
     the run's augment.global_size, 32 px here; resize = 32 x 256 / 224 = 37); a flag overrides its
-    own size only. The recipe's eval.knn section resolves the same way for in-training k-NN."""
+    own size only, and a resize below the training size is refused. The recipe's eval.knn section
+    resolves the same way for in-training k-NN."""
     from flsl_cli.config.load import load_recipe
 
     data = ["--train", demo_data / "train", "--val", demo_data / "val", "--k", "5", "--workers", "0"]
@@ -264,6 +265,9 @@ def test_sizes_default_to_the_checkpoints_training_size(tiny_run, demo_data, tmp
     _evaluate(tiny_run, *data, "--max-train-images", 48, "--crop", 48, "--out", tmp_path / "crop.json")
     settings = _results(tmp_path / "crop.json")["settings"]
     assert (settings["resize"], settings["crop"]) == (55, 48)
+    refused = _evaluate(tiny_run, *data, "--resize", 30, "--out", tmp_path / "small.json", expect=2)
+    assert "expected at least crop (32, the training size), found 30" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "small.json").exists()
     run_recipe = load_recipe(tiny_run / "recipe.yaml")
     assert run_recipe.augment.global_size == 32
     assert (run_recipe.eval.knn.resize, run_recipe.eval.knn.crop) == (37, 32)

@@ -271,8 +271,10 @@ class KnnEvalConfig(Section):
 
     def at_training_size(self, training_size: int) -> KnnEvalConfig:
         """These settings with resize and crop filled in for a model trained at `training_size`
-        px (given values are kept)."""
+        px (given values are kept); a given resize below that crop is a ValueError."""
         resize, crop = eval_sizes(training_size, resize=self.resize, crop=self.crop)
+        if resize < crop:
+            raise ValueError(f"resize: expected at least crop ({crop}, the training size), found {resize}")
         return self.model_copy(update={"resize": resize, "crop": crop})
 
 

@@ -76,7 +76,7 @@ def run_knn_eval(
     the same on every rank: model, settings, image counts, top-1/top-5 per k."""
     shard_sets = resolve_eval_shards(settings)  # before the (slow) model load
     model = load_eval_model(spec)
-    settings = settings.at_training_size(model.training_size)
+    settings = _at_training_size(settings, model)
     check_model_fits(model, settings)
     model.module.to(device)
     return evaluate_model(
@@ -110,7 +110,7 @@ def evaluate_during_training(
     restored; features are never cached (the weights change).
     """
     with live_backbone(backbone) as model:
-        settings = settings.at_training_size(model.training_size)
+        settings = _at_training_size(settings, model)
         check_model_fits(model, settings)
         results = evaluate_model(
             model,
@@ -350,3 +350,15 @@ def _split_summary(features: SplitFeatures, *, g: int, cached: bool) -> dict[str
         "skipped": dict(features.skipped),
         "cached": cached,
     }
+
+
+def _at_training_size(settings: KnnEvalConfig, model: EvalModel) -> KnnEvalConfig:
+    """The settings with the model's training size filled in; a resize below it is refused."""
+    try:
+        return settings.at_training_size(model.training_size)
+    except ValueError as exc:
+        raise FlslError(
+            str(exc),
+            where="--resize (eval.knn.resize)",
+            fix="Give a resize of at least the crop, or leave it out: it follows the crop",
+        ) from None
