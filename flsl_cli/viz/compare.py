@@ -4,11 +4,11 @@ over steps, one line per run (where the metric was logged more than once)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flsl_cli import storage
 from flsl_cli.errors import FlslError
 from flsl_cli.viz.extras import require_matplotlib
 
@@ -63,12 +63,8 @@ def plot_comparison(
         axis.legend(fontsize=6)
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(temporary, dpi=100, format="png")
-        os.replace(temporary, out)
+    try:  # the picture appears whole or not at all
+        storage.replace_local(out, lambda handle: figure.savefig(handle, dpi=100, format="png"))
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
     return out

@@ -10,7 +10,6 @@ lines. The PNG goes into the run dir by default (RUN_DIR/plot.png).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,13 +221,9 @@ def plot_run(run_dir: str, *, out: Path | None = None) -> Path:
     out = Path(out).expanduser() if out is not None else default_plot_path(run_dir)
     if out.is_dir():
         raise FlslError("--out is a folder", where=str(out), fix="Pass a file name, e.g. --out run.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     figure = draw_run(curves)
-    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(temporary, dpi=100, format="png")
-        os.replace(temporary, out)
+    try:  # the picture appears whole or not at all
+        storage.replace_local(out, lambda handle: figure.savefig(handle, dpi=100, format="png"))
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
     return out
