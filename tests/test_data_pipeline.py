@@ -4,8 +4,10 @@ across ranks and workers, and exact continuation after a skip."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -388,3 +390,31 @@ def test_unread_note_names_both_causes_when_both_hold():
     """5 shards of 100 over 2 slots with batches of 64: a shard left over and a partial batch."""
     note = _layout_notes([100] * 5, workers=2, batch=64)
     assert "5 shards do not split evenly" in note and "the last 8 are left out (16 samples" in note
+
+
+class _Slow(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            time.sleep(0.05)
+            yield torch.zeros(1)
+
+
+def test_a_killed_worker_is_named_from_torchs_own_error_whoever_reaped_it():
+    """torch's loader, with no flsl watcher on its workers (as when torch reaps a killed worker
+    before the watcher thread runs): the error torch raises still yields the worker's pid and
+    SIGKILL, whether torch reported it from its SIGCHLD handler or as "exited unexpectedly"."""
+    from flsl_cli.data.stream import worker_failure
+    from flsl_cli.data.worker_deaths import children
+
+    before = children()
+    batches = iter(torch.utils.data.DataLoader(_Slow(), batch_size=None, num_workers=1))
+    next(batches)
+    (victim,) = children() - before
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(RuntimeError) as raised:
+        for _ in range(200):
+            next(batches)
+    failure = worker_failure(raised.value, run_dir="runs/x")
+    assert failure is not None, raised.value
+    assert failure.what.startswith(f"data worker (pid {victim}) was killed by SIGKILL"), failure.what
+    assert "flsl resume runs/x" in failure.fix

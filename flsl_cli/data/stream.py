@@ -417,6 +417,26 @@ _WORKER_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signa
 _WORKER_EXITED = re.compile(r"DataLoader worker \(pid\(s\) (\d+)[\d, ]*\) exited unexpectedly")
 
 
+def _signal_name(description: str) -> str:
+    """'SIGKILL' for torch's 'Killed' (the signal's strsignal text), else the text itself."""
+    return next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
+
+
+def _signal_in_chain(exc: BaseException, *, pid: int) -> str | None:
+    """The signal torch's SIGCHLD handler named for `pid` anywhere in the exception's chain.
+    torch reaps the worker and raises "exited unexpectedly" from that report, so the signal
+    survives there when the watcher thread (`worker_deaths`) lost the race with the reaping."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        killed = _WORKER_KILLED.search(str(current).strip())
+        if killed and int(killed.group(1)) == pid:
+            return _signal_name(killed.group(2))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
     """The DataError for a data worker that died (WorkerDied, or torch's own report of it),
     else None."""
@@ -424,14 +444,15 @@ def worker_failure(exc: BaseException, *, run_dir: str) -> DataError | None:
     if isinstance(exc, WorkerDied):
         pid, how = exc.pid, exc.how
     elif killed := _WORKER_KILLED.search(text):
-        pid, description = int(killed.group(1)), killed.group(2)
-        how = next((s.name for s in signal.Signals if signal.strsignal(s) == description), description)
+        pid, how = int(killed.group(1)), _signal_name(killed.group(2))
     elif exited := _WORKER_EXITED.search(text):
         pid = int(exited.group(1))
         died = worker_deaths.abnormal_end(pid=pid)
         how = died[1] if died else "unknown"
     else:
         return None
+    if how == "unknown":
+        how = _signal_in_chain(exc, pid=pid) or how
     if how.startswith("SIG"):
         what = f"data worker (pid {pid}) was killed by {how}"
     elif how.startswith("exit code"):
