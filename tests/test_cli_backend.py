@@ -134,16 +134,32 @@ def test_a_bad_slurm_option_is_named_as_an_option(sbatch_requests, tmp_path, mon
 
 
 def test_every_slurm_option_is_a_slurm_config_field():
-    """The SLURM options of pretrain and resume are exactly SLURM_OPTIONS, each a SlurmConfig field."""
+    """The SLURM options of pretrain, resume and sweep are exactly SLURM_OPTIONS, each a SlurmConfig
+    field."""
     assert set(SLURM_OPTIONS) <= set(SlurmConfig.model_fields)
     command = typer.main.get_command(app)
-    for name in ("pretrain", "resume"):
+    for name in ("pretrain", "resume", "sweep"):
         options = {
             p.opts[0]
             for p in command.commands[name].params
-            if getattr(p, "rich_help_panel", None) and p.opts[0] != "--dry-run"
+            if getattr(p, "rich_help_panel", None) and p.opts[0] not in ("--dry-run", "--max-parallel")
         }
         assert options == set(SLURM_OPTIONS.values()), name
+
+
+@pytest.mark.parametrize("command", ["pretrain", "resume", "sweep"])
+def test_devices_with_a_slurm_option_is_refused_before_anything_is_submitted(
+    command, sbatch_requests, tmp_path, monkeypatch
+):
+    """--devices (processes on this machine) with --nodes (a SLURM job): one clear error, exit 2."""
+    monkeypatch.chdir(REPO)
+    target = tmp_path / "run" if command == "resume" else "recipes/demo.yaml"
+    result = _invoke(command, target, "--devices", 2, "--nodes", 1)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, message
+    assert "--devices is for runs on this machine and cannot be combined with SLURM options" in message
+    assert "--gpus-per-node" in message and "Traceback" not in message
+    assert sbatch_requests == [] and not (tmp_path / "run").exists()
 
 
 @pytest.fixture

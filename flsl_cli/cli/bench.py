@@ -11,9 +11,8 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import add_columns, write_figures
-from flsl_cli.cli.options import OldOutputOption, OutOption, renamed_option
+from flsl_cli.cli.options import OldOutputOption, OutOption, SetOption, renamed_option
 from flsl_cli.cli.render import err_console, handle_errors, note, out_console
-from flsl_cli.cli.train import SetOption
 
 if TYPE_CHECKING:
     from rich.console import Group

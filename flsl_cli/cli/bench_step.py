@@ -10,9 +10,8 @@ import typer
 from rich.markup import escape
 
 from flsl_cli.cli.bench_render import add_columns, measured_shape, training_machine, write_figures
-from flsl_cli.cli.options import OldJsonFileOption, OutOption, renamed_option
+from flsl_cli.cli.options import OldJsonFileOption, OutOption, SetOption, renamed_option
 from flsl_cli.cli.render import handle_errors, note, out_console
-from flsl_cli.cli.train import SetOption
 
 if TYPE_CHECKING:
     from rich.console import Group

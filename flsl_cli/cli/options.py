@@ -22,6 +22,17 @@ DevicesOption = Annotated[
     ),
 ]
 
+# --set of every command that reads a recipe
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe value, typed like the schema (repeatable), e.g. --set optim.epochs=10.",
+    ),
+]
+
 # What a command writes is `--out PATH`; `--json` prints JSON instead of a table.
 OutOption = Annotated[
     Path | None, typer.Option("--out", "-o", metavar="FILE.json", help="Also write the figures to this JSON file.")

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from flsl_cli.cli.options import SetOption
 from flsl_cli.cli.render import handle_errors, note, out_console, warning
-from flsl_cli.cli.train import SetOption
 
 app = typer.Typer(no_args_is_help=True)
 

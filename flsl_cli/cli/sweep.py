@@ -9,25 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from flsl_cli.cli.options import DevicesOption
+from flsl_cli.cli.options import DevicesOption, SetOption
 from flsl_cli.cli.render import demo_progress, handle_errors, note, out_console
-from flsl_cli.cli.train import (
-    SLURM_PANEL,
-    AccountOption,
-    ConstraintOption,
-    CpusOption,
-    DryRunOption,
-    ExclusiveOption,
-    GpusOption,
-    MemOption,
-    NodesOption,
-    PartitionOption,
-    QosOption,
-    SetOption,
-    TasksOption,
-    TimeOption,
-    _slurm_job,
-)
+from flsl_cli.cli.slurm_options import SLURM_PANEL, slurm_options
 
 
 def is_sweep(path: str) -> bool:
@@ -37,6 +21,7 @@ def is_sweep(path: str) -> bool:
 
 
 @handle_errors
+@slurm_options
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file every member starts from, e.g. recipes/demo.yaml.")],
     *,
@@ -77,38 +62,13 @@ def sweep(
             "--max-parallel", min=1, rich_help_panel=SLURM_PANEL, help="Members running at once (default: all)."
         ),
     ] = None,
-    nodes: NodesOption = None,
-    gpus_per_node: GpusOption = None,
-    tasks_per_node: TasksOption = None,
-    partition: PartitionOption = None,
-    account: AccountOption = None,
-    qos: QosOption = None,
-    time: TimeOption = None,
-    constraint: ConstraintOption = None,
-    mem: MemOption = None,
-    cpus_per_task: CpusOption = None,
-    exclusive: ExclusiveOption = None,
-    dry_run: DryRunOption = False,
+    slurm: dict | None = None,
+    dry_run: bool = False,
 ) -> None:
     """Train a grid of runs: one SLURM job array (--nodes N ...), or one member after another here."""
     from flsl_cli.launch.sweep import default_sweep_dir, start_sweep
     from flsl_cli.launch.sweep_grid import read_grid
 
-    slurm = _slurm_job(
-        devices=devices,
-        dry_run=dry_run,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        tasks_per_node=tasks_per_node,
-        partition=partition,
-        account=account,
-        qos=qos,
-        time=time,
-        constraint=constraint,
-        mem=mem,
-        cpus_per_task=cpus_per_task,
-        exclusive=exclusive,
-    )
     spec = read_grid(grid=grid or [], lists=lists or [], from_file=from_file)
     target = (sweep_dir or default_sweep_dir(recipe)).absolute()
     update, close = demo_progress()
