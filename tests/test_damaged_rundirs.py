@@ -10,15 +10,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, fails, metrics, run_flsl, tiny_overrides
+from conftest import fails, metrics, run_flsl, tiny_overrides
+from process_group import Started
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -28,41 +26,6 @@ def _digests(folder: Path) -> dict[str, str]:
 def _copy(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to
-
-
-class Started:
-    """A flsl command in its own process group, as a terminal or a scheduler starts it."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flsl_cli", *map(str, args)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env or dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
-            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setsid()),
-        )
-
-    def wait_for(self, condition, *, timeout: float = 180) -> bool:
-        """Poll until `condition()`; False if the command ended first."""
-        deadline = time.time() + timeout
-        while not condition():
-            if self.process.poll() is not None or time.time() > deadline:
-                return False
-            time.sleep(0.001)
-        return True
-
-    def processes(self) -> list[int]:
-        listing = subprocess.run(["ps", "-o", "pid=", "-g", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in listing.stdout.split()]
-
-    def signal_group(self, signum: int) -> None:
-        os.killpg(self.process.pid, signum)
-
-    def finish(self) -> subprocess.CompletedProcess:
-        out, err = self.process.communicate(timeout=300)
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +125,7 @@ def test_each_refusal_says_the_true_reason(tiny_run, demo_data, tmp_path):
 
 def _sigkill_while(started: Started, condition) -> bool:
     """SIGKILL the command's processes as soon as `condition()` holds; False if it never did."""
-    caught = started.wait_for(condition)
+    caught = started.wait_until(condition)
     if started.process.poll() is None:
         started.signal_group(signal.SIGKILL)
     started.finish()
@@ -250,7 +213,7 @@ def test_a_signal_while_the_data_workers_start_stops_before_the_first_step(demo_
     args = tiny_overrides(demo_data / "train", data__shuffle_buffer=1000)  # the first batch waits on many samples
     started = Started("pretrain", "recipes/demo.yaml", *args, "--run-dir", run)
     launcher_and_workers = 3
-    assert started.wait_for(lambda: len(started.processes()) >= launcher_and_workers and not metrics(run))
+    assert started.wait_until(lambda: len(started.processes()) >= launcher_and_workers and not metrics(run))
     started.signal_group(signal.SIGTERM)
     result = started.finish()
     err = " ".join(result.stderr.split())

@@ -12,11 +12,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_same_run, final_checkpoint, metrics, run_flsl, tiny_overrides
+from process_group import Started
 
 
 def _common(demo_data, **extra):
@@ -37,50 +37,9 @@ def straight(demo_data, tmp_path_factory):
     return runs
 
 
-class Run:
-    """`flsl pretrain` in its own process group, as a scheduler or a terminal starts it (SIGINT
-    at its default disposition, as in a foreground terminal job)."""
-
-    def __init__(self, run: Path, args: list[str]) -> None:
-        self.run = run
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flsl_cli", "pretrain", "recipes/demo.yaml", *map(str, args), "--run-dir", str(run)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
-            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setsid()),
-        )
-
-    def wait_for(self, condition, *, what: str, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            if self.process.poll() is not None or time.time() > deadline:
-                out, err = self.process.communicate(timeout=60)
-                pytest.fail(f"the run ended or timed out before {what}:\n{err[-3000:]}")
-            time.sleep(0.002)
-
-    def handles_stop_signals(self) -> bool:
-        """The run's process catches SIGTERM (flsl's stop handling is in place)."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return False
-        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-        return bool(caught & (1 << (signal.SIGTERM - 1)))
-
-    def processes(self) -> list[int]:
-        """Every process of the run's group: training processes and data workers."""
-        listing = subprocess.run(["ps", "-o", "pid=", "-g", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in listing.stdout.split()]
-
-    def signal_group(self, signum: int) -> None:
-        os.killpg(self.process.pid, signum)
-
-    def finish(self) -> subprocess.CompletedProcess:
-        out, err = self.process.communicate(timeout=180)
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+def _pretrain(run: Path, args: list) -> Started:
+    """`flsl pretrain` of the demo recipe into `run`, in its own process group."""
+    return Started("pretrain", "recipes/demo.yaml", *args, "--run-dir", run)
 
 
 def _stopped_cleanly(result, *, signum: int) -> int:
@@ -106,7 +65,7 @@ def test_a_signal_to_every_process_stops_at_a_step_and_resumes_exactly(demo_data
     """The whole process group (ranks and data workers) signalled at a random step."""
     run = tmp_path / "run"
     at = random.Random().randrange(3, 40)
-    started = Run(run, [*_common(demo_data), "--devices", devices])
+    started = _pretrain(run, [*_common(demo_data), "--devices", devices])
     started.wait_for(lambda: len(metrics(run)) >= at, what=f"step {at}")
     every = 1 + (devices if devices > 1 else 0) + 2 * devices  # launcher, ranks, 2 data workers each
     started.wait_for(lambda: len(started.processes()) >= every, what="the data workers")
@@ -132,7 +91,7 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish(demo_data, straight, 
     manifest does not): the write completes, the run stops at the next step and saves it."""
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
-    started = Run(run, _common(demo_data, checkpoint__every_steps=10))
+    started = _pretrain(run, _common(demo_data, checkpoint__every_steps=10))
 
     seen = []
 
@@ -156,7 +115,7 @@ def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straigh
     written: it is still committed."""
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
-    started = Run(run, _common(demo_data))
+    started = _pretrain(run, _common(demo_data))
     started.wait_for(lambda: len(metrics(run)) >= 5, what="step 5")
     started.signal_group(signal.SIGHUP)
     started.wait_for(lambda: checkpoints.is_dir() and bool(os.listdir(checkpoints)), what="the stop checkpoint")
@@ -170,7 +129,7 @@ def test_a_second_signal_during_the_stop_save_changes_nothing(demo_data, straigh
 def test_a_signal_before_the_first_step_stops_with_nothing_to_save(demo_data, tmp_path):
     """Stopped while it starts up: a clean exit that says so; the run starts again from step 0."""
     run = tmp_path / "run"
-    started = Run(run, _common(demo_data, optim__epochs=1))
+    started = _pretrain(run, _common(demo_data, optim__epochs=1))
     started.wait_for(started.handles_stop_signals, what="the stop handling")
     started.signal_group(signal.SIGTERM)
     result = started.finish()
@@ -189,7 +148,7 @@ def test_a_data_worker_killed_by_something_else_is_named(demo_data, tmp_path):
     """SIGKILL to one data worker (what the OOM killer does): a one-line error with its pid and
     the signal, exit 2, no traceback; run.json says failed with that message."""
     run = tmp_path / "run"
-    started = Run(run, _common(demo_data))
+    started = _pretrain(run, _common(demo_data))
     started.wait_for(lambda: len(metrics(run)) >= 3, what="step 3")
     victim = [pid for pid in started.processes() if pid != started.process.pid][0]
     os.kill(victim, signal.SIGKILL)
@@ -208,7 +167,7 @@ def test_sigkill_during_a_checkpoint_write_then_status_and_resume(demo_data, str
     bitwise equal to an uninterrupted run."""
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
-    started = Run(run, _common(demo_data, checkpoint__every_steps=10))
+    started = _pretrain(run, _common(demo_data, checkpoint__every_steps=10))
 
     def writing_the_second() -> bool:  # the first is committed, the next one is being written
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []

@@ -26,7 +26,7 @@ from slurm_support import (
     wait_for,
 )
 
-from flsl_cli.launch.sweep_grid import GridSpec, check_members, read_grid, split_values, typed_spec
+from flsl_cli.launch.sweep.grid import GridSpec, check_members, read_grid, split_values, typed_spec
 
 ONE_TASK = ("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1")
 

@@ -15,7 +15,7 @@ from flsl_cli.cli.slurm_options import SLURM_PANEL, slurm_options
 
 
 def is_sweep(path: str) -> bool:
-    from flsl_cli.launch.sweep_record import is_sweep_dir
+    from flsl_cli.launch.sweep.record import is_sweep_dir
 
     return is_sweep_dir(path)
 
@@ -66,8 +66,8 @@ def sweep(
     dry_run: bool = False,
 ) -> None:
     """Train a grid of runs: one SLURM job array (--nodes N ...), or one member after another here."""
-    from flsl_cli.launch.sweep import default_sweep_dir, start_sweep
-    from flsl_cli.launch.sweep_grid import read_grid
+    from flsl_cli.launch.sweep.grid import read_grid
+    from flsl_cli.launch.sweep.start import default_sweep_dir, start_sweep
 
     spec = read_grid(grid=grid or [], lists=lists or [], from_file=from_file)
     target = (sweep_dir or default_sweep_dir(recipe)).absolute()
@@ -104,7 +104,7 @@ def show_sweep_status(sweep_dir: str, *, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from flsl_cli.launch.sweep_status import read_sweep_status
+    from flsl_cli.launch.sweep.status import read_sweep_status
 
     result = read_sweep_status(sweep_dir)
     if as_json:

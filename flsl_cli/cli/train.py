@@ -129,10 +129,10 @@ def resume(
     from flsl_cli.launch.resume_guards import ResumeOptions
 
     options = ResumeOptions(allow_schedule_change=allow_schedule_change, adopt=adopt_checkpoint, force=force)
-    from flsl_cli.launch.sweep_record import is_sweep_dir
+    from flsl_cli.launch.sweep.record import is_sweep_dir
 
     if is_sweep_dir(run_dir):  # a sweep dir: the members that did not finish
-        from flsl_cli.launch.sweep import resume_sweep
+        from flsl_cli.launch.sweep.start import resume_sweep
 
         resume_sweep(
             run_dir, overrides=set_ or [], slurm_options=slurm, devices=devices, dry_run=dry_run, on_note=note,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli.errors import FlslError, RunDirError
-from flsl_cli.launch.sweep_record import is_sweep_dir, read_sweep
+from flsl_cli.launch.sweep.record import is_sweep_dir, read_sweep
 from flsl_cli.train.run_record import load_record
 from flsl_cli.train.rundir import RECIPE_NAME, RUN_NAME, load_recipe_yaml
 from flsl_cli.viz.plot import RANDOM_INIT_PREFIX, RunCurves, read_curves

@@ -5,8 +5,8 @@ through submitit (one task per member, each the batch step of a single job on it
 it saves on every stop, requeues and resumes by itself) or, on this machine, the members one
 after another.
 
-    from flsl_cli.launch.sweep import start_sweep
-    from flsl_cli.launch.sweep_grid import read_grid
+    from flsl_cli.launch.sweep.start import start_sweep
+    from flsl_cli.launch.sweep.grid import read_grid
 
     record = start_sweep("recipes/vits16_300ep.yaml", spec=read_grid(grid=["optim.base_lr=5e-4,1e-3"],
                          lists=[], from_file=None), overrides=["data.train=/data/in1k/train"],
@@ -30,7 +30,7 @@ from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit_
 from flsl_cli.launch.slurm.queries import job_state, max_array_size
 from flsl_cli.launch.slurm.request import SLURM_OPTIONS, SlurmRequest
 from flsl_cli.launch.slurm.submit import mark_submitted, mark_submitting
-from flsl_cli.launch.sweep_grid import (
+from flsl_cli.launch.sweep.grid import (
     CheckedMember,
     GridSpec,
     SweepError,
@@ -39,7 +39,7 @@ from flsl_cli.launch.sweep_grid import (
     refuse_set_of_swept_keys,
     typed_spec,
 )
-from flsl_cli.launch.sweep_record import SweepMember, SweepRecord, read_sweep, write_sweep
+from flsl_cli.launch.sweep.record import SweepMember, SweepRecord, read_sweep, write_sweep
 from flsl_cli.train.run_record import JobStates, RunStatus, load_record, write_record
 from flsl_cli.train.rundir import RUN_NAME
 

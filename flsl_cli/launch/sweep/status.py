@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli.launch.status import read_status
-from flsl_cli.launch.sweep_record import read_sweep
+from flsl_cli.launch.sweep.record import read_sweep
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flsl_cli import timestamps
-from flsl_cli.launch.sweep_grid import SweepError
+from flsl_cli.launch.sweep.grid import SweepError
 from flsl_cli.storage import write_json_atomic
 
 SWEEP_NAME = "sweep.json"
