@@ -191,6 +191,7 @@ def test_a_sweep_here_trains_its_members_in_turn_and_compares_them(demo_data, ti
 
     again = run_flsl("resume", sweep_dir, "--devices", "1")
     assert again.returncode == 0 and "nothing to resume" in " ".join(again.stderr.split()), again.stderr
+    fails(run_flsl("resume", sweep_dir, "--force", "--devices", "1"), "--force is for one run dir, not a sweep dir")
 
     compared = run_flsl("compare", sweep_dir, "--json", "--out", tmp_path / "compare.png", "--metric", "loss")
     assert compared.returncode == 0, compared.stderr

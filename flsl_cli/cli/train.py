@@ -135,8 +135,8 @@ def resume(
         from flsl_cli.launch.sweep.start import resume_sweep
 
         resume_sweep(
-            run_dir, overrides=set_ or [], slurm_options=slurm, devices=devices, dry_run=dry_run, on_note=note,
-            on_script=_print_script,
+            run_dir, overrides=set_ or [], slurm_options=slurm, devices=devices, dry_run=dry_run, options=options,
+            on_note=note, on_script=_print_script,
         )  # fmt: skip
         return
     if slurm is not None:

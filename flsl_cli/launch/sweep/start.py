@@ -25,6 +25,7 @@ from flsl_cli.config.load import check_for_world, read_recipe_file, recheck_with
 from flsl_cli.config.schema import Recipe
 from flsl_cli.errors import FlslError, RunStopped
 from flsl_cli.launch.checks import check_data
+from flsl_cli.launch.resume_guards import ResumeOptions
 from flsl_cli.launch.rundir_setup import check_resume, prepare_new
 from flsl_cli.launch.slurm.executor import dry_run_text, require_sbatch, submit_array
 from flsl_cli.launch.slurm.queries import job_state, max_array_size
@@ -339,12 +340,14 @@ def resume_sweep(
     slurm_options: Mapping[str, Any] | None = None,
     devices: int | None = None,
     dry_run: bool = False,
+    options: ResumeOptions | None = None,
     on_note: Note = lambda _: None,
     on_script: Note = print,
 ) -> list[str]:
     """Train again the members of the sweep that did not finish (SLURM sweeps: one new job
     array of them, asking for what the sweep's array asked for, `slurm_options` over it); returns their
-    names. No member is changed: `overrides` are refused."""
+    names. No member is changed: `overrides` and the ways through a run's refusals (`options`)
+    are refused; they are for one member's run dir."""
     target = Path(sweep_dir).absolute()
     record = read_sweep(target)
     if overrides:
@@ -352,6 +355,22 @@ def resume_sweep(
             "--set cannot change the members of a sweep on resume (they would no longer be the grid's members)",
             where=str(target),
             fix="Leave out --set; to change one member, `flsl resume RUN_DIR --set ...` on its run dir",
+        )
+    given = [
+        flag
+        for flag, value in (
+            ("--allow-schedule-change", options and options.allow_schedule_change),
+            ("--adopt-checkpoint", options and options.adopt),
+            ("--force", options and options.force),
+        )
+        if value
+    ]
+    if given:
+        raise SweepError(
+            f"{', '.join(given)} is for one run dir, not a sweep dir",
+            where=str(target),
+            fix=f"Give the member's run dir: `flsl resume {target}/MEMBER {' '.join(given)}` "
+            f"(`flsl status {target}` lists the members)",
         )
     names = unfinished_members(record, sweep_dir=target, on_note=on_note)
     if not names:
@@ -371,11 +390,11 @@ def resume_sweep(
         return names
     requests: dict[str, SlurmRequest] = {}
     # what the sweep's array asked for, with the SLURM options given now over it
-    options = {key: value for key, value in record.slurm.items() if key in SLURM_OPTIONS}
-    options.update({key: value for key, value in (slurm_options or {}).items() if value is not None})
+    asked = {key: value for key, value in record.slurm.items() if key in SLURM_OPTIONS}
+    asked.update({key: value for key, value in (slurm_options or {}).items() if value is not None})
 
     def world_size_of(recipe: Recipe) -> int:
-        request = SlurmRequest.of(recipe.slurm, options, data_workers=recipe.data.num_workers)
+        request = SlurmRequest.of(recipe.slurm, asked, data_workers=recipe.data.num_workers)
         requests.setdefault(request_key(request), request)
         return request.world_size
 
