@@ -167,24 +167,31 @@ def _one_request(members: list[CheckedMember], slurm_options: Mapping[str, Any])
 def _check_for_processes(members: list[CheckedMember], *, world_size: int, source: str) -> None:
     """The checks of `flsl pretrain --nodes` for each member, every problem at once, each naming
     its member: the batch splits over the processes, the data can be read."""
-    problems: dict[str, list[str]] = {}
     data_checked: dict[str, str | None] = {}
+    _check_members(
+        members,
+        lambda recipe: check_for_world(recipe, world_size=world_size, source=source),
+        lambda recipe: _check_data_once(recipe, world_size=world_size, seen=data_checked),
+    )
+
+
+def _check_members(members: list[CheckedMember], *checks: Callable[[Recipe], Any]) -> None:
+    """Every check on every member; one SweepError with every problem, each naming the members it
+    concerns (or none, when it concerns them all)."""
+    problems: dict[str, list[str]] = {}
     for member in members:
-        for check in (
-            lambda recipe: check_for_world(recipe, world_size=world_size, source=source),
-            lambda recipe: _check_data_once(recipe, world_size=world_size, seen=data_checked),
-        ):
+        for check in checks:
             try:
                 check(member.recipe)
             except FlslError as exc:
-                text = exc.describe() if not hasattr(exc, "problems") else "; ".join(exc.problems)
-                problems.setdefault(text, []).append(member.name)
+                for text in getattr(exc, "problems", None) or [exc.describe()]:
+                    problems.setdefault(text, []).append(member.name)
     if problems:
         listing = "\n".join(
             f"  - {text}" if len(who) == len(members) else f"  - member {', '.join(who)}: {text}"
             for text, who in problems.items()
         )
-        raise SweepError(f"{sum(1 for _ in problems)} problem(s) in the sweep's members:\n{listing}\n")
+        raise SweepError(f"{len(problems)} problem(s) in the sweep's members:\n{listing}\n")
 
 
 def _check_data_once(recipe: Recipe, *, world_size: int, seen: dict[str, str | None]) -> None:
@@ -242,19 +249,9 @@ def _sweep_here(
     from flsl_cli.launch.devices import resolve_devices
 
     nprocs, use_cuda = resolve_devices(devices)
-    problems: dict[str, list[str]] = {}
-    for member in members:
-        try:
-            check_recipe(member.recipe, source=str(recipe_path), world_size=nprocs, use_cuda=use_cuda)
-        except FlslError as exc:
-            for text in getattr(exc, "problems", [exc.describe()]):
-                problems.setdefault(text, []).append(member.name)
-    if problems:
-        listing = "\n".join(
-            f"  - {text}" if len(who) == len(members) else f"  - member {', '.join(who)}: {text}"
-            for text, who in problems.items()
-        )
-        raise SweepError(f"{len(problems)} problem(s) in the sweep's members:\n{listing}\n")
+    _check_members(
+        members, lambda recipe: check_recipe(recipe, source=str(recipe_path), world_size=nprocs, use_cuda=use_cuda)
+    )
     record = SweepRecord(
         recipe=str(recipe_path),
         grid=spec.grid,
