@@ -93,3 +93,29 @@ def test_plot_draws_the_learning_curve_with_chance_and_baseline(evaluated_run):
     assert not any(label.endswith("_images") for label in labels)
     steps = panel.get_lines()[labels.index("knn_bbox_feature_top1_k20")].get_xdata()
     assert len(steps) >= 2  # every epoch, then the end of training
+
+
+def test_the_supervised_control_trains_with_labels_and_reports_the_knn(demo_data, tmp_path):
+    """scripts/supervised_control.py (a row of docs/learning.md): the recipe's backbone trained
+    with the labels for 2 epochs, its bbox k-NN at the start and after the training."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "curve.json"
+    overrides = ["data.train=" + str(demo_data / "train"), "optim.epochs=2", "optim.global_batch_size=32"]
+    knn = {"eval.knn.train": demo_data / "train", "eval.knn.val": demo_data / "val", "eval.knn.k": "[5]"}
+    overrides += [f"{key}={value}" for key, value in knn.items()] + ["eval.knn.workers=1"]
+    done = subprocess.run(
+        [sys.executable, "scripts/supervised_control.py", "recipes/demo.yaml", "--out", str(out)]
+        + [arg for value in overrides for arg in ("--set", value)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    curve = json.loads(out.read_text())
+    assert [row["epoch"] for row in curve] == [0, 1, 2]
+    assert curve[-1]["step"] == 2 * (192 // 32) and 0 <= curve[-1]["train_accuracy"] <= 100
+    assert "knn_bbox_feature_top1_k5" not in curve[1]  # evaluated every 2 epochs
+    assert curve[-1]["knn_bbox_feature_top1_k5"] != curve[0]["knn_bbox_feature_top1_k5"]
