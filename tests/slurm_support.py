@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,3 +176,26 @@ def wait_finished(job: str, run: Path, *, timeout: float = 240) -> None:
 def squeeze(text: str) -> str:
     """Text without whitespace: log lines may be wrapped anywhere by the console."""
     return "".join(text.split())
+
+
+def task_outside_slurm(run: Path, recipe_args: list[str], **slurm_env: str) -> subprocess.CompletedProcess:
+    """`job prepare` of a run dir of the demo recipe, then one task of it started with the given
+    SLURM_* variables (and none of this shell's) but outside SLURM, as a node would start it."""
+    prepared = subprocess.run(
+        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "prepare", "recipes/demo.yaml", str(run), *recipe_args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
+    env.update(slurm_env)
+    return subprocess.run(
+        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )

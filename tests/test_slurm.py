@@ -31,6 +31,7 @@ from slurm_support import (
     slurm,
     squeeze,
     submitted,
+    task_outside_slurm,
     wait_finished,
     wait_for,
 )
@@ -606,38 +607,15 @@ def test_a_node_list_that_cannot_be_read_is_recorded_not_a_traceback(demo_data, 
     """A task whose SLURM_JOB_NODELIST cannot be read ends with a message naming the node list,
     no traceback, and run.json records that error."""
     run = tmp_path / "run"
-    prepared = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flsl_cli.launch.slurm.job",
-            "prepare",
-            "recipes/demo.yaml",
-            str(run),
-            *_common(demo_data),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert prepared.returncode == 0, prepared.stderr
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
-    env.update(
+    task = task_outside_slurm(
+        run,
+        _common(demo_data),
         SLURM_JOB_ID="4243",
         SLURM_PROCID="0",
         SLURM_LOCALID="0",
         SLURM_NTASKS="1",
         SLURM_JOB_NODELIST="gpu[01-02",
         SLURMD_NODENAME="gpu01",
-    )
-    task = subprocess.run(
-        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
     )
     assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
     assert "cannot read the SLURM node list 'gpu[01-02'" in " ".join(task.stderr.split())

@@ -15,11 +15,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_same_run, run_flsl, tiny_overrides
+from conftest import assert_same_run, run_flsl, tiny_overrides
 from slurm_support import (
     job_logs,
     metric_steps,
@@ -30,6 +29,7 @@ from slurm_support import (
     slurm,
     squeeze,
     submitted,
+    task_outside_slurm,
     wait_finished,
     wait_for,
 )
@@ -305,38 +305,15 @@ def test_a_first_node_that_does_not_resolve_is_a_clear_error(demo_data, tmp_path
     """A task whose node list begins with a name that does not resolve stops at the rendezvous
     with a message naming it (no hang, no traceback), and run.json records it."""
     run = tmp_path / "run"
-    prepared = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flsl_cli.launch.slurm.job",
-            "prepare",
-            "recipes/demo.yaml",
-            str(run),
-            *_recipe(demo_data),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert prepared.returncode == 0, prepared.stderr
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FLSL_MASTER"))}
-    env.update(
+    task = task_outside_slurm(
+        run,
+        _recipe(demo_data),
         SLURM_JOB_ID="4242",
         SLURM_PROCID="1",
         SLURM_LOCALID="0",
         SLURM_NTASKS="2",
         SLURM_JOB_NODELIST="flsl-no-such-node[1-2]",
         SLURMD_NODENAME="flsl-no-such-node2",
-    )
-    task = subprocess.run(
-        [sys.executable, "-m", "flsl_cli.launch.slurm.job", "task", str(run), "--cpu"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
     )
     assert task.returncode == 2 and "Traceback" not in task.stderr, task.stderr
     flat = " ".join(task.stderr.split())
