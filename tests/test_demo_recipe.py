@@ -83,7 +83,8 @@ def test_demo_recipe_ends_with_teacher_random_init_and_chance(demo_run):
     strict=True,
     reason=(
         "docs/learning.md: on the demo data no objective tried (FLSL in every configuration tried, DINO and "
-        "SimCLR controls) gets the teacher's bbox feature top-1 above random init within a CPU demo's length"
+        "SimCLR controls, and training with the labels) gets the bbox feature top-1 above random init within a "
+        "CPU demo's length"
     ),
 )
 def test_demo_recipe_teacher_beats_random_init(demo_run):
