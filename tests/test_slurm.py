@@ -365,8 +365,20 @@ def test_a_job_that_fails_at_start_reads_failed(slurm_cluster, demo_data, tmp_pa
     assert "no longer known to SLURM" in " ".join(shown.stdout.split()), shown.stdout
 
     gone = tmp_path / "gone"
-    held = submitted(run_flsl("pretrain", "recipes/demo.yaml", *_common(demo_data), *ON_CPU, "--run-dir", gone), gone)
-    slurm("scontrol", "hold", held)
+    held = submitted(
+        run_flsl(
+            "pretrain",
+            "recipes/demo.yaml",
+            *_common(demo_data),
+            *ON_CPU,
+            "--set",
+            "slurm.extra_sbatch={hold: true}",  # submitted held: it cannot start before the run dir is gone
+            "--run-dir",
+            gone,
+        ),
+        gone,
+    )
+    assert job_state(held) == "PENDING"
     shutil.rmtree(gone)
     slurm("scontrol", "release", held)
     wait_for(lambda: job_state(held) in TERMINAL, what=f"job {held} to end", run=gone, timeout=90)
