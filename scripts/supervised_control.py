@@ -11,8 +11,9 @@ evaluates), mean-pooled tokens, one linear layer to the classes; cross-entropy o
 label (the class of its largest object). The data: the demo's train split, every image in
 memory, views by random resized crop (scale 0.25-1, the size the recipe trains at) and a
 horizontal flip, normalised as flsl normalises. The schedule: the recipe's batch, epochs,
-peak learning rate, warm-up and cosine decay (AdamW, weight decay 0.04). The k-NN: the recipe's
-`eval.knn` on the backbone every `--eval-every` epochs, through flsl's own evaluation.
+peak learning rate, warm-up and cosine decay (flsl's own `Schedules`; AdamW, the recipe's
+weight decay). The k-NN: the recipe's `eval.knn` on the backbone every `--eval-every` epochs,
+through flsl's own evaluation.
 
     python scripts/supervised_control.py recipes/demo.yaml --set data.train=/tmp/demo/train \\
         --set 'eval.knn={train: /tmp/demo/train, val: /tmp/demo/val, k: [10, 20], resize: 72, crop: 64}'
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from flsl_cli.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from flsl_cli.data.shards import resolve_shards
 from flsl_cli.eval.api import evaluate_during_training
 from flsl_cli.eval.backbones import random_init_backbone
+from flsl_cli.train.schedules import Schedules
 
 
 def read_split(location: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +69,9 @@ def main() -> None:
     classifier = torch.nn.Linear(backbone.embed_dim, classes)
     parameters = [*backbone.parameters(), *classifier.parameters()]
     batch = recipe.optim.global_batch_size
-    peak = recipe.optim.base_lr * batch / 256
-    optimizer = torch.optim.AdamW(parameters, lr=peak, weight_decay=recipe.optim.weight_decay)
     steps_per_epoch = len(images) // batch
-    total = steps_per_epoch * recipe.optim.epochs
-    warmup = steps_per_epoch * recipe.optim.warmup_epochs
+    schedules = Schedules(recipe=recipe, steps_per_epoch=steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameters, lr=schedules.peak_lr(), weight_decay=recipe.optim.weight_decay)
     views = v2.Compose(
         [
             v2.RandomResizedCrop(recipe.augment.global_size, scale=(0.25, 1.0), antialias=True),
@@ -91,13 +90,8 @@ def main() -> None:
         for index in range(steps_per_epoch):
             chosen = order[index * batch : (index + 1) * batch]
             inputs = torch.stack([views(image) for image in images[chosen]])
-            lr = (
-                peak * (step + 1) / warmup
-                if step < warmup
-                else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = schedules.lr(step)
             logits = classifier(backbone.forward_features(inputs).mean(dim=1))
             loss = F.cross_entropy(logits, labels[chosen])
             optimizer.zero_grad(set_to_none=True)
